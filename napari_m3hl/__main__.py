@@ -1,0 +1,4 @@
+"""``python -m napari_m3hl`` = the ``m3hl`` command."""
+from .cli import main
+
+raise SystemExit(main())

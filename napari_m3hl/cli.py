@@ -1,0 +1,301 @@
+"""Command line: ``m3hl train | predict | evaluate`` (also ``python -m napari_m3hl``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+from . import events as ev
+from .errors import M3HLInputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with M³HL (or the supervised baseline)")
+    p.add_argument("--preset", default="acdc_unet2d", help="preset name in models/ or a YAML path (default acdc_unet2d)")
+    p.add_argument("--variant", default=None, help="preset variant: paper or reference (default: the preset's default)")
+    p.add_argument("--data", default="phantom",
+                   help="'phantom', an ACDC folder (with train_slices.list), an LA folder (with cases/), or a NIfTI image")
+    p.add_argument("--labels", default=None, help="with a NIfTI image: its partly painted label map (NIfTI)")
+    p.add_argument("--labeled", type=int, default=None,
+                   help="labeled patients (ACDC, default 7) or cases (LA, default 8) or slices per phantom volume (default 2)")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=_ints, default=None, help="e.g. 256,256 or 112,112,80")
+    p.add_argument("--block-size", type=_ints, default=None, help="mask block size, e.g. 64,64")
+    p.add_argument("--mask-ratio", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lam", type=float, default=None, help="λ, weight of the high-low feature loss")
+    p.add_argument("--alpha", type=float, default=None, help="α, weight of pseudo-labelled regions")
+    p.add_argument("--mode", choices=["m3hl", "supervised"], default=None)
+    p.add_argument("--no-hl", action="store_true", help="ablation: M³ only (no feature consistency)")
+    p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    p.add_argument("--val", action="store_true", help="validate on the data set's validation volumes and keep best.pt")
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig field, e.g. --set teacher_mode=train (YAML value syntax)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint (last.pt)")
+    p.add_argument("--init", default=None, help="start from this checkpoint's or model file's weights (fine-tuning)")
+    p.add_argument("--out", default="runs/m3hl", help="output folder (checkpoints, run.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment NIfTI or h5 volumes with a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="a .nii/.nii.gz/.h5 file or a folder of them")
+    p.add_argument("--output", required=True, help="folder for <name>.nii.gz label maps")
+    p.add_argument("--which", choices=["student", "teacher"], default="student")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint on validation volumes (Dice, Jaccard, HD95, ASD)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="an ACDC folder (val.list + volumes/), an LA folder, or 'phantom'")
+    p.add_argument("--which", choices=["student", "teacher"], default="student")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
+    p.add_argument("--spacing", type=float, nargs="+", default=None,
+                   help="voxel spacing in mm (D H W) for distances in mm; default: pixels, as the papers")
+    p.add_argument("--empty", choices=["paper", "strict"], default="paper",
+                   help="how a class missing from the prediction scores (see docs/metrics)")
+    p.add_argument("--json", default=None, help="write the per-case and summary metrics here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3hl", description="M³HL semi-supervised cardiac MR segmentation")
+    parser.add_argument("--version", action="version", version=f"napari-m3hl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+# ----------------------------------------------------------------- helpers
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """One-line progress bar on stderr: iteration, losses, images/s, ETA."""
+
+    def __init__(self, enabled: bool, stream=sys.stderr) -> None:
+        self.enabled = enabled
+        self.stream = stream
+        self.last = 0.0
+
+    def update(self, e: ev.Progress) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.5 and e.iteration < e.total_iterations:
+            return
+        self.last = now
+        frac = e.iteration / e.total_iterations
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        losses = " ".join(f"{k}={v:.3f}" for k, v in e.losses.items())
+        line = (f"\r[{bar}] {e.iteration}/{e.total_iterations} {losses} lr={e.lr:.2g} "
+                f"{e.images_per_s:.1f} img/s elapsed {_fmt_time(e.elapsed_s)} ETA {_fmt_time(e.eta_s)}")
+        self.stream.write(line.ljust(120))
+        self.stream.flush()
+
+    def newline(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    return {"napari_m3hl": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    import yaml
+
+    o = {
+        "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
+        "block_size": args.block_size, "mask_ratio": args.mask_ratio, "lr": args.lr, "lam": args.lam,
+        "alpha": args.alpha, "mode": args.mode, "seed": args.seed, "device": args.device, "val_every": args.val_every,
+    }
+    if args.no_hl:
+        o["use_hl"] = False
+    if args.no_mix:
+        o["use_mix"] = False
+    for item in args.set:
+        if "=" not in item:
+            raise M3HLInputError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        o[k.strip()] = yaml.safe_load(v)
+    return o
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_preset
+    from .data import load_train_data
+    from .trainer import train
+
+    config = load_preset(args.preset, args.variant, **_overrides(args))
+    data, val = load_train_data(args.data, labels=args.labels, labeled=args.labeled, ndim=config.ndim,
+                                class_names=config.class_names, with_val=args.val)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "command": "m3hl " + " ".join(sys.argv[1:]) if sys.argv and "m3hl" in sys.argv[0] else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict(), "seed": config.seed,
+        "data": {"source": str(args.data), "labels": args.labels, "n_labeled": len(data.labeled),
+                 "n_unlabeled": len(data.unlabeled), "n_val": len(val or [])},
+        "resume": args.resume, "init": args.init, "versions": _versions(),
+    }
+    (out / "run.json").write_text(json.dumps(manifest, indent=2))
+    bar = ProgressBar(not args.quiet)
+    t0 = time.perf_counter()
+    finished = None
+    for e in train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val):
+        if isinstance(e, ev.TrainStarted):
+            print(f"training {config.arch} ({config.preset}/{config.variant}, mode {config.mode}) on {e.device}: "
+                  f"{e.n_labeled} labeled, {e.n_unlabeled} unlabeled samples, iterations {e.start_iteration}→{e.total_iterations}",
+                  file=sys.stderr)
+        elif isinstance(e, ev.Progress):
+            bar.update(e)
+        elif isinstance(e, ev.Validation):
+            bar.newline()
+            print(f"validation @{e.iteration}: mean Dice {100 * e.mean_dice:.2f}"
+                  + (" (best)" if e.best else "") + "  " + " ".join(f"{k} {100 * v:.2f}" for k, v in e.per_class.items()),
+                  file=sys.stderr)
+        elif isinstance(e, ev.TrainFinished):
+            finished = e
+    bar.newline()
+    manifest.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
+                     "iterations_done": finished.iteration if finished else None,
+                     "checkpoint": finished.checkpoint if finished else None,
+                     "best_checkpoint": finished.best_checkpoint if finished else None,
+                     "metrics": finished.metrics if finished else {}})
+    (out / "run.json").write_text(json.dumps(manifest, indent=2))
+    print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
+    return 0
+
+
+def _input_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise M3HLInputError(f"--input {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES + (".h5",)))
+    if not files:
+        raise M3HLInputError(f"--input folder {path} holds no .nii, .nii.gz or .h5 file")
+    return files
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in (".nii.gz", ".nii", ".h5"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .inference import predict_volume_2d, predict_volume_3d
+    from .io import affine_from_spacing, load_h5_volume, load_nifti, normalize_intensity, save_nifti_labels
+    from .runtime import resolve_device, tune_malloc
+
+    tune_malloc()
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, args.which, device)
+    patch = tuple(ckpt["patch_size"])
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def predict(vol: np.ndarray) -> np.ndarray:
+        if len(patch) == 2:
+            return predict_volume_2d(model, vol, patch=patch, device=device, batch_size=args.batch_size)
+        return predict_volume_3d(model, vol, patch=patch, device=device, num_classes=ckpt["num_classes"])
+
+    for f in _input_files(Path(args.input)):
+        t0 = time.perf_counter()
+        if f.name.endswith(".h5"):
+            image, _ = load_h5_volume(f)
+            labels = predict(image)
+            affine, header = affine_from_spacing((1.0, 1.0, 1.0)), None
+        else:
+            vol = load_nifti(f)
+            if vol.data.ndim == 4:  # (T, Z, Y, X): each frame on its own
+                labels = np.stack([predict(normalize_intensity(frame)) for frame in vol.data])
+            else:
+                labels = predict(normalize_intensity(vol.data))
+            affine, header = vol.affine, vol.header
+        dest = save_nifti_labels(labels, out / f"{_stem(f)}.nii.gz", affine, header)
+        counts = ", ".join(f"{n}: {int((labels == c).sum())} vox" for c, n in enumerate(ckpt["class_names"]) if c)
+        print(f"{f} -> {dest} ({time.perf_counter() - t0:.1f} s; {counts})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .data import load_val_volumes
+    from .inference import predict_volume_2d, predict_volume_3d
+    from .metrics import evaluate_case, format_table, summarize
+    from .runtime import resolve_device, tune_malloc
+
+    tune_malloc()
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, args.which, device)
+    patch = tuple(ckpt["patch_size"])
+    volumes = load_val_volumes(args.data, ndim=len(patch))
+    if args.limit:
+        volumes = volumes[: args.limit]
+    if not volumes:
+        raise M3HLInputError(f"no validation volume found in {args.data}")
+    cases, per_case = [], {}
+    for name, image, label in volumes:
+        if len(patch) == 2:
+            pred = predict_volume_2d(model, image, patch=patch, device=device)
+        else:
+            pred = predict_volume_3d(model, image, patch=patch, device=device, num_classes=ckpt["num_classes"])
+        m = evaluate_case(pred, label, ckpt["num_classes"], spacing=args.spacing, empty_convention=args.empty)
+        cases.append(m)
+        per_case[name] = {ckpt["class_names"][c]: vars(v) for c, v in m.items()}
+    summary = summarize(cases, ckpt["class_names"])
+    unit = "mm" if args.spacing else "px"
+    print(format_table(summary, distance_unit=unit))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data),
+                                               "which": args.which, "unit": unit, "empty_convention": args.empty,
+                                               "summary": summary, "cases": per_case}, indent=2, default=float))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
+    except M3HLInputError as exc:
+        print(f"m3hl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"m3hl {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,66 @@
+import numpy as np
+import torch
+from torch import nn
+
+from napari_m3hl.networks import UNet2D
+from napari_m3hl.teacher import ema_decay_at, ema_update, init_teacher, largest_component_per_class, pseudo_labels
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+
+
+def test_ema_arithmetic_params_and_buffers():
+    torch.manual_seed(0)
+    s, t = _net(), _net()
+    s[1].running_mean.fill_(2.0)
+    t[1].running_mean.fill_(1.0)
+    s[1].num_batches_tracked.fill_(7)
+    before_t = [p.clone() for p in t.parameters()]
+    ema_update(t, s, 0.9)
+    for pt, p0, ps in zip(t.parameters(), before_t, s.parameters()):
+        assert torch.allclose(pt, 0.9 * p0 + 0.1 * ps)
+    assert torch.allclose(t[1].running_mean, torch.full((2,), 1.1))
+    assert int(t[1].num_batches_tracked) == 7
+
+
+def test_ema_decay_zero_copies_and_one_keeps():
+    s, t = _net(), _net()
+    keep = [p.clone() for p in t.parameters()]
+    ema_update(t, s, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(t.parameters(), keep))
+    ema_update(t, s, 0.0)
+    assert all(torch.allclose(a, b) for a, b in zip(t.parameters(), s.parameters()))
+
+
+def test_init_modes_and_warmup():
+    s, t = UNet2D(), UNet2D()
+    init_teacher(t, s, "independent")
+    assert not torch.equal(next(t.parameters()), next(s.parameters()))
+    init_teacher(t, s, "copy")
+    assert all(torch.equal(a, b) for a, b in zip(t.state_dict().values(), s.state_dict().values()))
+    assert not any(p.requires_grad for p in t.parameters())
+    assert ema_decay_at(0, 0.99, True) == 0.0 and ema_decay_at(9, 0.99, True) == 0.9
+    assert ema_decay_at(10_000, 0.99, True) == 0.99 and ema_decay_at(0, 0.99, False) == 0.99
+
+
+def test_largest_component_per_class():
+    lab = np.zeros((1, 10, 10), np.int64)
+    lab[0, 0:2, 0:2] = 1  # small blob of class 1
+    lab[0, 5:9, 5:9] = 1  # large blob of class 1
+    lab[0, 0:3, 7:10] = 2  # single component of class 2
+    out = largest_component_per_class(lab, 3)
+    assert (out[0, 0:2, 0:2] == 0).all()
+    assert (out[0, 5:9, 5:9] == 1).all()
+    assert (out[0, 0:3, 7:10] == 2).all()
+    assert lab[0, 0, 0] == 1  # input untouched
+
+
+def test_pseudo_labels_argmax_and_lcc():
+    logits = torch.zeros(1, 2, 6, 6)
+    logits[0, 1, 0, 0] = 5  # isolated foreground pixel
+    logits[0, 1, 3:6, 3:6] = 5
+    plain = pseudo_labels(logits, lcc=False)
+    assert plain.dtype == torch.int64 and plain[0, 0, 0] == 1
+    filtered = pseudo_labels(logits, lcc=True)
+    assert filtered[0, 0, 0] == 0 and filtered[0, 3:6, 3:6].eq(1).all()
