@@ -78,6 +78,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the per-case and summary metrics here")
 
 
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="write synthetic cardiac MR phantom volumes (+ full labels) as NIfTI")
+    p.add_argument("--output", required=True, help="folder for phantom_<seed>.nii.gz and phantom_<seed>_labels.nii.gz")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=1, help="volumes with seeds seed, seed+1, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3hl", description="M³HL semi-supervised cardiac MR segmentation")
     parser.add_argument("--version", action="version", version=f"napari-m3hl {__version__}")
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_phantom(sub)
     return parser
 
 
@@ -103,12 +111,14 @@ class ProgressBar:
         self.enabled = enabled
         self.stream = stream
         self.last = 0.0
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.period = 0.5 if self.tty else 15.0  # a log file gets a line every 15 s
 
     def update(self, e: ev.Progress) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self.last < 0.5 and e.iteration < e.total_iterations:
+        if now - self.last < self.period and e.iteration < e.total_iterations and self.last:
             return
         self.last = now
         frac = e.iteration / e.total_iterations
@@ -116,11 +126,11 @@ class ProgressBar:
         losses = " ".join(f"{k}={v:.3f}" for k, v in e.losses.items())
         line = (f"\r[{bar}] {e.iteration}/{e.total_iterations} {losses} lr={e.lr:.2g} "
                 f"{e.images_per_s:.1f} img/s elapsed {_fmt_time(e.elapsed_s)} ETA {_fmt_time(e.eta_s)}")
-        self.stream.write(line.ljust(120))
+        self.stream.write(line.ljust(120) if self.tty else line[1:] + "\n")
         self.stream.flush()
 
     def newline(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             self.stream.write("\n")
 
 
@@ -153,12 +163,22 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_preset
-    from .data import load_train_data
+    from .data import load_train_data, load_val_volumes
     from .trainer import train
 
     config = load_preset(args.preset, args.variant, **_overrides(args))
-    data, val = load_train_data(args.data, labels=args.labels, labeled=args.labeled, ndim=config.ndim,
-                                class_names=config.class_names, with_val=args.val)
+    source = str(args.data)
+    counts = {}
+    if args.labeled is not None:
+        counts = {"labeled_patients": args.labeled, "labeled_cases": args.labeled, "labeled_slices_per_volume": args.labeled}
+    data = load_train_data(source, args.labels, num_classes=config.num_classes, **counts)
+    if data.ndim != config.ndim or data.num_classes != config.num_classes:
+        raise M3HLInputError(
+            f"--data {source} is {data.ndim}D with {data.num_classes} classes but preset {config.preset} is "
+            f"{config.ndim}D with {config.num_classes} classes; choose the matching --preset"
+        )
+    config = config.replace(class_names=tuple(data.class_names))
+    val = load_val_volumes(source, config.ndim) if args.val else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -289,10 +309,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import save_phantom_nifti
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.seed, args.seed + args.count):
+        img, lab = out / f"phantom_{seed}.nii.gz", out / f"phantom_{seed}_labels.nii.gz"
+        save_phantom_nifti(img, seed=seed, labels_path=lab)
+        print(f"{img}  {lab}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
+        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "phantom": cmd_phantom}[args.command](args)
     except M3HLInputError as exc:
         print(f"m3hl {args.command}: error: {exc}", file=sys.stderr)
         return 2

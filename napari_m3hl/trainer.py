@@ -84,7 +84,7 @@ class _Cycler:
         out = []
         while len(out) < k:
             if not self.order:
-                self.order = list(self.rng.permutation(self.n))
+                self.order = [int(i) for i in self.rng.permutation(self.n)]
             out.append(int(self.order.pop()))
         return out
 

@@ -1,0 +1,394 @@
+"""Reading and writing NIfTI and h5 files with the geometry kept.
+
+Array conventions (see ``docs/architecture.md``):
+
+* NIfTI stores voxels ``(X, Y, Z[, T])``. :func:`load_nifti` transposes to
+  ``(Z, Y, X)`` (3D) or ``(T, Z, Y, X)`` (4D) so the through-plane axis comes
+  first; :func:`save_nifti_labels` / :func:`save_nifti_image` transpose back.
+* ACDC h5 files hold ``image`` float32 in [0, 1] and ``label`` uint8, as
+  ``(H, W)`` slices or ``(D, H, W)`` volumes.
+* LA h5 files (``mri_norm2.h5``) hold ``(X, Y, Z)`` volumes; they are returned
+  as stored (no transpose), because the LA patch size ``112 x 112 x 80`` and
+  the published sliding-window strides are given in that order.
+
+Every failure the user can fix raises :class:`~napari_m3hl.errors.M3HLInputError`
+naming the file and what to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .errors import M3HLInputError
+
+PathLike = Union[str, Path]
+
+__all__ = [
+    "NiftiVolume",
+    "load_nifti",
+    "save_nifti_labels",
+    "save_nifti_image",
+    "affine_from_spacing",
+    "load_h5_volume",
+    "load_h5_slice",
+    "load_la_case",
+    "validate_image",
+    "validate_label",
+    "normalize_intensity",
+]
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+@dataclass
+class NiftiVolume:
+    """A NIfTI image in the package's axis order.
+
+    Attributes
+    ----------
+    data:
+        float32 ``(Z, Y, X)`` for 3D files, ``(T, Z, Y, X)`` for 4D files
+        (the stored ``(X, Y, Z[, T])`` array transposed, scaling applied).
+    spacing:
+        Voxel sizes in the same axis order as ``data``: millimetres for the
+        spatial axes; for 4D files the first entry is the time step in the
+        header's time unit.
+    affine:
+        4x4 voxel ``(i, j, k)`` -> world (mm) matrix as stored, i.e. for the
+        NIfTI ``(X, Y, Z)`` index order (not for ``data``'s order).
+    header:
+        The file's ``nibabel.Nifti1Header`` (a NIfTI-2 header is converted).
+    path:
+        The file that was read.
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    header: Any
+    path: Path
+
+
+def _transpose_axes(ndim: int) -> tuple[int, ...]:
+    return tuple(range(ndim - 1, -1, -1))
+
+
+def load_nifti(path: PathLike) -> NiftiVolume:
+    """Read a 3D or 4D NIfTI file (``.nii`` / ``.nii.gz``).
+
+    Trailing singleton axes beyond the third are dropped (``(X, Y, Z, 1)`` is
+    read as 3D). Raises :class:`M3HLInputError` for a missing or unreadable
+    file and for 2D or more than 4D data.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise M3HLInputError(f"NIfTI file not found: '{path}'. Check the path (expected a .nii or .nii.gz file).")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for bad files
+        raise M3HLInputError(
+            f"Cannot read '{path}' as NIfTI ({exc}). Give a valid .nii or .nii.gz image file."
+        ) from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise M3HLInputError(
+            f"'{path}' is a {type(img).__name__}, not a NIfTI image. Convert it to .nii/.nii.gz first."
+        )
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3:
+        raise M3HLInputError(
+            f"'{path}' holds {len(shape)}D data of shape {tuple(img.shape)}; a 3D (X, Y, Z) or "
+            "4D (X, Y, Z, T) volume is needed."
+        )
+    if len(shape) > 4:
+        raise M3HLInputError(
+            f"'{path}' holds {len(shape)}D data of shape {tuple(img.shape)}; only 3D (X, Y, Z) and "
+            "4D (X, Y, Z, T) volumes are supported."
+        )
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except Exception as exc:  # truncated / corrupt payload
+        raise M3HLInputError(
+            f"Cannot read the voxel data of '{path}' ({exc}); the file is probably truncated or corrupt."
+        ) from exc
+    header = img.header
+    if isinstance(img, nib.Nifti2Image):
+        header = nib.Nifti1Header.from_header(header)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+    axes = _transpose_axes(len(shape))
+    data = np.ascontiguousarray(np.transpose(data, axes), dtype=np.float32)
+    spacing = tuple(zooms[a] for a in axes)
+    return NiftiVolume(data=data, spacing=spacing, affine=np.array(img.affine, dtype=np.float64),
+                       header=header, path=path)
+
+
+def affine_from_spacing(spacing: tuple[float, ...], origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """4x4 NIfTI affine for an axis-aligned volume.
+
+    ``spacing`` is in the package order ``(D, H, W)`` = ``(Z, Y, X)`` in mm; the
+    affine maps NIfTI ``(X, Y, Z)`` indices, so it is ``diag(sx, sy, sz, 1)``
+    with ``origin`` (mm, ``(x, y, z)``) as translation.
+    """
+    if len(spacing) < 3:
+        raise M3HLInputError(f"spacing {spacing} must give 3 voxel sizes (D, H, W) in mm.")
+    sz, sy, sx = (float(s) for s in spacing[-3:])
+    affine = np.diag([sx, sy, sz, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def _prepare_header(header, data: np.ndarray, affine: np.ndarray, dtype: np.dtype):
+    """Copy ``header`` (or make one), set shape/dtype/affine, reset scaling."""
+    import nibabel as nib
+
+    if header is None:
+        hdr = nib.Nifti1Header()
+        sform_code, qform_code = 2, 2  # aligned
+    else:
+        hdr = nib.Nifti1Header.from_header(header)  # copies; converts NIfTI-2/Analyze
+        sform_code, qform_code = int(hdr["sform_code"]), int(hdr["qform_code"])
+        if sform_code == 0:
+            # The exact affine can only be stored in the sform: make it valid.
+            sform_code = qform_code if qform_code > 0 else 2
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_slope_inter(None, None)
+    hdr.set_sform(affine, code=sform_code)
+    hdr.set_qform(affine, code=qform_code)
+    return hdr
+
+
+def _check_affine(affine, path: Path) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise M3HLInputError(
+            f"affine for '{path}' must be a finite 4x4 matrix, got shape {affine.shape}; "
+            "pass the affine of the image the labels belong to."
+        )
+    return affine
+
+
+def _check_nifti_suffix(path: Path) -> None:
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise M3HLInputError(f"Output file '{path}' must end in .nii or .nii.gz.")
+
+
+def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, header=None) -> Path:
+    """Write a label volume as NIfTI.
+
+    Parameters
+    ----------
+    labels:
+        Integer labels ``(Z, Y, X)`` or ``(T, Z, Y, X)`` (package order); they
+        are transposed back to ``(X, Y, Z[, T])``.
+    path:
+        ``.nii`` or ``.nii.gz`` output file.
+    affine:
+        4x4 matrix written exactly (as NIfTI's float32 sform; the qform gets
+        the closest rigid+zoom approximation).
+    header:
+        Optional header to copy (e.g. ``NiftiVolume.header`` of the image):
+        units, descriptions, time step and qform/sform codes are kept; the data
+        type becomes uint8 (int16 when a label exceeds 255) and ``scl_slope`` /
+        ``scl_inter`` are reset so the labels stay integer. A header whose
+        sform code is 0 gets the qform code (or "aligned") as sform code so the
+        exact affine is stored.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    _check_nifti_suffix(path)
+    affine = _check_affine(affine, path)
+    labels = np.asarray(labels)
+    if labels.ndim not in (3, 4):
+        raise M3HLInputError(
+            f"labels for '{path}' must be (Z, Y, X) or (T, Z, Y, X), got shape {labels.shape}."
+        )
+    if labels.dtype.kind == "b":
+        labels = labels.astype(np.uint8)
+    if labels.dtype.kind not in "iu":
+        if labels.dtype.kind != "f" or not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise M3HLInputError(
+                f"labels for '{path}' must hold integer class indices, got dtype {labels.dtype}."
+            )
+    lo = int(labels.min()) if labels.size else 0
+    hi = int(labels.max()) if labels.size else 0
+    if lo < 0:
+        raise M3HLInputError(f"labels for '{path}' contain negative values ({lo}); class indices start at 0.")
+    if hi > np.iinfo(np.int16).max:
+        raise M3HLInputError(f"labels for '{path}' contain value {hi}, more than int16 can hold.")
+    dtype = np.dtype(np.uint8) if hi <= 255 else np.dtype(np.int16)
+    data = np.ascontiguousarray(np.transpose(labels, _transpose_axes(labels.ndim))).astype(dtype)
+    hdr = _prepare_header(header, data, affine, dtype)
+    img = nib.Nifti1Image(data, affine, header=hdr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def save_nifti_image(image: np.ndarray, path: PathLike, affine: np.ndarray, header=None) -> Path:
+    """Write a float32 image ``(Z, Y, X)`` / ``(T, Z, Y, X)`` as NIfTI.
+
+    Same geometry handling as :func:`save_nifti_labels`; data are stored as
+    float32 without scaling.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    _check_nifti_suffix(path)
+    affine = _check_affine(affine, path)
+    image = np.asarray(image)
+    if image.ndim not in (3, 4):
+        raise M3HLInputError(f"image for '{path}' must be (Z, Y, X) or (T, Z, Y, X), got shape {image.shape}.")
+    data = np.ascontiguousarray(np.transpose(image, _transpose_axes(image.ndim)), dtype=np.float32)
+    hdr = _prepare_header(header, data, affine, np.dtype(np.float32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine, header=hdr), str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- h5
+
+
+def _read_h5(path: PathLike, ndim: int, need_label: Optional[bool], what: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read ``image`` (+ ``label``) from an h5 file. ``need_label``: True =
+    required, None = read when present, False = not read."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise M3HLInputError(f"{what} file not found: '{path}'. Check the data folder.")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise M3HLInputError(
+                    f"'{path}' has no 'image' dataset (found {sorted(f.keys())}); "
+                    "expected the ACDC/LA h5 layout with 'image' and 'label'."
+                )
+            image = np.asarray(f["image"][()], dtype=np.float32)
+            label = None
+            if "label" in f:
+                if need_label is not False:
+                    label = np.asarray(f["label"][()])
+            elif need_label:
+                raise M3HLInputError(
+                    f"'{path}' has no 'label' dataset (found {sorted(f.keys())}); "
+                    "a labeled sample needs both 'image' and 'label'."
+                )
+    except M3HLInputError:
+        raise
+    except Exception as exc:
+        raise M3HLInputError(f"Cannot read '{path}' as HDF5 ({exc}); the file is probably corrupt.") from exc
+    if image.ndim != ndim:
+        raise M3HLInputError(f"'{path}': 'image' has shape {image.shape}, expected a {ndim}D array for {what}.")
+    if not np.all(np.isfinite(image)):
+        raise M3HLInputError(f"'{path}': 'image' contains NaN or infinite values; re-export the data.")
+    if label is not None:
+        if label.shape != image.shape:
+            raise M3HLInputError(
+                f"'{path}': 'label' shape {label.shape} differs from 'image' shape {image.shape}."
+            )
+        if label.dtype.kind == "f" and (not np.all(np.isfinite(label)) or np.any(label != np.round(label))):
+            raise M3HLInputError(f"'{path}': 'label' must hold integer class indices.")
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise M3HLInputError(f"'{path}': 'label' values must lie in 0..255.")
+        label = label.astype(np.uint8, copy=False)
+    return image, label
+
+
+def load_h5_volume(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read an ACDC volume file (``volumes/<name>.h5``).
+
+    Returns ``image`` float32 ``(D, H, W)`` and ``label`` uint8 ``(D, H, W)``,
+    or ``None`` when the file has no ``label`` dataset.
+    """
+    return _read_h5(path, 3, need_label=None, what="h5 volume")
+
+
+def load_h5_slice(path: PathLike, need_label: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read an ACDC slice file (``slices/<name>.h5``).
+
+    Returns ``image`` float32 ``(H, W)`` and ``label`` uint8 ``(H, W)``. With
+    ``need_label=False`` the label is not read and ``None`` is returned.
+    """
+    return _read_h5(path, 2, need_label=need_label, what="h5 slice")
+
+
+def load_la_case(path: PathLike, need_label: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read an LA case (``cases/<ID>/mri_norm2.h5``).
+
+    Returns ``image`` float32 and ``label`` uint8, both **as stored, in
+    ``(X, Y, Z)`` order** (about 170 x 140 x 88, image z-score normalised) --
+    unlike every other loader here, no transpose to ``(D, H, W)`` is done, so
+    the LA patch ``(112, 112, 80)`` applies directly. ``need_label=False``
+    skips the label (returns ``None``).
+    """
+    return _read_h5(path, 3, need_label=need_label, what="LA case")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def validate_image(image: np.ndarray, name: str) -> None:
+    """Raise :class:`M3HLInputError` when ``image`` (any shape) is empty,
+    holds NaN/inf, or is constant. ``name`` names the source in the message."""
+    image = np.asarray(image)
+    if image.size == 0:
+        raise M3HLInputError(f"{name}: the image is empty (shape {image.shape}).")
+    if not np.all(np.isfinite(image)):
+        raise M3HLInputError(f"{name}: the image contains NaN or infinite values; fix or re-export it.")
+    if float(np.max(image)) == float(np.min(image)):
+        raise M3HLInputError(
+            f"{name}: the image is constant (every voxel = {float(np.min(image))}); it cannot be segmented."
+        )
+
+
+def validate_label(label: np.ndarray, num_classes: int, name: str) -> None:
+    """Raise :class:`M3HLInputError` when ``label`` holds non-integer, negative
+    or ``>= num_classes`` values. ``name`` names the source in the message."""
+    label = np.asarray(label)
+    if label.size == 0:
+        return
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+            raise M3HLInputError(f"{name}: labels must be integer class indices, found fractional/NaN values.")
+    elif label.dtype.kind not in "iub":
+        raise M3HLInputError(f"{name}: labels must be integers, got dtype {label.dtype}.")
+    lo, hi = label.min(), label.max()
+    if lo < 0:
+        raise M3HLInputError(f"{name}: labels contain the negative value {lo}; classes are 0..{num_classes - 1}.")
+    if hi >= num_classes:
+        raise M3HLInputError(
+            f"{name}: labels contain the value {int(hi)} but there are only {num_classes} classes "
+            f"(0..{num_classes - 1}); relabel or raise the number of classes."
+        )
+
+
+def normalize_intensity(image: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+    """Robust min-max scaling to [0, 1] (float32, same shape).
+
+    Values are clipped to the ``lower``/``upper`` percentiles and mapped
+    linearly onto [0, 1], matching the [0, 1] range of the ACDC training data.
+    When the percentiles coincide the plain min/max is used; a constant image
+    becomes all zeros.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if not np.all(np.isfinite(image)):
+        raise M3HLInputError("normalize_intensity: the image contains NaN or infinite values.")
+    if image.size == 0:
+        return image.copy()
+    lo, hi = np.percentile(image, [lower, upper])
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros_like(image)
+    out = (np.clip(image, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32, copy=False)
