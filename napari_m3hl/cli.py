@@ -239,7 +239,7 @@ def _stem(path: Path) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .inference import predict_volume_2d, predict_volume_3d
-    from .io import affine_from_spacing, load_h5_volume, load_nifti, normalize_intensity, save_nifti_labels
+    from .io import affine_from_spacing, load_h5_volume, load_la_case, load_nifti, normalize_intensity, save_nifti_labels
     from .runtime import resolve_device, tune_malloc
 
     tune_malloc()
@@ -249,23 +249,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    def predict(vol: np.ndarray) -> np.ndarray:
+    def predict(vol: np.ndarray, normalized: bool) -> np.ndarray:
+        """vol: (Z, Y, X) = (D, H, W); returns labels of the same shape."""
         if len(patch) == 2:
-            return predict_volume_2d(model, vol, patch=patch, device=device, batch_size=args.batch_size)
-        return predict_volume_3d(model, vol, patch=patch, device=device, num_classes=ckpt["num_classes"])
+            image = vol if normalized else normalize_intensity(vol)
+            return predict_volume_2d(model, image, patch=patch, device=device, batch_size=args.batch_size)
+        xyz = np.ascontiguousarray(vol.transpose(2, 1, 0))  # the 3D models work in (X, Y, Z), z-scored
+        if not normalized:
+            xyz = ((xyz - xyz.mean()) / (xyz.std() + 1e-8)).astype(np.float32)
+        out = predict_volume_3d(model, xyz, patch=patch, device=device, num_classes=ckpt["num_classes"])
+        return np.ascontiguousarray(out.transpose(2, 1, 0))
 
     for f in _input_files(Path(args.input)):
         t0 = time.perf_counter()
-        if f.name.endswith(".h5"):
-            image, _ = load_h5_volume(f)
-            labels = predict(image)
+        if f.name.endswith(".h5"):  # already normalised as the training data
+            if len(patch) == 2:
+                image, _ = load_h5_volume(f)
+            else:
+                image = load_la_case(f, need_label=False)[0].transpose(2, 1, 0)
+            labels = predict(image, normalized=True)
             affine, header = affine_from_spacing((1.0, 1.0, 1.0)), None
         else:
             vol = load_nifti(f)
             if vol.data.ndim == 4:  # (T, Z, Y, X): each frame on its own
-                labels = np.stack([predict(normalize_intensity(frame)) for frame in vol.data])
+                labels = np.stack([predict(frame, normalized=False) for frame in vol.data])
             else:
-                labels = predict(normalize_intensity(vol.data))
+                labels = predict(vol.data, normalized=False)
             affine, header = vol.affine, vol.header
         dest = save_nifti_labels(labels, out / f"{_stem(f)}.nii.gz", affine, header)
         counts = ", ".join(f"{n}: {int((labels == c).sum())} vox" for c, n in enumerate(ckpt["class_names"]) if c)
