@@ -71,6 +71,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=["student", "teacher"], default="student")
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
+    p.add_argument("--list", default=None, dest="names_file",
+                   help="a file of volume names to score instead of val.list (e.g. test.list)")
     p.add_argument("--spacing", type=float, nargs="+", default=None,
                    help="voxel spacing in mm (D H W) for distances in mm; default: pixels, as the papers")
     p.add_argument("--empty", choices=["paper", "strict"], default="paper",
@@ -293,9 +295,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, args.which, device)
     patch = tuple(ckpt["patch_size"])
-    volumes = load_val_volumes(args.data, ndim=len(patch))
-    if args.limit:
-        volumes = volumes[: args.limit]
+    volumes = load_val_volumes(args.data, ndim=len(patch), limit=args.limit, names_file=args.names_file)
     if not volumes:
         raise M3HLInputError(f"no validation volume found in {args.data}")
     cases, per_case = [], {}

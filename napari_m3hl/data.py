@@ -562,7 +562,8 @@ def load_train_data(
                          "or a NIfTI (.nii/.nii.gz) image with its labels.")
 
 
-def load_val_volumes(source: PathLike, ndim: int = 2, limit: Optional[int] = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def load_val_volumes(source: PathLike, ndim: int = 2, limit: Optional[int] = None,
+                     names_file: Optional[PathLike] = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Labeled volumes to validate or evaluate on: ``(name, image, label)``.
 
     * ``"phantom"``: phantom volumes with seeds unused by training data.
@@ -571,15 +572,20 @@ def load_val_volumes(source: PathLike, ndim: int = 2, limit: Optional[int] = Non
       authors selected on the test set); the cases after the labeled ones are
       used, which are the *unlabeled training* cases: a transductive check,
       not a held-out score. Volumes are ``(X, Y, Z)`` as stored.
+
+    ``names_file`` (ACDC: volume names under ``volumes/``; LA: case IDs under
+    ``cases/``) replaces the default list, e.g. the 20 test patients'
+    ``test.list`` where those volumes are present.
     """
     if isinstance(source, str) and source.strip().lower() == "phantom":
         return phantom_val_volumes(limit or 2)
     path = Path(source)
-    if (path / "val.list").is_file() and (path / "volumes").is_dir():
-        names = read_list(path / "val.list")[:limit] if limit else None
-        return acdc_val_volumes(path, names)
+    listed = read_list(names_file) if names_file is not None else None
+    if (path / "volumes").is_dir() and (listed is not None or (path / "val.list").is_file()):
+        names = listed if listed is not None else read_list(path / "val.list")
+        return acdc_val_volumes(path, names[:limit] if limit else names)
     if (path / "cases").is_dir():
-        _, rest = la_split(path)
+        rest = listed if listed is not None else la_split(path)[1]
         cases = LACases(path, rest[:limit] if limit else rest, True)
         return [(name, *cases[i]) for i, name in enumerate(cases.names)]
     raise M3HLInputError(

@@ -128,3 +128,27 @@ def test_short_phantom_run_learns(tmp_path):
     student, _ = load_model(fin.checkpoint)
     trained = score(student)
     assert trained > untrained + 0.4, (untrained, trained)
+
+
+def test_3d_vnet_training_and_sliding_window(tmp_path):
+    """The LA setting at toy size: V-Net, 3D block masks, random crops, sliding-window validation."""
+    rng = np.random.default_rng(0)
+
+    def case(labeled):
+        img = rng.normal(size=(40, 36, 20)).astype(np.float32)
+        lab = np.zeros((40, 36, 20), np.uint8)
+        lab[10:25, 8:20, 4:12] = 1
+        img[lab == 1] += 2.0
+        return img, (lab if labeled else None)
+
+    labeled = [case(True) for _ in range(2)]
+    unlabeled = [case(False) for _ in range(2)]
+    data = TrainData(labeled, unlabeled, ndim=3, num_classes=2, class_names=("background", "LA"))
+    cfg = load_preset("la_vnet3d", "reference", patch_size=(32, 32, 16), block_size=(8, 8, 4), batch_size=4,
+                      iterations=2, val_every=2, device="cpu")
+    evs = list(train(cfg, data, tmp_path, val_volumes=[("c0", labeled[0][0], labeled[0][1])]))
+    prog = [e for e in evs if isinstance(e, ev.Progress)]
+    assert len(prog) == 2 and {"mix", "low", "high"} <= set(prog[-1].losses)
+    assert any(isinstance(e, ev.Validation) for e in evs)
+    model, ckpt = load_model(evs[-1].checkpoint)
+    assert ckpt["arch"] == "vnet3d" and ckpt["patch_size"] == [32, 32, 16]
