@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -166,7 +168,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_preset
     from .data import load_train_data, load_val_volumes
-    from .trainer import train
+    from .trainer import TrainControl, train
 
     config = load_preset(args.preset, args.variant, **_overrides(args))
     source = str(args.data)
@@ -194,7 +196,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = ProgressBar(not args.quiet)
     t0 = time.perf_counter()
     finished = None
-    for e in train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val):
+    control = TrainControl()
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the step and save last.pt; second: abort
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step (Ctrl-C again to abort without saving)...", file=sys.stderr)
+        control.stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    try:
+        events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control)
+        finished = _consume(events, config, bar)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    bar.newline()
+    manifest.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
+                     "iterations_done": finished.iteration if finished else None,
+                     "stopped_early": finished.stopped if finished else None,
+                     "checkpoint": finished.checkpoint if finished else None,
+                     "best_checkpoint": finished.best_checkpoint if finished else None,
+                     "metrics": finished.metrics if finished else {}})
+    (out / "run.json").write_text(json.dumps(manifest, indent=2))
+    print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
+    return 0
+
+
+def _consume(events, config, bar: ProgressBar):
+    """Print the trainer's events; return the final ``TrainFinished``."""
+    finished = None
+    for e in events:
         if isinstance(e, ev.TrainStarted):
             print(f"training {config.arch} ({config.preset}/{config.variant}, mode {config.mode}) on {e.device}: "
                   f"{e.n_labeled} labeled, {e.n_unlabeled} unlabeled samples, iterations {e.start_iteration}→{e.total_iterations}",
@@ -208,15 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         elif isinstance(e, ev.TrainFinished):
             finished = e
-    bar.newline()
-    manifest.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
-                     "iterations_done": finished.iteration if finished else None,
-                     "checkpoint": finished.checkpoint if finished else None,
-                     "best_checkpoint": finished.best_checkpoint if finished else None,
-                     "metrics": finished.metrics if finished else {}})
-    (out / "run.json").write_text(json.dumps(manifest, indent=2))
-    print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
-    return 0
+    return finished
 
 
 def _input_files(path: Path) -> list[Path]:

@@ -137,3 +137,24 @@ def test_short_real_acdc_run(shared_data, tmp_path):
     assert set(case) == {"RV", "Myo", "LV"}
     # 40 iterations only prove the pipeline: real slices in, finite per-class metrics out
     assert all(np.isfinite(v["dice"]) for v in case.values())
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    """The first Ctrl-C stops training after the current step and still writes last.pt."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "napari_m3hl", "train", "--data", "phantom", "--iterations", "100000",
+                             "--batch-size", "4", "--patch-size", "64,64", "--set", "block_size=[16,16]",
+                             "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training has started
+        if "training unet2d" in line:
+            break
+    time.sleep(3)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["stopped_early"] is True and 0 < run["iterations_done"] < 100000
+    assert (tmp_path / "last.pt").is_file()
