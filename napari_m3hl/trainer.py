@@ -120,7 +120,7 @@ def _restore_rng(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.
     torch.set_rng_state(state["torch_global"])
     np_rng.bit_generator.state = json.loads(state["numpy"])
     for c, order in zip(cyclers, json.loads(state["cyclers"])):
-        c.order = list(order)
+        c.order = [int(i) for i in order if int(i) < c.n]  # the data may have changed ("train on")
 
 
 @dataclass

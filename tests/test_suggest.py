@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from napari_m3hl.suggest import disagreement_map, rank_slices, slice_scores
+
+
+def _probs(d=3, h=8, w=8):
+    p = np.zeros((4, d, h, w), np.float32)
+    p[0] = 1.0  # all confident background
+    return p
+
+
+def test_entropy_ranks_the_ambiguous_slice_first():
+    p = _probs()
+    p[:, 1, 2:6, 2:6] = 0
+    p[3, 1, 2:6, 2:6] = 0.55  # LV, unsure against Myo
+    p[2, 1, 2:6, 2:6] = 0.45
+    p[:, 2, 2:6, 2:6] = 0
+    p[3, 2, 2:6, 2:6] = 0.99  # LV, sure
+    p[2, 2, 2:6, 2:6] = 0.01
+    s = slice_scores(p, method="entropy")
+    assert s[0] == 0 and s[1] > s[2] > 0
+    assert rank_slices(s) == [1, 2, 0]
+    assert rank_slices(s, labeled=[1]) == [2, 0]
+    m = slice_scores(p, method="margin")
+    assert m[1] == pytest.approx(0.9) and m[2] == pytest.approx(0.02)
+
+
+def test_disagreement():
+    s, t = _probs(), _probs()
+    s[:, 0, :4] = 0
+    s[1, 0, :4] = 1  # student: RV on half of slice 0
+    t[:, 0, :2] = 0
+    t[1, 0, :2] = 1  # teacher: RV on a quarter
+    sc = slice_scores(s, t, method="disagreement")
+    assert sc[0] == pytest.approx(0.5) and sc[1] == 0
+    with pytest.raises(ValueError, match="teacher"):
+        slice_scores(s, None, method="disagreement")
+    dm = disagreement_map(s.argmax(0), t.argmax(0))
+    assert dm.dtype == np.uint8 and dm.sum() == 2 * 8
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="unknown"):
+        slice_scores(_probs(), method="magic")
