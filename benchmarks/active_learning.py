@@ -1,0 +1,170 @@
+"""Which slice should the clinician label next? Suggestion vs random vs evenly spaced.
+
+Simulates the plugin's loop on real ACDC validation volumes (their labels act
+as the clinician): each volume starts with its middle slice labeled; M³HL
+trains on the labeled slices with the rest of the volumes as unlabeled data;
+then every round one more slice per volume is labeled, chosen by a strategy,
+and training continues from the previous weights, teacher and optimiser
+(the widget's "Train on"). After each round the student's mean Dice over
+RV/Myo/LV on the whole volumes is recorded.
+
+Strategies: ``entropy`` and ``disagreement`` (our suggestion scores,
+``napari_m3hl.suggest``), ``random`` (seeded), ``even`` (the slice farthest
+from every labeled slice). Writes ``benchmarks/results/active_learning.json``
+and ``docs/images/active_learning.svg``; prints a markdown table.
+
+    python benchmarks/active_learning.py --data ../shared/data/acdc [--volumes 6 --rounds 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_m3hl.config import load_preset
+from napari_m3hl.data import ACDC_CLASSES, PartlyLabeledVolume, acdc_val_volumes
+from napari_m3hl.inference import predict_volume_2d
+from napari_m3hl.metrics import dice
+from napari_m3hl.runtime import tune_malloc
+from napari_m3hl.suggest import rank_slices, slice_scores
+from napari_m3hl.trainer import train, trained_models
+
+STRATEGIES = ("entropy", "disagreement", "random", "even")
+
+
+def _even_choice(depth: int, labeled: list[int]) -> int:
+    """The unlabeled slice farthest from every labeled slice (ties: lowest index)."""
+    cand = [z for z in range(depth) if z not in labeled]
+    return max(cand, key=lambda z: (min(abs(z - l) for l in labeled), -z))
+
+
+def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    rng = np.random.default_rng(args.seed)
+    labeled = {i: [img.shape[0] // 2] for i, (_, img, _) in enumerate(vols)}
+    ckpt = None
+    total_its = 0
+    rows = []
+    for rnd in range(args.rounds + 1):
+        masks = []
+        for i, (_, img, lab) in enumerate(vols):
+            m = np.zeros_like(lab)
+            m[labeled[i]] = lab[labeled[i]]
+            masks.append(m)
+        data = PartlyLabeledVolume.from_volumes([v[1] for v in vols], masks, num_classes=4).train_data(ACDC_CLASSES)
+        total_its += args.initial_iterations if rnd == 0 else args.round_iterations
+        cfg = load_preset("acdc_unet2d", args.variant, iterations=total_its, patch_size=(args.size, args.size),
+                          block_size=(args.size // 4, args.size // 4), batch_size=args.batch, lr=args.lr,
+                          seed=args.seed, device="cpu", checkpoint_every=0)
+        t0 = time.perf_counter()
+        for _ in train(cfg, data, workdir, resume_from=ckpt):
+            pass
+        ckpt = workdir / "last.pt"
+        student, teacher = trained_models(cfg, ckpt)
+        dices, choices = [], {}
+        for i, (name, img, lab) in enumerate(vols):
+            pred_s, probs_s = predict_volume_2d(student, img, patch=(args.size, args.size), return_probs=True)
+            dices.append(np.mean([dice(pred_s == c, lab == c) for c in (1, 2, 3)]))
+            if rnd == args.rounds or len(labeled[i]) >= img.shape[0]:
+                continue
+            if strategy in ("entropy", "disagreement"):
+                probs_t = None
+                if strategy == "disagreement":
+                    _, probs_t = predict_volume_2d(teacher, img, patch=(args.size, args.size), return_probs=True)
+                choices[i] = rank_slices(slice_scores(probs_s, probs_t, strategy), labeled[i])[0]
+            elif strategy == "random":
+                choices[i] = int(rng.choice([z for z in range(img.shape[0]) if z not in labeled[i]]))
+            else:
+                choices[i] = _even_choice(img.shape[0], labeled[i])
+        rows.append({"round": rnd, "labeled_slices": int(sum(len(v) for v in labeled.values())),
+                     "iterations": total_its, "mean_dice": float(np.mean(dices)),
+                     "per_volume_dice": [float(d) for d in dices], "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{strategy:12s} round {rnd}: {rows[-1]['labeled_slices']} slices, Dice {100 * rows[-1]['mean_dice']:.2f}",
+              flush=True)
+        for i, z in choices.items():
+            labeled[i].append(z)
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    """A small SVG line chart (no plotting dependency): Dice vs labeled slices per strategy."""
+    series = {k: [(r["labeled_slices"], 100 * r["mean_dice"]) for r in rows] for k, rows in result["strategies"].items()}
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = max(0.0, min(ys) - 5), min(100.0, max(ys) + 5)
+    w, h, m = 560, 340, 55
+    sx = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
+    sy = lambda y: h - m - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * m)  # noqa: E731
+    colours = ["#d62728", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
+           f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">labeled slices (all volumes)</text>',
+           f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">mean Dice (%)</text>']
+    for x in sorted(set(xs)):
+        out.append(f'<text x="{sx(x):.1f}" y="{h - m + 15}" text-anchor="middle">{x}</text>')
+    for k in range(5):
+        y = y0 + k * (y1 - y0) / 4
+        out.append(f'<text x="{m - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
+        out.append(f'<line x1="{m}" y1="{sy(y):.1f}" x2="{w - m}" y2="{sy(y):.1f}" stroke="#ddd"/>')
+    for i, (name, pts) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
+                   + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts) + '"/>')
+        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
+        out.append(f'<text x="{w - m - 90}" y="{m + 16 * i}" fill="{c}">{name}</text>')
+    out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"))
+    ap.add_argument("--volumes", type=int, default=6, help="validation volumes used (the first N of val.list)")
+    ap.add_argument("--rounds", type=int, default=4, help="slices added per volume")
+    ap.add_argument("--initial-iterations", type=int, default=500)
+    ap.add_argument("--round-iterations", type=int, default=200)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--variant", default=None)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "active_learning.json"))
+    ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "active_learning.svg"))
+    args = ap.parse_args()
+    tune_malloc()
+    root = Path(args.data)
+    if not (root / "val.list").is_file():
+        raise SystemExit(f"no ACDC validation data at {root} (needs val.list and volumes/)")
+    vols = acdc_val_volumes(root)[: args.volumes]
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+                   "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")}})
+    result.setdefault("strategies", {})
+    for s in args.strategies:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["strategies"][s] = run_strategy(s, vols, args, Path(tmp))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    plot(result, Path(args.plot))
+    names = list(result["strategies"])
+    print("| labeled slices | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for r in range(len(next(iter(result["strategies"].values())))):
+        n = result["strategies"][names[0]][r]["labeled_slices"]
+        print(f"| {n} | " + " | ".join(f"{100 * result['strategies'][s][r]['mean_dice']:.2f}" for s in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
