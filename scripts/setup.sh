@@ -18,6 +18,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 # The CPU wheel first (a bare 'torch' requirement could pull a multi-GB CUDA build);
 # the project's own requirement is a range this version satisfies.
-.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q -e ".[pyqt5,test]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | { grep -v "is ignored" || true; }
+.venv/bin/python -m pip install -q -e ".[pyqt5,test]" 2>&1 | { grep -v "is ignored" || true; }
 .venv/bin/python -c "import torch, napari, napari_m3hl; print('ready: torch', torch.__version__, '| napari', napari.__version__)"
