@@ -1,0 +1,256 @@
+"""GUI responsiveness of the "Train M³HL" widget while it trains on the CPU.
+
+Opens napari (run it under ``xvfb-run -a`` on a machine without a display),
+loads the 10 x 216 x 256 phantom sample (2 painted slices), docks the widget
+and presses Train with the GUI defaults (256 x 256 patches, batch 8 on the
+CPU) for ``--iterations`` steps, with pseudo-label and mix previews every 5 s.
+A 10 ms ``QTimer`` probe in the GUI thread records the gaps between its
+ticks: a gap much longer than 10 ms is a stall of the event loop (the user
+would feel the viewer freeze). Measured:
+
+* the longest gap and the 99th percentile, idle (before Train) and while
+  training (from the return of Train's click handler until the segmentation
+  is shown), with the GUI thread's own CPU time in the long gaps (the rest
+  of a gap it waited: for a CPU core, or for the GIL held by the worker);
+* how long Train's click handler takes (it validates, copies the layer data
+  and adds the overlay layers);
+* the time from pressing Train to the first step, to the first pseudo-label
+  overlay, and to the final segmentation layer.
+
+Writes ``benchmarks/results/gui_responsiveness.json`` and prints a markdown
+table.
+
+    xvfb-run -a .venv/bin/python benchmarks/gui_responsiveness.py [--iterations 40]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "results" / "gui_responsiveness.json"
+
+
+class Probe:
+    """Records the gaps between the ticks of a 10 ms QTimer in the GUI thread."""
+
+    def __init__(self, interval_ms: int = 10) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.interval_ms = interval_ms
+        # (time of tick, gap since previous tick, GUI-thread CPU time in that gap), seconds
+        self.gaps: list[tuple[float, float, float]] = []
+        self._last = None
+        self._last_cpu = 0.0
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self._tick)
+
+    def _tick(self) -> None:
+        now, cpu = time.perf_counter(), time.thread_time()
+        if self._last is not None:
+            self.gaps.append((now, now - self._last, cpu - self._last_cpu))
+        self._last, self._last_cpu = now, cpu
+
+    def start(self) -> None:
+        self._last = None
+        self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.stop()
+
+    def stats(self, t0: float, t1: float) -> dict[str, float]:
+        sel = [(gap, cpu) for t, gap, cpu in self.gaps if t0 <= t <= t1]
+        if not sel:
+            return {"ticks": 0}
+        g = np.array([gap for gap, _ in sel])
+        c = np.array([cpu for _, cpu in sel])
+        long = g > 0.1
+        return {
+            # share of the long stalls' wall time that the GUI thread itself computed;
+            # the rest it waited (for the CPU, which other processes and the worker share, or the GIL)
+            "gui_cpu_share_in_stalls_over_100ms": (
+                round(float(c[long].sum() / g[long].sum()), 2) if long.any() else None
+            ),
+            "ticks": int(g.size),
+            "max_ms": round(float(g.max()) * 1e3, 1),
+            "p99_ms": round(float(np.percentile(g, 99)) * 1e3, 1),
+            "median_ms": round(float(np.median(g)) * 1e3, 1),
+            "over_100ms": int((g > 0.1).sum()),
+            "over_50ms": int((g > 0.05).sum()),
+        }
+
+
+def wait_until(app, cond, timeout_s: float) -> bool:
+    end = time.perf_counter() + timeout_s
+    while time.perf_counter() < end:
+        app.processEvents()
+        if cond():
+            return True
+        time.sleep(0.002)
+    return cond()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=2,
+                        help="Train presses in a row: the first adds the overlay layers, "
+                             "later ones update them in place")
+    parser.add_argument("--idle-s", type=float, default=3.0, help="probe the idle viewer this long first")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+
+    import napari
+    import torch
+    from qtpy.QtWidgets import QApplication
+
+    from napari_m3hl._napari import _layers as lc
+    from napari_m3hl._napari._sample import phantom_layers
+    from napari_m3hl._napari._session import gui_cpu_threads
+    from napari_m3hl._napari._widget import M3HLWidget
+    from napari_m3hl.events import Progress
+
+    viewer = napari.Viewer()
+    viewer.window._qt_window.resize(1300, 900)
+    app = QApplication.instance()
+    for data, meta, kind in phantom_layers():
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    widget = M3HLWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    viewer.dims.set_current_step(0, 5)
+    widget.config_overrides = {"iterations": args.iterations, "batch_size": args.batch_size,
+                               "patch_size": (args.patch, args.patch),
+                               "block_size": (args.patch // 4, args.patch // 4)}
+    widget.preview_every_s = 5.0
+    widget.mix_preview_every_s = 5.0
+    wait_until(app, lambda: False, 1.0)  # let the window settle
+
+    probe = Probe()
+    probe.start()
+    t_idle = time.perf_counter()
+    wait_until(app, lambda: False, args.idle_s)
+    idle = probe.stats(t_idle, time.perf_counter())
+
+    handler_s: dict[str, list[float]] = {}
+    event_times: list[tuple[str, float]] = []
+    first_step: list[float] = []
+    original = widget._on_event
+
+    def timed(e) -> None:  # GUI-thread time spent drawing each kind of event
+        t = time.perf_counter()
+        if isinstance(e, Progress) and not first_step:
+            first_step.append(t)
+        original(e)
+        handler_s.setdefault(type(e).__name__, []).append(time.perf_counter() - t)
+        if not isinstance(e, Progress):
+            event_times.append((type(e).__name__, t))
+
+    widget._on_event = timed
+
+    def run_once() -> dict:
+        handler_s.clear()
+        event_times.clear()
+        first_step.clear()
+        t_press = time.perf_counter()
+        ok = widget.start_training()
+        assert ok, widget.last_error
+        t_started = time.perf_counter()  # Train's click handler returned (overlay layers ready)
+        wait_until(app, lambda: widget.run.finished is not None and not widget.session.busy
+                   and lc.SEGMENTATION in viewer.layers, 120 + args.iterations * 10)
+        t_end = time.perf_counter()
+        wait_until(app, lambda: False, 1.0)
+        fin = widget.run.finished
+        r = {
+            "iterations": fin.iteration if fin else None,
+            "train_click_handler_ms": round((t_started - t_press) * 1e3, 1),
+            "stalls": probe.stats(t_started, t_end),
+            "longest_stalls": [
+                {"t_s": round(t - t_press, 2), "gap_ms": round(gap * 1e3, 1), "gui_cpu_ms": round(cpu * 1e3, 1)}
+                for t, gap, cpu in sorted((g for g in probe.gaps if t_started <= g[0] <= t_end),
+                                          key=lambda g: -g[1])[:6]
+            ],
+            "events_s": sorted((round(t - t_press, 2), k) for k, t in event_times),
+            "train_to_first_step_s": round(first_step[0] - t_press, 2) if first_step else None,
+            "train_to_first_pseudo_labels_s": (
+                round(widget.run.first_preview_s, 2) if widget.run.first_preview_s else None
+            ),
+            "train_to_segmentation_s": round(t_end - t_press, 2),
+            "s_per_iteration": (round((t_end - first_step[0]) / max(fin.iteration, 1), 3)
+                                if fin and first_step else None),
+            "gui_handler_ms": {k: {"n": len(v), "max": round(max(v) * 1e3, 1),
+                                   "mean": round(float(np.mean(v)) * 1e3, 1)} for k, v in handler_s.items()},
+        }
+        return r
+
+    runs = [run_once() for _ in range(args.runs)]
+    probe.stop()
+    result = {
+        "benchmark": "gui_responsiveness",
+        "volume": list(viewer.layers["phantom image"].data.shape),
+        "batch_size": args.batch_size,
+        "patch": [args.patch, args.patch],
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads_training": gui_cpu_threads(),
+        "torch": torch.__version__,
+        "napari": napari.__version__,
+        "qt_api": os.environ.get("QT_API", "pyqt5"),
+        "platform": platform.platform(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "idle": idle,
+        "runs": runs,
+    }
+    widget.cleanup()
+    viewer.close()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    runs = r["runs"]
+
+    def row(name: str, fn) -> str:
+        return f"| {name} | " + " | ".join(str(fn(x)) for x in runs) + " |"
+
+    head = "| measure | " + " | ".join(
+        "first Train (adds overlay layers)" if i == 0 else f"Train #{i + 1} (in place)" for i in range(len(runs))
+    ) + " |"
+    lines = [
+        f"Volume {' × '.join(str(s) for s in r['volume'])}, batch {r['batch_size']}, patch {r['patch'][0]}², "
+        f"{r['cpu_count']} cores, {r['torch_threads_training']} torch thread(s) for training, "
+        f"load average {r['load_average_1min_at_end']} at the end; idle GUI: longest gap "
+        f"{r['idle'].get('max_ms')} ms (p99 {r['idle'].get('p99_ms')} ms) for a 10 ms timer.",
+        "",
+        head,
+        "|---|" + "---|" * len(runs),
+        row("iterations", lambda x: x["iterations"]),
+        row("Train click handler", lambda x: f"{x['train_click_handler_ms']} ms"),
+        row("longest GUI stall while training", lambda x: f"{x['stalls'].get('max_ms')} ms"),
+        row("p99 / median tick gap", lambda x: f"{x['stalls'].get('p99_ms')} / {x['stalls'].get('median_ms')} ms"),
+        row("stalls > 100 ms / > 50 ms", lambda x: f"{x['stalls'].get('over_100ms')} / {x['stalls'].get('over_50ms')}"),
+        row("GUI-thread CPU share of stalls > 100 ms",
+            lambda x: x["stalls"].get("gui_cpu_share_in_stalls_over_100ms")),
+        row("Train → first step", lambda x: f"{x['train_to_first_step_s']} s"),
+        row("Train → first pseudo-label overlay", lambda x: f"{x['train_to_first_pseudo_labels_s']} s"),
+        row("Train → segmentation layer", lambda x: f"{x['train_to_segmentation_s']} s"),
+        row("s / iteration (incl. previews)", lambda x: x["s_per_iteration"]),
+    ]
+    for kind in ("Progress", "MixPreview", "VolumePreview"):
+        lines.append(row(f"GUI handler {kind}: max (mean)",
+                         lambda x, k=kind: (f"{x['gui_handler_ms'][k]['max']} ({x['gui_handler_ms'][k]['mean']}) ms"
+                                            if k in x["gui_handler_ms"] else "-")))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

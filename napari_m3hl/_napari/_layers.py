@@ -1,0 +1,323 @@
+"""Layer control: overlay names, class colours, in-place updates, data tokens.
+
+Everything here runs in the GUI thread. Overlays live in their own layers
+under fixed names and are updated in place (``layer.data = ...``) once they
+exist, so user edits to *their* layers are never touched and a re-run reuses
+the overlay layers (visibility, opacity and position chosen by the user stay).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+    from napari.layers import Image, Labels, Layer
+
+PSEUDO_LABELS = "M³HL pseudo-labels"
+MIX_PREVIEW = "M³HL mix preview"
+MIX_TARGETS = "M³HL mix targets"
+SEGMENTATION = "M³HL segmentation"
+OVERLAY_NAMES: tuple[str, ...] = (PSEUDO_LABELS, MIX_PREVIEW, MIX_TARGETS, SEGMENTATION)
+
+#: RGBA colour per ACDC class index: RV red, Myo green, LV blue.
+CLASS_COLORS: dict[int, tuple[float, float, float, float]] = {
+    0: (0.0, 0.0, 0.0, 0.0),
+    1: (0.90, 0.10, 0.10, 1.0),
+    2: (0.10, 0.80, 0.20, 1.0),
+    3: (0.15, 0.35, 1.00, 1.0),
+}
+_EXTRA_COLORS = [(1.0, 0.8, 0.0, 1.0), (0.8, 0.2, 0.9, 1.0), (0.0, 0.8, 0.8, 1.0), (1.0, 0.5, 0.0, 1.0)]
+
+
+def class_color_dict(num_classes: int) -> dict[int | None, tuple[float, ...]]:
+    """Colour per class index 0..num_classes-1 (0 transparent), ``None``: unknown values."""
+    colors: dict[int | None, tuple[float, ...]] = {}
+    for c in range(num_classes):
+        colors[c] = CLASS_COLORS.get(c, _EXTRA_COLORS[(c - 4) % len(_EXTRA_COLORS)])
+    if num_classes == 2:  # single foreground class (e.g. left atrium): yellow
+        colors[1] = _EXTRA_COLORS[0]
+    colors[None] = (0.6, 0.6, 0.6, 1.0)
+    return colors
+
+
+def class_colormap(num_classes: int):
+    """A napari ``DirectLabelColormap`` with the class colours."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict=class_color_dict(num_classes))
+
+
+def class_features(class_names: Sequence[str]) -> dict[str, list]:
+    """Labels ``features`` table: one row per class index, ``class`` column shown in the status bar."""
+    return {"index": list(range(len(class_names))), "class": list(class_names)}
+
+
+def is_overlay(layer: "Layer") -> bool:
+    """True for the plugin's own overlay layers."""
+    return layer.name in OVERLAY_NAMES
+
+
+def geometry_kwargs(like: "Layer", ndim: int | None = None) -> dict[str, Any]:
+    """``scale``/``translate`` (last ``ndim`` axes) and NIfTI metadata of ``like``."""
+    nd = like.ndim if ndim is None else ndim
+    meta = {k: like.metadata[k] for k in ("affine", "header", "source_path") if k in like.metadata}
+    return {
+        "scale": tuple(like.scale[-nd:]),
+        "translate": tuple(like.translate[-nd:]),
+        "metadata": meta,
+    }
+
+
+def add_class_labels(
+    viewer: "napari.Viewer",
+    data: np.ndarray,
+    name: str,
+    class_names: Sequence[str],
+    like: "Layer | None" = None,
+    **kwargs: Any,
+) -> "Labels":
+    """Add a Labels layer with class colours/names and ``like``'s geometry."""
+    kw: dict[str, Any] = geometry_kwargs(like, data.ndim) if like is not None else {}
+    kw.update(kwargs)
+    layer = viewer.add_labels(
+        data,
+        name=name,
+        colormap=class_colormap(len(class_names)),
+        features=class_features(class_names),
+        **kw,
+    )
+    return layer
+
+
+def new_labels_layer(
+    viewer: "napari.Viewer", image: "Image", class_names: Sequence[str], name: str | None = None
+) -> "Labels":
+    """An empty uint8 Labels layer on ``image``'s grid, ready to paint.
+
+    Shape, scale, translate and the NIfTI affine/header of the image are
+    copied, so the painted labels export with the image's geometry. The
+    selected label is 1 (the first foreground class) and the brush paints
+    one slice at a time.
+    """
+    data = np.zeros(image.data.shape, dtype=np.uint8)
+    layer = add_class_labels(viewer, data, name or f"{image.name} labels", class_names, like=image)
+    layer.selected_label = 1
+    layer.n_edit_dimensions = 2
+    return layer
+
+
+def upsert_labels(
+    viewer: "napari.Viewer",
+    name: str,
+    data: np.ndarray,
+    class_names: Sequence[str],
+    like: "Layer | None" = None,
+    **kwargs: Any,
+) -> "Labels":
+    """Set ``data`` of the Labels layer ``name`` in place, or add it once.
+
+    An existing layer keeps its identity (and the user's display settings);
+    only its data, and its geometry when ``like`` is given, are replaced.
+    """
+    from napari.layers import Labels
+
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if isinstance(layer, Labels):
+        if like is not None:
+            geo = geometry_kwargs(like, data.ndim)
+            if layer.ndim != data.ndim or tuple(layer.scale) != geo["scale"]:
+                layer.scale = geo["scale"]
+                layer.translate = geo["translate"]
+            layer.metadata.update(geo["metadata"])
+        layer.data = data
+        return layer
+    if layer is not None:  # a foreign layer took our name: rename it out of the way
+        layer.name = f"{name} (user)"
+    with keep_selection(viewer):
+        return add_class_labels(viewer, data, name, class_names, like=like, **kwargs)
+
+
+def upsert_image(viewer: "napari.Viewer", name: str, data: np.ndarray, **kwargs: Any) -> "Image":
+    """Set ``data`` of the Image layer ``name`` in place, or add it once."""
+    from napari.layers import Image
+
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if isinstance(layer, Image):
+        layer.data = data
+        return layer
+    if layer is not None:
+        layer.name = f"{name} (user)"
+    with keep_selection(viewer):
+        return viewer.add_image(data, name=name, **kwargs)
+
+
+@contextlib.contextmanager
+def keep_selection(viewer: "napari.Viewer") -> Iterator[None]:
+    """Add overlay layers without taking the selection from the layer the user works on."""
+    active = viewer.layers.selection.active
+    try:
+        yield
+    finally:
+        if active is not None and layer_in(viewer, active):
+            viewer.layers.selection.active = active
+
+
+# --------------------------------------------------------------------- overlays
+
+MIX_GAP = 4  # pixels between the two mixed images
+
+
+def mix_montage(images: np.ndarray, targets: np.ndarray, gap: int = MIX_GAP) -> tuple[np.ndarray, np.ndarray]:
+    """The two mixed images (2, h, w) and their targets side by side: (h, 2w + gap)."""
+    h, w = images.shape[-2:]
+    montage = np.zeros((h, 2 * w + gap), dtype=np.float32)
+    tmontage = np.zeros((h, 2 * w + gap), dtype=np.uint8)
+    for k in range(2):
+        montage[:, k * (w + gap): k * (w + gap) + w] = images[k]
+        tmontage[:, k * (w + gap): k * (w + gap) + w] = targets[k]
+    return montage, tmontage
+
+
+def mix_geometry(image: "Layer", patch: Sequence[int]) -> dict[str, tuple[float, float]]:
+    """Scale/translate placing a (patch_h, 2 patch_w + gap) montage just right of
+    ``image`` at the same physical size as one of its slices."""
+    sy, sx = (float(s) for s in image.scale[-2:])
+    ih, iw = image.data.shape[-2:]
+    ph, pw = int(patch[0]), int(patch[1])
+    ty, tx = (float(t) for t in image.translate[-2:])
+    return {"scale": (ih * sy / ph, iw * sx / pw), "translate": (ty, tx + iw * sx * 1.05)}
+
+
+def _place(layer: "Layer", geo: dict[str, Any]) -> None:
+    if not np.allclose(layer.scale, geo["scale"]):
+        layer.scale = geo["scale"]
+    if not np.allclose(layer.translate, geo["translate"]):
+        layer.translate = geo["translate"]
+
+
+def show_mix(viewer: "napari.Viewer", image: "Layer", montage: np.ndarray, targets: np.ndarray,
+             patch: Sequence[int], class_names: Sequence[str]) -> None:
+    """Update (or add once) the mix preview image and its targets beside ``image``."""
+    geo = mix_geometry(image, patch)
+    layer = upsert_image(viewer, MIX_PREVIEW, montage, colormap="gray", contrast_limits=(0.0, 1.0), **geo)
+    _place(layer, geo)
+    tlayer = upsert_labels(viewer, MIX_TARGETS, targets, class_names, opacity=0.4, **geo)
+    _place(tlayer, geo)
+    tlayer.editable = False
+
+
+def prepare_overlays(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int],
+                     class_names: Sequence[str]) -> None:
+    """Add (once) or clear the pseudo-label and mix overlays before a run.
+
+    Adding a layer costs the GUI thread a few hundred milliseconds (vispy
+    visuals, shaders); doing it when Train is pressed keeps the updates during
+    training to in-place data changes. Old previews are cleared (zeros).
+    """
+    pseudo = upsert_labels(viewer, PSEUDO_LABELS, np.zeros(image.data.shape, np.uint8), class_names,
+                           like=image, opacity=0.45)
+    pseudo.editable = False
+    ph, pw = int(patch[0]), int(patch[1])
+    show_mix(viewer, image, np.zeros((ph, 2 * pw + MIX_GAP), np.float32),
+             np.zeros((ph, 2 * pw + MIX_GAP), np.uint8), patch, class_names)
+
+
+# --------------------------------------------------------------------- slices
+
+
+def labeled_slices(labels: np.ndarray) -> np.ndarray:
+    """Indices of the slices (axis -3) holding any nonzero label.
+
+    For ``(T, Z, Y, X)`` labels the indices run over all ``T*Z`` slices in
+    frame-major order (as :func:`frames` lists them).
+    """
+    lab = np.asarray(labels)
+    if lab.ndim < 3:
+        return np.flatnonzero(np.atleast_1d(lab.any()))
+    flat = lab.reshape(-1, lab.shape[-2] * lab.shape[-1])
+    return np.flatnonzero(flat.any(axis=1))
+
+
+def slice_summary(labels: np.ndarray | None, image_shape: Sequence[int] | None = None) -> str:
+    """One line such as ``"3 of 10 slices labeled: 2, 5, 8; 7 unlabeled"``."""
+    if labels is None:
+        if image_shape is None or len(image_shape) < 3:
+            return "no image volume selected"
+        n = int(np.prod(image_shape[:-2]))
+        return f"0 of {n} slices labeled; choose or create a labels layer"
+    lab = np.asarray(labels)
+    if lab.ndim < 3:
+        return "the labels layer is 2D; a volume of slices is needed"
+    depth = lab.shape[-3]
+    n = int(np.prod(lab.shape[:-2]))
+    idx = labeled_slices(lab)
+    if lab.ndim == 3:
+        names = [str(int(i)) for i in idx]
+    else:
+        names = [f"t{int(i) // depth}:{int(i) % depth}" for i in idx]
+    shown = ", ".join(names[:12]) + (", …" if len(names) > 12 else "")
+    head = f"{len(idx)} of {n} slices labeled"
+    return f"{head}: {shown}; {n - len(idx)} unlabeled" if len(idx) else f"{head}; paint at least one slice"
+
+
+def frames(volume: np.ndarray) -> list[np.ndarray]:
+    """The ``(D, H, W)`` volumes of a 3D array (itself) or a 4D ``(T, D, H, W)`` array (its frames)."""
+    arr = np.asarray(volume)
+    return [arr] if arr.ndim == 3 else [arr[t] for t in range(arr.shape[0])]
+
+
+# --------------------------------------------------------------------- data tokens
+
+
+def same_layer(a: "Layer | None", b: "Layer | None") -> bool:
+    """Whether two references denote the same layer. Plugins get layers wrapped
+    in napari's ``PublicOnlyProxy`` (a new proxy per access), so identity is
+    compared through ``unique_id``."""
+    if a is None or b is None:
+        return a is b
+    return a.unique_id == b.unique_id
+
+
+def layer_in(viewer: "napari.Viewer", layer: "Layer | None") -> bool:
+    """Whether ``layer`` is still in the viewer."""
+    return layer is not None and any(lay.unique_id == layer.unique_id for lay in viewer.layers)
+
+
+@dataclass
+class LayerVersions:
+    """Counts data changes of layers, to tell stale previews from current ones.
+
+    :meth:`watch` connects to a layer's ``data`` event (and ``paint`` for
+    Labels); each emission bumps that layer's counter. :meth:`token` is a
+    tuple of layer identities and counters: a preview computed for a token
+    is stale as soon as the token of the same layers differs.
+    """
+
+    counts: dict[Any, int] = field(default_factory=dict)
+
+    def watch(self, layer: "Layer") -> None:
+        key = layer.unique_id
+        if key in self.counts:
+            return
+        self.counts[key] = 0
+
+        def bump(event=None, key=key) -> None:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+        layer.events.data.connect(bump)
+        if hasattr(layer.events, "paint"):
+            layer.events.paint.connect(bump)
+
+    def token(self, layers: Iterable["Layer | None"]) -> tuple:
+        out = []
+        for layer in layers:
+            if layer is None:
+                out.append(None)
+                continue
+            self.watch(layer)
+            out.append((layer.unique_id, self.counts[layer.unique_id]))
+        return tuple(out)

@@ -1,0 +1,268 @@
+"""Layout of the "Train M³HL" dock widget: controls only, no behaviour.
+
+:class:`TrainWidgetLayout` builds and names every control; the behaviour
+(layer control, workers) lives in :mod:`._widget`, :mod:`._layers` and
+:mod:`._session`. Settings are read back with :meth:`TrainWidgetLayout.settings`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractSpinBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from ._plot import LossPlot
+
+START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+VARIANTS = ("paper", "reference")
+
+
+def _spin(lo: int, hi: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
+    w = QSpinBox()
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setValue(value)
+    w.setToolTip(tip)
+    w.setButtonSymbols(QAbstractSpinBox.NoButtons)
+    w.setStyleSheet("QAbstractSpinBox { min-width: 48px; }")  # napari's theme asks for more
+    return w
+
+
+def _dspin(lo: float, hi: float, value: float, step: float, decimals: int, tip: str = "") -> QDoubleSpinBox:
+    w = QDoubleSpinBox()
+    w.setDecimals(decimals)
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setValue(value)
+    w.setToolTip(tip)
+    w.setButtonSymbols(QAbstractSpinBox.NoButtons)
+    w.setStyleSheet("QAbstractSpinBox { min-width: 48px; }")
+    return w
+
+
+def _row(*widgets: QWidget) -> QWidget:
+    box = QWidget()
+    lay = QHBoxLayout(box)
+    lay.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        lay.addWidget(w)
+    return box
+
+
+class TrainWidgetLayout(QWidget):
+    """All controls of the dock widget, grouped Data / Model / Run."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        content = QWidget()
+        root = QVBoxLayout(content)
+        root.setContentsMargins(6, 6, 6, 6)
+        root.addWidget(self._data_group())
+        root.addWidget(self._model_group())
+        root.addWidget(self._run_group())
+        root.addStretch(1)
+        # scrollable, so the dock fits small screens and the Advanced section can open
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        for combo in content.findChildren(QComboBox):  # long layer names must not widen the dock
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
+        self.setMinimumWidth(content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        self.content = content
+
+    # ----------------------------------------------------------------- data
+    def _data_group(self) -> QGroupBox:
+        box = QGroupBox("Data")
+        form = QFormLayout(box)
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("The cardiac MR volume (Z, Y, X) or cine (T, Z, Y, X) to segment")
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip(
+            "Your painted labels on the image's grid; only slices with paint are used as labeled"
+        )
+        self.new_labels_btn = QPushButton("New labels layer")
+        self.new_labels_btn.setToolTip(
+            "An empty labels layer matched to the image (shape, voxel size, geometry, RV/Myo/LV colours)"
+        )
+        self.extra_list = QListWidget()
+        self.extra_list.setToolTip("Tick other image volumes to add their slices as unlabeled training data")
+        self.extra_list.setMaximumHeight(48)
+        self.info_label = QLabel("no image volume selected")
+        self.info_label.setWordWrap(True)
+        self.info_label.setObjectName("m3hl_info")
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("", self.new_labels_btn)
+        form.addRow("Extra unlabeled", self.extra_list)
+        form.addRow(self.info_label)
+        return box
+
+    # ----------------------------------------------------------------- model
+    def _model_group(self) -> QGroupBox:
+        box = QGroupBox("Model")
+        lay = QVBoxLayout(box)
+        form = QFormLayout()
+        self.preset_combo = QComboBox()
+        self.preset_combo.setToolTip("Training preset (models/*.yaml); the 2D ACDC U-Net fits cardiac short-axis MR")
+        self.start_combo = QComboBox()
+        self.start_combo.addItems(START_MODES)
+        self.start_combo.setToolTip(
+            "From scratch: random weights. Fine-tune: start from a checkpoint's or model file's weights. "
+            "Resume: continue a stopped run (weights, optimiser, iteration)."
+        )
+        self.start_path = QLineEdit()
+        self.start_path.setPlaceholderText("checkpoint or model file (.pt)")
+        self.browse_btn = QPushButton("Browse…")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.device_combo.setToolTip("auto: CUDA GPU, then Apple MPS, then CPU")
+        form.addRow("Preset", self.preset_combo)
+        form.addRow("Start", self.start_combo)
+        form.addRow("", _row(self.start_path, self.browse_btn))
+        form.addRow("Device", self.device_combo)
+        lay.addLayout(form)
+
+        self.advanced = QCollapsible("Advanced")
+        adv = QWidget()
+        aform = QFormLayout(adv)
+        aform.setContentsMargins(0, 0, 0, 0)
+        self.variant_combo = QComboBox()
+        self.variant_combo.addItems(VARIANTS)
+        self.variant_combo.setToolTip("paper: settings of the M³HL paper; reference: the authors' released code")
+        self.iterations_spin = _spin(1, 1_000_000, 300, 50, "Optimiser steps; a few hundred suffice for one volume")
+        self.batch_spin = _spin(4, 256, 8, 4, "Images per step (half labeled, half unlabeled); a multiple of 4")
+        self.patch_h = _spin(32, 1024, 256, 16, "Network input height: slices are resized to the patch")
+        self.patch_w = _spin(32, 1024, 256, 16, "Network input width")
+        self.block_h = _spin(2, 512, 64, 4, "Mask block height (pixels of the patch)")
+        self.block_w = _spin(2, 512, 64, 4, "Mask block width")
+        self.mask_ratio = _dspin(0.0, 1.0, 0.5, 0.05, 2, "Share of blocks taken from the unlabeled image")
+        self.lam = _dspin(0.0, 100.0, 0.5, 0.1, 3, "λ: weight of the high/low-level feature consistency")
+        self.alpha = _dspin(0.0, 1.0, 0.5, 0.05, 3, "α: weight of pseudo-labelled regions in the mix loss")
+        self.lr = _dspin(1e-6, 1.0, 0.01, 0.001, 6, "SGD learning rate")
+        self.ema = _dspin(0.0, 0.99999, 0.99, 0.001, 5, "EMA decay of the mean teacher")
+        aform.addRow("Variant", self.variant_combo)
+        aform.addRow("Iterations", self.iterations_spin)
+        aform.addRow("Batch size", self.batch_spin)
+        aform.addRow("Patch (H × W)", _row(self.patch_h, QLabel("×"), self.patch_w))
+        aform.addRow("Block (H × W)", _row(self.block_h, QLabel("×"), self.block_w))
+        aform.addRow("Mask ratio", self.mask_ratio)
+        aform.addRow("λ (consistency)", self.lam)
+        aform.addRow("α (pseudo-labels)", self.alpha)
+        aform.addRow("Learning rate", self.lr)
+        aform.addRow("EMA decay", self.ema)
+        self.advanced.addWidget(adv)
+        lay.addWidget(self.advanced)
+        return box
+
+    # ----------------------------------------------------------------- run
+    def _run_group(self) -> QGroupBox:
+        box = QGroupBox("Run")
+        lay = QVBoxLayout(box)
+        self.run_dir_label = QLabel()
+        self.run_dir_label.setWordWrap(True)
+        self.run_dir_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.train_btn = QPushButton("Train")
+        self.pause_btn = QPushButton("Pause")
+        self.resume_btn = QPushButton("Resume")
+        self.stop_btn = QPushButton("Stop")
+        self.train_btn.setToolTip(
+            "Train on the labeled slices and the unlabeled rest; previews appear as overlay layers"
+        )
+        self.stop_btn.setToolTip("Stop after the current step; the checkpoint and the segmentation are kept")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("idle")
+        self.progress.setTextVisible(True)
+        self.progress_label = QLabel("")
+        self.progress_label.setWordWrap(True)
+        self.progress_label.setObjectName("m3hl_progress")
+        self.loss_plot = LossPlot()
+        self.which_combo = QComboBox()
+        self.which_combo.addItems(("student", "teacher"))
+        self.which_combo.setToolTip("Which network segments: the student, or its EMA teacher")
+        self.predict_btn = QPushButton("Predict")
+        self.predict_btn.setToolTip("Segment the whole image with the latest model into 'M³HL segmentation'")
+        self.export_btn = QPushButton("Export…")
+        self.export_btn.setToolTip("Save 'M³HL segmentation' as NIfTI with the image's affine and header")
+        self.save_ckpt_btn = QPushButton("Save checkpoint…")
+        self.load_ckpt_btn = QPushButton("Load checkpoint…")
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        self.status_label.setObjectName("m3hl_status")
+        self.status_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
+        lay.addWidget(self.run_dir_label)
+        lay.addWidget(_row(self.train_btn, self.pause_btn, self.resume_btn, self.stop_btn))
+        lay.addWidget(self.progress)
+        lay.addWidget(self.progress_label)
+        lay.addWidget(self.loss_plot)
+        lay.addWidget(_row(QLabel("Network"), self.which_combo, self.predict_btn, self.export_btn))
+        lay.addWidget(_row(self.save_ckpt_btn, self.load_ckpt_btn))
+        lay.addWidget(self.status_label)
+        return box
+
+    # ----------------------------------------------------------------- settings
+    def settings(self) -> dict[str, Any]:
+        """TrainConfig overrides from the advanced section."""
+        return {
+            "iterations": self.iterations_spin.value(),
+            "batch_size": self.batch_spin.value(),
+            "patch_size": (self.patch_h.value(), self.patch_w.value()),
+            "block_size": (self.block_h.value(), self.block_w.value()),
+            "mask_ratio": self.mask_ratio.value(),
+            "lam": self.lam.value(),
+            "alpha": self.alpha.value(),
+            "lr": self.lr.value(),
+            "ema_decay": self.ema.value(),
+        }
+
+    def show_settings(self, values: dict[str, Any]) -> None:
+        """Fill the advanced section (keys as in :meth:`settings`)."""
+        spins = {
+            "iterations": self.iterations_spin, "batch_size": self.batch_spin, "mask_ratio": self.mask_ratio,
+            "lam": self.lam, "alpha": self.alpha, "lr": self.lr, "ema_decay": self.ema,
+        }
+        for key, w in spins.items():
+            if key in values:
+                w.setValue(values[key])
+        if "patch_size" in values and len(values["patch_size"]) == 2:
+            self.patch_h.setValue(int(values["patch_size"][0]))
+            self.patch_w.setValue(int(values["patch_size"][1]))
+        if "block_size" in values and len(values["block_size"]) == 2:
+            self.block_h.setValue(int(values["block_size"][0]))
+            self.block_w.setValue(int(values["block_size"][1]))
+
+    def set_running(self, running: bool, paused: bool = False) -> None:
+        """Enable the controls that make sense while (not) training."""
+        for w in (self.image_combo, self.labels_combo, self.new_labels_btn, self.extra_list, self.preset_combo,
+                  self.start_combo, self.start_path, self.browse_btn, self.device_combo, self.advanced,
+                  self.load_ckpt_btn, self.train_btn):
+            w.setEnabled(not running)
+        self.pause_btn.setEnabled(running and not paused)
+        self.resume_btn.setEnabled(running and paused)
+        self.stop_btn.setEnabled(running)

@@ -1,0 +1,223 @@
+"""Layer control of the "Train M³HL" widget: pickers, info line, messages.
+
+:class:`LayerPickerWidget` adds to the layout (:mod:`._layout`) everything that
+follows the viewer's layers: the image / labels / extra-unlabeled pickers, the
+live "k of n slices labeled" line, "New labels layer", and the status line
+with napari notifications. It reads layers and never writes the user's data.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils import notifications
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QListWidgetItem
+
+from ..config import load_preset
+from ..errors import M3HLInputError
+from . import _layers as lc
+from ._layout import TrainWidgetLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+
+def breakable(text: str) -> str:
+    """``text`` with zero-width spaces after path separators, so that a word-wrapped
+    label can break a long path instead of widening the dock."""
+    return text.replace("/", "/\u200b").replace("\\", "\\\u200b")
+
+
+class LayerPickerWidget(TrainWidgetLayout):
+    """The layout bound to a viewer: layer pickers, info line, messages."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.versions = lc.LayerVersions()
+        self.last_error = ""
+        self._info_source: Labels | None = None
+        self._named_layers: set[Any] = set()
+        layers = self.viewer.layers
+        for name in ("inserted", "removed", "moved", "reordered"):
+            getattr(layers.events, name).connect(self.refresh_layers)
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
+        self.extra_list.itemChanged.connect(lambda *_: self.update_info())
+        self.new_labels_btn.clicked.connect(self.new_labels_layer)
+
+    def _update_buttons(self) -> None:
+        """Hook: enable buttons after the layers changed (see the training widget)."""
+
+    # ================================================================ messages
+    def _error(self, message: str) -> None:
+        """Show an error: napari notification + status line (red)."""
+        self.last_error = message
+        self.status_label.setStyleSheet("color: #ff6b6b;")
+        self.status_label.setText(breakable(message))
+        notifications.show_error(message)
+
+    def _warn(self, message: str) -> None:
+        self.status_label.setStyleSheet("color: #ffc04d;")
+        self.status_label.setText(breakable(message))
+        notifications.show_warning(message)
+
+    def _status(self, message: str) -> None:
+        self.status_label.setStyleSheet("")
+        self.status_label.setText(breakable(message))
+
+    # ================================================================ pickers
+    def _layers_of(self, kind: type) -> list:
+        return [lay for lay in self.viewer.layers if isinstance(lay, kind) and not lc.is_overlay(lay)]
+
+    @staticmethod
+    def _fill(combo, names: list[str], keep: str | None, prefer: str | None) -> None:
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(names)
+        target = keep if keep in names else prefer if prefer in names else (names[-1] if names else None)
+        if target is not None:
+            combo.setCurrentIndex(names.index(target))
+        combo.blockSignals(False)
+
+    def refresh_layers(self, event: Any = None) -> None:
+        """Refill the layer pickers after layers were added, removed, renamed."""
+        for lay in self.viewer.layers:
+            if lay.unique_id not in self._named_layers:
+                self._named_layers.add(lay.unique_id)
+                lay.events.name.connect(self.refresh_layers)
+        images = [lay.name for lay in self._layers_of(Image)]
+        self._fill(self.image_combo, images, self.image_combo.currentText() or None, None)
+        self._refresh_labels_choices()
+        self._refresh_extra_choices()
+        self._watch_info_source()
+        self.update_info()
+        self._update_buttons()
+
+    def _refresh_labels_choices(self) -> None:
+        image = self.image_layer()
+        labels = self._layers_of(Labels)
+        keep, prefer = self.labels_combo.currentText() or None, None
+        if image is not None:  # keep a choice on the image's grid, else the topmost fitting (visible first)
+            fits = [lay for lay in labels if lay.data.shape == image.data.shape]
+            fits.sort(key=lambda lay: lay.visible)
+            prefer = fits[-1].name if fits else None
+            if prefer is not None and keep not in {lay.name for lay in fits}:
+                keep = None
+        self._fill(self.labels_combo, [lay.name for lay in labels], keep, prefer)
+
+    def _refresh_extra_choices(self) -> None:
+        image = self.image_layer()
+        checked = {self.extra_list.item(i).text() for i in range(self.extra_list.count())
+                   if self.extra_list.item(i).checkState() == Qt.Checked}
+        self.extra_list.blockSignals(True)
+        self.extra_list.clear()
+        for lay in self._layers_of(Image):
+            if lc.same_layer(lay, image) or lay.ndim < 3 or lay.rgb:
+                continue
+            item = QListWidgetItem(lay.name)
+            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+            item.setCheckState(Qt.Checked if lay.name in checked else Qt.Unchecked)
+            self.extra_list.addItem(item)
+        self.extra_list.blockSignals(False)
+
+    def image_layer(self) -> Image | None:
+        name = self.image_combo.currentText()
+        lay = self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return lay if isinstance(lay, Image) else None
+
+    def labels_layer(self) -> Labels | None:
+        name = self.labels_combo.currentText()
+        lay = self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return lay if isinstance(lay, Labels) else None
+
+    def extra_layers(self) -> list[Image]:
+        out = []
+        for i in range(self.extra_list.count()):
+            item = self.extra_list.item(i)
+            if item.checkState() == Qt.Checked and item.text() in self.viewer.layers:
+                lay = self.viewer.layers[item.text()]
+                if isinstance(lay, Image):
+                    out.append(lay)
+        return out
+
+    def _on_image_changed(self, *_: Any) -> None:
+        self._refresh_labels_choices()
+        self._refresh_extra_choices()
+        self._watch_info_source()
+        self.update_info()
+
+    def _on_labels_changed(self, *_: Any) -> None:
+        self._watch_info_source()
+        self.update_info()
+
+    def _watch_info_source(self) -> None:
+        """Keep the info line live: follow paint / data events of the chosen labels."""
+        labels = self.labels_layer()
+        if lc.same_layer(labels, self._info_source):
+            return
+        if self._info_source is not None:
+            for sig in (self._info_source.events.data, self._info_source.events.paint):
+                sig.disconnect(self.update_info)
+        self._info_source = labels
+        if labels is not None:
+            labels.events.data.connect(self.update_info)
+            labels.events.paint.connect(self.update_info)
+        for lay in (self.image_layer(), labels):
+            if lay is not None:
+                self.versions.watch(lay)
+
+    def update_info(self, event: Any = None) -> None:
+        """Refresh the line "k of n slices labeled: …; m unlabeled"."""
+        image, labels = self.image_layer(), self.labels_layer()
+        if image is None:
+            self.info_label.setText(
+                "No image layer: open a volume, or File ▸ Open Sample ▸ Synthetic cardiac MR phantom (M³HL)"
+            )
+            return
+        if labels is None:
+            self.info_label.setText(lc.slice_summary(None, image.data.shape))
+            return
+        if labels.data.shape != image.data.shape:
+            self.info_label.setText(
+                f"labels '{labels.name}' {tuple(labels.data.shape)} do not match image '{image.name}' "
+                f"{tuple(image.data.shape)}"
+            )
+            return
+        text = lc.slice_summary(np.asarray(labels.data), image.data.shape)
+        extra = self.extra_layers()
+        if extra:
+            n = sum(int(np.prod(lay.data.shape[:-2])) for lay in extra)
+            text += f"; +{n} slices from {len(extra)} extra volume(s)"
+        self.info_label.setText(text)
+
+    def new_labels_layer(self) -> Labels | None:
+        """Add an empty Labels layer matched to the selected image and select it."""
+        image = self.image_layer()
+        if image is None:
+            self._error("No image layer: open a cardiac MR volume first, then create its labels layer.")
+            return None
+        if image.ndim < 3 or image.rgb:
+            self._error(self._msg_2d(image))
+            return None
+        names = self.current_class_names()
+        layer = lc.new_labels_layer(self.viewer, image, names)
+        self.labels_combo.setCurrentText(layer.name)
+        self.viewer.layers.selection.active = layer
+        self._status(f"Paint {', '.join(names[1:])} on a few slices of '{layer.name}', then press Train.")
+        return layer
+
+    def current_class_names(self) -> tuple[str, ...]:
+        try:
+            return tuple(load_preset(self.preset_combo.currentText() or "acdc_unet2d").class_names)
+        except M3HLInputError:
+            return ("background", "RV", "Myo", "LV")
+
+    @staticmethod
+    def _msg_2d(image: Image) -> str:
+        return (
+            f"Image '{image.name}' is a single 2D image (shape {tuple(image.data.shape)}); M³HL needs a volume of "
+            "slices (Z, Y, X) or a cine (T, Z, Y, X): the unlabeled slices are what it learns from."
+        )

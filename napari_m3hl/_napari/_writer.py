@@ -1,0 +1,74 @@
+"""npe2 writer: a Labels layer to NIfTI with the source image's geometry.
+
+The affine and header come from the layer metadata (``affine``, ``header``),
+which the reader, the sample data and the widget's "New labels layer" /
+segmentation layers fill from the source image. Without them, a diagonal
+affine is built from the layer's ``scale`` and ``translate`` and a warning
+says so.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import M3HLInputError
+
+
+def nifti_path(path: str | Path) -> Path:
+    """``path`` with ``.nii.gz`` appended unless it already ends in ``.nii``/``.nii.gz``."""
+    p = Path(path)
+    if not p.name.lower().endswith((".nii", ".nii.gz")):
+        p = p.with_name(p.name + ".nii.gz")
+    return p
+
+
+def geometry_from_meta(meta: dict[str, Any], ndim: int) -> tuple[np.ndarray, Any, bool]:
+    """(affine, header, exact) for a layer's ``meta`` (napari layer attributes).
+
+    ``exact`` is False when no source affine was stored and one was derived
+    from ``scale`` / ``translate`` (the last three axes, ``(Z, Y, X)`` order).
+    """
+    from ..io import affine_from_spacing
+
+    metadata = meta.get("metadata") or {}
+    affine = metadata.get("affine")
+    header = metadata.get("header")
+    if affine is not None:
+        return np.asarray(affine, dtype=np.float64), header, True
+    scale = tuple(meta.get("scale") or (1.0,) * ndim)[-3:]
+    translate = tuple(meta.get("translate") or (0.0,) * ndim)[-3:]
+    origin = (float(translate[2]), float(translate[1]), float(translate[0]))
+    return affine_from_spacing(scale, origin=origin), header, False
+
+
+def save_labels_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> Path:
+    """Write labels ``(Z, Y, X)`` / ``(T, Z, Y, X)`` with the geometry in ``meta``.
+
+    Returns the written path. Raises :class:`M3HLInputError` for data that is
+    not a 3D/4D integer label volume. Warns (napari notification) when the
+    affine had to be derived from the layer scale.
+    """
+    from ..io import save_nifti_labels
+
+    labels = np.asarray(data)
+    if labels.ndim not in (3, 4):
+        raise M3HLInputError(
+            f"cannot save labels of shape {labels.shape} as NIfTI: a (Z, Y, X) or (T, Z, Y, X) volume is needed"
+        )
+    affine, header, exact = geometry_from_meta(meta, labels.ndim)
+    if not exact:
+        from napari.utils.notifications import show_warning
+
+        show_warning(
+            f"Layer '{meta.get('name', 'labels')}' has no source NIfTI geometry; "
+            "writing a diagonal affine from its scale. Create labels with 'New labels layer' "
+            "(or open them from a NIfTI file) to keep the scanner geometry."
+        )
+    return save_nifti_labels(labels, nifti_path(path), affine, header)
+
+
+def write_labels(path: str, data: Any, meta: dict) -> list[str]:
+    """npe2 single-layer writer for Labels layers."""
+    return [str(save_labels_nifti(path, data, meta))]

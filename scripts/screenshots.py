@@ -1,0 +1,149 @@
+"""Screenshots for docs/user-guide.md, taken from a real session.
+
+Opens napari with the phantom sample, docks "Train M³HL", trains with the
+GUI defaults and saves PNGs into ``docs/images/``:
+
+* ``01-sample-and-widget.png``: the sample (2 painted slices) and the widget;
+* ``02-advanced.png``: the widget with the Advanced section open;
+* ``03-pseudo-labels.png``: training, with the teacher's pseudo-labels;
+* ``04-mix-preview.png``: the mutual mask mix preview beside the volume;
+* ``05-segmentation.png``: the final segmentation on an unpainted slice;
+* ``06-error.png``: the message for a bad input (labels on another grid).
+
+Run without a display under a virtual X server:
+
+    xvfb-run -a .venv/bin/python scripts/screenshots.py [--iterations 300]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "images"
+
+
+def wait_until(app, cond, timeout_s: float) -> bool:
+    end = time.perf_counter() + timeout_s
+    while time.perf_counter() < end:
+        app.processEvents()
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def save(viewer, app, name: str, widget=None) -> Path:
+    """Screenshot of the whole window (or of ``widget`` alone)."""
+    from imageio.v3 import imwrite  # napari depends on imageio
+
+    wait_until(app, lambda: False, 0.5)
+    path = OUT / name
+    if widget is not None:
+        widget.grab().save(str(path))
+    else:
+        imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+    print("wrote", path.relative_to(ROOT))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--preview-at", type=int, default=150,
+                        help="screenshot the pseudo-labels of this iteration or later")
+    args = parser.parse_args(argv)
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari.settings import get_settings
+
+    from napari_m3hl._napari import _layers as lc
+    from napari_m3hl._napari._sample import phantom_layers
+    from napari_m3hl._napari._widget import M3HLWidget
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    settings = get_settings().application
+    level = settings.gui_notification_level
+    settings.gui_notification_level = "error"  # no start-up warning toasts (restored at the end)
+    try:
+        _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
+    finally:
+        settings.gui_notification_level = level
+
+
+def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
+    viewer = napari.Viewer(title="napari — M³HL")
+    viewer.window._qt_window.resize(1600, 1000)
+    app = QApplication.instance()
+    for data, meta, kind in phantom_layers():
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    widget = M3HLWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    if args.patch != 256:
+        widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
+    widget.iterations_spin.setValue(args.iterations)
+    viewer.dims.set_current_step(0, 5)  # a painted slice
+    viewer.layers.selection.active = viewer.layers["phantom labels"]
+    wait_until(app, lambda: False, 1.0)
+    viewer.reset_view()
+    cam = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
+    camera = (cam.center, cam.zoom)  # framed on the volume
+
+    def frame_volume() -> None:
+        cam.center, cam.zoom = camera
+
+    save(viewer, app, "01-sample-and-widget.png")
+
+    widget.advanced.expand(animate=False)
+    save(viewer, app, "02-advanced.png", widget=widget.content)
+    widget.advanced.collapse(animate=False)
+
+    assert widget.start_training(), widget.last_error
+    wait_until(app, lambda: (widget.run.preview_iteration or 0) >= min(args.preview_at, args.iterations), 3600)
+    viewer.dims.set_current_step(0, 7)  # an unpainted slice: pseudo-labels only
+    viewer.layers["phantom labels"].visible = False
+    frame_volume()
+    save(viewer, app, "03-pseudo-labels.png")
+
+    wait_until(app, lambda: lc.MIX_PREVIEW in viewer.layers, 120)
+    viewer.layers["phantom labels"].visible = True
+    viewer.layers[lc.PSEUDO_LABELS].visible = False
+    viewer.reset_view()  # fits volume + mix preview; then zoom onto the mix preview
+    (y0, x0), (y1, x1) = np.asarray(viewer.layers[lc.MIX_PREVIEW].extent.world)[:, -2:]
+    full_w = float(np.diff(np.asarray(viewer.layers.extent.world)[:, -1])[0])
+    cam.center = tuple(cam.center)[:-2] + ((y0 + y1) / 2, (x0 + x1) / 2)
+    cam.zoom = cam.zoom * full_w / (x1 - x0) * 0.95
+    save(viewer, app, "04-mix-preview.png")
+    viewer.layers[lc.PSEUDO_LABELS].visible = True
+
+    wait_until(app, lambda: widget.run.finished is not None and not widget.session.busy
+               and lc.SEGMENTATION in viewer.layers, 3600)
+    for name in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS, "phantom labels"):
+        viewer.layers[name].visible = False
+    viewer.layers.selection.active = viewer.layers[lc.SEGMENTATION]
+    viewer.dims.set_current_step(0, 4)  # a mid-ventricular slice that was not painted
+    frame_volume()
+    save(viewer, app, "05-segmentation.png")
+    seg = viewer.layers[lc.SEGMENTATION].data
+    gt = viewer.layers["phantom ground truth (reference only)"].data
+    dice = {n: 2 * np.sum((seg == c) & (gt == c)) / max(np.sum(seg == c) + np.sum(gt == c), 1)
+            for c, n in ((1, "RV"), (2, "Myo"), (3, "LV"))}
+    print("Dice vs phantom ground truth:", {k: round(float(v), 3) for k, v in dice.items()})
+
+    viewer.add_labels(np.zeros((10, 108, 128), np.uint8), name="labels from another scan", scale=(10.0, 3.0, 3.0))
+    widget.labels_combo.setCurrentText("labels from another scan")
+    widget.start_training()
+    save(viewer, app, "06-error.png")
+
+    widget.cleanup()
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""The "Train M³HL" dock widget, end to end on a tiny phantom (runs under Xvfb).
+
+Training uses a 6 x 64 x 64 phantom, 64 x 64 patches and batch 4, so a run
+of a few iterations takes about a second on a 2-core CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_m3hl import events as ev
+from napari_m3hl._napari import _layers as lc
+from napari_m3hl._napari import _session
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"patch_size": (64, 64), "block_size": (16, 16), "batch_size": 4, "iterations": 4}
+WAIT_MS = 90_000
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    """Messages passed to napari's show_error (the notification is not shown)."""
+    from napari.utils import notifications
+
+    shown: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", shown.append)
+    monkeypatch.setattr(notifications, "show_warning", lambda msg: None)
+    return shown
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, tmp_path, qtbot):
+    """Factory: a viewer (optionally with the tiny phantom) and the widget docked
+    through the plugin manifest, as napari does it (the widget gets a proxy)."""
+    from npe2 import PluginManager, PluginManifest
+
+    pm = PluginManager.instance()
+    if "napari-m3hl" not in pm._manifests:
+        pm.register(PluginManifest.from_file(ROOT / "napari.yaml"))
+    made = []
+
+    def factory(phantom: bool = True, painted=(1, 3)):
+        from napari_m3hl._napari._sample import phantom_layers
+
+        viewer = make_napari_viewer()
+        if phantom:
+            for data, meta, kind in phantom_layers(shape=(6, 64, 64), painted=painted):
+                getattr(viewer, f"add_{kind}")(data, **meta)
+        _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
+        widget.set_run_folder(tmp_path / "runs")
+        widget.config_overrides = dict(TINY)
+        widget.preview_every_s = 0.0
+        widget.mix_preview_every_s = 0.0
+        made.append(widget)
+        return viewer, widget
+
+    yield factory
+    for w in made:
+        w.cleanup(wait_ms=30_000)
+
+
+def _wait_idle(qtbot, widget, timeout=WAIT_MS):
+    qtbot.waitUntil(lambda: not widget.session.busy, timeout=timeout)
+
+
+def _train_and_wait(qtbot, widget):
+    assert widget.start_training(), widget.last_error
+    qtbot.waitUntil(lambda: widget.run.finished is not None, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.session.busy and lc.SEGMENTATION in widget.viewer.layers, timeout=WAIT_MS)
+
+
+# ------------------------------------------------------------------ layout / layers
+
+
+def test_defaults_and_info_line(make_widget):
+    viewer, w = make_widget()
+    assert w.image_combo.currentText() == "phantom image"
+    assert w.labels_combo.currentText() == "phantom labels"  # not the hidden ground truth
+    assert w.info_label.text() == "2 of 6 slices labeled: 1, 3; 4 unlabeled"
+    assert "acdc_unet2d" in [w.preset_combo.itemText(i) for i in range(w.preset_combo.count())]
+    # GUI defaults on a CPU: a few hundred iterations, batch 8, the preset's 256 x 256 patch
+    assert w.iterations_spin.value() == 300 and w.batch_spin.value() == 8
+    assert (w.patch_h.value(), w.patch_w.value()) == (256, 256) and w.lr.value() == pytest.approx(0.01)
+    assert w.run_dir_label.text().replace("\u200b", "").endswith(str(w.session.out_dir))
+    # the line follows painting
+    labels = viewer.layers["phantom labels"]
+    data = labels.data.copy()
+    data[4, 10:20, 10:20] = 3
+    labels.data = data
+    assert w.info_label.text() == "3 of 6 slices labeled: 1, 3, 4; 3 unlabeled"
+
+
+def test_new_labels_layer_matches_image(make_widget):
+    viewer, w = make_widget()
+    image = viewer.layers["phantom image"]
+    layer = w.new_labels_layer()
+    assert layer.data.shape == image.data.shape and layer.data.dtype == np.uint8 and not layer.data.any()
+    assert tuple(layer.scale) == tuple(image.scale)
+    np.testing.assert_array_equal(layer.metadata["affine"], image.metadata["affine"])
+    assert list(layer.features["class"]) == ["background", "RV", "Myo", "LV"]
+    colors = layer.colormap.color_dict
+    assert np.allclose(colors[1][:3], lc.CLASS_COLORS[1][:3])  # RV red
+    assert np.allclose(colors[2][:3], lc.CLASS_COLORS[2][:3])  # Myo green
+    assert np.allclose(colors[3][:3], lc.CLASS_COLORS[3][:3])  # LV blue
+    assert w.labels_combo.currentText() == layer.name
+    assert "0 of 6 slices labeled" in w.info_label.text()
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot, tmp_path):
+    viewer, w = make_widget()
+    user = viewer.layers["phantom labels"]
+    viewer.layers.selection.active = user
+    before = user.data.copy()
+    _train_and_wait(qtbot, w)
+    assert w.last_error == ""
+    names = [lay.name for lay in viewer.layers]
+    for name in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS, lc.SEGMENTATION):
+        assert name in names, names
+    seg = viewer.layers[lc.SEGMENTATION]
+    pseudo = viewer.layers[lc.PSEUDO_LABELS]
+    assert seg.data.shape == before.shape and seg.data.dtype == np.uint8 and seg.editable
+    assert pseudo.data.shape == before.shape
+    assert tuple(seg.scale) == tuple(viewer.layers["phantom image"].scale)
+    assert viewer.layers[lc.MIX_PREVIEW].data.ndim == 2 and viewer.layers[lc.MIX_TARGETS].data.ndim == 2
+    # the user's labels are byte-identical
+    assert user.data.dtype == before.dtype and user.data.tobytes() == before.tobytes()
+    # progress, loss plot, checkpoint
+    assert w.progress.value() == 4 and "iteration 4/4" in w.progress_label.text()
+    assert len(w.loss_plot.series["total"]) == 4
+    ckpt = Path(w.session.checkpoint)
+    assert ckpt.is_file() and ckpt.parent.parent == tmp_path / "runs"
+    assert w.run.first_preview_s is not None
+
+    # a second run updates the same overlay layers in place; the user's edits
+    # of the segmentation are kept in a layer of their own
+    ids_before = {name: viewer.layers[name].unique_id for name in lc.OVERLAY_NAMES}
+    edited = seg.data.copy()
+    edited[0, :8, :8] = 2
+    seg.data = edited
+    w.config_overrides["iterations"] = 2
+    _train_and_wait(qtbot, w)
+    assert {name: viewer.layers[name].unique_id for name in lc.OVERLAY_NAMES} == ids_before
+    assert [lay.name for lay in viewer.layers].count(lc.SEGMENTATION) == 1
+    kept = viewer.layers[f"{lc.SEGMENTATION} (your edits)"]
+    np.testing.assert_array_equal(kept.data, edited)
+    assert user.data.tobytes() == before.tobytes()
+    # overlays never take the selection from the layer being painted
+    assert viewer.layers.selection.active.name == "phantom labels"
+
+    # export writes the segmentation with the image's geometry
+    out = tmp_path / "seg.nii.gz"
+    assert w.export(str(out))
+    qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
+    _wait_idle(qtbot, w)
+    back = nib.load(str(out))
+    np.testing.assert_array_equal(back.affine, viewer.layers["phantom image"].metadata["affine"])
+    np.testing.assert_array_equal(np.transpose(np.asarray(back.dataobj), (2, 1, 0)), seg.data)
+
+    # save the checkpoint elsewhere and load it back (both in workers)
+    saved = tmp_path / "keep.pt"
+    assert w.save_checkpoint(str(saved))
+    qtbot.waitUntil(saved.is_file, timeout=WAIT_MS)
+    _wait_idle(qtbot, w)
+    assert w.load_checkpoint(str(saved))
+    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
+    assert w.session.checkpoint == str(saved) and w.start_combo.currentIndex() == 1
+
+
+def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
+    viewer, w = make_widget()
+    w.config_overrides["iterations"] = 500
+    w.preview_every_s = None  # previews off: stop is what we test
+    assert w.start_training()
+    qtbot.waitUntil(lambda: w.progress.value() >= 2, timeout=WAIT_MS)
+    # pause holds the iteration count, resume continues
+    w.pause()
+    assert w.resume_btn.isEnabled() and not w.pause_btn.isEnabled()
+    qtbot.wait(600)
+    held = w.progress.value()
+    qtbot.wait(800)
+    assert w.progress.value() == held
+    w.resume()
+    qtbot.waitUntil(lambda: w.progress.value() > held, timeout=WAIT_MS)
+    w.stop()
+    qtbot.waitUntil(lambda: w.run.finished is not None, timeout=WAIT_MS)
+    fin = w.run.finished
+    assert fin.stopped and fin.iteration < 500
+    ckpt = torch.load(fin.checkpoint, weights_only=True)
+    assert ckpt["iteration"] == fin.iteration and "optimizer" in ckpt
+    qtbot.waitUntil(lambda: not w.session.busy and lc.SEGMENTATION in viewer.layers, timeout=WAIT_MS)
+    assert w.train_btn.isEnabled() and not w.stop_btn.isEnabled()
+
+
+def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
+    from napari_m3hl.phantom import make_phantom
+
+    viewer, w = make_widget(phantom=False)
+    frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2)]
+    image = np.stack([f.image for f in frames])
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1, 2] = frames[1].label[2]
+    viewer.add_image(image, name="cine", scale=(1.0, 10.0, 1.5, 1.5))
+    lab_layer = w.new_labels_layer()
+    lab_layer.data = labels
+    assert w.info_label.text().startswith("1 of 8 slices labeled: t1:2")
+    viewer.dims.set_current_step(0, 1)
+    w.config_overrides["iterations"] = 2
+    _train_and_wait(qtbot, w)
+    assert w.run.preview_frame == 1
+    pseudo = viewer.layers[lc.PSEUDO_LABELS].data
+    assert pseudo.shape == image.shape and not pseudo[0].any()
+    assert viewer.layers[lc.SEGMENTATION].data.shape == image.shape
+
+
+def test_stale_pseudo_labels_are_dropped(make_widget):
+    from napari_m3hl._napari._widget import RunState
+
+    viewer, w = make_widget()
+    image, labels = viewer.layers["phantom image"], viewer.layers["phantom labels"]
+    token = w.versions.token([image, labels])
+    w.run = RunState(image=image, labels=labels, token=token, preview_frame=0,
+                     class_names=("background", "RV", "Myo", "LV"), run_dir=Path("."), batch_size=4)
+    pred = np.ones(image.data.shape, np.uint8)
+    data = labels.data.copy()
+    data[0, 0, 0] = 2
+    labels.data = data  # the user edits while training
+    w._on_event(ev.VolumePreview(5, pred, token))
+    assert lc.PSEUDO_LABELS not in viewer.layers and w.run.dropped_previews == 1
+    w._on_event(ev.VolumePreview(6, pred, w.versions.token([image, labels])))
+    assert lc.PSEUDO_LABELS in viewer.layers
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_no_image_layer(make_widget, errors):
+    viewer, w = make_widget(phantom=False)
+    assert not w.start_training()
+    assert errors and "No image layer" in errors[-1]
+    assert w.status_label.text().replace("\u200b", "") == errors[-1]
+    assert w.new_labels_layer() is None
+
+
+def test_2d_image_needs_a_volume(make_widget, errors):
+    viewer, w = make_widget(phantom=False)
+    viewer.add_image(np.random.default_rng(0).random((64, 64), dtype=np.float32), name="slice")
+    assert not w.start_training()
+    assert "2D" in errors[-1] and "volume" in errors[-1]
+
+
+def test_labels_shape_mismatch_names_both_shapes(make_widget, errors):
+    viewer, w = make_widget()
+    viewer.add_labels(np.ones((6, 32, 32), np.uint8), name="wrong grid", scale=(10.0, 1.5, 1.5))
+    w.labels_combo.setCurrentText("wrong grid")
+    assert not w.start_training()
+    assert "(6, 32, 32)" in errors[-1] and "(6, 64, 64)" in errors[-1]
+
+
+def test_labels_scale_mismatch(make_widget, errors):
+    viewer, w = make_widget()
+    viewer.add_labels(viewer.layers["phantom labels"].data.copy(), name="other spacing", scale=(5.0, 1.0, 1.0))
+    w.labels_combo.setCurrentText("other spacing")
+    assert not w.start_training()
+    assert "voxel size" in errors[-1] and "(5.0, 1.0, 1.0)" in errors[-1]
+
+
+def test_no_labeled_slice(make_widget, errors):
+    viewer, w = make_widget(painted=())
+    assert "0 of 6 slices labeled" in w.info_label.text()
+    assert not w.start_training()
+    assert "No labeled slice" in errors[-1]
+
+
+def test_label_value_beyond_classes(make_widget, errors):
+    viewer, w = make_widget()
+    lab = viewer.layers["phantom labels"]
+    data = lab.data.copy()
+    data[1, 0, 0] = 7
+    lab.data = data
+    assert not w.start_training()
+    assert "value 7" in errors[-1] and "4 classes" in errors[-1]
+
+
+def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkeypatch):
+    def oom_job(req, control):
+        yield _session.DataReady(2, 4, req.images[0])
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(_session, "train_job", oom_job)
+    viewer, w = make_widget()
+    before = viewer.layers["phantom labels"].data.copy()
+    assert w.start_training()
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
+    _wait_idle(qtbot, w)
+    msg = errors[-1]
+    assert "out of device memory" in msg and "batch size" in msg and "(now 4" in msg and "patch size" in msg
+    assert w.train_btn.isEnabled()
+    assert viewer.layers["phantom labels"].data.tobytes() == before.tobytes()
+
+
+def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monkeypatch):
+    def crash_job(req, control):
+        yield _session.DataReady(2, 4, req.images[0])
+        raise RuntimeError("segfault-like failure in a kernel")
+
+    monkeypatch.setattr(_session, "train_job", crash_job)
+    viewer, w = make_widget()
+    before = {lay.name: lay.data.tobytes() for lay in viewer.layers}
+    assert w.start_training()
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
+    _wait_idle(qtbot, w)
+    assert "Training failed: RuntimeError: segfault-like failure" in errors[-1]
+    assert {name: viewer.layers[name].data.tobytes() for name in before} == before
+    assert w.train_btn.isEnabled()
+
+
+def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path):
+    from napari_m3hl.checkpoint import make_payload, save_checkpoint
+    from napari_m3hl.config import TrainConfig
+    from napari_m3hl.networks import build_network
+
+    cfg = TrainConfig(num_classes=2, class_names=("background", "LA"), patch_size=(64, 64), block_size=(16, 16))
+    path = save_checkpoint(tmp_path / "la.pt", make_payload(cfg, build_network("unet2d", 1, 2)))
+    viewer, w = make_widget()
+    # Load checkpoint… checks it in a worker
+    assert w.load_checkpoint(str(path))
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
+    assert "predicts 2 classes" in errors[-1] and "4" in errors[-1]
+    assert w.session.checkpoint is None
+    # fine-tuning from it fails in the trainer, reported the same way
+    w.start_combo.setCurrentIndex(1)
+    w.start_path.setText(str(path))
+    errors.clear()
+    assert w.start_training()
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
+    _wait_idle(qtbot, w)
+    assert "predicts 2 classes" in errors[-1]
+
+
+def test_missing_start_file(make_widget, errors):
+    viewer, w = make_widget()
+    w.start_combo.setCurrentIndex(2)
+    assert not w.start_training()
+    assert "needs a checkpoint" in errors[-1]
+    w.start_path.setText("/nonexistent/last.pt")
+    assert not w.start_training()
+    assert "does not exist" in errors[-1]
+
+
+def test_predict_and_export_need_a_model(make_widget, errors):
+    viewer, w = make_widget()
+    assert not w.predict_btn.isEnabled() and not w.export_btn.isEnabled()
+    assert not w.predict()
+    assert "No model yet" in errors[-1]
+    assert not w.export("/tmp/never.nii.gz")
+    assert "Nothing to export" in errors[-1]
+
+
+def test_error_messages_for_worker_failures():
+    """OOM in its two forms, wrapped or not, suggests a smaller batch; others name the checkpoint."""
+    from napari_m3hl.errors import M3HLInputError
+
+    plain = RuntimeError("CUDA error: out of memory")
+    for exc in (plain, _session.JobError(plain), torch.OutOfMemoryError("MPS backend out of memory")):
+        assert _session.is_out_of_memory(exc)
+        msg = _session.describe_error(exc, "Training", batch_size=24)
+        assert "out of device memory" in msg and "(now 24; try 12)" in msg
+    assert _session.describe_error(M3HLInputError("bad labels"), "Training") == "bad labels"
+    msg = _session.describe_error(_session.JobError(RuntimeError("boom")), "Training", checkpoint="/r/last.pt")
+    assert msg.startswith("Training failed: RuntimeError: boom") and "/r/last.pt" in msg
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "acdc7_m3hl_unet2d.pt").is_file(), reason="no shipped model file")
+def test_shipped_model_loads_and_predicts(make_widget, qtbot):
+    """Load checkpoint… with the shipped model, then Predict: a segmentation without training."""
+    viewer, w = make_widget()
+    assert w.load_checkpoint(str(ROOT / "models" / "acdc7_m3hl_unet2d.pt"))
+    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
+    assert w.predict_btn.isEnabled()
+    assert w.predict()
+    qtbot.waitUntil(lambda: lc.SEGMENTATION in viewer.layers and not w.session.busy, timeout=WAIT_MS)
+    seg = viewer.layers[lc.SEGMENTATION].data
+    assert seg.shape == (6, 64, 64) and seg.dtype == np.uint8 and seg.max() <= 3
