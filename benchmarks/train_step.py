@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -115,7 +116,8 @@ def main() -> None:
     rows = [bench(b, device, args.repeats, args.variant) for b in args.batches]
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     result = {"device": str(device), "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
+              "load_average_1min": round(os.getloadavg()[0], 2), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
