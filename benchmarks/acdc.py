@@ -1,0 +1,558 @@
+"""ACDC benchmark: supervised-only, M³HL (paper / reference variants), the two
+ablations and the fully supervised ceiling, on the shared ACDC data.
+
+Every method trains the 2D U-Net with the same budget (input size, batch,
+iterations, seed), is validated every ``val_every`` iterations on the 20
+validation volumes (student, mean Dice; ``best.pt`` kept), and the best
+student is then scored on all 20 validation volumes per class with Dice,
+Jaccard, HD95 and ASD in the papers' conventions (pixels; a class missing
+from the prediction scores 0 on all four metrics).
+
+NOTE: the 20 test patients of the standard split are not in the shared data,
+so checkpoint selection and the final scores use the SAME validation
+patients. That flatters every row in the same way; the numbers are not test
+numbers and compare with the papers' Table 1 only loosely.
+
+Each method runs in its own process (a crash loses only that method) and
+writes ``benchmarks/results/acdc/<method>.json``; the combined
+``benchmarks/results/acdc.json`` and the markdown table
+``benchmarks/results/acdc.md`` are rebuilt from those files.
+
+    python benchmarks/acdc.py --budget cpu                    # all methods, one after another
+    python benchmarks/acdc.py --budget cpu --methods sup7 m3hl_paper --merge
+    python benchmarks/acdc.py --merge                         # only rebuild table from results/acdc/*.json
+    python benchmarks/acdc.py --budget cpu --methods m3hl_paper --set lr=0.01 --suffix lr1e-2 --merge
+    python benchmarks/acdc.py --ship m3hl_reference --name acdc7_m3hl_unet2d   # a result -> models/ + card
+
+Budgets:
+  cpu   : 128×128 input, batch 8 (4 labeled + 4 unlabeled), 1,200 iterations,
+          mask blocks 32×32 (the paper's 4×4 grid), validation every 200
+          iterations on all 20 validation volumes; 5-25 min per method on a
+          shared 2-core machine (two methods at a time, one thread each).
+  paper : 256×256, batch 24, 30,000 iterations, blocks 64×64, validation every
+          200 iterations (the published protocol; meant for a GPU, not run here).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PER_METHOD = RESULTS / "acdc"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "acdc"
+
+BUDGETS = {
+    "cpu": {"patch_size": [128, 128], "batch_size": 8, "iterations": 1200, "block_size": [32, 32], "val_every": 200},
+    "paper": {"patch_size": [256, 256], "batch_size": 24, "iterations": 30000, "block_size": [64, 64], "val_every": 200},
+}
+
+# Learning rate of the supervised rows: the SSL4MIS / reference-code baseline (0.01).
+SUP_LR = 0.01
+
+# name -> (label, variant, labeled patients, overrides). ``variant None`` = the
+# ablation variant chosen on the command line (--ablation-variant).
+METHODS: dict[str, tuple[str, str | None, int, dict]] = {
+    "sup7": ("Supervised only, 7 patients", "paper", 7, {"mode": "supervised", "lr": SUP_LR}),
+    "m3hl_paper": ("M³HL, paper variant", "paper", 7, {}),
+    "m3hl_reference": ("M³HL, reference-code variant", "reference", 7, {}),
+    "m3_only": ("M³ only (no HL)", None, 7, {"use_hl": False}),
+    "hl_only": ("HL only (no mix)", None, 7, {"use_mix": False}),
+    "sup70": ("Fully supervised, 70 patients (ceiling)", "paper", 70, {"mode": "supervised", "lr": SUP_LR}),
+}
+ORDER = list(METHODS)
+
+PAPER_ROWS = [  # M³HL paper, Table 1 (ACDC, 10 % = 7 labeled patients; TEST set, 256², 30k iterations)
+    ("Paper Table 1: SupOnly (7 patients)", 79.41, 68.11, 9.35, 2.70),
+    ("Paper Table 1: M³HL (7 patients)", 90.47, 83.23, 1.43, 0.34),
+]
+
+
+def machine_info() -> dict:
+    import torch
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count()
+    return {"nproc": nproc, "cpu_model": model or platform.processor(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def method_config(method: str, budget: str, ablation_variant: str, extra: dict, seed: int):
+    from napari_m3hl.config import load_preset
+
+    label, variant, labeled, over = METHODS[method]
+    variant = variant or ablation_variant
+    cfg = load_preset("acdc_unet2d", variant, **{**BUDGETS[budget], **over, **extra, "seed": seed, "device": "cpu"
+                                                 if budget == "cpu" else "auto", "checkpoint_every": 0})
+    return cfg, label, variant, labeled
+
+
+# ----------------------------------------------------------------- one method (child process)
+def run_one(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from napari_m3hl import events as ev
+    from napari_m3hl.checkpoint import load_model
+    from napari_m3hl.data import load_train_data, load_val_volumes
+    from napari_m3hl.inference import predict_volume_2d
+    from napari_m3hl.metrics import evaluate_case, format_table, summarize
+    from napari_m3hl.runtime import tune_malloc
+    from napari_m3hl.trainer import train
+
+    tune_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method = args.run_one
+    key = method + (f"@{args.suffix}" if args.suffix else "")
+    extra = _parse_sets(args.set)
+    cfg, label, variant, labeled = method_config(method, args.budget, args.ablation_variant, extra, args.seed)
+    if args.iterations:
+        cfg = cfg.replace(iterations=args.iterations, val_every=min(cfg.val_every, args.iterations))
+    if args.suffix:
+        label += f" [{', '.join(f'{k}={v}' for k, v in extra.items()) or args.suffix}]"
+    data = load_train_data(args.data, labeled_patients=labeled)
+    val = load_val_volumes(args.data)
+    sel = val[: args.val_subset] if args.val_subset else val
+    out = Path(args.out) / key.replace("@", "_")
+    date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"[{key}] {label}: variant {variant}, {len(data.labeled)} labeled / {len(data.unlabeled)} unlabeled slices, "
+          f"{cfg.iterations} it, batch {cfg.batch_size}, {tuple(cfg.patch_size)}, lr {cfg.lr}, out {out}", flush=True)
+    history = []
+    t0 = time.perf_counter()
+    val_s = 0.0
+    last_v = None
+    finished = None
+    last_print = 0.0
+    for e in train(cfg, data, out, val_volumes=sel):
+        if isinstance(e, ev.Progress):
+            if e.elapsed_s - last_print > 30 or e.iteration == e.total_iterations:
+                last_print = e.elapsed_s
+                print(f"  it {e.iteration}/{e.total_iterations} " + " ".join(f"{k}={v:.3f}" for k, v in e.losses.items())
+                      + f" {e.images_per_s:.1f} img/s elapsed {e.elapsed_s:.0f}s", flush=True)
+            last_v = time.perf_counter()
+        elif isinstance(e, ev.Validation):
+            val_s += time.perf_counter() - (last_v or time.perf_counter())
+            history.append({"iteration": e.iteration, "mean_dice": e.mean_dice, "per_class": e.per_class,
+                            "best": e.best})
+            print(f"  val @{e.iteration}: {100 * e.mean_dice:.2f}" + (" (best)" if e.best else "") + "  "
+                  + " ".join(f"{k} {100 * v:.2f}" for k, v in e.per_class.items()), flush=True)
+        elif isinstance(e, ev.TrainFinished):
+            finished = e
+    train_wall = time.perf_counter() - t0
+    best_path = finished.best_checkpoint or finished.checkpoint
+    # final scoring of the best student on all validation volumes
+    t1 = time.perf_counter()
+    model, ckpt = load_model(best_path, "student", "cpu")
+    cases, per_case = [], {}
+    for name, image, lab in val:
+        pred = predict_volume_2d(model, image, patch=tuple(ckpt["patch_size"]), device="cpu")
+        m = evaluate_case(pred, lab, ckpt["num_classes"], empty_convention="paper")
+        cases.append(m)
+        per_case[name] = {ckpt["class_names"][c]: vars(v) for c, v in m.items()}
+    summary = summarize(cases, ckpt["class_names"])
+    score_s = time.perf_counter() - t1
+    print(format_table(summary), flush=True)
+    result = {
+        "key": key, "method": method, "label": label, "variant": variant, "budget": args.budget,
+        "labeled_patients": labeled, "n_labeled_slices": len(data.labeled), "n_unlabeled_slices": len(data.unlabeled),
+        "config": cfg.to_dict(), "extra_overrides": extra,
+        "iterations": finished.iteration, "train_wall_s": round(train_wall, 1),
+        "validation_wall_s": round(val_s, 1), "scoring_wall_s": round(score_s, 1),
+        "iterations_per_s": round(finished.iteration / max(train_wall - val_s, 1e-9), 3),
+        "iterations_per_s_incl_validation": round(finished.iteration / train_wall, 3),
+        "date": date, "machine": machine_info(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "selection": {"volumes": len(sel), "every": cfg.val_every, "best_iteration": int(ckpt["iteration"]),
+                      "best_val_mean_dice": max((h["mean_dice"] for h in history), default=None)},
+        "history": history, "best_checkpoint": str(best_path), "summary": summary, "cases": per_case,
+        "note": "selection and scoring use the same 20 validation volumes (the test patients are absent)",
+    }
+    PER_METHOD.mkdir(parents=True, exist_ok=True)
+    dest = PER_METHOD / f"{key.replace('@', '_')}.json"
+    dest.write_text(json.dumps(result, indent=2, default=float))
+    print(f"[{key}] wrote {dest} ({train_wall / 60:.1f} min training)", flush=True)
+    return 0
+
+
+def score_checkpoint(path: str | Path, which: str, data: str) -> dict:
+    """``summarize`` of one checkpoint's student or teacher on all validation volumes."""
+    from napari_m3hl.checkpoint import load_model
+    from napari_m3hl.data import load_val_volumes
+    from napari_m3hl.inference import predict_volume_2d
+    from napari_m3hl.metrics import evaluate_case, summarize
+
+    model, ckpt = load_model(path, which, "cpu")
+    cases = []
+    for _, image, lab in load_val_volumes(data):
+        pred = predict_volume_2d(model, image, patch=tuple(ckpt["patch_size"]), device="cpu")
+        cases.append(evaluate_case(pred, lab, ckpt["num_classes"], empty_convention="paper"))
+    return {"iteration": int(ckpt["iteration"]), "which": which, "summary": summarize(cases, ckpt["class_names"])}
+
+
+def score_teacher(key: str, data: str) -> int:
+    """Add the EMA teacher of the run's last iteration (last.pt, not selected on
+    validation) to the per-method result: a diagnostic column of the table."""
+    path = PER_METHOD / f"{key.replace('@', '_')}.json"
+    r = json.loads(path.read_text())
+    last = Path(r["best_checkpoint"]).with_name("last.pt")
+    r["teacher_last"] = score_checkpoint(last, "teacher", data)
+    path.write_text(json.dumps(r, indent=2, default=float))
+    print(f"[{key}] EMA teacher @ {r['teacher_last']['iteration']}: mean Dice "
+          f"{100 * r['teacher_last']['summary']['mean']['dice']:.2f}")
+    return 0
+
+
+def salvage(key: str, args: argparse.Namespace) -> int:
+    """Result of a run stopped before its last iteration (e.g. out of time):
+    the validation history from its log, the best.pt saved so far scored on
+    all validation volumes, and ``incomplete`` set. The row says so."""
+    import re
+
+    method = key.split("@", 1)[0]
+    stem = key.replace("@", "_")
+    log = (Path(args.out) / f"{stem}.log").read_text()
+    extra = _parse_sets(args.set)
+    cfg, label, variant, labeled = method_config(method, args.budget, args.ablation_variant, extra, args.seed)
+    history, last_it, elapsed = [], 0, 0.0
+    for line in log.splitlines():
+        m = re.match(r"\s+val @(\d+): ([\d.]+)( \(best\))?\s+RV ([\d.]+) Myo ([\d.]+) LV ([\d.]+)", line)
+        if m:
+            history.append({"iteration": int(m[1]), "mean_dice": float(m[2]) / 100, "best": bool(m[3]),
+                            "per_class": {"RV": float(m[4]) / 100, "Myo": float(m[5]) / 100, "LV": float(m[6]) / 100}})
+        m = re.match(r"\s+it (\d+)/\d+ .* elapsed (\d+)s", line)
+        if m:
+            last_it, elapsed = int(m[1]), float(m[2])
+    if "@" in key and not extra:
+        label += f" [{key.split('@', 1)[1]}]"
+    best = Path(args.out) / stem / "best.pt"
+    sc = score_checkpoint(best, "student", args.data)
+    date = _dt.datetime.fromtimestamp(best.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+    from napari_m3hl.data import acdc_split
+
+    lab, unl = acdc_split(args.data, labeled_patients=labeled)
+    result = {
+        "key": key, "method": method, "label": label + f" (stopped at {last_it}/{cfg.iterations} it.)",
+        "variant": variant, "budget": args.budget, "labeled_patients": labeled,
+        "n_labeled_slices": len(lab), "n_unlabeled_slices": len(unl), "config": cfg.to_dict(),
+        "extra_overrides": extra, "iterations": last_it, "incomplete": True,
+        "train_wall_s": elapsed, "validation_wall_s": None, "scoring_wall_s": None,
+        "iterations_per_s": round(last_it / max(elapsed, 1e-9), 3), "date": date, "machine": machine_info(),
+        "command": "salvaged from " + str(Path(args.out) / f"{stem}.log"),
+        "selection": {"volumes": 20, "every": cfg.val_every, "best_iteration": sc["iteration"],
+                      "best_val_mean_dice": max((h["mean_dice"] for h in history), default=None)},
+        "history": history, "best_checkpoint": str(best), "summary": sc["summary"],
+        "note": "run stopped before the end (time); selection and scoring use the same 20 validation volumes",
+    }
+    (PER_METHOD / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float))
+    print(f"[{key}] salvaged at iteration {last_it}: best {sc['iteration']}, "
+          f"mean Dice {100 * sc['summary']['mean']['dice']:.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------- table
+def _row(r: dict) -> str:
+    m = r["summary"]["mean"]
+    cls = {c["name"]: c["dice"]["mean"] for c in r["summary"]["classes"]}
+    return (f"| {r['label']} | {r['labeled_patients']} | {100 * m['dice']:.2f} | {100 * m['jaccard']:.2f} | "
+            f"{m['hd95']:.2f} | {m['asd']:.2f} | {100 * cls.get('RV', float('nan')):.1f} / "
+            f"{100 * cls.get('Myo', float('nan')):.1f} / {100 * cls.get('LV', float('nan')):.1f} | "
+            f"{r['selection']['best_iteration']} | {_teacher(r)} | {r['train_wall_s'] / 60:.1f} | "
+            f"{r['iterations_per_s']:.2f} |")
+
+
+def _teacher(r: dict) -> str:
+    t = r.get("teacher_last")
+    return f"{100 * t['summary']['mean']['dice']:.2f}" if t else ""
+
+
+def build_table(results: list[dict], with_paper: bool = True) -> str:
+    head = ("| Method | Labeled patients | Dice (%) | Jaccard (%) | HD95 (px) | ASD (px) | Dice RV / Myo / LV | "
+            "best it. | EMA teacher @last, Dice | train min | it/s |\n|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    lines = [head] + [_row(r) for r in results]
+    if with_paper:
+        for name, d, j, h, a in PAPER_ROWS:
+            lines.append(f"| *{name}* | 7 | *{d:.2f}* | *{j:.2f}* | *{h:.2f}* | *{a:.2f}* | | | | | |")
+    return "\n".join(lines)
+
+
+def curve_table(results: list[dict]) -> str:
+    """Validation mean Dice (%) of the student at every validation, per method."""
+    its = sorted({h["iteration"] for r in results for h in r["history"]})
+    lines = ["| Method | " + " | ".join(str(i) for i in its) + " |", "|---|" + "---:|" * len(its)]
+    for r in results:
+        d = {h["iteration"]: h["mean_dice"] for h in r["history"]}
+        lines.append(f"| {r['label']} | " + " | ".join(f"{100 * d[i]:.1f}" if i in d else "" for i in its) + " |")
+    return "\n".join(lines)
+
+
+def _sort_key(r: dict):
+    base = r["method"]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), r["key"])
+
+
+def rebuild(keys: list[str] | None = None) -> list[dict]:
+    results = []
+    for p in sorted(PER_METHOD.glob("*.json")):
+        r = json.loads(p.read_text())
+        if keys is None or r["key"] in keys:
+            results.append(r)
+    results.sort(key=_sort_key)
+    if not results:
+        print("no per-method result in", PER_METHOD)
+        return results
+    compact = []
+    for r in results:
+        c = {k: v for k, v in r.items() if k != "cases"}
+        compact.append(c)
+    combined = {
+        "benchmark": "ACDC 2D, 20 validation volumes (selection and scoring on the same volumes; test set absent)",
+        "metrics": "Dice/Jaccard fractions, HD95/ASD in pixels; class missing from prediction = 0 on all metrics",
+        "built": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "paper_table1": [dict(zip(("row", "dice", "jaccard", "hd95", "asd"), p)) for p in PAPER_ROWS],
+        "results": compact,
+    }
+    (RESULTS / "acdc.json").write_text(json.dumps(combined, indent=2, default=float))
+    md = build_table(results) + "\n\n" + curve_table(results)
+    (RESULTS / "acdc.md").write_text(md + "\n")
+    print(md)
+    return results
+
+
+# ----------------------------------------------------------------- shipping a model
+def user_command(r: dict) -> str:
+    """The benchmark command line that trains result ``r``'s row."""
+    cmd = f"python benchmarks/acdc.py --budget {r['budget']} --methods {r['method']}"
+    if METHODS.get(r["method"], (None, "x"))[1] is None:
+        cmd += f" --ablation-variant {r['variant']}"
+    for k, v in (r.get("extra_overrides") or {}).items():
+        cmd += f" --set {k}={v}"
+    if "@" in r["key"]:
+        cmd += f" --suffix {r['key'].split('@', 1)[1]}"
+    if r["iterations"] != BUDGETS[r["budget"]]["iterations"]:
+        cmd += f" --iterations {r['iterations']}"
+    return cmd + " --merge"
+
+
+def _teacher_choice(r: dict) -> str:
+    t = r.get("teacher_last")
+    if not t:
+        return "none: the EMA teacher of the final iteration (run --score-teacher KEY first to compare)"
+    return (f"two candidates of the run scored on the 20 validation volumes: the best student (best.pt, iteration "
+            f"{r['selection']['best_iteration']}, mean Dice {100 * r['summary']['mean']['dice']:.2f}; the papers' "
+            f"choice) and the EMA teacher of the last iteration ({100 * t['summary']['mean']['dice']:.2f}); "
+            "the EMA teacher is shipped")
+
+
+def ship(key: str, name: str, data: str, description: str, which: str = "student") -> int:
+    """Save the best student of result ``key`` as ``models/<name>.pt`` (half
+    precision, student only) with a card ``models/<name>.yaml`` holding the
+    numbers that ``m3hl evaluate`` gives for the shipped file."""
+    import hashlib
+
+    import numpy as np
+    import yaml
+
+    from napari_m3hl.checkpoint import load_model, make_payload, save_checkpoint
+    from napari_m3hl.config import TrainConfig
+    from napari_m3hl.data import load_val_volumes
+    from napari_m3hl.inference import predict_volume_2d
+    from napari_m3hl.metrics import dice
+
+    r = json.loads((PER_METHOD / f"{key.replace('@', '_')}.json").read_text())
+    src = r["best_checkpoint"] if which == "student" else str(Path(r["best_checkpoint"]).with_name("last.pt"))
+    model, ckpt = load_model(src, which)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    dest = ROOT / "models" / f"{name}.pt"
+    rel = dest.relative_to(ROOT)
+    data_rel = os.path.relpath(data, ROOT)
+    eval_cmd = f"m3hl evaluate --checkpoint {rel} --data {data_rel}"
+    ship_cmd = f"python benchmarks/acdc.py --ship {key} --name {name}" + (" --which teacher" if which == "teacher" else "")
+    weights = ("best student by validation mean Dice (best.pt, as the papers select)" if which == "student" else
+               "EMA teacher at the last iteration (last.pt), chosen over the best student on validation (see selection)")
+    base = {"recipe": r["label"], "benchmark_key": key, "iteration": int(ckpt["iteration"]), "weights": weights}
+    save_checkpoint(dest, make_payload(cfg, model, iteration=int(ckpt["iteration"]), half=True, metrics={}, card=base))
+    js = Path("/tmp") / f"{name}_eval.json"
+    subprocess.run([sys.executable, "-m", "napari_m3hl", "evaluate", "--checkpoint", str(dest), "--data", data,
+                    "--device", "cpu", "--json", str(js)], check=True, cwd=ROOT)
+    ev_res = json.loads(js.read_text())
+    summary = ev_res["summary"]
+    metrics = {"mean": {k: round(float(v), 4) for k, v in summary["mean"].items()},
+               "per_class": {c["name"]: {m: round(float(c[m]["mean"]), 4) for m in ("dice", "jaccard", "hd95", "asd")}
+                             for c in summary["classes"]}}
+    # the two volumes the regression test uses
+    model16, ck16 = load_model(dest)
+    two = []
+    for _, image, label in load_val_volumes(data, limit=2):
+        pred = predict_volume_2d(model16, image, patch=tuple(ck16["patch_size"]), device="cpu")
+        two.append(float(np.mean([dice(pred == c, label == c) for c in (1, 2, 3)])))
+    labeled = r["labeled_patients"]
+    card = {
+        "name": name,
+        "description": description,
+        "file": str(rel),
+        "architecture": "unet2d (SSL4MIS 2D U-Net, 16/32/64/128/256 channels, 1.81 M parameters)",
+        "classes": list(ckpt["class_names"]),
+        "input": {"patch_size": list(cfg.patch_size),
+                  "preprocessing": "each short-axis slice min-max [0, 1] per volume (NIfTI input: percentile "
+                                   "0.5-99.5 scaling), resized bilinearly to the patch size; the argmax is resized "
+                                   "back nearest-neighbour"},
+        "data": {"source": "ACDC (shared preprocessed form, ../shared/data/acdc)",
+                 "labeled": f"{labeled} training patients ({r['n_labeled_slices']} slices"
+                            + (", the first 136 of train_slices.list: the papers' 10 % protocol)" if labeled == 7 else ")"),
+                 "unlabeled_slices_used": r["n_unlabeled_slices"] if r["config"]["mode"] == "m3hl" else 0,
+                 "weights": weights,
+                 "selection": "best student by mean validation Dice over the 20 validation volumes "
+                              f"(every {r['config']['val_every']} iterations)" if which == "student" else
+                              _teacher_choice(r)},
+        "recipe": {"method": r["label"], "mode": cfg.mode, "variant": r["variant"], "lr": cfg.lr,
+                   "lr_schedule": cfg.lr_schedule, "batch_size": cfg.batch_size, "iterations": r["iterations"],
+                   "best_iteration": int(ckpt["iteration"]), "seed": cfg.seed, "low_tap": cfg.low_tap,
+                   "teacher_init": cfg.teacher_init, "teacher_mode": cfg.teacher_mode, "lam": cfg.lam,
+                   "mix_weight": cfg.mix_weight, "image_interp": cfg.image_interp,
+                   "block_size": list(cfg.block_size), "ema_decay": cfg.ema_decay, "use_mix": cfg.use_mix,
+                   "use_hl": cfg.use_hl},
+        "commands": {"train": user_command(r), "ship": ship_cmd, "evaluate": eval_cmd},
+        "training": {"wall_minutes": round(r["train_wall_s"] / 60, 1), "machine": r["machine"], "date": r["date"]},
+        "validation": {"command": eval_cmd, "volumes": summary["n_cases"],
+                       "units": "Dice/Jaccard fraction; HD95/ASD pixels; a class missing from the prediction "
+                                "scores 0 (the papers' convention)",
+                       "note": "the same 20 validation volumes selected the checkpoint (the ACDC test patients "
+                               "are not in the shared data), so these numbers are optimistic",
+                       **metrics,
+                       "first_two_volumes_mean_dice": round(float(np.mean(two)), 4)},
+        "size_mb": round(dest.stat().st_size / 2**20, 2),
+        "sha256": None,
+        "date": _dt.date.today().isoformat(),
+        "torch": r["machine"]["torch"],
+    }
+    save_checkpoint(dest, make_payload(cfg, model, iteration=int(ckpt["iteration"]), half=True,
+                                       metrics=metrics, card={**base, "validation_mean_dice": metrics["mean"]["dice"]}))
+    if cfg.mode == "supervised":  # the M³HL-only settings mean nothing here
+        for k in ("variant", "low_tap", "teacher_init", "teacher_mode", "lam", "mix_weight", "block_size",
+                  "ema_decay", "use_mix", "use_hl"):
+            card["recipe"].pop(k, None)
+    dest.chmod(0o644)  # save_checkpoint's temporary file is private (0600); a shipped model is not
+    card["size_mb"] = round(dest.stat().st_size / 2**20, 2)
+    card["sha256"] = hashlib.sha256(dest.read_bytes()).hexdigest()
+    header = (f"# Model card for {rel} (loads with napari_m3hl.checkpoint.load_model).\n"
+              "# Not a training preset: no 'variants' key on purpose.\n")
+    (ROOT / "models" / f"{name}.yaml").write_text(header + yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
+    print(f"shipped {rel} ({card['size_mb']} MB): validation mean Dice {100 * metrics['mean']['dice']:.2f}; "
+          f"first two volumes {100 * np.mean(two):.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------- orchestrator
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    p.add_argument("--methods", nargs="*", default=None, choices=ORDER, help=f"subset of {ORDER} (default all)")
+    p.add_argument("--merge", action="store_true",
+                   help="table from every result present in benchmarks/results/acdc/ (not only this run's)")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=str(ROOT / "runs" / "acdc_bench"), help="checkpoints and logs (git-ignored)")
+    p.add_argument("--ablation-variant", default="paper", help="variant the M³-only / HL-only rows use")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra TrainConfig override")
+    p.add_argument("--suffix", default="", help="name suffix for a run with --set overrides (a separate row)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--iterations", type=int, default=None, help="override the budget's iterations (smoke tests)")
+    p.add_argument("--val-subset", type=int, default=None, help="validate during training on the first N volumes only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per method process")
+    p.add_argument("--jobs", type=int, default=1, help="methods run at the same time (each its own process)")
+    p.add_argument("--ship", default=None, metavar="KEY", help="save result KEY's best student as models/<--name>.pt + card")
+    p.add_argument("--name", default=None, help="with --ship: the model file's name (no suffix)")
+    p.add_argument("--description", default="", help="with --ship: one line for the card")
+    p.add_argument("--which", choices=["student", "teacher"], default="student",
+                   help="with --ship: the best student (best.pt, as the papers) or the EMA teacher of last.pt")
+    p.add_argument("--score-teacher", default=None, metavar="KEY",
+                   help="score result KEY's EMA teacher at the last iteration and add it to its JSON")
+    p.add_argument("--salvage", default=None, metavar="KEY",
+                   help="write the result of a stopped run from its log and best.pt (marked incomplete)")
+    p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run_one:
+        return run_one(args)
+    if args.ship:
+        if not args.name:
+            p.error("--ship needs --name")
+        return ship(args.ship, args.name, args.data, args.description, args.which)
+    if args.salvage:
+        salvage(args.salvage, args)
+        rebuild()
+        return 0
+    if args.score_teacher:
+        score_teacher(args.score_teacher, args.data)
+        rebuild()
+        return 0
+    if args.methods is None and args.merge and not args.set:
+        rebuild()
+        return 0
+    methods = args.methods or ORDER
+    log_dir = Path(args.out)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    keys = [m + (f"@{args.suffix}" if args.suffix else "") for m in methods]
+    pending = list(methods)
+    running: list[tuple[str, subprocess.Popen, float]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            m = pending.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--run-one", m, "--budget", args.budget,
+                   "--data", args.data, "--out", args.out, "--ablation-variant", args.ablation_variant,
+                   "--seed", str(args.seed)]
+            for s in args.set:
+                cmd += ["--set", s]
+            for opt, val in (("--suffix", args.suffix), ("--iterations", args.iterations),
+                             ("--val-subset", args.val_subset), ("--threads", args.threads)):
+                if val:
+                    cmd += [opt, str(val)]
+            log = log_dir / f"{m}{'_' + args.suffix if args.suffix else ''}.log"
+            print(f"start {m}: log {log}", flush=True)
+            running.append((m, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT),
+                            time.time()))
+        time.sleep(2)
+        for item in list(running):
+            m, proc, t = item
+            if proc.poll() is not None:
+                running.remove(item)
+                status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                print(f"done {m}: {status} after {(time.time() - t) / 60:.1f} min", flush=True)
+                if proc.returncode:
+                    failed.append(m)
+    rebuild(None if args.merge else keys)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
