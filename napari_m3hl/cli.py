@@ -242,6 +242,11 @@ def _consume(events, config, bar: ProgressBar):
     return finished
 
 
+def _interp(ckpt: dict) -> str:
+    """How the checkpoint's training resized images (``bilinear`` or ``nearest``); inference does the same."""
+    return ckpt.get("config", {}).get("image_interp", "bilinear")
+
+
 def _input_files(path: Path) -> list[Path]:
     if not path.exists():
         raise M3HLInputError(f"--input {path} does not exist")
@@ -278,7 +283,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         """vol: (Z, Y, X) = (D, H, W); returns labels of the same shape."""
         if len(patch) == 2:
             image = vol if normalized else normalize_intensity(vol)
-            return predict_volume_2d(model, image, patch=patch, device=device, batch_size=args.batch_size)
+            return predict_volume_2d(model, image, patch=patch, device=device, batch_size=args.batch_size,
+                                     resize_input=_interp(ckpt))
         xyz = np.ascontiguousarray(vol.transpose(2, 1, 0))  # the 3D models work in (X, Y, Z), z-scored
         if not normalized:
             xyz = ((xyz - xyz.mean()) / (xyz.std() + 1e-8)).astype(np.float32)
@@ -324,7 +330,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases, per_case = [], {}
     for name, image, label in volumes:
         if len(patch) == 2:
-            pred = predict_volume_2d(model, image, patch=patch, device=device)
+            pred = predict_volume_2d(model, image, patch=patch, device=device, resize_input=_interp(ckpt))
         else:
             pred = predict_volume_3d(model, image, patch=patch, device=device, num_classes=ckpt["num_classes"])
         m = evaluate_case(pred, label, ckpt["num_classes"], spacing=args.spacing, empty_convention=args.empty)

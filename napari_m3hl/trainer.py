@@ -210,7 +210,8 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
     scores = np.zeros((len(volumes), config.num_classes - 1))
     for i, (_, image, label) in enumerate(volumes):
         if config.ndim == 2:
-            pred = predict_volume_2d(model, image, patch=tuple(config.patch_size), device=device)
+            pred = predict_volume_2d(model, image, patch=tuple(config.patch_size), device=device,
+                                     resize_input=config.image_interp)
         else:
             pred = predict_volume_3d(model, image, patch=tuple(config.patch_size), device=device, num_classes=config.num_classes)
         for c in range(1, config.num_classes):
@@ -312,7 +313,8 @@ def train(
     def volume_preview(iteration: int) -> ev.VolumePreview:
         from .inference import predict_volume_2d
 
-        labels = predict_volume_2d(teacher, preview_volume, patch=tuple(config.patch_size), device=device)
+        labels = predict_volume_2d(teacher, preview_volume, patch=tuple(config.patch_size), device=device,
+                                   resize_input=config.image_interp)
         return ev.VolumePreview(iteration, labels, preview_token)
 
     yield ev.TrainStarted(config.iterations, start, str(device), len(data.labeled), len(data.unlabeled), config.mode)
