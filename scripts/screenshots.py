@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--patch", type=int, default=256)
-    parser.add_argument("--preview-at", type=int, default=150,
+    parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
     args = parser.parse_args(argv)
 
@@ -106,7 +106,7 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
 
     assert widget.start_training(), widget.last_error
     wait_until(app, lambda: (widget.run.preview_iteration or 0) >= min(args.preview_at, args.iterations), 3600)
-    viewer.dims.set_current_step(0, 7)  # an unpainted slice: pseudo-labels only
+    viewer.dims.set_current_step(0, 4)  # an unpainted mid-ventricular slice: pseudo-labels only
     viewer.layers["phantom labels"].visible = False
     frame_volume()
     save(viewer, app, "03-pseudo-labels.png")

@@ -84,6 +84,7 @@ def test_defaults_and_info_line(make_widget):
     assert "acdc_unet2d" in [w.preset_combo.itemText(i) for i in range(w.preset_combo.count())]
     # GUI defaults on a CPU: a few hundred iterations, batch 8, the preset's 256 x 256 patch
     assert w.iterations_spin.value() == 300 and w.batch_spin.value() == 8
+    assert w.variant_combo.currentText() == "reference"
     assert (w.patch_h.value(), w.patch_w.value()) == (256, 256) and w.lr.value() == pytest.approx(0.01)
     assert w.run_dir_label.text().replace("\u200b", "").endswith(str(w.session.out_dir))
     # the line follows painting
