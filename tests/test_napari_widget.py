@@ -348,6 +348,7 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
 def test_missing_start_file(make_widget, errors):
     viewer, w = make_widget()
     w.start_combo.setCurrentIndex(2)
+    w.start_path.setText("")
     assert not w.start_training()
     assert "needs a checkpoint" in errors[-1]
     w.start_path.setText("/nonexistent/last.pt")
@@ -389,3 +390,11 @@ def test_shipped_model_loads_and_predicts(make_widget, qtbot):
     qtbot.waitUntil(lambda: lc.SEGMENTATION in viewer.layers and not w.session.busy, timeout=WAIT_MS)
     seg = viewer.layers[lc.SEGMENTATION].data
     assert seg.shape == (6, 64, 64) and seg.dtype == np.uint8 and seg.max() <= 3
+
+
+def test_default_start_is_fine_tuning_the_shipped_cardiac_model(make_widget):
+    from napari_m3hl.config import MODELS_DIR
+
+    viewer, w = make_widget()
+    assert w.start_combo.currentText() == "Fine-tune from file"
+    assert w.start_path.text() == str(MODELS_DIR / "acdc70_unet2d.pt")

@@ -33,6 +33,15 @@ from superqt import QCollapsible
 from ._plot import LossPlot
 
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
+DEFAULT_CARDIAC_MODEL = "acdc70_unet2d.pt"
+
+
+def default_cardiac_model():
+    """The shipped 2D U-Net trained on all 70 ACDC training patients, if installed."""
+    from ..config import MODELS_DIR
+
+    path = MODELS_DIR / DEFAULT_CARDIAC_MODEL
+    return path if path.is_file() else None
 DEVICES = ("auto", "cuda", "mps", "cpu")
 VARIANTS = ("paper", "reference")
 
@@ -137,6 +146,10 @@ class TrainWidgetLayout(QWidget):
         )
         self.start_path = QLineEdit()
         self.start_path.setPlaceholderText("checkpoint or model file (.pt)")
+        default_model = default_cardiac_model()
+        if default_model is not None:  # cardiac MR: fine-tune the shipped 70-patient ACDC model by default
+            self.start_combo.setCurrentIndex(1)
+            self.start_path.setText(str(default_model))
         self.browse_btn = QPushButton("Browse…")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
