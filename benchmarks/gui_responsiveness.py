@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
         "qt_api": os.environ.get("QT_API", "pyqt5"),
         "platform": platform.platform(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "start": widget.start_combo.currentText(),
+        "start_file": widget.start_path.text() if widget.start_combo.currentIndex() else None,
+        "variant": widget.variant_combo.currentText(),
         "idle": idle,
         "runs": runs,
     }
@@ -227,6 +230,8 @@ def table(r: dict) -> str:
     ) + " |"
     lines = [
         f"Volume {' × '.join(str(s) for s in r['volume'])}, batch {r['batch_size']}, patch {r['patch'][0]}², "
+        f"start: {r['start']}{' ' + Path(r['start_file']).name if r['start_file'] else ''}, "
+        f"variant {r['variant']}, "
         f"{r['cpu_count']} cores, {r['torch_threads_training']} torch thread(s) for training, "
         f"load average {r['load_average_1min_at_end']} at the end; idle GUI: longest gap "
         f"{r['idle'].get('max_ms')} ms (p99 {r['idle'].get('p99_ms')} ms) for a 10 ms timer.",

@@ -88,6 +88,7 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     if args.patch != 256:
         widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
     widget.iterations_spin.setValue(args.iterations)
+    widget.start_combo.setCurrentIndex(0)  # from scratch: the guide shows M³HL learning from 2 painted slices
     viewer.dims.set_current_step(0, 5)  # a painted slice
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)

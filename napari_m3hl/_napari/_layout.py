@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
@@ -33,17 +34,17 @@ from superqt import QCollapsible
 from ._plot import LossPlot
 
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+VARIANTS = ("paper", "reference")
 DEFAULT_CARDIAC_MODEL = "acdc70_unet2d.pt"
 
 
-def default_cardiac_model():
+def default_cardiac_model() -> Path | None:
     """The shipped 2D U-Net trained on all 70 ACDC training patients, if installed."""
     from ..config import MODELS_DIR
 
     path = MODELS_DIR / DEFAULT_CARDIAC_MODEL
     return path if path.is_file() else None
-DEVICES = ("auto", "cuda", "mps", "cpu")
-VARIANTS = ("paper", "reference")
 
 
 def _spin(lo: int, hi: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
