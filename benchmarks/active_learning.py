@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ from napari_m3hl.runtime import tune_malloc
 from napari_m3hl.suggest import rank_slices, slice_scores
 from napari_m3hl.trainer import train, trained_models
 
-STRATEGIES = ("entropy", "disagreement", "random", "even")
+STRATEGIES = ("entropy", "disagreement", "margin", "random", "even")
+SCORES = ("entropy", "disagreement", "margin")
 
 
 def _even_choice(depth: int, labeled: list[int]) -> int:
@@ -45,8 +47,14 @@ def _even_choice(depth: int, labeled: list[int]) -> int:
     return max(cand, key=lambda z: (min(abs(z - l) for l in labeled), -z))
 
 
-def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: Path) -> list[dict]:
-    rng = np.random.default_rng(args.seed)
+def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: Path, seed: int,
+                 round0: Path | None = None) -> list[dict]:
+    """Rounds of label-one-more-slice-per-volume and train on; one row per round.
+
+    ``round0``: a checkpoint of round 0 (the same for every strategy: same
+    labeled slices, same seed) to start from instead of training it again.
+    """
+    rng = np.random.default_rng(seed)
     labeled = {i: [img.shape[0] // 2] for i, (_, img, _) in enumerate(vols)}
     ckpt = None
     total_its = 0
@@ -61,22 +69,29 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
         total_its += args.initial_iterations if rnd == 0 else args.round_iterations
         cfg = load_preset("acdc_unet2d", args.variant, iterations=total_its, patch_size=(args.size, args.size),
                           block_size=(args.size // 4, args.size // 4), batch_size=args.batch, lr=args.lr,
-                          seed=args.seed, device="cpu", checkpoint_every=0)
+                          seed=seed, device="cpu", checkpoint_every=0)
         t0 = time.perf_counter()
-        for _ in train(cfg, data, workdir, resume_from=ckpt):
-            pass
+        if rnd == 0 and round0 is not None and round0.is_file():
+            shutil.copyfile(round0, workdir / "last.pt")
+        else:
+            for _ in train(cfg, data, workdir, resume_from=ckpt):
+                pass
+            if rnd == 0 and round0 is not None:
+                shutil.copyfile(workdir / "last.pt", round0)
         ckpt = workdir / "last.pt"
         student, teacher = trained_models(cfg, ckpt)
         dices, choices = [], {}
         for i, (name, img, lab) in enumerate(vols):
-            pred_s, probs_s = predict_volume_2d(student, img, patch=(args.size, args.size), return_probs=True)
+            pred_s, probs_s = predict_volume_2d(student, img, patch=(args.size, args.size), return_probs=True,
+                                                  resize_input=cfg.image_interp)
             dices.append(np.mean([dice(pred_s == c, lab == c) for c in (1, 2, 3)]))
             if rnd == args.rounds or len(labeled[i]) >= img.shape[0]:
                 continue
-            if strategy in ("entropy", "disagreement"):
+            if strategy in SCORES:
                 probs_t = None
                 if strategy == "disagreement":
-                    _, probs_t = predict_volume_2d(teacher, img, patch=(args.size, args.size), return_probs=True)
+                    _, probs_t = predict_volume_2d(teacher, img, patch=(args.size, args.size), return_probs=True,
+                                                      resize_input=cfg.image_interp)
                 choices[i] = rank_slices(slice_scores(probs_s, probs_t, strategy), labeled[i])[0]
             elif strategy == "random":
                 choices[i] = int(rng.choice([z for z in range(img.shape[0]) if z not in labeled[i]]))
@@ -85,7 +100,7 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
         rows.append({"round": rnd, "labeled_slices": int(sum(len(v) for v in labeled.values())),
                      "iterations": total_its, "mean_dice": float(np.mean(dices)),
                      "per_volume_dice": [float(d) for d in dices], "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{strategy:12s} round {rnd}: {rows[-1]['labeled_slices']} slices, Dice {100 * rows[-1]['mean_dice']:.2f}",
+        print(f"seed {seed} {strategy:12s} round {rnd}: {rows[-1]['labeled_slices']} slices, Dice {100 * rows[-1]['mean_dice']:.2f}",
               flush=True)
         for i, z in choices.items():
             labeled[i].append(z)
@@ -137,7 +152,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--variant", default=None)
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337],
+                    help="training/random seeds; results of earlier seeds in --out are kept and averaged")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "active_learning.json"))
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "active_learning.svg"))
@@ -149,22 +165,50 @@ def main() -> None:
     vols = acdc_val_volumes(root)[: args.volumes]
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "seeds", "strategies", "data")}
+    if result.get("settings") not in (None, settings):
+        raise SystemExit(f"{out} holds results for other settings {result['settings']}; use another --out")
     result.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-                   "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")}})
-    result.setdefault("strategies", {})
-    for s in args.strategies:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["strategies"][s] = run_strategy(s, vols, args, Path(tmp))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+                   "torch": torch.__version__, "settings": settings,
+                   "volumes": [name for name, _, _ in vols]})
+    runs = result.setdefault("runs", {})
+    for seed in args.seeds:
+        shared = tempfile.TemporaryDirectory()
+        round0 = Path(shared.name) / "round0.pt"
+        for s in args.strategies:
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.setdefault(str(seed), {})[s] = run_strategy(s, vols, args, Path(tmp), seed, round0)
+            result["strategies"] = average_runs(runs)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+        shared.cleanup()
     plot(result, Path(args.plot))
-    names = list(result["strategies"])
-    print("| labeled slices | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for r in range(len(next(iter(result["strategies"].values())))):
-        n = result["strategies"][names[0]][r]["labeled_slices"]
-        print(f"| {n} | " + " | ".join(f"{100 * result['strategies'][s][r]['mean_dice']:.2f}" for s in names) + " |")
+    print(markdown_table(result))
 
+
+def average_runs(runs: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Per strategy and round: mean Dice over the seeds that ran it (and their count)."""
+    out: dict[str, list[dict]] = {}
+    names = sorted({s for by_s in runs.values() for s in by_s}, key=lambda s: STRATEGIES.index(s))
+    for s in names:
+        seeds = [by_s[s] for by_s in runs.values() if s in by_s]
+        n_rounds = min(len(rows) for rows in seeds)
+        out[s] = [{"round": r, "labeled_slices": seeds[0][r]["labeled_slices"],
+                   "mean_dice": float(np.mean([rows[r]["mean_dice"] for rows in seeds])),
+                   "min_dice": float(np.min([rows[r]["mean_dice"] for rows in seeds])),
+                   "max_dice": float(np.max([rows[r]["mean_dice"] for rows in seeds])),
+                   "seeds": len(seeds)} for r in range(n_rounds)]
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """Mean Dice (%) per strategy (columns) after each round (rows)."""
+    names = list(result["strategies"])
+    lines = ["| labeled slices | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in range(min(len(v) for v in result["strategies"].values())):
+        n = result["strategies"][names[0]][r]["labeled_slices"]
+        lines.append(f"| {n} | " + " | ".join(f"{100 * result['strategies'][s][r]['mean_dice']:.2f}" for s in names) + " |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -123,6 +123,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], which: str = "student", device: 
     return net.to(device).eval()
 
 
+def image_interp(ckpt: dict[str, Any]) -> str:
+    """How the checkpoint's training resized images to the patch (``"bilinear"``
+    or ``"nearest"``); inference must resize its inputs the same way."""
+    return ckpt.get("config", {}).get("image_interp", "bilinear")
+
+
 def load_model(path: str | Path, which: str = "student", device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a network from a checkpoint file; returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path)

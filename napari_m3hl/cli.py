@@ -242,11 +242,6 @@ def _consume(events, config, bar: ProgressBar):
     return finished
 
 
-def _interp(ckpt: dict) -> str:
-    """How the checkpoint's training resized images (``bilinear`` or ``nearest``); inference does the same."""
-    return ckpt.get("config", {}).get("image_interp", "bilinear")
-
-
 def _input_files(path: Path) -> list[Path]:
     if not path.exists():
         raise M3HLInputError(f"--input {path} does not exist")
@@ -267,7 +262,7 @@ def _stem(path: Path) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import image_interp, load_model
     from .inference import predict_volume_2d, predict_volume_3d
     from .io import affine_from_spacing, load_h5_volume, load_la_case, load_nifti, normalize_intensity, save_nifti_labels
     from .runtime import resolve_device, tune_malloc
@@ -284,7 +279,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(patch) == 2:
             image = vol if normalized else normalize_intensity(vol)
             return predict_volume_2d(model, image, patch=patch, device=device, batch_size=args.batch_size,
-                                     resize_input=_interp(ckpt))
+                                     resize_input=image_interp(ckpt))
         xyz = np.ascontiguousarray(vol.transpose(2, 1, 0))  # the 3D models work in (X, Y, Z), z-scored
         if not normalized:
             xyz = ((xyz - xyz.mean()) / (xyz.std() + 1e-8)).astype(np.float32)
@@ -314,7 +309,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import image_interp, load_model
     from .data import load_val_volumes
     from .inference import predict_volume_2d, predict_volume_3d
     from .metrics import evaluate_case, format_table, summarize
@@ -330,7 +325,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases, per_case = [], {}
     for name, image, label in volumes:
         if len(patch) == 2:
-            pred = predict_volume_2d(model, image, patch=patch, device=device, resize_input=_interp(ckpt))
+            pred = predict_volume_2d(model, image, patch=patch, device=device, resize_input=image_interp(ckpt))
         else:
             pred = predict_volume_3d(model, image, patch=patch, device=device, num_classes=ckpt["num_classes"])
         m = evaluate_case(pred, label, ckpt["num_classes"], spacing=args.spacing, empty_convention=args.empty)

@@ -86,18 +86,36 @@ def save_session(
     folder.mkdir(parents=True, exist_ok=True)
     save_labels(folder, labels, affine, header)
     if checkpoint is not None:
-        src = Path(checkpoint)
-        if not src.is_file():
-            raise M3HLInputError(f"checkpoint {src} does not exist; train first or choose another file")
-        if src.resolve() != (folder / CHECKPOINT).resolve():
-            tmp = folder / ".checkpoint.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, folder / CHECKPOINT)
+        _copy_checkpoint(folder, checkpoint)
     _atomic_write_text(folder / SETTINGS, json.dumps(settings or {}, indent=2, default=str))
     labeled = [int(i) for i in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))] if labels.ndim == 3 else []
     info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {})}
     _atomic_write_text(folder / META, json.dumps(info, indent=2, default=str))
     return folder
+
+
+def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
+    src = Path(checkpoint)
+    if not src.is_file():
+        raise M3HLInputError(f"checkpoint {src} does not exist; train first or choose another file")
+    if src.resolve() != (folder / CHECKPOINT).resolve():
+        tmp = folder / ".checkpoint.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, folder / CHECKPOINT)
+
+
+def save_checkpoint_copy(folder: str | Path, checkpoint: str | Path, meta_update: dict[str, Any] | None = None) -> Path:
+    """Copy ``checkpoint`` into the session folder as ``checkpoint.pt`` (atomically)
+    and merge ``meta_update`` into ``session.json``; used when a run ends."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _copy_checkpoint(folder, checkpoint)
+    meta_path = folder / META
+    info = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    info.update(meta_update or {})
+    info["checkpoint_saved"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _atomic_write_text(meta_path, json.dumps(info, indent=2, default=str))
+    return folder / CHECKPOINT
 
 
 def load_session(folder: str | Path) -> Session:

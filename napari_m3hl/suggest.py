@@ -15,9 +15,13 @@ scores 0.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 METHODS = ("entropy", "disagreement", "margin")
 
@@ -74,3 +78,52 @@ def disagreement_map(student_labels: np.ndarray, teacher_labels: np.ndarray) -> 
     if student_labels.shape != teacher_labels.shape:
         raise ValueError(f"label maps differ in shape: {student_labels.shape} vs {teacher_labels.shape}")
     return (student_labels != teacher_labels).astype(np.uint8)
+
+
+@dataclass
+class SliceAnalysis:
+    """What the models make of one ``(D, H, W)`` volume.
+
+    ``scores``: (D,) float64 uncertainty per slice (``method``; higher = less
+    certain); ``student`` / ``teacher``: (D, H, W) uint8 label maps (teacher
+    None when no teacher was given); ``disagreement``: (D, H, W) uint8, 1
+    where the two differ (None without a teacher).
+    """
+
+    method: str
+    scores: np.ndarray
+    student: np.ndarray
+    teacher: np.ndarray | None = None
+    disagreement: np.ndarray | None = None
+
+    def ranking(self, labeled: Iterable[int] = ()) -> list[int]:
+        """Unlabeled slices, most uncertain first."""
+        return rank_slices(self.scores, labeled)
+
+
+def analyse_volume(
+    student: "torch.nn.Module",
+    volume: np.ndarray,
+    teacher: "torch.nn.Module | None" = None,
+    method: str = "entropy",
+    patch: Sequence[int] = (256, 256),
+    resize_input: str = "bilinear",
+    device: "str | torch.device | None" = None,
+    batch_size: int = 8,
+) -> SliceAnalysis:
+    """Predict ``volume`` (float32 (D, H, W), normalised as in training) with the
+    student (and the teacher, if given) and score every slice by ``method``."""
+    from .inference import predict_volume_2d
+
+    if method not in METHODS:
+        raise ValueError(f"unknown suggestion score {method!r}; choose one of {METHODS}")
+    if method == "disagreement" and teacher is None:
+        raise ValueError("the 'disagreement' score needs a teacher network")
+    kw = dict(patch=tuple(patch), device=device, batch_size=batch_size, return_probs=True, resize_input=resize_input)
+    s_lab, s_prob = predict_volume_2d(student, volume, **kw)
+    t_lab = t_prob = None
+    if teacher is not None:
+        t_lab, t_prob = predict_volume_2d(teacher, volume, **kw)
+    scores = slice_scores(s_prob, t_prob, method)
+    dis = disagreement_map(s_lab, t_lab) if t_lab is not None else None
+    return SliceAnalysis(method, scores, s_lab.astype(np.uint8), None if t_lab is None else t_lab.astype(np.uint8), dis)

@@ -8,11 +8,19 @@ GUI defaults and saves PNGs into ``docs/images/``:
 * ``03-pseudo-labels.png``: training, with the teacher's pseudo-labels;
 * ``04-mix-preview.png``: the mutual mask mix preview beside the volume;
 * ``05-segmentation.png``: the final segmentation on an unpainted slice;
-* ``06-error.png``: the message for a bad input (labels on another grid).
+* ``06-error.png``: the message for a bad input (labels on another grid);
+
+and, for the annotation loop (``--part loop``: fine-tunes the shipped
+ACDC model, the widget's default start):
+
+* ``07-suggestions.png``: the ranking of uncertain slices, the viewer on the
+  top suggestion with the segmentation and the disagreement overlay;
+* ``08-accepted.png``: that slice accepted into the user's labels;
+* ``09-session.png``: the widget after Train on and Save session.
 
 Run without a display under a virtual X server:
 
-    xvfb-run -a .venv/bin/python scripts/screenshots.py [--iterations 300]
+    xvfb-run -a .venv/bin/python scripts/screenshots.py [--iterations 300] [--part basics|loop|all]
 """
 from __future__ import annotations
 
@@ -56,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
+    parser.add_argument("--part", choices=("basics", "loop", "all"), default="all")
+    parser.add_argument("--loop-iterations", type=int, default=100,
+                        help="fine-tuning iterations before the loop screenshots (Train on adds half)")
     args = parser.parse_args(argv)
 
     import napari
@@ -72,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     level = settings.gui_notification_level
     settings.gui_notification_level = "error"  # no start-up warning toasts (restored at the end)
     try:
-        _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
+        if args.part in ("basics", "all"):
+            _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
+        if args.part in ("loop", "all"):
+            _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
     finally:
         settings.gui_notification_level = level
 
@@ -142,6 +156,54 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     widget.start_training()
     save(viewer, app, "06-error.png")
 
+    widget.cleanup()
+    viewer.close()
+
+
+def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
+    """Suggest → look → accept → train on → save session, with the default start."""
+    import tempfile
+
+    viewer = napari.Viewer(title="napari — M³HL")
+    viewer.window._qt_window.resize(1600, 1000)
+    app = QApplication.instance()
+    for data, meta, kind in phantom_layers():
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    widget = M3HLWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    if args.patch != 256:
+        widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
+    widget.iterations_spin.setValue(args.loop_iterations)
+    widget.train_on_spin.setValue(max(1, args.loop_iterations // 2))
+    widget.preview_every_s = widget.mix_preview_every_s = None
+    viewer.layers.selection.active = viewer.layers["phantom labels"]
+    wait_until(app, lambda: False, 1.0)
+    viewer.reset_view()
+    assert widget.start_training(), widget.last_error
+    wait_until(app, lambda: widget.run.finished is not None and widget.suggestions is not None
+               and not widget.session.busy and lc.SEGMENTATION in viewer.layers, 3600)
+    for name in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS):
+        if name in viewer.layers:
+            viewer.layers[name].visible = False
+    viewer.reset_view()
+    widget.disagree_check.setChecked(True)
+    z = widget.next_suggested()
+    wait_until(app, lambda: False, 0.5)
+    save(viewer, app, "07-suggestions.png")
+
+    widget.disagree_check.setChecked(False)
+    viewer.layers[lc.SEGMENTATION].visible = False
+    widget.accept_slice()
+    print(f"accepted slice {z}:", widget.info_label.text())
+    save(viewer, app, "08-accepted.png")
+
+    viewer.layers[lc.SEGMENTATION].visible = True
+    assert widget.train_on(), widget.last_error
+    wait_until(app, lambda: widget.run.finished is not None and not widget.session.busy, 3600)
+    folder = Path(tempfile.mkdtemp(prefix="m3hl-session-")) / "patient01"
+    widget.save_session(folder)
+    wait_until(app, lambda: "Session saved" in widget.status_label.text(), 120)
+    save(viewer, app, "09-session.png", widget=widget.content)
     widget.cleanup()
     viewer.close()
 

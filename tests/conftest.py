@@ -22,3 +22,49 @@ def shared_data() -> Path:
     if not (root / "acdc").is_dir() and not (root / "la").is_dir():
         pytest.skip(f"real data folder not found at '{root}' (set M3HL_DATA to a folder with acdc/ and la/)")
     return root
+
+
+# --------------------------------------------------------------------- GUI
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    """Messages passed to napari's show_error (the notification is not shown)."""
+    from napari.utils import notifications
+
+    shown: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", shown.append)
+    monkeypatch.setattr(notifications, "show_warning", lambda msg: None)
+    return shown
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, tmp_path, qtbot):
+    """Factory: a viewer (optionally with the tiny phantom) and the widget docked
+    through the plugin manifest, as napari does it (the widget gets a proxy)."""
+    from gui_helpers import ROOT, TINY
+    from npe2 import PluginManager, PluginManifest
+
+    pm = PluginManager.instance()
+    if "napari-m3hl" not in pm._manifests:
+        pm.register(PluginManifest.from_file(ROOT / "napari.yaml"))
+    made = []
+
+    def factory(phantom: bool = True, painted=(1, 3)):
+        from napari_m3hl._napari._sample import phantom_layers
+
+        viewer = make_napari_viewer()
+        if phantom:
+            for data, meta, kind in phantom_layers(shape=(6, 64, 64), painted=painted):
+                getattr(viewer, f"add_{kind}")(data, **meta)
+        _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
+        widget.set_run_folder(tmp_path / "runs")
+        widget.config_overrides = dict(TINY)
+        widget.preview_every_s = 0.0
+        widget.mix_preview_every_s = 0.0
+        made.append(widget)
+        return viewer, widget
+
+    yield factory
+    for w in made:
+        w.cleanup(wait_ms=30_000)

@@ -16,61 +16,7 @@ from napari_m3hl import events as ev
 from napari_m3hl._napari import _layers as lc
 from napari_m3hl._napari import _session
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"patch_size": (64, 64), "block_size": (16, 16), "batch_size": 4, "iterations": 4}
-WAIT_MS = 90_000
-
-
-@pytest.fixture
-def errors(monkeypatch) -> list[str]:
-    """Messages passed to napari's show_error (the notification is not shown)."""
-    from napari.utils import notifications
-
-    shown: list[str] = []
-    monkeypatch.setattr(notifications, "show_error", shown.append)
-    monkeypatch.setattr(notifications, "show_warning", lambda msg: None)
-    return shown
-
-
-@pytest.fixture
-def make_widget(make_napari_viewer, tmp_path, qtbot):
-    """Factory: a viewer (optionally with the tiny phantom) and the widget docked
-    through the plugin manifest, as napari does it (the widget gets a proxy)."""
-    from npe2 import PluginManager, PluginManifest
-
-    pm = PluginManager.instance()
-    if "napari-m3hl" not in pm._manifests:
-        pm.register(PluginManifest.from_file(ROOT / "napari.yaml"))
-    made = []
-
-    def factory(phantom: bool = True, painted=(1, 3)):
-        from napari_m3hl._napari._sample import phantom_layers
-
-        viewer = make_napari_viewer()
-        if phantom:
-            for data, meta, kind in phantom_layers(shape=(6, 64, 64), painted=painted):
-                getattr(viewer, f"add_{kind}")(data, **meta)
-        _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
-        widget.set_run_folder(tmp_path / "runs")
-        widget.config_overrides = dict(TINY)
-        widget.preview_every_s = 0.0
-        widget.mix_preview_every_s = 0.0
-        made.append(widget)
-        return viewer, widget
-
-    yield factory
-    for w in made:
-        w.cleanup(wait_ms=30_000)
-
-
-def _wait_idle(qtbot, widget, timeout=WAIT_MS):
-    qtbot.waitUntil(lambda: not widget.session.busy, timeout=timeout)
-
-
-def _train_and_wait(qtbot, widget):
-    assert widget.start_training(), widget.last_error
-    qtbot.waitUntil(lambda: widget.run.finished is not None, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: not widget.session.busy and lc.SEGMENTATION in widget.viewer.layers, timeout=WAIT_MS)
+from gui_helpers import ROOT, WAIT_MS, train_and_wait as _train_and_wait, wait_idle as _wait_idle
 
 
 # ------------------------------------------------------------------ layout / layers
@@ -141,13 +87,14 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
 
     # a second run updates the same overlay layers in place; the user's edits
     # of the segmentation are kept in a layer of their own
-    ids_before = {name: viewer.layers[name].unique_id for name in lc.OVERLAY_NAMES}
+    run_overlays = (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS, lc.SEGMENTATION)
+    ids_before = {name: viewer.layers[name].unique_id for name in run_overlays}
     edited = seg.data.copy()
     edited[0, :8, :8] = 2
     seg.data = edited
     w.config_overrides["iterations"] = 2
     _train_and_wait(qtbot, w)
-    assert {name: viewer.layers[name].unique_id for name in lc.OVERLAY_NAMES} == ids_before
+    assert {name: viewer.layers[name].unique_id for name in run_overlays} == ids_before
     assert [lay.name for lay in viewer.layers].count(lc.SEGMENTATION) == 1
     kept = viewer.layers[f"{lc.SEGMENTATION} (your edits)"]
     np.testing.assert_array_equal(kept.data, edited)

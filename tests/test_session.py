@@ -34,3 +34,19 @@ def test_session_errors(tmp_path):
         load_session(tmp_path)
     with pytest.raises(M3HLInputError, match="does not exist"):
         save_session(tmp_path / "s", np.zeros((2, 4, 4), np.uint8), np.eye(4), checkpoint=tmp_path / "none.pt")
+
+
+def test_checkpoint_copy_merges_facts(tmp_path):
+    from napari_m3hl.session import load_session, save_checkpoint_copy, save_session
+
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[1, 2:4, 2:4] = 2
+    save_session(tmp_path / "s", labels, np.eye(4), meta={"image_name": "img", "iteration": 0})
+    ck = tmp_path / "last.pt"
+    ck.write_bytes(b"weights")
+    save_checkpoint_copy(tmp_path / "s", ck, {"iteration": 40})
+    s = load_session(tmp_path / "s")
+    assert s.checkpoint.read_bytes() == b"weights"
+    assert s.meta["iteration"] == 40 and s.meta["image_name"] == "img" and s.meta["labeled_slices"] == [1]
+    with pytest.raises(Exception, match="does not exist"):
+        save_checkpoint_copy(tmp_path / "s", tmp_path / "missing.pt")

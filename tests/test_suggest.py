@@ -43,3 +43,25 @@ def test_disagreement():
 def test_bad_method():
     with pytest.raises(ValueError, match="unknown"):
         slice_scores(_probs(), method="magic")
+
+
+def test_analyse_volume_with_real_networks():
+    import torch
+
+    from napari_m3hl.networks import build_network
+    from napari_m3hl.suggest import analyse_volume
+
+    torch.manual_seed(0)
+    student, teacher = build_network("unet2d", 1, 4), build_network("unet2d", 1, 4)
+    vol = np.random.default_rng(0).random((3, 40, 48)).astype(np.float32)
+    a = analyse_volume(student, vol, teacher, "disagreement", patch=(32, 32))
+    assert a.scores.shape == (3,) and a.student.shape == vol.shape and a.teacher.shape == vol.shape
+    assert a.student.dtype == np.uint8
+    assert np.array_equal(a.disagreement, (a.student != a.teacher).astype(np.uint8))
+    assert sorted(a.ranking(labeled=[1])) == [0, 2]
+    same = analyse_volume(student, vol, student, "disagreement", patch=(32, 32))
+    assert not same.disagreement.any() and not same.scores.any()
+    alone = analyse_volume(student, vol, None, "entropy", patch=(32, 32))
+    assert alone.teacher is None and alone.disagreement is None and alone.scores.shape == (3,)
+    with pytest.raises(ValueError, match="teacher"):
+        analyse_volume(student, vol, None, "disagreement", patch=(32, 32))

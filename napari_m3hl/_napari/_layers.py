@@ -21,7 +21,10 @@ PSEUDO_LABELS = "M³HL pseudo-labels"
 MIX_PREVIEW = "M³HL mix preview"
 MIX_TARGETS = "M³HL mix targets"
 SEGMENTATION = "M³HL segmentation"
-OVERLAY_NAMES: tuple[str, ...] = (PSEUDO_LABELS, MIX_PREVIEW, MIX_TARGETS, SEGMENTATION)
+DISAGREEMENT = "M³HL disagreement"
+OVERLAY_NAMES: tuple[str, ...] = (PSEUDO_LABELS, MIX_PREVIEW, MIX_TARGETS, SEGMENTATION, DISAGREEMENT)
+#: Colour of the disagreement overlay (value 1): orange.
+DISAGREEMENT_COLOR = (1.0, 0.55, 0.0, 1.0)
 
 #: RGBA colour per ACDC class index: RV red, Myo green, LV blue.
 CLASS_COLORS: dict[int, tuple[float, float, float, float]] = {
@@ -83,13 +86,8 @@ def add_class_labels(
     """Add a Labels layer with class colours/names and ``like``'s geometry."""
     kw: dict[str, Any] = geometry_kwargs(like, data.ndim) if like is not None else {}
     kw.update(kwargs)
-    layer = viewer.add_labels(
-        data,
-        name=name,
-        colormap=class_colormap(len(class_names)),
-        features=class_features(class_names),
-        **kw,
-    )
+    kw.setdefault("colormap", class_colormap(len(class_names)))
+    layer = viewer.add_labels(data, name=name, features=class_features(class_names), **kw)
     return layer
 
 
@@ -268,6 +266,58 @@ def frames(volume: np.ndarray) -> list[np.ndarray]:
     """The ``(D, H, W)`` volumes of a 3D array (itself) or a 4D ``(T, D, H, W)`` array (its frames)."""
     arr = np.asarray(volume)
     return [arr] if arr.ndim == 3 else [arr[t] for t in range(arr.shape[0])]
+
+
+def slice_in_view(viewer: "napari.Viewer", layer: "Layer") -> tuple[int, ...]:
+    """Data index of the slice of ``layer`` under the viewer's current point:
+    ``(z,)`` for a (Z, Y, X) layer, ``(t, z)`` for (T, Z, Y, X)."""
+    idx = layer.world_to_data(viewer.dims.point)
+    lead = layer.ndim - 2
+    return tuple(int(np.clip(round(float(idx[k])), 0, layer.data.shape[k] - 1)) for k in range(lead))
+
+
+def go_to_slice(viewer: "napari.Viewer", layer: "Layer", index: Sequence[int]) -> None:
+    """Move the viewer's sliders so that slice ``index`` (see :func:`slice_in_view`) of ``layer`` shows."""
+    lead = layer.ndim - 2
+    if len(index) != lead:
+        raise ValueError(f"slice index {tuple(index)} does not fit layer '{layer.name}' of {layer.ndim} axes")
+    offset = viewer.dims.ndim - layer.ndim
+    for k, i in enumerate(index):
+        world = float(layer.translate[k]) + float(i) * float(layer.scale[k])
+        viewer.dims.set_point(offset + k, world)
+
+
+def slice_key_text(index: Sequence[int]) -> str:
+    """``"slice 7"`` or ``"t2 slice 7"`` for a slice index."""
+    return f"slice {index[-1]}" if len(index) == 1 else f"t{index[0]} slice {index[-1]}"
+
+
+def accept_slice(labels: "Labels", index: Sequence[int], values: np.ndarray) -> int:
+    """Write ``values`` (H, W) into slice ``index`` of the user's ``labels`` as
+    ONE undoable edit (napari's own history: Ctrl+Z undoes it). Returns the
+    number of pixels changed (0: nothing to do, no history entry)."""
+    values = np.asarray(values)
+    target = np.asarray(labels.data[tuple(index)])
+    if values.shape != target.shape:
+        raise ValueError(f"slice of shape {values.shape} does not fit '{labels.name}' slice {target.shape}")
+    changed = np.nonzero(target != values)
+    if changed[0].size == 0:
+        return 0
+    full = tuple(np.full(changed[0].size, i, dtype=np.intp) for i in index) + changed
+    with labels.block_history():
+        labels.data_setitem(full, values[changed].astype(labels.data.dtype))
+    return int(changed[0].size)
+
+
+def show_disagreement(viewer: "napari.Viewer", image: "Layer", data: np.ndarray) -> "Labels":
+    """Update (or add once) the 'M³HL disagreement' overlay (1 = student and teacher differ)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    layer = upsert_labels(viewer, DISAGREEMENT, data, ("agree", "disagree"), like=image, opacity=0.7,
+                          colormap=DirectLabelColormap(color_dict={0: (0, 0, 0, 0), 1: DISAGREEMENT_COLOR,
+                                                                   None: DISAGREEMENT_COLOR}))
+    layer.editable = False
+    return layer
 
 
 # --------------------------------------------------------------------- data tokens

@@ -12,6 +12,7 @@ from typing import Any
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractSpinBox,
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -36,6 +37,9 @@ from ._plot import LossPlot
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 VARIANTS = ("paper", "reference")
+#: Slice suggestion scores (napari_m3hl.suggest.METHODS), the measured default first.
+SUGGEST_SCORES = ("entropy", "disagreement", "margin")
+TRAIN_ON_ITERATIONS = 200
 DEFAULT_CARDIAC_MODEL = "acdc70_unet2d.pt"
 
 
@@ -90,6 +94,8 @@ class TrainWidgetLayout(QWidget):
         root.addWidget(self._data_group())
         root.addWidget(self._model_group())
         root.addWidget(self._run_group())
+        root.addWidget(self._annotate_group())
+        root.addWidget(self._session_group())
         root.addStretch(1)
         # scrollable, so the dock fits small screens and the Advanced section can open
         scroll = QScrollArea()
@@ -240,6 +246,60 @@ class TrainWidgetLayout(QWidget):
         lay.addWidget(self.status_label)
         return box
 
+    # ----------------------------------------------------------------- annotate
+    def _annotate_group(self) -> QGroupBox:
+        box = QGroupBox("Annotate")
+        lay = QVBoxLayout(box)
+        self.score_combo = QComboBox()
+        self.score_combo.addItems(SUGGEST_SCORES)
+        self.score_combo.setToolTip(
+            "How unsure the model is about a slice: entropy of the student's prediction, share of pixels where "
+            "student and teacher disagree, or 1 − margin between the two likeliest classes (heart region only)"
+        )
+        self.suggest_btn = QPushButton("Suggest slices")
+        self.suggest_btn.setToolTip("Rank the unlabeled slices of the image by how unsure the model is")
+        self.suggest_list = QListWidget()
+        self.suggest_list.setToolTip("Unlabeled slices, most uncertain first; click one to go there")
+        self.suggest_list.setMaximumHeight(84)
+        self.next_btn = QPushButton("Next suggested slice")
+        self.next_btn.setToolTip("Go to the most uncertain slice that is still unlabeled")
+        self.accept_btn = QPushButton("Accept slice")
+        self.accept_btn.setToolTip(
+            "Copy the segmentation of the slice in view into your labels layer (one undoable edit, Ctrl+Z); "
+            "the slice then counts as labeled. Fix it first in 'M³HL segmentation' or afterwards in your labels."
+        )
+        self.disagree_check = QCheckBox("Show M³HL disagreement")
+        self.disagree_check.setToolTip("Overlay the pixels where the student's and the teacher's labels differ")
+        self.train_on_spin = _spin(1, 1_000_000, TRAIN_ON_ITERATIONS, 50, "Iterations added by Train on")
+        self.train_on_btn = QPushButton("Train on")
+        self.train_on_btn.setToolTip(
+            "Continue the last run with your current labels: same weights, teacher and optimiser, more iterations"
+        )
+        lay.addWidget(_row(QLabel("Score"), self.score_combo, self.suggest_btn))
+        lay.addWidget(self.suggest_list)
+        lay.addWidget(_row(self.next_btn, self.accept_btn))
+        lay.addWidget(self.disagree_check)
+        lay.addWidget(_row(self.train_on_btn, QLabel("+"), self.train_on_spin, QLabel("iterations")))
+        return box
+
+    # ----------------------------------------------------------------- session
+    def _session_group(self) -> QGroupBox:
+        box = QGroupBox("Session")
+        lay = QVBoxLayout(box)
+        self.save_session_btn = QPushButton("Save session…")
+        self.save_session_btn.setToolTip(
+            "Save labels (NIfTI, the image's geometry), checkpoint, settings and run history to a folder; "
+            "each Train also autosaves the labels there"
+        )
+        self.open_session_btn = QPushButton("Open session…")
+        self.open_session_btn.setToolTip("Reopen a saved session folder: image, labels, model and settings")
+        self.session_label = QLabel("Session folder: none (Save session… picks one)")
+        self.session_label.setWordWrap(True)
+        self.session_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        lay.addWidget(_row(self.save_session_btn, self.open_session_btn))
+        lay.addWidget(self.session_label)
+        return box
+
     # ----------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
         """TrainConfig overrides from the advanced section."""
@@ -275,7 +335,7 @@ class TrainWidgetLayout(QWidget):
         """Enable the controls that make sense while (not) training."""
         for w in (self.image_combo, self.labels_combo, self.new_labels_btn, self.extra_list, self.preset_combo,
                   self.start_combo, self.start_path, self.browse_btn, self.device_combo, self.advanced,
-                  self.load_ckpt_btn, self.train_btn):
+                  self.load_ckpt_btn, self.train_btn, self.train_on_btn, self.open_session_btn):
             w.setEnabled(not running)
         self.pause_btn.setEnabled(running and not paused)
         self.resume_btn.setEnabled(running and paused)

@@ -39,6 +39,7 @@ class LayerPickerWidget(TrainWidgetLayout):
         self.versions = lc.LayerVersions()
         self.last_error = ""
         self._info_source: Labels | None = None
+        self._labeled_seen: tuple | None = None  # labeled slices when the info line was written
         self._named_layers: set[Any] = set()
         layers = self.viewer.layers
         for name in ("inserted", "removed", "moved", "reordered"):
@@ -161,13 +162,26 @@ class LayerPickerWidget(TrainWidgetLayout):
         if self._info_source is not None:
             for sig in (self._info_source.events.data, self._info_source.events.paint):
                 sig.disconnect(self.update_info)
+            self._info_source.events.set_data.disconnect(self._on_labels_refreshed)
         self._info_source = labels
+        self._labeled_seen = None
         if labels is not None:
             labels.events.data.connect(self.update_info)
             labels.events.paint.connect(self.update_info)
+            # napari's undo / redo emit no paint event, only a refresh (set_data, also sent when slicing)
+            labels.events.set_data.connect(self._on_labels_refreshed)
         for lay in (self.image_layer(), labels):
             if lay is not None:
                 self.versions.watch(lay)
+
+    def _on_labels_refreshed(self, event: Any = None) -> None:
+        """Update the info line when the set of labeled slices changed (undo / redo)."""
+        labels = self._info_source
+        if labels is None:
+            return
+        seen = tuple(lc.labeled_slices(np.asarray(labels.data)))
+        if seen != self._labeled_seen:
+            self.update_info()
 
     def update_info(self, event: Any = None) -> None:
         """Refresh the line "k of n slices labeled: …; m unlabeled"."""
@@ -186,6 +200,7 @@ class LayerPickerWidget(TrainWidgetLayout):
                 f"{tuple(image.data.shape)}"
             )
             return
+        self._labeled_seen = tuple(lc.labeled_slices(np.asarray(labels.data)))
         text = lc.slice_summary(np.asarray(labels.data), image.data.shape)
         extra = self.extra_layers()
         if extra:

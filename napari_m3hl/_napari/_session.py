@@ -56,6 +56,33 @@ class TrainRequest:
     preview_every_s: float | None = 5.0
     mix_preview_every_s: float | None = 5.0
     cpu_threads: int | None = None
+    autosave: "SessionSnapshot | None" = None
+
+
+@dataclass
+class SessionSnapshot:
+    """A session folder's content, as plain data taken in the GUI thread.
+
+    ``labels``: copy of the user's whole Labels layer; ``geometry``: its
+    ``scale``/``translate``/``metadata`` (NIfTI affine and header);
+    ``checkpoint``: a checkpoint file to copy in (None: keep the folder's).
+    """
+
+    folder: Path
+    labels: np.ndarray
+    geometry: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class SessionOpened:
+    """What :func:`open_session_job` hands back: the session and, when the
+    session's image was not open, that image read from its source file."""
+
+    session: Any  # napari_m3hl.session.Session
+    image: tuple | None = None  # (data, kwargs, "image") from the NIfTI reader
 
 
 @dataclass
@@ -109,13 +136,19 @@ def build_train_data(req: TrainRequest):
 
 
 def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
-    """Worker generator: build the data, then yield the trainer's events."""
+    """Worker generator: autosave the session's labels (if asked), build the
+    data, then yield the trainer's events; the final checkpoint is copied
+    into the session folder at the end."""
+    from .. import events as ev
     from ..trainer import train
 
+    if req.autosave is not None:
+        save_session_job(req.autosave)
     data, preview = build_train_data(req)
     yield DataReady(len(data.labeled), len(data.unlabeled), preview)
+    finished = None
     with torch_threads(req.cpu_threads):
-        yield from train(
+        for e in train(
             req.config,
             data,
             req.out_dir,
@@ -126,7 +159,15 @@ def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
             preview_token=req.token,
             preview_every_s=req.preview_every_s,
             mix_preview_every_s=req.mix_preview_every_s,
-        )
+        ):
+            if isinstance(e, ev.TrainFinished):
+                finished = e
+            yield e
+    if req.autosave is not None and finished is not None and finished.checkpoint:
+        from ..session import save_checkpoint_copy
+
+        save_checkpoint_copy(req.autosave.folder, finished.checkpoint,
+                             {"iteration": finished.iteration, "run_dir": str(req.out_dir)})
 
 
 def predict_job(
@@ -139,7 +180,7 @@ def predict_job(
 ) -> Iterator[tuple[int, int]]:
     """Worker generator: segment each ``(D, H, W)`` frame; yields (done, total),
     returns uint8 labels stacked like the input (3D for one frame, else 4D)."""
-    from ..checkpoint import load_model
+    from ..checkpoint import image_interp, load_model
     from ..inference import predict_volume_2d
     from ..io import normalize_intensity
     from ..runtime import resolve_device, tune_malloc
@@ -155,9 +196,71 @@ def predict_job(
         yield (i, len(volumes))
         with torch_threads(cpu_threads):
             out.append(predict_volume_2d(model, normalize_intensity(vol), patch=patch, device=dev,
-                                         batch_size=batch_size))
+                                         batch_size=batch_size, resize_input=image_interp(ckpt)))
     yield (len(volumes), len(volumes))
     return out[0] if len(out) == 1 else np.stack(out)
+
+
+def analyse_job(
+    checkpoint: str | Path,
+    volume: np.ndarray,
+    method: str = "entropy",
+    device: str = "auto",
+    cpu_threads: int | None = None,
+) -> Any:
+    """Worker function: student (and teacher) predictions of one ``(D, H, W)``
+    frame and the per-slice uncertainty (:class:`napari_m3hl.suggest.SliceAnalysis`).
+
+    A checkpoint without a teacher (a shipped model file) scores by the
+    student's entropy whatever ``method`` asks; ``analysis.method`` says which.
+    """
+    from ..checkpoint import image_interp, load_checkpoint, model_from_checkpoint
+    from ..io import normalize_intensity
+    from ..runtime import resolve_device, tune_malloc
+    from ..suggest import analyse_volume
+
+    tune_malloc()
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    patch = tuple(ckpt["patch_size"])
+    if len(patch) != 2:
+        raise M3HLInputError(f"checkpoint {checkpoint} holds a {len(patch)}D model; the widget suggests with 2D models")
+    student = model_from_checkpoint(ckpt, "student", dev)
+    teacher = model_from_checkpoint(ckpt, "teacher", dev) if "teacher" in ckpt else None
+    if teacher is None and method == "disagreement":
+        method = "entropy"
+    with torch_threads(cpu_threads):
+        return analyse_volume(student, normalize_intensity(volume), teacher, method, patch,
+                              resize_input=image_interp(ckpt), device=dev)
+
+
+def save_session_job(snap: SessionSnapshot) -> str:
+    """Worker function: write the session folder (labels, settings, facts, checkpoint)."""
+    from ..session import save_session
+    from ._writer import geometry_from_meta
+
+    affine, header, _ = geometry_from_meta(snap.geometry, np.ndim(snap.labels))
+    folder = save_session(snap.folder, snap.labels, affine, header, checkpoint=snap.checkpoint,
+                          settings=snap.settings, meta=snap.meta)
+    return str(folder)
+
+
+def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> SessionOpened:
+    """Worker function: read a session folder; read its image file too when
+    it is not among ``open_sources`` (source paths of the open layers) and exists."""
+    from ..session import load_session
+
+    sess = load_session(folder)
+    src = sess.meta.get("image_source")
+    image = None
+    if src and str(src) not in set(map(str, open_sources)) and Path(src).is_file():
+        from ._reader import read_nifti
+
+        data, kwargs, kind = read_nifti(str(src))[0]
+        if kind == "image":
+            kwargs["name"] = sess.meta.get("image_name", kwargs.get("name"))
+            image = (data, kwargs, kind)
+    return SessionOpened(sess, image)
 
 
 def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channels: int = 1) -> dict[str, Any]:
@@ -374,6 +477,17 @@ class TrainingSession:
             raise M3HLInputError("no model yet: train first, or load a checkpoint / model file")
         return self._start(predict_job, ckpt, list(volumes), which, device, batch_size, gui_cpu_threads(),
                            connect=connect)
+
+    def analyse(self, volume: np.ndarray, method: str, connect: dict[str, Handler], device: str = "auto"):
+        if not self.checkpoint:
+            raise M3HLInputError("no model yet: train first, or load a checkpoint / model file")
+        return self._start(analyse_job, self.checkpoint, volume, method, device, gui_cpu_threads(), connect=connect)
+
+    def save_session(self, snap: SessionSnapshot, connect: dict[str, Handler]):
+        return self._start(save_session_job, snap, connect=connect)
+
+    def open_session(self, folder: str | Path, open_sources: Sequence[str], connect: dict[str, Handler]):
+        return self._start(open_session_job, str(folder), list(open_sources), connect=connect)
 
     def load_checkpoint(self, path: str | Path, arch: str, num_classes: int, connect: dict[str, Handler]):
         return self._start(load_checkpoint_job, str(path), arch, num_classes, connect=connect)

@@ -26,6 +26,7 @@ from .. import events as ev
 from ..config import TrainConfig, list_presets, load_preset, read_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
+from ._assist import AssistMixin
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
 from ._session import DataReady, TrainingSession, TrainRequest, describe_error
@@ -87,7 +88,7 @@ class RunState:
     pseudo: np.ndarray | None = None
 
 
-class M3HLWidget(LayerPickerWidget):
+class M3HLWidget(AssistMixin, LayerPickerWidget):
     """Dock widget: paint a few slices, train M³HL, watch, predict, export.
 
     Attributes useful to scripts and tests:
@@ -109,8 +110,10 @@ class M3HLWidget(LayerPickerWidget):
         self.run: RunState | None = None
         self._n_runs = 0
         self._seg_token: tuple | None = None  # version of 'M³HL segmentation' when last written
+        self._init_assist()
 
         self.run_dir_label.setText(breakable(f"Run folder: {self.session.out_dir}"))
+        self._show_session_folder(autosave_only=True)
         self.preset_combo.addItems(presets_2d())
         self.variant_combo.setCurrentText(GUI_VARIANT)
         self._connect()
@@ -235,7 +238,10 @@ class M3HLWidget(LayerPickerWidget):
             )
         return image, labels
 
-    def _make_request(self) -> tuple[TrainRequest, RunState]:
+    def _make_request(self, resume_from: str | Path | None = None,
+                      iterations: int | None = None) -> tuple[TrainRequest, RunState]:
+        """The request for a run: the start mode's, or ``resume_from`` for
+        ``iterations`` in all (Train on)."""
         image, labels = self._check_inputs()
         lab = np.asarray(labels.data)
         if lc.labeled_slices(lab).size == 0:
@@ -244,6 +250,8 @@ class M3HLWidget(LayerPickerWidget):
                 f"(2-3 slices spread from base to apex work well)."
             )
         config = self.build_config()
+        if iterations is not None:
+            config = config.replace(iterations=int(iterations))
         from ..runtime import resolve_device
 
         resolve_device(config.device)  # cheap; raises a clear error for an absent GPU
@@ -255,8 +263,12 @@ class M3HLWidget(LayerPickerWidget):
             )
         mode = self.start_combo.currentIndex()
         start_file = self.start_path.text().strip()
-        init_from = resume_from = None
-        if mode > 0:
+        init_from = None
+        if resume_from is not None:
+            resume_from = Path(resume_from)
+            if not resume_from.is_file():
+                raise M3HLInputError(f"The checkpoint to continue, '{resume_from}', no longer exists; press Train.")
+        elif mode > 0:
             if not start_file:
                 raise M3HLInputError(f"'{START_MODES[mode]}' needs a checkpoint or model file: click Browse….")
             if not Path(start_file).is_file():
@@ -289,22 +301,36 @@ class M3HLWidget(LayerPickerWidget):
             config=config, images=images, labels=labels_copy, extra=extra_frames, names=names,
             preview_frame=preview_frame, out_dir=run_dir, init_from=init_from, resume_from=resume_from,
             token=token, preview_every_s=self.preview_every_s, mix_preview_every_s=self.mix_preview_every_s,
+            autosave=self.session_snapshot(self.autosave_folder(), with_checkpoint=False),
         )
         state = RunState(image=image, labels=labels, token=token, preview_frame=preview_frame,
                          class_names=tuple(config.class_names), run_dir=run_dir, batch_size=config.batch_size)
         return req, state
 
-    def start_training(self) -> bool:
-        """Validate, copy the data and start a training worker. Returns False on bad input."""
+    def start_training(self, resume_from: str | Path | None = None, iterations: int | None = None) -> bool:
+        """Validate, copy the data and start a training worker. Returns False on bad input.
+
+        ``resume_from`` / ``iterations``: continue that checkpoint up to
+        ``iterations`` in all (Train on) instead of the Start mode's choice.
+        """
         if self.session.training:
             self._error("A training run is going: stop it before starting another.")
             return False
         try:
-            req, state = self._make_request()
+            req, state = self._make_request(resume_from, iterations)
         except M3HLInputError as exc:
             self._error(str(exc))
             return False
         self.run = state
+        how = ("train on" if resume_from is not None else START_MODES[self.start_combo.currentIndex()].lower())
+        self.run_history.append({
+            "run_dir": str(state.run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": how,
+            "from": str(req.resume_from or req.init_from or ""), "image": state.image.name,
+            "labels": state.labels.name, "labeled_slices": [int(i) for i in lc.labeled_slices(req.labels[0])]
+            if len(req.labels) == 1 else int(sum(lc.labeled_slices(f).size for f in req.labels)),
+            "config": req.config.to_dict(),
+        })
+        self._show_session_folder(autosave_only=self.session_folder is None)
         lc.prepare_overlays(self.viewer, state.image, req.config.patch_size, state.class_names)
         self.loss_plot.clear()
         self.progress.setRange(0, req.config.iterations)
@@ -430,11 +456,18 @@ class M3HLWidget(LayerPickerWidget):
             run.finished = e
         if e.checkpoint:
             self.session.checkpoint = e.checkpoint
+            self.model_iteration = int(e.iteration)
+            self.model_resumable = True
+        if self.run_history:
+            self.run_history[-1].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": int(e.iteration),
+                                         "stopped": bool(e.stopped), "checkpoint": e.checkpoint})
         how = "Stopped" if e.stopped else "Finished"
         self._status(f"{how} at iteration {e.iteration}; checkpoint {e.checkpoint or '(not saved)'}")
         self.progress.setFormat(f"{how.lower()} at %v / %m")
         if self.auto_predict and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
             self.predict(image=run.image)
+        if self.auto_suggest and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
+            self.suggest(image=run.image)
 
     def _on_train_error(self, exc: BaseException) -> None:
         run = self.run
@@ -457,6 +490,13 @@ class M3HLWidget(LayerPickerWidget):
         needs_file = self.start_combo.currentIndex() > 0
         self.start_path.setVisible(needs_file)
         self.browse_btn.setVisible(needs_file)
+        self._update_assist_buttons()
+
+    def update_info(self, event: Any = None) -> None:
+        """The info line, and the suggestion list (labeled slices drop out of it)."""
+        super().update_info(event)
+        if hasattr(self, "suggestions"):
+            self.refresh_suggestions()
 
     def predict(self, image: Image | None = None) -> bool:
         """Segment ``image`` (default: the selected one) with the latest model in a worker."""
@@ -568,6 +608,8 @@ class M3HLWidget(LayerPickerWidget):
 
     def _on_checkpoint_loaded(self, info: dict[str, Any]) -> None:
         self.session.checkpoint = info["path"]
+        self.model_iteration = int(info["iteration"])
+        self.model_resumable = bool(info["resumable"])
         self.start_path.setText(info["path"])
         self.start_combo.setCurrentIndex(1)
         self._update_buttons()

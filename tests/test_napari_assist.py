@@ -1,0 +1,203 @@
+"""The annotation loop in the dock widget (under Xvfb): suggest the next slice,
+accept a slice as one undoable edit, train on, save and reopen a session."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import torch
+from gui_helpers import WAIT_MS, train_and_wait, wait_idle
+
+from napari_m3hl._napari import _layers as lc
+
+
+def _wait_suggestions(qtbot, w):
+    qtbot.waitUntil(lambda: w.suggestions is not None and not w.session.busy, timeout=WAIT_MS)
+
+
+def _slice_in_view(viewer, layer) -> int:
+    return lc.slice_in_view(viewer, layer)[-1]
+
+
+def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
+    viewer, w = make_widget()
+    image = viewer.layers["phantom image"]
+    assert not w.suggest_btn.isEnabled() and not w.next_btn.isEnabled()
+    train_and_wait(qtbot, w)
+    _wait_suggestions(qtbot, w)  # suggestions follow every run
+    a = w.suggestions.analysis
+    assert a.method == "entropy" and a.scores.shape == (6,)
+    ranked = w.ranked_slices()
+    assert sorted(ranked) == [0, 2, 4, 5]  # slices 1 and 3 are painted
+    assert list(np.argsort(-a.scores[ranked], kind="stable")) == [0, 1, 2, 3]  # most uncertain first
+    assert w.suggest_list.count() == 4 and w.suggest_list.item(0).text().startswith(f"slice {ranked[0]} ")
+
+    # Next goes to the top suggestion, pressed again to the second
+    assert w.next_suggested() == ranked[0] and _slice_in_view(viewer, image) == ranked[0]
+    assert w.next_suggested() == ranked[1] and _slice_in_view(viewer, image) == ranked[1]
+    # a click in the list goes to that slice
+    w._on_suggestion_clicked(w.suggest_list.item(2))
+    assert _slice_in_view(viewer, image) == ranked[2]
+
+    # disagreement overlay: its own read-only layer, 1 where student and teacher differ
+    w.score_combo.setCurrentText("disagreement")
+    assert w.suggest()
+    qtbot.waitUntil(lambda: w.suggestions.analysis.method == "disagreement" and not w.session.busy, timeout=WAIT_MS)
+    w.disagree_check.setChecked(True)
+    layer = viewer.layers[lc.DISAGREEMENT]
+    a = w.suggestions.analysis
+    np.testing.assert_array_equal(layer.data, (a.student != a.teacher).astype(np.uint8))
+    assert layer.data.shape == image.data.shape and not layer.editable and layer.visible
+    assert tuple(layer.scale) == tuple(image.scale)
+    w.disagree_check.setChecked(False)
+    assert not layer.visible
+    # the user's labels were never written
+    assert np.array_equal(np.flatnonzero(viewer.layers["phantom labels"].data.any(axis=(1, 2))), [1, 3])
+
+
+def test_accept_slice_is_one_undoable_edit(make_widget, qtbot, errors):
+    viewer, w = make_widget()
+    labels = viewer.layers["phantom labels"]
+    truth = viewer.layers["phantom ground truth (reference only)"].data
+    train_and_wait(qtbot, w)
+    _wait_suggestions(qtbot, w)
+    before = labels.data.copy()
+    z = w.next_suggested()
+    seg = viewer.layers[lc.SEGMENTATION]
+    fixed = seg.data.copy()
+    fixed[z] = truth[z]  # the clinician fixes the segmentation of this slice
+    seg.data = fixed
+    assert w.accept_slice()
+    np.testing.assert_array_equal(labels.data[z], truth[z])
+    others = [k for k in range(6) if k != z]
+    np.testing.assert_array_equal(labels.data[others], before[others])
+    assert z not in w.ranked_slices() and w.suggest_list.count() == 3  # now counts as labeled
+    assert w.info_label.text().startswith("3 of 6 slices labeled")
+    assert viewer.layers.selection.active.name == labels.name  # Ctrl+Z goes to the labels
+    labels.undo()  # napari's own undo: the whole accept in one step
+    np.testing.assert_array_equal(labels.data, before)
+    assert z in w.ranked_slices() and w.info_label.text().startswith("2 of 6 slices labeled")
+    labels.redo()
+    np.testing.assert_array_equal(labels.data[z], truth[z])
+
+    # an empty slice of the segmentation is not accepted (it could not count as labeled)
+    empty = seg.data.copy()
+    empty[0] = 0
+    seg.data = empty
+    n_errors = len(errors)
+    assert not w.accept_slice(index=(0,))
+    assert len(errors) == n_errors + 1 and "slice 0 is empty" in errors[-1]
+    np.testing.assert_array_equal(labels.data[0], before[0])
+
+
+def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
+    viewer, w = make_widget()
+    labels = viewer.layers["phantom labels"]
+    truth = viewer.layers["phantom ground truth (reference only)"].data
+    assert not w.train_on_btn.isEnabled()
+    train_and_wait(qtbot, w)
+    _wait_suggestions(qtbot, w)
+    first = torch.load(w.session.checkpoint, weights_only=True)
+    assert first["iteration"] == 4 and w.model_iteration == 4 and w.train_on_btn.isEnabled()
+    # accept a slice, then train on for 3 more iterations
+    seg = viewer.layers[lc.SEGMENTATION]
+    fixed = seg.data.copy()
+    fixed[5] = truth[5]
+    seg.data = fixed
+    assert w.accept_slice(index=(5,))
+    w.train_on_spin.setValue(3)
+    started = []
+    orig = w._on_event
+    w._on_event = lambda e: (started.append(e), orig(e))  # type: ignore[method-assign]
+    train_and_wait(qtbot, w, resume_from=w.session.checkpoint, iterations=w.model_iteration + 3)
+    from napari_m3hl import events as ev
+    from napari_m3hl._napari._session import DataReady
+
+    ready = next(e for e in started if isinstance(e, DataReady))
+    begin = next(e for e in started if isinstance(e, ev.TrainStarted))
+    assert ready.n_labeled == 3 and begin.start_iteration == 4 and begin.total_iterations == 7
+    second = torch.load(w.session.checkpoint, weights_only=True)
+    assert second["iteration"] == 7 and w.model_iteration == 7
+    assert not torch.equal(second["optimizer"]["state"][0]["momentum_buffer"],
+                           first["optimizer"]["state"][0]["momentum_buffer"])
+    # the Train on button does the same
+    w._on_event = orig  # type: ignore[method-assign]
+    w.suggestions = None
+    w.train_on_btn.click()
+    qtbot.waitUntil(lambda: w.run.finished is not None and w.run.finished.iteration == 10, timeout=WAIT_MS)
+    _wait_suggestions(qtbot, w)
+    assert [r["how"] for r in w.run_history] == ["fine-tune from file", "train on", "train on"]
+    # each Train autosaved the labels (with the accepted slice) and the run's checkpoint
+    folder = w.autosave_folder()
+    qtbot.waitUntil(lambda: (folder / "checkpoint.pt").is_file(), timeout=WAIT_MS)
+    from napari_m3hl.session import load_session
+
+    sess = load_session(folder)
+    np.testing.assert_array_equal(sess.labels, labels.data)
+    assert sess.meta["labeled_slices"] == [1, 3, 5] and torch.load(sess.checkpoint, weights_only=True)["iteration"] == 10
+
+
+def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors):
+    from napari_m3hl._napari._sample import phantom_layers
+
+    # a NIfTI image, opened through the plugin's reader as a clinician would
+    (img, meta, _), (truth, _, _), _ = phantom_layers(shape=(6, 64, 64), painted=())
+    affine = meta["metadata"]["affine"]
+    path = tmp_path / "heart.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(img, (2, 1, 0)).astype(np.float32), affine), str(path))
+    viewer, w = make_widget(phantom=False)
+    viewer.open(str(path), plugin="napari-m3hl")
+    labels = w.new_labels_layer()
+    labels.data = np.where(np.isin(np.arange(6), [1, 4])[:, None, None], truth, 0).astype(np.uint8)
+    train_and_wait(qtbot, w)
+    _wait_suggestions(qtbot, w)
+    w.score_combo.setCurrentText("margin")
+    w.train_on_spin.setValue(7)
+    folder = tmp_path / "my session"
+    assert w.save_session(folder)
+    qtbot.waitUntil(lambda: "Session saved" in w.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    assert {p.name for p in folder.iterdir()} >= {"labels.nii.gz", "checkpoint.pt", "settings.json", "session.json"}
+    saved = nib.load(str(folder / "labels.nii.gz"))
+    np.testing.assert_allclose(saved.affine, affine)  # the image's geometry
+    np.testing.assert_array_equal(np.transpose(np.asarray(saved.dataobj), (2, 1, 0)), labels.data)
+
+    # a new napari: nothing open; the session brings back image, labels, model, settings
+    viewer2, w2 = make_widget(phantom=False)
+    assert w2.open_session(folder)
+    qtbot.waitUntil(lambda: "opened" in w2.status_label.text() or bool(w2.last_error), timeout=WAIT_MS)
+    assert w2.last_error == ""
+    wait_idle(qtbot, w2)
+    assert w2.image_layer().name == "heart" and w2.image_layer().metadata["source_path"] == str(path)
+    np.testing.assert_array_equal(w2.labels_layer().data, labels.data)
+    np.testing.assert_allclose(w2.labels_layer().scale, viewer.layers["heart"].scale)
+    assert w2.score_combo.currentText() == "margin" and w2.train_on_spin.value() == 7
+    assert w2.session.checkpoint == str(folder / "checkpoint.pt") and w2.model_iteration == 4
+    assert w2.train_on_btn.isEnabled() and lc.SEGMENTATION in viewer2.layers  # predicted on open
+    # and the loop goes on: Train on from the reopened session
+    w2.train_on_spin.setValue(2)
+    assert w2.train_on()
+    qtbot.waitUntil(lambda: w2.run.finished is not None, timeout=WAIT_MS)
+    assert w2.run.finished.iteration == 6
+    wait_idle(qtbot, w2)
+    assert [r["how"] for r in w2.run_history] == ["fine-tune from file", "train on"]
+
+    # without its image the session says what to do
+    viewer3, w3 = make_widget(phantom=False)
+    path.unlink()
+    n = len(errors)
+    assert w3.open_session(folder)
+    qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
+    assert "heart" in errors[-1] and "(6, 64, 64)" in errors[-1] and "Open session" in errors[-1]
+    assert not [lay for lay in viewer3.layers]
+
+
+def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp_path):
+    viewer, w = make_widget()
+    assert not w.suggest() and "train first" in errors[-1]
+    assert w.next_suggested() is None and "Suggest slices" in errors[-1]
+    assert not w.accept_slice() and "Predict" in errors[-1]
+    assert not w.train_on() and "Press Train first" in errors[-1]
+    n = len(errors)
+    assert w.open_session(tmp_path)  # read in a worker, which reports the error
+    qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
+    assert "not an M³HL session folder" in errors[-1]
