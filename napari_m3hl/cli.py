@@ -82,6 +82,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the per-case and summary metrics here")
 
 
+def _add_suggest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("suggest", help="rank the unlabeled slices of a NIfTI volume: which to label next")
+    p.add_argument("--checkpoint", required=True, help="a 2D checkpoint (with its EMA teacher for 'disagreement')")
+    p.add_argument("--image", required=True, help="a 3D .nii/.nii.gz volume")
+    p.add_argument("--labels", default=None, help="its partial labels (.nii/.nii.gz); labeled slices are left out")
+    p.add_argument("--score", choices=["entropy", "disagreement", "margin"], default=None,
+                   help="uncertainty score (default: the measured default, see docs/benchmarks.md)")
+    p.add_argument("--top", type=int, default=5, help="how many slices to list")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write every slice's score and the ranking here")
+
+
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic cardiac MR phantom volumes (+ full labels) as NIfTI")
     p.add_argument("--output", required=True, help="folder for phantom_<seed>.nii.gz and phantom_<seed>_labels.nii.gz")
@@ -96,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_suggest(sub)
     _add_phantom(sub)
     return parser
 
@@ -342,6 +355,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
+    from .io import load_nifti, normalize_intensity
+    from .runtime import resolve_device, tune_malloc
+    from .suggest import DEFAULT_METHOD, analyse_volume
+
+    tune_malloc()
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    if len(ckpt["patch_size"]) != 2:
+        raise M3HLInputError(f"{args.checkpoint} holds a 3D model; slice suggestions need a 2D (slice-wise) model")
+    vol = load_nifti(args.image)
+    if vol.data.ndim != 3:
+        raise M3HLInputError(f"{args.image} has shape {vol.data.shape}; suggest takes one 3D volume (split a cine first)")
+    labeled: list[int] = []
+    if args.labels:
+        lab = load_nifti(args.labels).data
+        if lab.shape != vol.data.shape:
+            raise M3HLInputError(f"labels {args.labels} have shape {lab.shape} (Z, Y, X) but the image has "
+                                 f"{vol.data.shape}; give the labels drawn on this image")
+        labeled = [int(z) for z in np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))]
+    method = args.score or DEFAULT_METHOD
+    teacher = model_from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
+    if method == "disagreement" and teacher is None:
+        raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin")
+    student = model_from_checkpoint(ckpt, "student", device)
+    a = analyse_volume(student, normalize_intensity(vol.data), teacher, method, tuple(ckpt["patch_size"]),
+                       resize_input=image_interp(ckpt), device=device)
+    ranking = a.ranking(labeled)
+    print(f"{len(ranking)} unlabeled of {len(a.scores)} slices; most uncertain by {method}:")
+    for rank, z in enumerate(ranking[: args.top], 1):
+        print(f"  {rank}. slice {z}  {method} {a.scores[z]:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"image": str(args.image), "checkpoint": str(args.checkpoint),
+                                               "score": method, "labeled": labeled, "ranking": ranking,
+                                               "scores": [float(x) for x in a.scores]}, indent=2))
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import save_phantom_nifti
 
@@ -357,7 +409,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "phantom": cmd_phantom}[args.command](args)
+        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "suggest": cmd_suggest,
+                "phantom": cmd_phantom}[args.command](args)
     except M3HLInputError as exc:
         print(f"m3hl {args.command}: error: {exc}", file=sys.stderr)
         return 2

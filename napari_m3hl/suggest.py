@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 METHODS = ("entropy", "disagreement", "margin")
+#: The default score, chosen by ``benchmarks/active_learning.py`` (docs/benchmarks.md).
+DEFAULT_METHOD = "entropy"
 
 
 def _roi(labels_a: np.ndarray, labels_b: np.ndarray | None) -> np.ndarray:

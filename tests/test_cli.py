@@ -158,3 +158,29 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["stopped_early"] is True and 0 < run["iterations_done"] < 100000
     assert (tmp_path / "last.pt").is_file()
+
+
+def test_suggest_ranks_unlabeled_slices(trained, tmp_path, capsys):
+    assert main(["phantom", "--output", str(tmp_path), "--seed", "4"]) == 0
+    img, lab = tmp_path / "phantom_4.nii.gz", tmp_path / "phantom_4_labels.nii.gz"
+    full = nib.load(lab)
+    part = np.asanyarray(full.dataobj).copy()
+    keep = np.zeros(part.shape[2], bool)
+    keep[[2, 5]] = True
+    part[:, :, ~keep] = 0  # (x, y, z): slices 2 and 5 labeled
+    nib.save(nib.Nifti1Image(part, full.affine), tmp_path / "partial.nii.gz")
+    out = tmp_path / "s.json"
+    capsys.readouterr()
+    assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
+                 str(tmp_path / "partial.nii.gz"), "--score", "disagreement", "--top", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["labeled"] == [2, 5] and sorted(res["ranking"]) == [z for z in range(part.shape[2]) if z not in (2, 5)]
+    scores = np.array(res["scores"])
+    assert list(scores[res["ranking"]]) == sorted(scores[res["ranking"]], reverse=True)
+    assert f"{len(res['ranking'])} unlabeled" in printed and f"1. slice {res['ranking'][0]} " in printed
+    # mismatched labels are refused with both shapes named
+    nib.save(nib.Nifti1Image(part[:, :, :3], full.affine), tmp_path / "short.nii.gz")
+    assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
+                 str(tmp_path / "short.nii.gz")]) == 2
+    assert "have shape" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 from gui_helpers import WAIT_MS, train_and_wait, wait_idle
 
 from napari_m3hl._napari import _layers as lc
+from napari_m3hl.suggest import DEFAULT_METHOD
 
 
 def _wait_suggestions(qtbot, w):
@@ -25,7 +26,7 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)  # suggestions follow every run
     a = w.suggestions.analysis
-    assert a.method == "entropy" and a.scores.shape == (6,)
+    assert a.method == DEFAULT_METHOD and a.scores.shape == (6,)
     ranked = w.ranked_slices()
     assert sorted(ranked) == [0, 2, 4, 5]  # slices 1 and 3 are painted
     assert list(np.argsort(-a.scores[ranked], kind="stable")) == [0, 1, 2, 3]  # most uncertain first

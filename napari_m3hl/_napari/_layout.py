@@ -32,13 +32,14 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from ..suggest import DEFAULT_METHOD, METHODS
 from ._plot import LossPlot
 
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 VARIANTS = ("paper", "reference")
-#: Slice suggestion scores (napari_m3hl.suggest.METHODS), the measured default first.
-SUGGEST_SCORES = ("entropy", "disagreement", "margin")
+#: Slice suggestion scores (napari_m3hl.suggest.METHODS); the default is ``suggest.DEFAULT_METHOD``.
+SUGGEST_SCORES = METHODS
 TRAIN_ON_ITERATIONS = 200
 DEFAULT_CARDIAC_MODEL = "acdc70_unet2d.pt"
 
@@ -252,6 +253,7 @@ class TrainWidgetLayout(QWidget):
         lay = QVBoxLayout(box)
         self.score_combo = QComboBox()
         self.score_combo.addItems(SUGGEST_SCORES)
+        self.score_combo.setCurrentText(DEFAULT_METHOD)
         self.score_combo.setToolTip(
             "How unsure the model is about a slice: entropy of the student's prediction, share of pixels where "
             "student and teacher disagree, or 1 − margin between the two likeliest classes (heart region only)"
