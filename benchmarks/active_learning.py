@@ -112,6 +112,7 @@ def plot(result: dict, path: Path) -> None:
     series = {k: [(r["labeled_slices"], 100 * r["mean_dice"]) for r in rows] for k, rows in result["strategies"].items()}
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
+    ys += [100 * r[k] for rows in result["strategies"].values() for r in rows for k in ("min_dice", "max_dice") if k in r]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = max(0.0, min(ys) - 5), min(100.0, max(ys) + 5)
     w, h, m = 560, 340, 55
@@ -135,6 +136,11 @@ def plot(result: dict, path: Path) -> None:
         out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
                    + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts) + '"/>')
         out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
+        for r in result["strategies"][name]:  # range over the seeds, slightly offset per strategy
+            if r.get("seeds", 1) > 1:
+                x = sx(r["labeled_slices"]) + (i - len(series) / 2) * 3
+                out.append(f'<line x1="{x:.1f}" y1="{sy(100 * r["min_dice"]):.1f}" x2="{x:.1f}" '
+                           f'y2="{sy(100 * r["max_dice"]):.1f}" stroke="{c}" stroke-opacity="0.5"/>')
         out.append(f'<text x="{w - m - 90}" y="{m + 16 * i}" fill="{c}">{name}</text>')
     out.append("</svg>")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +188,13 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2))
         shared.cleanup()
+    result["slices_to_reach"] = {f"{t:.2f}": {s: slices_to_reach(rows, t) for s, rows in result["strategies"].items()}
+                                 for t in (0.70, 0.75, 0.80)}
+    out.write_text(json.dumps(result, indent=2))
     plot(result, Path(args.plot))
     print(markdown_table(result))
+    print()
+    print(reach_table(result))
 
 
 def average_runs(runs: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
@@ -199,6 +210,24 @@ def average_runs(runs: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]
                    "max_dice": float(np.max([rows[r]["mean_dice"] for rows in seeds])),
                    "seeds": len(seeds)} for r in range(n_rounds)]
     return out
+
+
+def slices_to_reach(rows: list[dict], dice: float) -> int | None:
+    """Fewest labeled slices (all volumes) at which the mean Dice reached ``dice`` (a fraction); None: never."""
+    for r in rows:
+        if r["mean_dice"] >= dice:
+            return int(r["labeled_slices"])
+    return None
+
+
+def reach_table(result: dict, thresholds: tuple[float, ...] = (0.70, 0.75, 0.80)) -> str:
+    """Labeled slices each strategy needed to reach each mean Dice (— : not within the rounds)."""
+    names = list(result["strategies"])
+    lines = ["| mean Dice reached | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for t in thresholds:
+        cells = [slices_to_reach(result["strategies"][s], t) for s in names]
+        lines.append(f"| ≥ {100 * t:.0f} % | " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(result: dict) -> str:

@@ -182,10 +182,17 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     assert widget.start_training(), widget.last_error
     wait_until(app, lambda: widget.run.finished is not None and widget.suggestions is not None
                and not widget.session.busy and lc.SEGMENTATION in viewer.layers, 3600)
-    for name in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS):
+    for name in (lc.MIX_PREVIEW, lc.MIX_TARGETS):  # not part of this story: out of the frame
         if name in viewer.layers:
-            viewer.layers[name].visible = False
+            viewer.layers.remove(name)
+    viewer.layers[lc.PSEUDO_LABELS].visible = False
     viewer.reset_view()
+    cam = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    truth = viewer.layers["phantom ground truth (reference only)"]
+    yx = np.argwhere(truth.data.any(axis=0)).mean(axis=0) * np.asarray(truth.scale[-2:])
+    cam.center = tuple(cam.center)[:-2] + tuple(float(v) for v in yx)  # on the heart
+    cam.zoom = cam.zoom * 2.5
+    widget.scroll.ensureWidgetVisible(widget.train_on_btn)  # the Annotate group in view
     widget.disagree_check.setChecked(True)
     z = widget.next_suggested()
     wait_until(app, lambda: False, 0.5)
@@ -203,7 +210,8 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     folder = Path(tempfile.mkdtemp(prefix="m3hl-session-")) / "patient01"
     widget.save_session(folder)
     wait_until(app, lambda: "Session saved" in widget.status_label.text(), 120)
-    save(viewer, app, "09-session.png", widget=widget.content)
+    widget.scroll.ensureWidgetVisible(widget.session_label)
+    save(viewer, app, "09-session.png")
     widget.cleanup()
     viewer.close()
 

@@ -2,6 +2,8 @@
 accept a slice as one undoable edit, train on, save and reopen a session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import torch
@@ -202,3 +204,18 @@ def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp
     assert w.open_session(tmp_path)  # read in a worker, which reports the error
     qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
     assert "not an M³HL session folder" in errors[-1]
+
+
+def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypatch):
+    from napari_m3hl._napari import _session
+
+    def disk_full(snap):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_session, "save_session_job", disk_full)
+    viewer, w = make_widget()
+    warned: list[str] = []
+    monkeypatch.setattr(w, "_warn", warned.append)
+    train_and_wait(qtbot, w)
+    assert w.run.finished.iteration == 4 and Path(w.session.checkpoint).is_file()
+    assert any("Could not autosave" in m and "No space left" in m for m in warned)

@@ -111,6 +111,7 @@ class TrainWidgetLayout(QWidget):
             combo.setMinimumContentsLength(8)
         self.setMinimumWidth(content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
         self.content = content
+        self.scroll = scroll
 
     # ----------------------------------------------------------------- data
     def _data_group(self) -> QGroupBox:

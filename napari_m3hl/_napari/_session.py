@@ -77,6 +77,14 @@ class SessionSnapshot:
 
 
 @dataclass
+class AutosaveFailed:
+    """Yielded by a training job whose autosave failed; training goes on."""
+
+    folder: str
+    error: str
+
+
+@dataclass
 class SessionOpened:
     """What :func:`open_session_job` hands back: the session and, when the
     session's image was not open, that image read from its source file."""
@@ -143,7 +151,10 @@ def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
     from ..trainer import train
 
     if req.autosave is not None:
-        save_session_job(req.autosave)
+        try:
+            save_session_job(req.autosave)
+        except OSError as exc:  # the labels are still in napari: warn, train anyway
+            yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
     data, preview = build_train_data(req)
     yield DataReady(len(data.labeled), len(data.unlabeled), preview)
     finished = None
@@ -166,8 +177,11 @@ def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
     if req.autosave is not None and finished is not None and finished.checkpoint:
         from ..session import save_checkpoint_copy
 
-        save_checkpoint_copy(req.autosave.folder, finished.checkpoint,
-                             {"iteration": finished.iteration, "run_dir": str(req.out_dir)})
+        try:
+            save_checkpoint_copy(req.autosave.folder, finished.checkpoint,
+                                 {"iteration": finished.iteration, "run_dir": str(req.out_dir)})
+        except OSError as exc:  # the run's own checkpoint is still there
+            yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
 
 
 def predict_job(

@@ -29,7 +29,7 @@ from . import _layers as lc
 from ._assist import AssistMixin
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
-from ._session import DataReady, TrainingSession, TrainRequest, describe_error
+from ._session import AutosaveFailed, DataReady, TrainingSession, TrainRequest, describe_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -184,6 +184,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         """Write the next runs' checkpoints under ``path`` (``run-NN`` subfolders)."""
         self.session.out_dir = Path(path)
         self.run_dir_label.setText(breakable(f"Run folder: {self.session.out_dir}"))
+        self._show_session_folder(autosave_only=self.session_folder is None)
 
     def _browse_start_file(self) -> None:
         path = self._ask_open_path("Checkpoint or model file")
@@ -394,6 +395,9 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
                 f"Training on {e.device}: {e.n_labeled} labeled, {e.n_unlabeled} unlabeled slices "
                 f"({e.mode}); previews every {self.preview_every_s or '-'} s."
             )
+        elif isinstance(e, AutosaveFailed):
+            self._warn(f"Could not autosave the session to {e.folder} ({e.error}); training goes on and your "
+                       "layers are unchanged. Save session… to another folder to keep the work.")
         elif isinstance(e, ev.CheckpointSaved):
             self.session.checkpoint = e.path
             self._update_buttons()
