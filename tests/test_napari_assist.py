@@ -219,3 +219,33 @@ def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypa
     train_and_wait(qtbot, w)
     assert w.run.finished.iteration == 4 and Path(w.session.checkpoint).is_file()
     assert any("Could not autosave" in m and "No space left" in m for m in warned)
+
+
+def test_cine_suggests_and_accepts_in_the_frame_in_view(make_widget, qtbot):
+    from napari_m3hl.phantom import make_phantom
+
+    viewer, w = make_widget(phantom=False)
+    frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2)]
+    image = viewer.add_image(np.stack([f.image for f in frames]), name="cine", scale=(1.0, 10.0, 1.5, 1.5))
+    labels = w.new_labels_layer()
+    labels.data = np.zeros(image.data.shape, np.uint8)
+    labels.data[1, 2] = frames[1].label[2]
+    labels.refresh()
+    w.config_overrides["iterations"] = 2
+    viewer.dims.set_current_step(0, 1)  # time frame 1 in view
+    train_and_wait(qtbot, w)
+    _wait_suggestions(qtbot, w)
+    assert w.suggestions.frame == 1 and sorted(w.ranked_slices()) == [0, 1, 3]
+    assert w.suggest_list.item(0).text().startswith("t1 slice ")
+    z = w.next_suggested()
+    assert lc.slice_in_view(viewer, image) == (1, z)
+    seg = viewer.layers[lc.SEGMENTATION]
+    fixed = seg.data.copy()
+    fixed[1, z] = frames[1].label[z]
+    seg.data = fixed
+    before = labels.data.copy()
+    assert w.accept_slice()
+    np.testing.assert_array_equal(labels.data[1, z], frames[1].label[z])
+    changed = np.argwhere((labels.data != before).any(axis=(2, 3)))
+    assert changed.tolist() == [[1, z]]  # only that slice of that frame
+    assert z not in w.ranked_slices()
