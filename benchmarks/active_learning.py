@@ -80,27 +80,29 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
                 shutil.copyfile(workdir / "last.pt", round0)
         ckpt = workdir / "last.pt"
         student, teacher = trained_models(cfg, ckpt)
-        dices, choices = [], {}
+        dices, t_dices, choices = [], [], {}
         for i, (name, img, lab) in enumerate(vols):
             pred_s, probs_s = predict_volume_2d(student, img, patch=(args.size, args.size), return_probs=True,
-                                                  resize_input=cfg.image_interp)
+                                                resize_input=cfg.image_interp)
+            pred_t, probs_t = predict_volume_2d(teacher, img, patch=(args.size, args.size), return_probs=True,
+                                                resize_input=cfg.image_interp)
             dices.append(np.mean([dice(pred_s == c, lab == c) for c in (1, 2, 3)]))
+            t_dices.append(np.mean([dice(pred_t == c, lab == c) for c in (1, 2, 3)]))
             if rnd == args.rounds or len(labeled[i]) >= img.shape[0]:
                 continue
             if strategy in SCORES:
-                probs_t = None
-                if strategy == "disagreement":
-                    _, probs_t = predict_volume_2d(teacher, img, patch=(args.size, args.size), return_probs=True,
-                                                      resize_input=cfg.image_interp)
-                choices[i] = rank_slices(slice_scores(probs_s, probs_t, strategy), labeled[i])[0]
+                scores = slice_scores(probs_s, probs_t if strategy == "disagreement" else None, strategy)
+                choices[i] = rank_slices(scores, labeled[i])[0]
             elif strategy == "random":
                 choices[i] = int(rng.choice([z for z in range(img.shape[0]) if z not in labeled[i]]))
             else:
                 choices[i] = _even_choice(img.shape[0], labeled[i])
         rows.append({"round": rnd, "labeled_slices": int(sum(len(v) for v in labeled.values())),
                      "iterations": total_its, "mean_dice": float(np.mean(dices)),
+                     "teacher_mean_dice": float(np.mean(t_dices)),
                      "per_volume_dice": [float(d) for d in dices], "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"seed {seed} {strategy:12s} round {rnd}: {rows[-1]['labeled_slices']} slices, Dice {100 * rows[-1]['mean_dice']:.2f}",
+        print(f"seed {seed} {strategy:12s} round {rnd}: {rows[-1]['labeled_slices']} slices, Dice {100 * rows[-1]['mean_dice']:.2f} "
+              f"(EMA teacher {100 * rows[-1]['teacher_mean_dice']:.2f})",
               flush=True)
         for i, z in choices.items():
             labeled[i].append(z)
@@ -198,17 +200,22 @@ def main() -> None:
 
 
 def average_runs(runs: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
-    """Per strategy and round: mean Dice over the seeds that ran it (and their count)."""
+    """Per strategy and round: mean student Dice over the seeds that ran it (with
+    min, max and count), and the mean EMA-teacher Dice over the seeds that recorded it."""
     out: dict[str, list[dict]] = {}
     names = sorted({s for by_s in runs.values() for s in by_s}, key=lambda s: STRATEGIES.index(s))
     for s in names:
         seeds = [by_s[s] for by_s in runs.values() if s in by_s]
-        n_rounds = min(len(rows) for rows in seeds)
-        out[s] = [{"round": r, "labeled_slices": seeds[0][r]["labeled_slices"],
-                   "mean_dice": float(np.mean([rows[r]["mean_dice"] for rows in seeds])),
-                   "min_dice": float(np.min([rows[r]["mean_dice"] for rows in seeds])),
-                   "max_dice": float(np.max([rows[r]["mean_dice"] for rows in seeds])),
-                   "seeds": len(seeds)} for r in range(n_rounds)]
+        rows = []
+        for r in range(min(len(x) for x in seeds)):
+            d = [x[r]["mean_dice"] for x in seeds]
+            row = {"round": r, "labeled_slices": seeds[0][r]["labeled_slices"], "mean_dice": float(np.mean(d)),
+                   "min_dice": float(np.min(d)), "max_dice": float(np.max(d)), "seeds": len(d)}
+            t = [x[r]["teacher_mean_dice"] for x in seeds if "teacher_mean_dice" in x[r]]
+            if t:
+                row.update({"teacher_mean_dice": float(np.mean(t)), "teacher_seeds": len(t)})
+            rows.append(row)
+        out[s] = rows
     return out
 
 

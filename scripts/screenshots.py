@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
-    parser.add_argument("--part", choices=("basics", "loop", "all"), default="all")
+    parser.add_argument("--part", choices=("basics", "panel", "loop", "all"), default="all",
+                        help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09")
     parser.add_argument("--loop-iterations", type=int, default=100,
                         help="fine-tuning iterations before the loop screenshots (Train on adds half)")
     args = parser.parse_args(argv)
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.part in ("basics", "all"):
             _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
+        if args.part == "panel":
+            _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget)
         if args.part in ("loop", "all"):
             _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
     finally:
@@ -156,6 +159,20 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     widget.start_training()
     save(viewer, app, "06-error.png")
 
+    widget.cleanup()
+    viewer.close()
+
+
+def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
+    """Only the panel with its Advanced section open (02-advanced.png)."""
+    viewer = napari.Viewer(title="napari — M³HL")
+    app = QApplication.instance()
+    for data, meta, kind in phantom_layers():
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    widget = M3HLWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    widget.advanced.expand(animate=False)
+    save(viewer, app, "02-advanced.png", widget=widget.content)
     widget.cleanup()
     viewer.close()
 
