@@ -249,3 +249,20 @@ def test_cine_suggests_and_accepts_in_the_frame_in_view(make_widget, qtbot):
     changed = np.argwhere((labels.data != before).any(axis=(2, 3)))
     assert changed.tolist() == [[1, z]]  # only that slice of that frame
     assert z not in w.ranked_slices()
+
+
+def test_model_file_without_teacher_ranks_by_entropy(make_widget, qtbot, monkeypatch):
+    from gui_helpers import ROOT
+
+    viewer, w = make_widget()
+    warned: list[str] = []
+    monkeypatch.setattr(w, "_warn", warned.append)
+    assert w.load_checkpoint(str(ROOT / "models" / "acdc70_unet2d.pt"))
+    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
+    assert w.suggest_btn.isEnabled() and not w.train_on_btn.isEnabled()  # a model file has no optimiser state
+    w.score_combo.setCurrentText("disagreement")
+    assert w.suggest()
+    _wait_suggestions(qtbot, w)
+    assert w.suggestions.analysis.method == "entropy" and w.suggestions.analysis.disagreement is None
+    assert any("no teacher" in m for m in warned)
+    assert not w.disagree_check.isEnabled()

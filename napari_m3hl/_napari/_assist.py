@@ -117,6 +117,8 @@ class AssistMixin:
         self._status(f"Scoring the slices of '{image.name}' by {method}…")
 
         def done(analysis: Any) -> None:
+            if analysis.method != method:
+                self._warn(f"The model has no teacher; slices are ranked by {analysis.method} instead of {method}.")
             self._on_analysis(Suggestions(image, frame, analysis, ckpt))
 
         self.session.analyse(volume, method, device=self.device_combo.currentText(), connect={
@@ -130,8 +132,6 @@ class AssistMixin:
         if not lc.layer_in(self.viewer, sugg.image):
             return
         self.suggestions = sugg
-        if sugg.analysis.method != self.score_combo.currentText():
-            self._warn(f"The model has no teacher; slices are ranked by {sugg.analysis.method} instead.")
         self.refresh_suggestions()
         self._show_disagreement()
         ranked = self.ranked_slices()
