@@ -89,6 +89,9 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, help="its partial labels (.nii/.nii.gz); labeled slices are left out")
     p.add_argument("--score", choices=["entropy", "disagreement", "margin"], default=None,
                    help="uncertainty score (default: the measured default, see docs/benchmarks.md)")
+    p.add_argument("--network", choices=["student", "teacher"], default=None,
+                   help="whose uncertainty entropy and margin measure: the network you segment with "
+                        "(default: suggest.DEFAULT_NETWORK)")
     p.add_argument("--top", type=int, default=5, help="how many slices to list")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write every slice's score and the ranking here")
@@ -359,7 +362,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
     from .io import load_nifti, normalize_intensity
     from .runtime import resolve_device, tune_malloc
-    from .suggest import DEFAULT_METHOD, analyse_volume
+    from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, analyse_volume
 
     tune_malloc()
     device = resolve_device(args.device)
@@ -378,18 +381,22 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         labeled = [int(z) for z in np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))]
     method = args.score or DEFAULT_METHOD
     teacher = model_from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
-    if method == "disagreement" and teacher is None:
-        raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin")
+    network = args.network or (DEFAULT_NETWORK if teacher is not None else "student")
+    if teacher is None and (method == "disagreement" or network == "teacher"):
+        raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "
+                             "with --network student")
     student = model_from_checkpoint(ckpt, "student", device)
     a = analyse_volume(student, normalize_intensity(vol.data), teacher, method, tuple(ckpt["patch_size"]),
-                       resize_input=image_interp(ckpt), device=device)
+                       resize_input=image_interp(ckpt), device=device, network=network)
     ranking = a.ranking(labeled)
-    print(f"{len(ranking)} unlabeled of {len(a.scores)} slices; most uncertain by {method}:")
+    what = method if method == "disagreement" else f"the {network}'s {method}"
+    print(f"{len(ranking)} unlabeled of {len(a.scores)} slices; most uncertain by {what}:")
     for rank, z in enumerate(ranking[: args.top], 1):
         print(f"  {rank}. slice {z}  {method} {a.scores[z]:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"image": str(args.image), "checkpoint": str(args.checkpoint),
-                                               "score": method, "labeled": labeled, "ranking": ranking,
+                                               "score": method, "network": network,
+                                               "labeled": labeled, "ranking": ranking,
                                                "scores": [float(x) for x in a.scores]}, indent=2))
     return 0
 

@@ -3,15 +3,18 @@
 Scores are computed from class probabilities of a whole volume, as returned
 by ``inference.predict_volume_2d(..., return_probs=True)``: ``(C, D, H, W)``
 float32 that sum to 1 over C. Each score is averaged over the slice's
-*region of interest* (pixels that the student or the teacher assigns to a
-foreground class), so a large, confidently-empty background does not dilute
+*region of interest* (pixels that the scored network assigns to a foreground
+class; for disagreement, that the student or the teacher does), so a large, confidently-empty background does not dilute
 a slice whose small heart is ambiguous; a slice with no foreground at all
 scores 0.
 
-- ``"entropy"``: mean predictive entropy of the student (nats).
+- ``"entropy"``: mean predictive entropy of the scored network (nats).
 - ``"disagreement"``: share of pixels where the student's and the teacher's
   argmax differ.
-- ``"margin"``: mean (1 − (p_max − p_second)) of the student.
+- ``"margin"``: mean (1 − (p_max − p_second)) of the scored network.
+
+The scored network is the one that segments (``analyse_volume(network=...)``):
+the student by default, or the EMA teacher.
 """
 from __future__ import annotations
 
@@ -24,8 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 METHODS = ("entropy", "disagreement", "margin")
+#: Networks whose uncertainty can be scored (the one that segments).
+NETWORKS = ("student", "teacher")
 #: The default score, chosen by ``benchmarks/active_learning.py`` (docs/benchmarks.md).
 DEFAULT_METHOD = "entropy"
+#: The default scored network for the CLI (the widget scores the network it segments with).
+DEFAULT_NETWORK = "student"
 
 
 def _roi(labels_a: np.ndarray, labels_b: np.ndarray | None) -> np.ndarray:
@@ -39,8 +46,12 @@ def slice_scores(student_probs: np.ndarray, teacher_probs: np.ndarray | None = N
     """Uncertainty per slice.
 
     Args:
-        student_probs: (C, D, H, W) probabilities of the student.
-        teacher_probs: (C, D, H, W) of the teacher; needed for ``"disagreement"``.
+        student_probs: (C, D, H, W) probabilities of the scored network
+            (entropy and margin are computed from these; the student unless
+            the caller scores the teacher).
+        teacher_probs: (C, D, H, W) of the other network; needed for
+            ``"disagreement"`` (symmetric; its foreground joins the region of
+            interest), unused by entropy and margin.
         method: one of :data:`METHODS`.
 
     Returns:
@@ -52,7 +63,7 @@ def slice_scores(student_probs: np.ndarray, teacher_probs: np.ndarray | None = N
         raise ValueError(f"student_probs must be (C, D, H, W), got shape {student_probs.shape}")
     s_lab = student_probs.argmax(0)
     t_lab = teacher_probs.argmax(0) if teacher_probs is not None else None
-    roi = _roi(s_lab, t_lab)
+    roi = _roi(s_lab, t_lab if method == "disagreement" else None)
     if method == "entropy":
         p = np.clip(student_probs, 1e-8, 1.0)
         per_pixel = -(p * np.log(p)).sum(0)
@@ -89,7 +100,8 @@ class SliceAnalysis:
     ``scores``: (D,) float64 uncertainty per slice (``method``; higher = less
     certain); ``student`` / ``teacher``: (D, H, W) uint8 label maps (teacher
     None when no teacher was given); ``disagreement``: (D, H, W) uint8, 1
-    where the two differ (None without a teacher).
+    where the two differ (None without a teacher); ``network``: whose
+    probabilities entropy and margin measured.
     """
 
     method: str
@@ -97,6 +109,7 @@ class SliceAnalysis:
     student: np.ndarray
     teacher: np.ndarray | None = None
     disagreement: np.ndarray | None = None
+    network: str = "student"
 
     def ranking(self, labeled: Iterable[int] = ()) -> list[int]:
         """Unlabeled slices, most uncertain first."""
@@ -112,20 +125,30 @@ def analyse_volume(
     resize_input: str = "bilinear",
     device: "str | torch.device | None" = None,
     batch_size: int = 8,
+    network: str = "student",
 ) -> SliceAnalysis:
     """Predict ``volume`` (float32 (D, H, W), normalised as in training) with the
-    student (and the teacher, if given) and score every slice by ``method``."""
+    student (and the teacher, if given) and score every slice by ``method``.
+
+    ``network``: whose probabilities ``"entropy"`` and ``"margin"`` measure:
+    ``"student"`` or ``"teacher"`` (the network that segments; needs ``teacher``).
+    """
     from .inference import predict_volume_2d
 
     if method not in METHODS:
         raise ValueError(f"unknown suggestion score {method!r}; choose one of {METHODS}")
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; choose one of {NETWORKS}")
     if method == "disagreement" and teacher is None:
         raise ValueError("the 'disagreement' score needs a teacher network")
+    if network == "teacher" and teacher is None:
+        raise ValueError("scoring the teacher needs a teacher network")
     kw = dict(patch=tuple(patch), device=device, batch_size=batch_size, return_probs=True, resize_input=resize_input)
     s_lab, s_prob = predict_volume_2d(student, volume, **kw)
     t_lab = t_prob = None
     if teacher is not None:
         t_lab, t_prob = predict_volume_2d(teacher, volume, **kw)
-    scores = slice_scores(s_prob, t_prob, method)
+    scores = slice_scores(t_prob, s_prob, method) if network == "teacher" else slice_scores(s_prob, t_prob, method)
     dis = disagreement_map(s_lab, t_lab) if t_lab is not None else None
-    return SliceAnalysis(method, scores, s_lab.astype(np.uint8), None if t_lab is None else t_lab.astype(np.uint8), dis)
+    return SliceAnalysis(method, scores, s_lab.astype(np.uint8), None if t_lab is None else t_lab.astype(np.uint8), dis,
+                         network)

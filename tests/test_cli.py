@@ -179,6 +179,11 @@ def test_suggest_ranks_unlabeled_slices(trained, tmp_path, capsys):
     scores = np.array(res["scores"])
     assert list(scores[res["ranking"]]) == sorted(scores[res["ranking"]], reverse=True)
     assert f"{len(res['ranking'])} unlabeled" in printed and f"1. slice {res['ranking'][0]} " in printed
+    # entropy of the teacher (the network one segments with), recorded in the JSON
+    assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
+                 str(tmp_path / "partial.nii.gz"), "--score", "entropy", "--network", "teacher", "--json", str(out)]) == 0
+    res_t = json.loads(out.read_text())
+    assert res_t["network"] == "teacher" and res_t["score"] == "entropy" and "teacher's entropy" in capsys.readouterr().out
     # mismatched labels are refused with both shapes named
     nib.save(nib.Nifti1Image(part[:, :, :3], full.affine), tmp_path / "short.nii.gz")
     assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",

@@ -53,6 +53,12 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     assert tuple(layer.scale) == tuple(image.scale)
     w.disagree_check.setChecked(False)
     assert not layer.visible
+    # entropy is measured on the network that segments
+    w.score_combo.setCurrentText("entropy")
+    w.which_combo.setCurrentText("teacher")
+    assert w.suggest()
+    qtbot.waitUntil(lambda: w.suggestions.analysis.network == "teacher" and not w.session.busy, timeout=WAIT_MS)
+    assert w.suggestions.analysis.method == "entropy"
     # the user's labels were never written
     assert np.array_equal(np.flatnonzero(viewer.layers["phantom labels"].data.any(axis=(1, 2))), [1, 3])
 

@@ -40,6 +40,16 @@ def test_disagreement():
     assert dm.dtype == np.uint8 and dm.sum() == 2 * 8
 
 
+def test_entropy_ignores_the_other_networks_foreground():
+    s, t = _probs(), _probs()
+    t[:, 0, :4] = 0
+    t[1, 0, :4] = 0.6  # teacher: unsure RV where the student is sure of background
+    t[0, 0, :4] = 0.4
+    assert slice_scores(s, t, method="entropy")[0] == 0  # the student's heart region is empty
+    assert slice_scores(t, s, method="entropy")[0] > 0.6  # scoring the teacher: its own region
+    assert slice_scores(s, t, method="disagreement")[0] == pytest.approx(1.0)  # union region: all of it differs
+
+
 def test_bad_method():
     with pytest.raises(ValueError, match="unknown"):
         slice_scores(_probs(), method="magic")
@@ -65,3 +75,12 @@ def test_analyse_volume_with_real_networks():
     assert alone.teacher is None and alone.disagreement is None and alone.scores.shape == (3,)
     with pytest.raises(ValueError, match="teacher"):
         analyse_volume(student, vol, None, "disagreement", patch=(32, 32))
+    # scoring the teacher: its entropy, and the analysis says so
+    by_t = analyse_volume(student, vol, teacher, "entropy", patch=(32, 32), network="teacher")
+    swapped = analyse_volume(teacher, vol, student, "entropy", patch=(32, 32))
+    assert by_t.network == "teacher" and alone.network == "student"
+    np.testing.assert_allclose(by_t.scores, swapped.scores)
+    with pytest.raises(ValueError, match="teacher"):
+        analyse_volume(student, vol, None, "entropy", patch=(32, 32), network="teacher")
+    with pytest.raises(ValueError, match="network"):
+        analyse_volume(student, vol, teacher, "entropy", patch=(32, 32), network="both")

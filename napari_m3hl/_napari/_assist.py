@@ -112,16 +112,18 @@ class AssistMixin:
         frame = lc.slice_in_view(self.viewer, image)[0] if image.ndim == 4 else None
         volume = np.array(image.data if frame is None else image.data[frame], dtype=np.float32)
         method = self.score_combo.currentText()
+        which = self.which_combo.currentText()
         ckpt = self.session.checkpoint
         self.suggest_btn.setEnabled(False)
-        self._status(f"Scoring the slices of '{image.name}' by {method}…")
+        self._status(f"Scoring the slices of '{image.name}' by {method} ({which})…")
 
         def done(analysis: Any) -> None:
-            if analysis.method != method:
-                self._warn(f"The model has no teacher; slices are ranked by {analysis.method} instead of {method}.")
+            if (analysis.method, analysis.network) != (method, which):
+                self._warn(f"The model has no teacher; slices are ranked by the student's {analysis.method} "
+                           f"instead of the {which}'s {method}.")
             self._on_analysis(Suggestions(image, frame, analysis, ckpt))
 
-        self.session.analyse(volume, method, device=self.device_combo.currentText(), connect={
+        self.session.analyse(volume, method, device=self.device_combo.currentText(), which=which, connect={
             "returned": done,
             "errored": lambda exc: self._error(describe_error(exc, "Suggesting slices", 8, ckpt)),
             "finished": self._update_buttons,

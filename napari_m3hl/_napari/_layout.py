@@ -256,8 +256,9 @@ class TrainWidgetLayout(QWidget):
         self.score_combo.addItems(SUGGEST_SCORES)
         self.score_combo.setCurrentText(DEFAULT_METHOD)
         self.score_combo.setToolTip(
-            "How unsure the model is about a slice: entropy of the student's prediction, share of pixels where "
-            "student and teacher disagree, or 1 − margin between the two likeliest classes (heart region only)"
+            "How unsure the model is about a slice: entropy of the prediction of the Network that segments "
+            "(student or teacher), share of pixels where student and teacher disagree, or 1 − margin between "
+            "the two likeliest classes (over that network's heart region)"
         )
         self.suggest_btn = QPushButton("Suggest slices")
         self.suggest_btn.setToolTip("Rank the unlabeled slices of the image by how unsure the model is")

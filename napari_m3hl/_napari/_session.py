@@ -221,12 +221,15 @@ def analyse_job(
     method: str = "entropy",
     device: str = "auto",
     cpu_threads: int | None = None,
+    which: str = "student",
 ) -> Any:
     """Worker function: student (and teacher) predictions of one ``(D, H, W)``
-    frame and the per-slice uncertainty (:class:`napari_m3hl.suggest.SliceAnalysis`).
+    frame and the per-slice uncertainty (:class:`napari_m3hl.suggest.SliceAnalysis`)
+    of the network ``which`` (the one that segments).
 
-    A checkpoint without a teacher (a shipped model file) scores by the
-    student's entropy whatever ``method`` asks; ``analysis.method`` says which.
+    A checkpoint without a teacher (a shipped model file) scores the student,
+    by entropy where ``method`` asks for disagreement; ``analysis.method`` and
+    ``analysis.network`` say what was scored.
     """
     from ..checkpoint import image_interp, load_checkpoint, model_from_checkpoint
     from ..io import normalize_intensity
@@ -241,11 +244,12 @@ def analyse_job(
         raise M3HLInputError(f"checkpoint {checkpoint} holds a {len(patch)}D model; the widget suggests with 2D models")
     student = model_from_checkpoint(ckpt, "student", dev)
     teacher = model_from_checkpoint(ckpt, "teacher", dev) if "teacher" in ckpt else None
-    if teacher is None and method == "disagreement":
-        method = "entropy"
+    if teacher is None:
+        method = "entropy" if method == "disagreement" else method
+        which = "student"
     with torch_threads(cpu_threads):
         return analyse_volume(student, normalize_intensity(volume), teacher, method, patch,
-                              resize_input=image_interp(ckpt), device=dev)
+                              resize_input=image_interp(ckpt), device=dev, network=which)
 
 
 def save_session_job(snap: SessionSnapshot) -> str:
@@ -492,10 +496,12 @@ class TrainingSession:
         return self._start(predict_job, ckpt, list(volumes), which, device, batch_size, gui_cpu_threads(),
                            connect=connect)
 
-    def analyse(self, volume: np.ndarray, method: str, connect: dict[str, Handler], device: str = "auto"):
+    def analyse(self, volume: np.ndarray, method: str, connect: dict[str, Handler], device: str = "auto",
+                which: str = "student"):
         if not self.checkpoint:
             raise M3HLInputError("no model yet: train first, or load a checkpoint / model file")
-        return self._start(analyse_job, self.checkpoint, volume, method, device, gui_cpu_threads(), connect=connect)
+        return self._start(analyse_job, self.checkpoint, volume, method, device, gui_cpu_threads(), which,
+                           connect=connect)
 
     def save_session(self, snap: SessionSnapshot, connect: dict[str, Handler]):
         return self._start(save_session_job, snap, connect=connect)
