@@ -89,7 +89,7 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, help="its partial labels (.nii/.nii.gz); labeled slices are left out")
     p.add_argument("--score", choices=["entropy", "disagreement", "margin"], default=None,
                    help="uncertainty score (default: the measured default, see docs/benchmarks.md)")
-    p.add_argument("--network", choices=["student", "teacher"], default=None,
+    p.add_argument("--which", choices=["student", "teacher"], default=None,
                    help="whose uncertainty entropy and margin measure: the network you segment with "
                         "(default: suggest.DEFAULT_NETWORK)")
     p.add_argument("--top", type=int, default=5, help="how many slices to list")
@@ -381,10 +381,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         labeled = [int(z) for z in np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))]
     method = args.score or DEFAULT_METHOD
     teacher = model_from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
-    network = args.network or (DEFAULT_NETWORK if teacher is not None else "student")
+    network = args.which or (DEFAULT_NETWORK if teacher is not None else "student")
     if teacher is None and (method == "disagreement" or network == "teacher"):
         raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "
-                             "with --network student")
+                             "with --which student")
     student = model_from_checkpoint(ckpt, "student", device)
     a = analyse_volume(student, normalize_intensity(vol.data), teacher, method, tuple(ckpt["patch_size"]),
                        resize_input=image_interp(ckpt), device=device, network=network)

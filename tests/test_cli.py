@@ -181,7 +181,7 @@ def test_suggest_ranks_unlabeled_slices(trained, tmp_path, capsys):
     assert f"{len(res['ranking'])} unlabeled" in printed and f"1. slice {res['ranking'][0]} " in printed
     # entropy of the teacher (the network one segments with), recorded in the JSON
     assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
-                 str(tmp_path / "partial.nii.gz"), "--score", "entropy", "--network", "teacher", "--json", str(out)]) == 0
+                 str(tmp_path / "partial.nii.gz"), "--score", "entropy", "--which", "teacher", "--json", str(out)]) == 0
     res_t = json.loads(out.read_text())
     assert res_t["network"] == "teacher" and res_t["score"] == "entropy" and "teacher's entropy" in capsys.readouterr().out
     # mismatched labels are refused with both shapes named
