@@ -92,6 +92,8 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=["student", "teacher"], default=None,
                    help="whose uncertainty entropy and margin measure: the network you segment with "
                         "(default: suggest.DEFAULT_NETWORK)")
+    p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank by score × distance to the nearest labeled slice (default: suggest.DEFAULT_SPREAD)")
     p.add_argument("--top", type=int, default=5, help="how many slices to list")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write every slice's score and the ranking here")
@@ -362,7 +364,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
     from .io import load_nifti, normalize_intensity
     from .runtime import resolve_device, tune_malloc
-    from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, analyse_volume
+    from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume
 
     tune_malloc()
     device = resolve_device(args.device)
@@ -388,14 +390,16 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     student = model_from_checkpoint(ckpt, "student", device)
     a = analyse_volume(student, normalize_intensity(vol.data), teacher, method, tuple(ckpt["patch_size"]),
                        resize_input=image_interp(ckpt), device=device, network=network)
-    ranking = a.ranking(labeled)
-    what = method if method == "disagreement" else f"the {network}'s {method}"
+    spread = DEFAULT_SPREAD if args.spread is None else args.spread
+    ranking = a.ranking(labeled, spread)
+    what = (method if method == "disagreement" else f"the {network}'s {method}") + (
+        " × distance to the labeled slices" if spread and labeled else "")
     print(f"{len(ranking)} unlabeled of {len(a.scores)} slices; most uncertain by {what}:")
     for rank, z in enumerate(ranking[: args.top], 1):
         print(f"  {rank}. slice {z}  {method} {a.scores[z]:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"image": str(args.image), "checkpoint": str(args.checkpoint),
-                                               "score": method, "network": network,
+                                               "score": method, "network": network, "spread": spread,
                                                "labeled": labeled, "ranking": ranking,
                                                "scores": [float(x) for x in a.scores]}, indent=2))
     return 0

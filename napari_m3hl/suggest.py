@@ -33,6 +33,8 @@ NETWORKS = ("student", "teacher")
 DEFAULT_METHOD = "entropy"
 #: The default scored network for the CLI (the widget scores the network it segments with).
 DEFAULT_NETWORK = "student"
+#: Rank by score × distance to the nearest labeled slice by default (``rank_slices(spread=...)``).
+DEFAULT_SPREAD = False
 
 
 def _roi(labels_a: np.ndarray, labels_b: np.ndarray | None) -> np.ndarray:
@@ -79,10 +81,28 @@ def slice_scores(student_probs: np.ndarray, teacher_probs: np.ndarray | None = N
     return np.where(area > 0, total / np.maximum(area, 1), 0.0)
 
 
-def rank_slices(scores: np.ndarray, labeled: Iterable[int] = ()) -> list[int]:
-    """Unlabeled slice indices, most uncertain first (ties: lower index first)."""
+def distance_to_labeled(depth: int, labeled: Iterable[int]) -> np.ndarray:
+    """(depth,) float64: slices from each slice to the nearest labeled slice
+    (0 on labeled slices; ``depth`` everywhere when none is labeled)."""
+    z = np.arange(depth)
+    done = np.array(sorted(set(int(i) for i in labeled)), dtype=np.int64)
+    if done.size == 0:
+        return np.full(depth, float(depth))
+    return np.abs(z[:, None] - done[None, :]).min(axis=1).astype(np.float64)
+
+
+def rank_slices(scores: np.ndarray, labeled: Iterable[int] = (), spread: bool = False) -> list[int]:
+    """Unlabeled slice indices, most uncertain first (ties: lower index first).
+
+    ``spread``: rank by score × distance (in slices) to the nearest labeled
+    slice, so that an uncertain slice next to one already labeled (which
+    teaches the network little that is new) gives way to one farther off.
+    """
     done = set(int(i) for i in labeled)
-    order = np.argsort(-np.asarray(scores), kind="stable")
+    key = np.asarray(scores, dtype=np.float64)
+    if spread:
+        key = key * distance_to_labeled(len(key), done)
+    order = np.argsort(-key, kind="stable")
     return [int(i) for i in order if int(i) not in done]
 
 
@@ -111,9 +131,9 @@ class SliceAnalysis:
     disagreement: np.ndarray | None = None
     network: str = "student"
 
-    def ranking(self, labeled: Iterable[int] = ()) -> list[int]:
-        """Unlabeled slices, most uncertain first."""
-        return rank_slices(self.scores, labeled)
+    def ranking(self, labeled: Iterable[int] = (), spread: bool = False) -> list[int]:
+        """Unlabeled slices, most uncertain first (``spread``: see :func:`rank_slices`)."""
+        return rank_slices(self.scores, labeled, spread)
 
 
 def analyse_volume(

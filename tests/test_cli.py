@@ -14,6 +14,7 @@ from napari_m3hl.checkpoint import make_payload, save_checkpoint
 from napari_m3hl.cli import main
 from napari_m3hl.config import load_preset
 from napari_m3hl.networks import build_network
+from napari_m3hl.suggest import rank_slices
 
 TINY = ["--iterations", "2", "--batch-size", "4", "--patch-size", "64,64", "--set", "block_size=[16,16]", "--quiet"]
 
@@ -172,7 +173,8 @@ def test_suggest_ranks_unlabeled_slices(trained, tmp_path, capsys):
     out = tmp_path / "s.json"
     capsys.readouterr()
     assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
-                 str(tmp_path / "partial.nii.gz"), "--score", "disagreement", "--top", "3", "--json", str(out)]) == 0
+                 str(tmp_path / "partial.nii.gz"), "--score", "disagreement", "--no-spread", "--top", "3",
+                 "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["labeled"] == [2, 5] and sorted(res["ranking"]) == [z for z in range(part.shape[2]) if z not in (2, 5)]
@@ -184,6 +186,12 @@ def test_suggest_ranks_unlabeled_slices(trained, tmp_path, capsys):
                  str(tmp_path / "partial.nii.gz"), "--score", "entropy", "--which", "teacher", "--json", str(out)]) == 0
     res_t = json.loads(out.read_text())
     assert res_t["network"] == "teacher" and res_t["score"] == "entropy" and "teacher's entropy" in capsys.readouterr().out
+    # --spread: score × distance to the nearest labeled slice
+    assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
+                 str(tmp_path / "partial.nii.gz"), "--score", "entropy", "--spread", "--json", str(out)]) == 0
+    res_s = json.loads(out.read_text())
+    assert res_s["spread"] is True and "distance to the labeled slices" in capsys.readouterr().out
+    assert res_s["ranking"] == rank_slices(np.array(res_s["scores"]), [2, 5], spread=True)
     # mismatched labels are refused with both shapes named
     nib.save(nib.Nifti1Image(part[:, :, :3], full.affine), tmp_path / "short.nii.gz")
     assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",

@@ -29,6 +29,7 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     _wait_suggestions(qtbot, w)  # suggestions follow every run
     a = w.suggestions.analysis
     assert a.method == DEFAULT_METHOD and a.scores.shape == (6,)
+    w.spread_check.setChecked(False)  # plain ranking: most uncertain first
     ranked = w.ranked_slices()
     assert sorted(ranked) == [0, 2, 4, 5]  # slices 1 and 3 are painted
     assert list(np.argsort(-a.scores[ranked], kind="stable")) == [0, 1, 2, 3]  # most uncertain first
@@ -40,6 +41,12 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     # a click in the list goes to that slice
     w._on_suggestion_clicked(w.suggest_list.item(2))
     assert _slice_in_view(viewer, image) == ranked[2]
+    # "Away from labeled slices" re-ranks by score × distance to slices 1 and 3, list included
+    w.spread_check.setChecked(True)
+    assert w.ranked_slices() == a.ranking([1, 3], spread=True)
+    assert w.suggest_list.item(0).text().startswith(f"slice {w.ranked_slices()[0]} ")
+    w.spread_check.setChecked(False)
+    assert w.ranked_slices() == ranked
 
     # disagreement overlay: its own read-only layer, 1 where student and teacher differ
     w.score_combo.setCurrentText("disagreement")

@@ -84,3 +84,15 @@ def test_analyse_volume_with_real_networks():
         analyse_volume(student, vol, None, "entropy", patch=(32, 32), network="teacher")
     with pytest.raises(ValueError, match="network"):
         analyse_volume(student, vol, teacher, "entropy", patch=(32, 32), network="both")
+
+
+def test_spread_ranking_prefers_uncertain_slices_away_from_labels():
+    from napari_m3hl.suggest import distance_to_labeled
+
+    np.testing.assert_array_equal(distance_to_labeled(6, [1, 4]), [1, 0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(distance_to_labeled(3, []), [3, 3, 3])
+    scores = np.array([0.1, 0.0, 0.5, 0.3, 0.0, 0.0, 0.2, 0.25])
+    assert rank_slices(scores, [1])[:2] == [2, 3]  # plain: most uncertain first, next to the label or not
+    # × distance to slice 1: 2→0.5, 3→0.6, 6→1.0, 7→1.5
+    assert rank_slices(scores, [1], spread=True)[:4] == [7, 6, 3, 2]
+    assert rank_slices(scores, [], spread=True) == rank_slices(scores, [])

@@ -76,6 +76,7 @@ class AssistMixin:
         self.accept_btn.clicked.connect(lambda *_: self.accept_slice())
         self.train_on_btn.clicked.connect(lambda *_: self.train_on())
         self.disagree_check.toggled.connect(lambda *_: self._show_disagreement())
+        self.spread_check.toggled.connect(lambda *_: self.refresh_suggestions())
         self.suggest_list.itemClicked.connect(self._on_suggestion_clicked)
         self.save_session_btn.clicked.connect(lambda *_: self.save_session())
         self.open_session_btn.clicked.connect(lambda *_: self.open_session())
@@ -156,7 +157,7 @@ class AssistMixin:
         """Unlabeled slices (of the analysed frame), most uncertain first."""
         if self.suggestions is None:
             return []
-        return self.suggestions.analysis.ranking(self._labeled_in_frame())
+        return self.suggestions.analysis.ranking(self._labeled_in_frame(), self.spread_check.isChecked())
 
     def refresh_suggestions(self) -> None:
         """Refill the ranking list (labeled slices drop out as they are painted or accepted)."""
@@ -274,7 +275,8 @@ class AssistMixin:
             "preset": self.preset_combo.currentText(), "variant": self.variant_combo.currentText(),
             "device": self.device_combo.currentText(), "start": self.start_combo.currentText(),
             "start_path": self.start_path.text(), "network": self.which_combo.currentText(),
-            "score": self.score_combo.currentText(), "train_on_iterations": self.train_on_spin.value(),
+            "score": self.score_combo.currentText(), "spread": self.spread_check.isChecked(),
+            "train_on_iterations": self.train_on_spin.value(),
             "advanced": self.settings(),
         }
 
@@ -287,6 +289,8 @@ class AssistMixin:
                 combo.setCurrentText(str(values[key]))
         if "start_path" in values:
             self.start_path.setText(str(values["start_path"]))
+        if "spread" in values:
+            self.spread_check.setChecked(bool(values["spread"]))
         if "train_on_iterations" in values:
             self.train_on_spin.setValue(int(values["train_on_iterations"]))
         adv = dict(values.get("advanced", {}))

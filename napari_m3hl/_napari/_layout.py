@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from ..suggest import DEFAULT_METHOD, METHODS
+from ..suggest import DEFAULT_METHOD, DEFAULT_SPREAD, METHODS
 from ._plot import LossPlot
 
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
@@ -272,6 +272,12 @@ class TrainWidgetLayout(QWidget):
             "Copy the segmentation of the slice in view into your labels layer (one undoable edit, Ctrl+Z); "
             "the slice then counts as labeled. Fix it first in 'M³HL segmentation' or afterwards in your labels."
         )
+        self.spread_check = QCheckBox("Away from labeled slices")
+        self.spread_check.setChecked(DEFAULT_SPREAD)
+        self.spread_check.setToolTip(
+            "Rank by uncertainty × distance (in slices) to the nearest labeled slice, so that a slice next to "
+            "one you already labeled gives way to an uncertain slice farther off"
+        )
         self.disagree_check = QCheckBox("Show M³HL disagreement")
         self.disagree_check.setToolTip("Overlay the pixels where the student's and the teacher's labels differ")
         self.train_on_spin = _spin(1, 1_000_000, TRAIN_ON_ITERATIONS, 50, "Iterations added by Train on")
@@ -280,6 +286,7 @@ class TrainWidgetLayout(QWidget):
             "Continue the last run with your current labels: same weights, teacher and optimiser, more iterations"
         )
         lay.addWidget(_row(QLabel("Score"), self.score_combo, self.suggest_btn))
+        lay.addWidget(self.spread_check)
         lay.addWidget(self.suggest_list)
         lay.addWidget(_row(self.next_btn, self.accept_btn))
         lay.addWidget(self.disagree_check)
