@@ -87,7 +87,7 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a 2D checkpoint (with its EMA teacher for 'disagreement')")
     p.add_argument("--image", required=True, help="a 3D .nii/.nii.gz volume")
     p.add_argument("--labels", default=None, help="its partial labels (.nii/.nii.gz); labeled slices are left out")
-    p.add_argument("--score", choices=["entropy", "disagreement", "margin"], default=None,
+    p.add_argument("--score", choices=["entropy", "total-entropy", "disagreement", "margin"], default=None,
                    help="uncertainty score (default: the measured default, see docs/benchmarks.md)")
     p.add_argument("--which", choices=["student", "teacher"], default=None,
                    help="whose uncertainty entropy and margin measure: the network you segment with "

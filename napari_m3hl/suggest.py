@@ -9,6 +9,10 @@ a slice whose small heart is ambiguous; a slice with no foreground at all
 scores 0.
 
 - ``"entropy"``: mean predictive entropy of the scored network (nats).
+- ``"total-entropy"``: the same entropy summed over the region of interest
+  and divided by the slice's pixel count (nats per pixel of the slice), so a
+  slice with a large uncertain heart outranks one with a small uncertain
+  heart: the uncertainty that weighs on a volume's Dice.
 - ``"disagreement"``: share of pixels where the student's and the teacher's
   argmax differ.
 - ``"margin"``: mean (1 − (p_max − p_second)) of the scored network.
@@ -26,7 +30,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-METHODS = ("entropy", "disagreement", "margin")
+METHODS = ("entropy", "total-entropy", "disagreement", "margin")
 #: Networks whose uncertainty can be scored (the one that segments).
 NETWORKS = ("student", "teacher")
 #: The default score, chosen by ``benchmarks/active_learning.py`` (docs/benchmarks.md).
@@ -66,7 +70,7 @@ def slice_scores(student_probs: np.ndarray, teacher_probs: np.ndarray | None = N
     s_lab = student_probs.argmax(0)
     t_lab = teacher_probs.argmax(0) if teacher_probs is not None else None
     roi = _roi(s_lab, t_lab if method == "disagreement" else None)
-    if method == "entropy":
+    if method in ("entropy", "total-entropy"):
         p = np.clip(student_probs, 1e-8, 1.0)
         per_pixel = -(p * np.log(p)).sum(0)
     elif method == "margin":
@@ -78,6 +82,8 @@ def slice_scores(student_probs: np.ndarray, teacher_probs: np.ndarray | None = N
         per_pixel = (s_lab != t_lab).astype(np.float64)
     area = roi.sum(axis=(1, 2))
     total = (per_pixel * roi).sum(axis=(1, 2))
+    if method == "total-entropy":
+        return total / float(roi.shape[1] * roi.shape[2])
     return np.where(area > 0, total / np.maximum(area, 1), 0.0)
 
 

@@ -26,6 +26,17 @@ def test_entropy_ranks_the_ambiguous_slice_first():
     assert m[1] == pytest.approx(0.9) and m[2] == pytest.approx(0.02)
 
 
+def test_total_entropy_weighs_the_size_of_the_uncertain_heart():
+    p = _probs()
+    for z, (a, b) in ((0, (2, 3)), (1, (1, 7))):  # slice 0: 1×1 unsure pixel; slice 1: 6×6 less unsure pixels
+        p[:, z, a:b, a:b] = 0
+    p[3, 0, 2:3, 2:3], p[2, 0, 2:3, 2:3] = 0.5, 0.5
+    p[3, 1, 1:7, 1:7], p[2, 1, 1:7, 1:7] = 0.8, 0.2
+    mean, total = slice_scores(p, method="entropy"), slice_scores(p, method="total-entropy")
+    assert mean[0] > mean[1] and total[1] > total[0]  # per-pixel the small heart is less sure; in sum the big one
+    assert total[0] == pytest.approx(np.log(2) / 64) and total[2] == 0
+
+
 def test_disagreement():
     s, t = _probs(), _probs()
     s[:, 0, :4] = 0
