@@ -5,15 +5,26 @@ as the clinician): each volume starts with its middle slice labeled; M³HL
 trains on the labeled slices with the rest of the volumes as unlabeled data;
 then every round one more slice per volume is labeled, chosen by a strategy,
 and training continues from the previous weights, teacher and optimiser
-(the widget's "Train on"). After each round the student's mean Dice over
-RV/Myo/LV on the whole volumes is recorded.
+(the widget's "Train on"). After each round the mean Dice over RV/Myo/LV on
+the whole volumes is recorded for the student and for its EMA teacher (the
+two networks the widget's Network setting offers).
 
-Strategies: ``entropy`` and ``disagreement`` (our suggestion scores,
+Strategies: ``entropy``, ``margin`` (of the student), ``teacher-entropy``
+(entropy of the EMA teacher), ``teacher-entropy-spread`` (the same × distance
+to the nearest labeled slice), ``teacher-total-entropy`` (the teacher's
+entropy summed over its heart region) and ``disagreement`` (our suggestion scores,
 ``napari_m3hl.suggest``), ``random`` (seeded), ``even`` (the slice farthest
 from every labeled slice). Writes ``benchmarks/results/active_learning.json``
 and ``docs/images/active_learning.svg``; prints a markdown table.
 
-    python benchmarks/active_learning.py --data ../shared/data/acdc [--volumes 6 --rounds 4]
+    python benchmarks/active_learning.py --data ../shared/data/acdc --volumes 10 --rounds 4 --seeds 1337 1 2
+
+Single rounds are noisy (a 200-iteration top-up at lr 0.01 can move the
+student's Dice by tens of points; the EMA teacher is far steadier), so the
+summary that decides is the teacher's mean Dice over all rounds after the
+first and over the seeds (``mean_dice_after_round0``), with the per-seed
+values beside it. ``--report`` rebuilds the summaries, tables and plot from
+the JSON without training.
 """
 from __future__ import annotations
 
@@ -37,8 +48,13 @@ from napari_m3hl.runtime import tune_malloc
 from napari_m3hl.suggest import rank_slices, slice_scores
 from napari_m3hl.trainer import train, trained_models
 
-STRATEGIES = ("entropy", "disagreement", "margin", "random", "even")
-SCORES = ("entropy", "disagreement", "margin")
+STRATEGIES = ("entropy", "teacher-entropy", "teacher-entropy-spread", "teacher-total-entropy", "disagreement", "margin",
+              "random", "even")
+#: strategy → (suggestion score, network it scores, rank by score × distance to the labeled slices)
+SCORES = {"entropy": ("entropy", "student", False), "teacher-entropy": ("entropy", "teacher", False),
+          "teacher-entropy-spread": ("entropy", "teacher", True),
+          "teacher-total-entropy": ("total-entropy", "teacher", False),
+          "disagreement": ("disagreement", "student", False), "margin": ("margin", "student", False)}
 
 
 def _even_choice(depth: int, labeled: list[int]) -> int:
@@ -91,8 +107,10 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
             if rnd == args.rounds or len(labeled[i]) >= img.shape[0]:
                 continue
             if strategy in SCORES:
-                scores = slice_scores(probs_s, probs_t if strategy == "disagreement" else None, strategy)
-                choices[i] = rank_slices(scores, labeled[i])[0]
+                method, network, spread = SCORES[strategy]
+                scored, other = (probs_t, probs_s) if network == "teacher" else (probs_s, probs_t)
+                scores = slice_scores(scored, other if method == "disagreement" else None, method)
+                choices[i] = rank_slices(scores, labeled[i], spread)[0]
             elif strategy == "random":
                 choices[i] = int(rng.choice([z for z in range(img.shape[0]) if z not in labeled[i]]))
             else:
@@ -100,7 +118,9 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
         rows.append({"round": rnd, "labeled_slices": int(sum(len(v) for v in labeled.values())),
                      "iterations": total_its, "mean_dice": float(np.mean(dices)),
                      "teacher_mean_dice": float(np.mean(t_dices)),
-                     "per_volume_dice": [float(d) for d in dices], "seconds": round(time.perf_counter() - t0, 1)})
+                     "per_volume_dice": [float(d) for d in dices],
+                     "picked": [choices.get(i) for i in range(len(vols))],  # slice added next, per volume
+                     "seconds": round(time.perf_counter() - t0, 1)})
         print(f"seed {seed} {strategy:12s} round {rnd}: {rows[-1]['labeled_slices']} slices, Dice {100 * rows[-1]['mean_dice']:.2f} "
               f"(EMA teacher {100 * rows[-1]['teacher_mean_dice']:.2f})",
               flush=True)
@@ -109,41 +129,58 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
     return rows
 
 
-def plot(result: dict, path: Path) -> None:
-    """A small SVG line chart (no plotting dependency): Dice vs labeled slices per strategy."""
-    series = {k: [(r["labeled_slices"], 100 * r["mean_dice"]) for r in rows] for k, rows in result["strategies"].items()}
+def _panel(result: dict, key: str, title: str, x_off: float, w: float, h: float) -> list[str]:
+    """One SVG panel: ``key`` Dice (``"mean_dice"`` student, ``"teacher_mean_dice"``) vs labeled slices."""
+    lo, hi, n = (("min_dice", "max_dice", "seeds") if key == "mean_dice"
+                 else ("teacher_min_dice", "teacher_max_dice", "teacher_seeds"))
+    ys = [100 * r[k] for rows in result["strategies"].values() for r in rows for k in (key, lo, hi) if k in r]
+    y0, y1 = max(0.0, 5 * (min(ys) // 5)), min(100.0, 5 * (max(ys) // 5) + 5)
+    series = {k: [(r["labeled_slices"], 100 * r[key]) for r in rows if key in r]
+              for k, rows in result["strategies"].items()}
     xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    ys += [100 * r[k] for rows in result["strategies"].values() for r in rows for k in ("min_dice", "max_dice") if k in r]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = max(0.0, min(ys) - 5), min(100.0, max(ys) + 5)
-    w, h, m = 560, 340, 55
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
+    m = 50
+    sx = lambda x: x_off + m + (x - x0) / (x1 - x0) * (w - 1.5 * m)  # noqa: E731
     sy = lambda y: h - m - (y - y0) / max(y1 - y0, 1e-9) * (h - 2 * m)  # noqa: E731
-    colours = ["#d62728", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
-           f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">labeled slices (all volumes)</text>',
-           f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">mean Dice (%)</text>']
+    out = [f'<text x="{x_off + w / 2}" y="20" text-anchor="middle" font-weight="bold">{title}</text>',
+           f'<line x1="{x_off + m}" y1="{h - m}" x2="{x_off + w - m / 2}" y2="{h - m}" stroke="black"/>',
+           f'<line x1="{x_off + m}" y1="{m}" x2="{x_off + m}" y2="{h - m}" stroke="black"/>',
+           f'<text x="{x_off + w / 2}" y="{h - 15}" text-anchor="middle">labeled slices (all volumes)</text>',
+           f'<text x="{x_off + 15}" y="{h / 2}" transform="rotate(-90 {x_off + 15} {h / 2})" '
+           f'text-anchor="middle">mean Dice (%)</text>']
     for x in sorted(set(xs)):
         out.append(f'<text x="{sx(x):.1f}" y="{h - m + 15}" text-anchor="middle">{x}</text>')
-    for k in range(5):
-        y = y0 + k * (y1 - y0) / 4
-        out.append(f'<text x="{m - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
-        out.append(f'<line x1="{m}" y1="{sy(y):.1f}" x2="{w - m}" y2="{sy(y):.1f}" stroke="#ddd"/>')
+    step = 5 if y1 - y0 <= 30 else 10
+    for y in np.arange(y0 + (-y0) % step, y1 + 1e-9, step):
+        out.append(f'<text x="{x_off + m - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
+        out.append(f'<line x1="{x_off + m}" y1="{sy(y):.1f}" x2="{x_off + w - m / 2}" y2="{sy(y):.1f}" stroke="#ddd"/>')
     for i, (name, pts) in enumerate(series.items()):
-        c = colours[i % len(colours)]
+        c = COLOURS.get(name, "#000000")
         out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
                    + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts) + '"/>')
         out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
         for r in result["strategies"][name]:  # range over the seeds, slightly offset per strategy
-            if r.get("seeds", 1) > 1:
+            if lo in r and r.get(n, 1) > 1:
                 x = sx(r["labeled_slices"]) + (i - len(series) / 2) * 3
-                out.append(f'<line x1="{x:.1f}" y1="{sy(100 * r["min_dice"]):.1f}" x2="{x:.1f}" '
-                           f'y2="{sy(100 * r["max_dice"]):.1f}" stroke="{c}" stroke-opacity="0.5"/>')
-        out.append(f'<text x="{w - m - 90}" y="{m + 16 * i}" fill="{c}">{name}</text>')
+                out.append(f'<line x1="{x:.1f}" y1="{sy(100 * r[lo]):.1f}" x2="{x:.1f}" '
+                           f'y2="{sy(100 * r[hi]):.1f}" stroke="{c}" stroke-opacity="0.5"/>')
+        out.append(f'<text x="{x_off + w - 175}" y="{h - m - 10 - 15 * (len(series) - 1 - i)}" fill="{c}">{name}</text>')
+    return out
+
+
+COLOURS = {"entropy": "#d62728", "teacher-entropy": "#ff7f0e", "teacher-entropy-spread": "#bcbd22",
+           "teacher-total-entropy": "#9467bd", "disagreement": "#1f77b4", "margin": "#17becf",
+           "random": "#7f7f7f", "even": "#2ca02c"}
+
+
+def plot(result: dict, path: Path) -> None:
+    """A small SVG chart (no plotting dependency): mean Dice vs labeled slices per
+    strategy, EMA teacher (left) and student (right); bars span the seeds."""
+    w, h = 460, 380
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{2 * w}" height="{h}" fill="white"/>']
+    out += _panel(result, "teacher_mean_dice", "EMA teacher", 0, w, h)
+    out += _panel(result, "mean_dice", "student (note the wider Dice axis)", w, w, h)
     out.append("</svg>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
@@ -165,7 +202,11 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "active_learning.json"))
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "active_learning.svg"))
+    ap.add_argument("--report", action="store_true", help="only rebuild the summaries, plot and tables from --out")
     args = ap.parse_args()
+    if args.report:
+        report(json.loads(Path(args.out).read_text()), Path(args.out), Path(args.plot))
+        return
     tune_malloc()
     root = Path(args.data)
     if not (root / "val.list").is_file():
@@ -173,7 +214,7 @@ def main() -> None:
     vols = acdc_val_volumes(root)[: args.volumes]
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "seeds", "strategies", "data")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "seeds", "strategies", "data", "report")}
     if result.get("settings") not in (None, settings):
         raise SystemExit(f"{out} holds results for other settings {result['settings']}; use another --out")
     result.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
@@ -190,13 +231,31 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2))
         shared.cleanup()
-    result["slices_to_reach"] = {f"{t:.2f}": {s: slices_to_reach(rows, t) for s, rows in result["strategies"].items()}
-                                 for t in (0.70, 0.75, 0.80)}
+    report(result, out, Path(args.plot))
+
+
+def report(result: dict, out: Path, plot_path: Path) -> None:
+    """Summaries into ``result`` (written to ``out``), the plot and the markdown tables."""
+    result["strategies"] = average_runs(result["runs"])
+    result["mean_dice_after_round0"] = {
+        key: {s: mean_after_round0(rows, key) for s, rows in result["strategies"].items()}
+        for key in ("teacher_mean_dice", "mean_dice")}
+    result["mean_dice_after_round0_per_seed"] = {
+        key: {seed: {s: mean_after_round0(rows, key) for s, rows in by_s.items()} for seed, by_s in result["runs"].items()}
+        for key in ("teacher_mean_dice", "mean_dice")}
+    result["slices_to_reach"] = {
+        key: {f"{t:.2f}": {s: slices_to_reach(rows, t, key) for s, rows in result["strategies"].items()}
+              for t in (0.70, 0.75, 0.80, 0.85)}
+        for key in ("teacher_mean_dice", "mean_dice")}
     out.write_text(json.dumps(result, indent=2))
-    plot(result, Path(args.plot))
-    print(markdown_table(result))
-    print()
-    print(reach_table(result))
+    plot(result, plot_path)
+    for key, name in (("teacher_mean_dice", "EMA teacher"), ("mean_dice", "student")):
+        print(f"\n{name}: mean Dice (%)\n")
+        print(markdown_table(result, key))
+        print()
+        print(reach_table(result, key))
+        print()
+        print(seed_table(result, key))
 
 
 def average_runs(runs: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
@@ -213,38 +272,74 @@ def average_runs(runs: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]
                    "min_dice": float(np.min(d)), "max_dice": float(np.max(d)), "seeds": len(d)}
             t = [x[r]["teacher_mean_dice"] for x in seeds if "teacher_mean_dice" in x[r]]
             if t:
-                row.update({"teacher_mean_dice": float(np.mean(t)), "teacher_seeds": len(t)})
+                row.update({"teacher_mean_dice": float(np.mean(t)), "teacher_min_dice": float(np.min(t)),
+                            "teacher_max_dice": float(np.max(t)), "teacher_seeds": len(t)})
             rows.append(row)
         out[s] = rows
     return out
 
 
-def slices_to_reach(rows: list[dict], dice: float) -> int | None:
-    """Fewest labeled slices (all volumes) at which the mean Dice reached ``dice`` (a fraction); None: never."""
+def mean_after_round0(rows: list[dict], key: str = "mean_dice") -> float | None:
+    """Mean Dice (fraction) over the rounds after round 0: the area under the curve,
+    less noisy than any single round. ``key``: ``"mean_dice"`` (student) or
+    ``"teacher_mean_dice"``; None where the rows lack it."""
+    vals = [r[key] for r in rows[1:] if key in r]
+    return float(np.mean(vals)) if vals and len(vals) == len(rows) - 1 else None
+
+
+def slices_to_reach(rows: list[dict], dice: float, key: str = "mean_dice") -> int | None:
+    """Fewest labeled slices (all volumes) at which the mean Dice (``key``) reached
+    ``dice`` (a fraction); None: never."""
     for r in rows:
-        if r["mean_dice"] >= dice:
+        if r.get(key, -1.0) >= dice:
             return int(r["labeled_slices"])
     return None
 
 
-def reach_table(result: dict, thresholds: tuple[float, ...] = (0.70, 0.75, 0.80)) -> str:
+def reach_table(result: dict, key: str = "mean_dice",
+                thresholds: tuple[float, ...] = (0.70, 0.75, 0.80, 0.85)) -> str:
     """Labeled slices each strategy needed to reach each mean Dice (— : not within the rounds)."""
     names = list(result["strategies"])
     lines = ["| mean Dice reached | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in thresholds:
-        cells = [slices_to_reach(result["strategies"][s], t) for s in names]
+        cells = [slices_to_reach(result["strategies"][s], t, key) for s in names]
         lines.append(f"| ≥ {100 * t:.0f} % | " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def markdown_table(result: dict) -> str:
-    """Mean Dice (%) per strategy (columns) after each round (rows)."""
+def markdown_table(result: dict, key: str = "mean_dice") -> str:
+    """Mean Dice (%, ``key``) per strategy (columns) after each round (rows), ± half the seed range."""
     names = list(result["strategies"])
+    lo, hi, n = (("min_dice", "max_dice", "seeds") if key == "mean_dice"
+                 else ("teacher_min_dice", "teacher_max_dice", "teacher_seeds"))
+
+    def cell(r: dict) -> str:
+        if key not in r:
+            return "—"
+        return f"{100 * r[key]:.1f}" + (f" ± {50 * (r[hi] - r[lo]):.1f}" if lo in r and r.get(n, 1) > 1 else "")
+
+    def mean_cell(rows: list[dict]) -> str:
+        v = mean_after_round0(rows, key)
+        return "—" if v is None else f"**{100 * v:.1f}**"
+
     lines = ["| labeled slices | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in range(min(len(v) for v in result["strategies"].values())):
-        n = result["strategies"][names[0]][r]["labeled_slices"]
-        lines.append(f"| {n} | " + " | ".join(f"{100 * result['strategies'][s][r]['mean_dice']:.2f}" for s in names) + " |")
+        slices = result["strategies"][names[0]][r]["labeled_slices"]
+        lines.append(f"| {slices} | " + " | ".join(cell(result["strategies"][s][r]) for s in names) + " |")
+    lines.append("| **mean after round 0** | " + " | ".join(mean_cell(result["strategies"][s]) for s in names) + " |")
     return "\n".join(lines)
+
+
+def seed_table(result: dict, key: str = "mean_dice") -> str:
+    """Mean Dice (%, ``key``) after round 0 per seed (rows) and strategy (columns):
+    whether a strategy's lead holds seed by seed."""
+    names = list(result["strategies"])
+    lines = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for seed, by_s in result["runs"].items():
+        vals = [mean_after_round0(by_s[s], key) if s in by_s else None for s in names]
+        lines.append(f"| {seed} | " + " | ".join("—" if v is None else f"{100 * v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
