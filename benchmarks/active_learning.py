@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only rebuild the summaries, plot and tables from --out")
     args = ap.parse_args()
     if args.report:
+        if not Path(args.out).is_file():
+            raise SystemExit(f"--report: no results at {args.out}; run the benchmark first (or pass --out)")
         report(json.loads(Path(args.out).read_text()), Path(args.out), Path(args.plot))
         return
     tune_malloc()

@@ -87,8 +87,11 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a 2D checkpoint (with its EMA teacher for 'disagreement')")
     p.add_argument("--image", required=True, help="a 3D .nii/.nii.gz volume")
     p.add_argument("--labels", default=None, help="its partial labels (.nii/.nii.gz); labeled slices are left out")
-    p.add_argument("--score", choices=["entropy", "total-entropy", "disagreement", "margin"], default=None,
-                   help="uncertainty score (default: the measured default, see docs/benchmarks.md)")
+    from .suggest import METHODS  # numpy only: cheap at parser build
+
+    p.add_argument("--score", choices=METHODS, default=None,
+                   help="uncertainty score (default: the measured default, see docs/benchmarks.md; entropy "
+                        "for a model file without a teacher)")
     p.add_argument("--which", choices=["student", "teacher"], default=None,
                    help="whose uncertainty entropy and margin measure: the network you segment with "
                         "(default: suggest.DEFAULT_NETWORK)")
@@ -381,8 +384,11 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             raise M3HLInputError(f"labels {args.labels} have shape {lab.shape} (Z, Y, X) but the image has "
                                  f"{vol.data.shape}; give the labels drawn on this image")
         labeled = [int(z) for z in np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))]
-    method = args.score or DEFAULT_METHOD
     teacher = model_from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
+    method = args.score or DEFAULT_METHOD
+    if args.score is None and method == "disagreement" and teacher is None:
+        method = "entropy"  # the default needs a teacher; a model file has none
+        print(f"{args.checkpoint} has no teacher network: ranking by entropy instead of disagreement")
     network = args.which or (DEFAULT_NETWORK if teacher is not None else "student")
     if teacher is None and (method == "disagreement" or network == "teacher"):
         raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import nibabel as nib
@@ -192,6 +193,14 @@ def test_suggest_ranks_unlabeled_slices(trained, tmp_path, capsys):
     res_s = json.loads(out.read_text())
     assert res_s["spread"] is True and "distance to the labeled slices" in capsys.readouterr().out
     assert res_s["ranking"] == rank_slices(np.array(res_s["scores"]), [2, 5], spread=True)
+    # a model file has no teacher: the default score falls back to entropy, an explicit
+    # disagreement (or --which teacher) is refused with what to do
+    model_file = Path(__file__).resolve().parents[1] / "models" / "acdc70_unet2d.pt"
+    assert main(["suggest", "--checkpoint", str(model_file), "--image", str(img), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["score"] == "entropy" and "no teacher" in capsys.readouterr().out
+    for extra in (["--score", "disagreement"], ["--which", "teacher"]):
+        assert main(["suggest", "--checkpoint", str(model_file), "--image", str(img), *extra]) == 2
+        assert "no teacher network" in capsys.readouterr().err
     # mismatched labels are refused with both shapes named
     nib.save(nib.Nifti1Image(part[:, :, :3], full.affine), tmp_path / "short.nii.gz")
     assert main(["suggest", "--checkpoint", str(trained / "last.pt"), "--image", str(img), "--labels",
