@@ -54,6 +54,9 @@ BUDGETS = {
     "cpu": {"patch_size": [128, 128], "batch_size": 8, "iterations": 1200, "block_size": [32, 32], "val_every": 200},
     "paper": {"patch_size": [256, 256], "batch_size": 24, "iterations": 30000, "block_size": [64, 64], "val_every": 200},
 }
+# One preprocessing for every row, so that rows differ in the method only (the
+# reference variant alone would otherwise resize nearest-neighbour).
+COMMON = {"image_interp": "bilinear"}
 
 # Learning rate of the supervised rows: the SSL4MIS / reference-code baseline (0.01).
 SUP_LR = 0.01
@@ -111,7 +114,7 @@ def method_config(method: str, budget: str, ablation_variant: str, extra: dict, 
 
     label, variant, labeled, over = METHODS[method]
     variant = variant or ablation_variant
-    cfg = load_preset("acdc_unet2d", variant, **{**BUDGETS[budget], **over, **extra, "seed": seed, "device": "cpu"
+    cfg = load_preset("acdc_unet2d", variant, **{**BUDGETS[budget], **COMMON, **over, **extra, "seed": seed, "device": "cpu"
                                                  if budget == "cpu" else "auto", "checkpoint_every": 0})
     return cfg, label, variant, labeled
 
@@ -122,10 +125,10 @@ def run_one(args: argparse.Namespace) -> int:
     import torch
 
     from napari_m3hl import events as ev
-    from napari_m3hl.checkpoint import load_model
+    from napari_m3hl.checkpoint import load_checkpoint
     from napari_m3hl.data import load_train_data, load_val_volumes
-    from napari_m3hl.inference import predict_volume_2d
-    from napari_m3hl.metrics import evaluate_case, format_table, summarize
+    from napari_m3hl.metrics import format_table
+    from napari_m3hl.predictor import Predictor
     from napari_m3hl.runtime import tune_malloc
     from napari_m3hl.trainer import train
 
@@ -172,14 +175,9 @@ def run_one(args: argparse.Namespace) -> int:
     best_path = finished.best_checkpoint or finished.checkpoint
     # final scoring of the best student on all validation volumes
     t1 = time.perf_counter()
-    model, ckpt = load_model(best_path, "student", "cpu")
-    cases, per_case = [], {}
-    for name, image, lab in val:
-        pred = predict_volume_2d(model, image, patch=tuple(ckpt["patch_size"]), device="cpu")
-        m = evaluate_case(pred, lab, ckpt["num_classes"], empty_convention="paper")
-        cases.append(m)
-        per_case[name] = {ckpt["class_names"][c]: vars(v) for c, v in m.items()}
-    summary = summarize(cases, ckpt["class_names"])
+    ckpt = load_checkpoint(best_path)
+    # the one prediction path `m3hl evaluate` uses (input resizing as the checkpoint was trained)
+    summary, per_case = Predictor.from_checkpoint(ckpt, "student", "cpu").score(val, empty_convention="paper")
     score_s = time.perf_counter() - t1
     print(format_table(summary), flush=True)
     result = {
@@ -206,17 +204,13 @@ def run_one(args: argparse.Namespace) -> int:
 
 def score_checkpoint(path: str | Path, which: str, data: str) -> dict:
     """``summarize`` of one checkpoint's student or teacher on all validation volumes."""
-    from napari_m3hl.checkpoint import load_model
+    from napari_m3hl.checkpoint import load_checkpoint
     from napari_m3hl.data import load_val_volumes
-    from napari_m3hl.inference import predict_volume_2d
-    from napari_m3hl.metrics import evaluate_case, summarize
+    from napari_m3hl.predictor import Predictor
 
-    model, ckpt = load_model(path, which, "cpu")
-    cases = []
-    for _, image, lab in load_val_volumes(data):
-        pred = predict_volume_2d(model, image, patch=tuple(ckpt["patch_size"]), device="cpu")
-        cases.append(evaluate_case(pred, lab, ckpt["num_classes"], empty_convention="paper"))
-    return {"iteration": int(ckpt["iteration"]), "which": which, "summary": summarize(cases, ckpt["class_names"])}
+    ckpt = load_checkpoint(path)
+    summary, _ = Predictor.from_checkpoint(ckpt, which, "cpu").score(load_val_volumes(data), empty_convention="paper")
+    return {"iteration": int(ckpt["iteration"]), "which": which, "summary": summary}
 
 
 def score_teacher(key: str, data: str) -> int:
@@ -385,8 +379,8 @@ def ship(key: str, name: str, data: str, description: str, which: str = "student
     from napari_m3hl.checkpoint import load_model, make_payload, save_checkpoint
     from napari_m3hl.config import TrainConfig
     from napari_m3hl.data import load_val_volumes
-    from napari_m3hl.inference import predict_volume_2d
     from napari_m3hl.metrics import dice
+    from napari_m3hl.predictor import Predictor
 
     r = json.loads((PER_METHOD / f"{key.replace('@', '_')}.json").read_text())
     src = r["best_checkpoint"] if which == "student" else str(Path(r["best_checkpoint"]).with_name("last.pt"))
@@ -410,10 +404,10 @@ def ship(key: str, name: str, data: str, description: str, which: str = "student
                "per_class": {c["name"]: {m: round(float(c[m]["mean"]), 4) for m in ("dice", "jaccard", "hd95", "asd")}
                              for c in summary["classes"]}}
     # the two volumes the regression test uses
-    model16, ck16 = load_model(dest)
+    shipped = Predictor.from_checkpoint(dest)
     two = []
     for _, image, label in load_val_volumes(data, limit=2):
-        pred = predict_volume_2d(model16, image, patch=tuple(ck16["patch_size"]), device="cpu")
+        pred = shipped.predict(image)
         two.append(float(np.mean([dice(pred == c, label == c) for c in (1, 2, 3)])))
     labeled = r["labeled_patients"]
     card = {

@@ -61,8 +61,15 @@ class TrainConfig:
     # teacher
     ema_decay: float = 0.99
     ema_warmup: bool = False
+    # recipe for short budgets (issue 10; 0 = off, the paper's recipe)
+    warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
+    alpha_rampup: int = 0  # α ramps linearly from 0 over this many M³HL iterations
+    # diagnostics
+    pl_eval_every: int = 0  # score pseudo-labels against the hidden labels of unlabeled data every N iterations
+    pl_eval_samples: int = 64  # unlabeled samples (fixed, seeded) in that score
     teacher_init: str = "copy"  # copy | independent
     teacher_mode: str = "eval"  # eval | train (dropout + batch-stat BN when labelling)
+    teacher_bn: str = "copy"  # BatchNorm running stats: copy the student's | ema (state_dict-wide EMA, reference code)
     pseudo_lcc: bool = True
     # data
     image_interp: str = "bilinear"  # bilinear | nearest (reference code)
@@ -101,6 +108,11 @@ class TrainConfig:
             raise M3HLInputError(f"lr_schedule must be constant, poly or step, got {self.lr_schedule!r}")
         if self.teacher_mode not in ("eval", "train") or self.teacher_init not in ("copy", "independent"):
             raise M3HLInputError("teacher_mode must be eval|train and teacher_init copy|independent")
+        for name in ("warm_start", "alpha_rampup", "pl_eval_every", "pl_eval_samples"):
+            if int(getattr(self, name)) < 0:
+                raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.teacher_bn not in ("copy", "ema"):
+            raise M3HLInputError(f"teacher_bn must be 'copy' or 'ema', got {self.teacher_bn!r}")
         if len(self.class_names) != self.num_classes:
             raise M3HLInputError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"

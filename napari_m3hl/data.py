@@ -400,7 +400,9 @@ def phantom_train_data(
         labels.append(lab)
     plv = PartlyLabeledVolume.from_volumes([p.image for p in phantoms], labels, num_classes=4,
                                            names=[f"phantom {p.seed}" for p in phantoms])
-    return plv.train_data(ACDC_CLASSES)
+    data = plv.train_data(ACDC_CLASSES)
+    data.unlabeled_truth = VolumeSlices(plv.volumes, [p.label for p in phantoms], plv.unlabeled_index, labeled=True)
+    return data
 
 
 def _spread(d: int, n: int) -> np.ndarray:
@@ -447,6 +449,9 @@ class TrainData:
     num_classes: int
     class_names: tuple[str, ...] = ()
     in_channels: int = 1
+    #: Optional slice set with the true labels of the ``unlabeled`` samples
+    #: (ACDC, the phantom), used only to score pseudo-labels, never to train.
+    unlabeled_truth: object = None
 
     def __post_init__(self) -> None:
         if len(self.labeled) == 0:  # type: ignore[arg-type]
@@ -519,7 +524,8 @@ def load_train_data(
         if (path / "train_slices.list").is_file():
             lab_names, unl_names = acdc_split(path, labeled_count, labeled_patients)
             return TrainData(ACDCSlices(path, lab_names, True), ACDCSlices(path, unl_names, False),
-                             ndim=2, num_classes=4, class_names=ACDC_CLASSES)
+                             ndim=2, num_classes=4, class_names=ACDC_CLASSES,
+                             unlabeled_truth=ACDCSlices(path, unl_names, True))
         if (path / "cases").is_dir():
             lab_names, unl_names = la_split(path, labeled_cases)
             return TrainData(LACases(path, lab_names, True), LACases(path, unl_names, False),

@@ -75,6 +75,16 @@ class Validation:
 
 
 @dataclass
+class PseudoLabelQuality:
+    """Dice (0..1) of the teacher's pseudo-labels (``pl_*``) and of the student
+    (``student_*``) against the hidden labels of a fixed set of unlabeled
+    samples, never used for training (see :mod:`napari_m3hl.pl_quality`)."""
+
+    iteration: int
+    scores: dict[str, float]
+
+
+@dataclass
 class CheckpointSaved:
     iteration: int
     path: str
@@ -92,4 +102,5 @@ class TrainFinished:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-Event = TrainStarted | Progress | MixPreview | VolumePreview | Validation | CheckpointSaved | TrainFinished
+Event = (TrainStarted | Progress | MixPreview | VolumePreview | Validation | PseudoLabelQuality | CheckpointSaved
+         | TrainFinished)

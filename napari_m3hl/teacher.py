@@ -19,19 +19,36 @@ def init_teacher(teacher: nn.Module, student: nn.Module, mode: str = "copy") -> 
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """``θ_t ← decay·θ_t + (1−decay)·θ_s`` for parameters and floating buffers.
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "copy") -> None:
+    """``θ_t ← decay·θ_t + (1−decay)·θ_s`` for the parameters.
 
-    Integer buffers (BatchNorm's ``num_batches_tracked``) are copied. Uses
-    ``torch._foreach`` ops: one fused update per tensor list, no state_dict
-    rebuild.
+    BatchNorm running statistics (floating buffers):
+
+    * ``"copy"`` (default): the teacher takes the student's buffers as they are.
+      EMA-averaging them would keep a ``decay**t`` share of their initial values
+      (mean 0, variance 1) for hundreds of steps, far from the statistics the
+      averaged weights produce, and an eval-mode teacher then labels everything
+      background early in a run.
+    * ``"ema"``: the same EMA as the parameters (what a state_dict-wide EMA, as
+      in the authors' released code, does).
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are always copied.
+    Uses ``torch._foreach`` ops: one fused update per tensor list, no
+    state_dict rebuild.
     """
-    t_params = [p for p in teacher.parameters()]
+    if buffers not in ("copy", "ema"):
+        raise ValueError(f"buffers must be 'copy' or 'ema', got {buffers!r}")
+    t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
-    t_float = [b for b in teacher.buffers() if b.is_floating_point()]
-    s_float = [b for b in student.buffers() if b.is_floating_point()]
-    torch._foreach_lerp_(t_params + t_float, s_params + s_float, 1.0 - decay)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
+    t_buf, s_buf = list(teacher.buffers()), list(student.buffers())
+    t_float = [b for b in t_buf if b.is_floating_point()]
+    s_float = [b for b in s_buf if b.is_floating_point()]
+    if buffers == "ema":
+        torch._foreach_lerp_(t_params + t_float, s_params + s_float, 1.0 - decay)
+    else:
+        torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
+        torch._foreach_copy_(t_float, s_float)
+    for tb, sb in zip(t_buf, s_buf):
         if not tb.is_floating_point():
             tb.copy_(sb)
 

@@ -39,6 +39,7 @@ from .losses import high_level_loss, low_level_loss, mix_loss, seg_loss
 from .mixing import block_masks, mix
 from .networks import build_network, network_ndim
 from .runtime import resolve_device, tune_malloc
+from .pl_quality import pick_reference, reference_batch, score_pseudo_labels
 from .teacher import ema_decay_at, ema_update, init_teacher, pseudo_labels
 
 
@@ -87,6 +88,14 @@ class _Cycler:
                 self.order = [int(i) for i in self.rng.permutation(self.n)]
             out.append(int(self.order.pop()))
         return out
+
+
+def alpha_at(config: TrainConfig, iteration: int) -> float:
+    """α at 0-based ``iteration``: ramped linearly from 0 over the first
+    ``alpha_rampup`` M³HL iterations (those after ``warm_start``), else constant."""
+    if config.alpha_rampup <= 0:
+        return config.alpha
+    return config.alpha * min(1.0, (iteration - config.warm_start + 1) / config.alpha_rampup)
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:
@@ -139,13 +148,16 @@ def m3hl_losses(
     img_u: torch.Tensor,
     gen: torch.Generator,
     autocast: Any,
+    alpha: float | None = None,
 ) -> _StepResult:
     """Loss terms of one M³HL step (see the module docstring).
 
     Args:
         img_l: (2n, C, *S) labeled images, lab_l: (2n, *S) int64 labels,
         img_u: (2n, C, *S) unlabeled images.
+        alpha: weight of the pseudo-labelled regions (None: ``config.alpha``).
     """
+    alpha = config.alpha if alpha is None else alpha
     n = img_l.shape[0] // 2
     la, lb = img_l[:n], img_l[n:]
     ya, yb = lab_l[:n], lab_l[n:]
@@ -171,7 +183,7 @@ def m3hl_losses(
         with autocast():
             s_out = student(torch.cat([mix_u, mix_l]))
         logits_u, logits_l = s_out.logits[:n], s_out.logits[n:]
-        losses["mix"] = mix_loss(logits_u, tgt_u, m, config.alpha, 1.0) + mix_loss(logits_l, tgt_l, m, 1.0, config.alpha)
+        losses["mix"] = mix_loss(logits_u, tgt_u, m, alpha, 1.0) + mix_loss(logits_l, tgt_l, m, 1.0, alpha)
         total = config.mix_weight * losses["mix"]
         s_feats = s_out.features
         f_mix = (s_feats[tap][:n], s_feats[tap][n:]), (s_feats["high"][:n], s_feats["high"][n:])
@@ -318,6 +330,11 @@ def train(
         return ev.VolumePreview(iteration, labels, preview_token)
 
     yield ev.TrainStarted(config.iterations, start, str(device), len(data.labeled), len(data.unlabeled), config.mode)
+    truth = getattr(data, "unlabeled_truth", None)
+    pl_ref = None
+    if config.pl_eval_every > 0 and config.mode == "m3hl" and config.ndim == 2 and truth is not None and len(truth):
+        idx = pick_reference(len(truth), config.pl_eval_samples, config.seed)
+        pl_ref = reference_batch([truth[i] for i in idx], config, device)
     half = config.batch_size // 2
     t0 = time.perf_counter()
     last_vol = last_mix = t0
@@ -335,17 +352,19 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = lr
         img_l, lab_l = _make_batch([data.labeled[i] for i in cyc_l.take(half)], config, gen, device)
-        if config.mode == "supervised":
+        if config.mode == "m3hl" and it == config.warm_start > 0:
+            init_teacher(teacher, student, "copy")  # the M³HL phase starts from the warm student
+        if config.mode == "supervised" or it < config.warm_start:
             res = supervised_losses(config, student, img_l, lab_l, autocast)
             n_images = half
         else:
             img_u, _ = _make_batch([(unlabeled[i][0], None) for i in cyc_u.take(half)], config, gen, device)
-            res = m3hl_losses(config, student, teacher, img_l, lab_l, img_u, gen, autocast)
+            res = m3hl_losses(config, student, teacher, img_l, lab_l, img_u, gen, autocast, alpha_at(config, it))
             n_images = 2 * half
         optimizer.zero_grad(set_to_none=True)
         res.losses["total"].backward()
         optimizer.step()
-        ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup))
+        ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup), config.teacher_bn)
         it += 1
         losses = {k: float(v.detach()) for k, v in res.losses.items()}
         if not math.isfinite(losses["total"]):
@@ -374,6 +393,8 @@ def train(
                 metrics = {"val_mean_dice": mean, **{f"val_dice_{k}": v for k, v in per_class.items()}, "iteration": it}
                 best_path = save("best", it, model_only=True)
             yield ev.Validation(it, mean, per_class, is_best)
+        if pl_ref is not None and (it % config.pl_eval_every == 0 or it == config.iterations):
+            yield ev.PseudoLabelQuality(it, score_pseudo_labels(teacher, student, *pl_ref, config))
         if out is not None and config.checkpoint_every > 0 and it % config.checkpoint_every == 0 and it < config.iterations:
             yield ev.CheckpointSaved(it, save("last", it), "last")
     stopped = it < config.iterations

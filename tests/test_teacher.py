@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -17,11 +18,47 @@ def test_ema_arithmetic_params_and_buffers():
     t[1].running_mean.fill_(1.0)
     s[1].num_batches_tracked.fill_(7)
     before_t = [p.clone() for p in t.parameters()]
-    ema_update(t, s, 0.9)
+    ema_update(t, s, 0.9, buffers="ema")
     for pt, p0, ps in zip(t.parameters(), before_t, s.parameters()):
         assert torch.allclose(pt, 0.9 * p0 + 0.1 * ps)
     assert torch.allclose(t[1].running_mean, torch.full((2,), 1.1))
     assert int(t[1].num_batches_tracked) == 7
+
+
+def test_ema_copies_batchnorm_statistics_by_default():
+    """The default keeps BN running stats out of the EMA: the teacher takes the
+    student's, so no decay**t share of the initial (0, 1) statistics lingers."""
+    torch.manual_seed(0)
+    s, t = _net(), _net()
+    s[1].running_mean.fill_(2.0)
+    s[1].running_var.fill_(3.0)
+    before_t = [p.clone() for p in t.parameters()]
+    ema_update(t, s, 0.99)
+    for pt, p0, ps in zip(t.parameters(), before_t, s.parameters()):
+        assert torch.allclose(pt, 0.99 * p0 + 0.01 * ps)
+    assert torch.equal(t[1].running_mean, s[1].running_mean)
+    assert torch.equal(t[1].running_var, s[1].running_var)
+    assert t[1].running_mean.data_ptr() != s[1].running_mean.data_ptr()
+    with pytest.raises(ValueError):
+        ema_update(t, s, 0.99, buffers="average")
+
+
+def test_eval_teacher_statistics_follow_the_student_in_training():
+    """After a few train-mode student steps the eval-mode teacher's BN statistics
+    equal the student's under the default, and lag far behind under 'ema'."""
+    torch.manual_seed(0)
+    s = _net()
+    t_copy, t_ema = _net(), _net()
+    init_teacher(t_copy, s, "copy")
+    init_teacher(t_ema, s, "copy")
+    for _ in range(20):
+        s.train()
+        s(torch.randn(4, 1, 8, 8) * 5 + 10)
+        ema_update(t_copy, s, 0.99)
+        ema_update(t_ema, s, 0.99, buffers="ema")
+    gap_copy = (t_copy[1].running_mean - s[1].running_mean).abs().max()
+    gap_ema = (t_ema[1].running_mean - s[1].running_mean).abs().max()
+    assert gap_copy == 0 and gap_ema > 0.5 * s[1].running_mean.abs().max()
 
 
 def test_ema_decay_zero_copies_and_one_keeps():
