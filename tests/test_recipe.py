@@ -2,31 +2,16 @@
 pseudo-label quality log, on a tiny phantom."""
 from __future__ import annotations
 
-import copy
-
-import numpy as np
 import pytest
 import torch
 
 from napari_m3hl import events as ev
-from napari_m3hl.config import load_preset
-from napari_m3hl.data import phantom_train_data
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.networks import build_network
 from napari_m3hl.pl_quality import pick_reference, reference_batch, score_pseudo_labels
 from napari_m3hl.trainer import alpha_at, train
 
-SMALL = dict(patch_size=(64, 64), block_size=(16, 16), batch_size=4, lr=0.01, device="cpu")
-SHAPE = (6, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return phantom_train_data(n_volumes=2, labeled_slices_per_volume=2, seed=0, shape=SHAPE)
-
-
-def _cfg(**kw):
-    return load_preset("acdc_unet2d", "paper", **{**SMALL, **kw})
+from test_trainer import _cfg, tiny_data  # noqa: F401  (the same tiny phantom set-up)
 
 
 def test_alpha_ramp_and_warm_start_schedule():
