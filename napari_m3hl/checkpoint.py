@@ -115,9 +115,9 @@ def _read_error(path: Path, exc: Exception) -> M3HLInputError:
     if isinstance(exc, MemoryError):
         return M3HLInputError(f"not enough memory to read checkpoint {path}")
     text = str(exc)
-    if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-        found = re.search(r"Unsupported global: ([^\s]+(?: [^\s]+)?)", text)
-        what = f" ({found.group(1)})" if found else ""
+    found = re.search(r"Unsupported (?:global|class): ([^\s]+(?: [^\s]+)?)", text)
+    if found or "GLOBAL" in text:
+        what = f" ({found.group(1).strip()})" if found else ""
         return M3HLInputError(
             f"checkpoint {path} holds Python objects other than weights{what}; it was refused without "
             "running it. Only load checkpoints written by 'm3hl train' or the napari plugin."

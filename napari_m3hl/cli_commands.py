@@ -41,16 +41,16 @@ def _predict_fn(model, ckpt, device, batch_size: int):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .io import (affine_from_spacing, check_finite, load_h5_volume, load_la_case, load_nifti, save_nifti_labels,
-                     warn_if_constant)
+    from .io import (affine_from_spacing, fill_non_finite, load_h5_volume, load_la_case, load_nifti,
+                     save_nifti_labels, warn_if_constant)
     from .runtime import resolve_device, tune_malloc
 
     tune_malloc()
-    pairs = checks.plan_outputs(checks.input_files(Path(args.input)), Path(args.output), args.overwrite)
-    checks.check_writable_dir(pairs[0][1].parent, "--output")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checks.check_teacher(ckpt, args.which, args.checkpoint)
+    pairs = checks.plan_outputs(checks.input_files(Path(args.input)), Path(args.output), args.overwrite)
+    checks.check_writable_dir(pairs[0][1].parent, "--output")
     model = model_from_checkpoint(ckpt, args.which, device)
     patch = tuple(ckpt["patch_size"])
     predict = _predict_fn(model, ckpt, device, args.batch_size)
@@ -65,14 +65,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
             affine, header = affine_from_spacing((1.0, 1.0, 1.0)), None
         else:
             vol = load_nifti(f)
-            check_finite(vol.data, f)
-            warning = warn_if_constant(vol.data, f)
-            if warning:
-                print(warning, file=sys.stderr)
-            if vol.data.ndim == 4:  # (T, Z, Y, X): each frame on its own
-                labels = np.stack([predict(frame, normalized=False) for frame in vol.data])
+            data, bad, warning = fill_non_finite(vol.data, f)
+            for text in (warning, warn_if_constant(data, f)):
+                if text:
+                    print(text, file=sys.stderr)
+            if data.ndim == 4:  # (T, Z, Y, X): each frame on its own
+                labels = np.stack([predict(frame, normalized=False) for frame in data])
             else:
-                labels = predict(vol.data, normalized=False)
+                labels = predict(data, normalized=False)
+            if bad is not None:
+                labels[bad] = 0
             affine, header = vol.affine, vol.header
         dest = save_nifti_labels(labels, dest, affine, header)
         counts = ", ".join(f"{n}: {int((labels == c).sum())} vox" for c, n in enumerate(ckpt["class_names"]) if c)
@@ -127,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
-    from .io import check_finite, load_nifti, normalize_intensity, warn_if_constant
+    from .io import fill_non_finite, load_nifti, normalize_intensity, warn_if_constant
     from .runtime import resolve_device, tune_malloc
     from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume, check_labels
 
@@ -141,10 +143,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     vol = load_nifti(args.image)
     if vol.data.ndim != 3:
         raise M3HLInputError(f"{args.image} has shape {vol.data.shape}; suggest takes one 3D volume (split a cine first)")
-    check_finite(vol.data, args.image)
-    warning = warn_if_constant(vol.data, args.image)
-    if warning:
-        print(warning, file=sys.stderr)
+    image, _, warning = fill_non_finite(vol.data, args.image)
+    for text in (warning, warn_if_constant(image, args.image)):
+        if text:
+            print(text, file=sys.stderr)
     labeled: list[int] = []
     if args.labels:
         labeled = check_labels(args.image, vol, args.labels, ckpt["num_classes"])
@@ -158,7 +160,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "
                              "with --which student")
     student = model_from_checkpoint(ckpt, "student", device)
-    a = analyse_volume(student, normalize_intensity(vol.data), teacher, method, tuple(ckpt["patch_size"]),
+    a = analyse_volume(student, normalize_intensity(image), teacher, method, tuple(ckpt["patch_size"]),
                        resize_input=image_interp(ckpt), device=device, network=network)
     spread = DEFAULT_SPREAD if args.spread is None else args.spread
     ranking = a.ranking(labeled, spread)

@@ -30,7 +30,7 @@ PathLike = Union[str, Path]
 __all__ = [
     "NiftiVolume",
     "load_nifti",
-    "check_finite",
+    "fill_non_finite",
     "warn_if_constant",
     "available_memory",
     "save_nifti_labels",
@@ -197,13 +197,22 @@ def load_nifti(path: PathLike) -> NiftiVolume:
                        header=header, path=path)
 
 
-def check_finite(data: np.ndarray, path: PathLike) -> None:
-    """Raise :class:`M3HLInputError` naming ``path`` when ``data`` holds NaN or inf."""
+def fill_non_finite(data: np.ndarray, path: PathLike) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """NaN/inf voxels (e.g. outside a resampled field of view) set to the lowest
+    finite value, so the rest can be segmented.
+
+    Returns ``(data, mask, warning)``: ``mask`` (bool, True where the voxel was
+    not finite; those voxels should be labelled background) and a warning text
+    naming ``path``, both None when every voxel is finite. Raises
+    :class:`M3HLInputError` when no voxel is finite."""
     bad = ~np.isfinite(data)
-    if bad.any():
-        raise M3HLInputError(
-            f"'{path}' contains {int(bad.sum())} NaN or infinite voxel(s); replace them (e.g. with 0) and save again."
-        )
+    if not bad.any():
+        return data, None, None
+    if bad.all():
+        raise M3HLInputError(f"'{path}' holds no finite voxel (all NaN or infinite); it cannot be segmented.")
+    filled = np.where(bad, np.min(data[~bad]), data).astype(np.float32)
+    return filled, bad, (f"warning: '{path}' has {int(bad.sum())} NaN or infinite voxel(s); they are labelled "
+                         "background and the rest is segmented.")
 
 
 def warn_if_constant(data: np.ndarray, path: PathLike) -> str | None:
