@@ -192,8 +192,11 @@ def resume_settings(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
     from .config import TrainConfig
 
     stored = ckpt.get("config")
-    if not isinstance(stored, dict) or not stored:
-        raise M3HLInputError(f"--resume {path} holds no training settings (a model file?); use --init to fine-tune it")
+    if not isinstance(stored, dict) or not stored or "optimizer" not in ckpt:
+        raise M3HLInputError(
+            f"--resume {path} is a model file or weights-only checkpoint (no optimizer state to continue from); "
+            f"use --init {path} to fine-tune it, or resume from a run's last.pt"
+        )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in stored.items() if k in known}
 

@@ -223,16 +223,12 @@ def list_presets() -> list[str]:
 
 
 def _preset_path(name_or_path: str | Path) -> Path:
-    """A preset name in ``models/`` or a YAML path (``.yaml`` may be left off)."""
+    """A preset name in ``models/`` (then the current folder) or a YAML path; ``.yaml`` may be left off."""
     p = Path(name_or_path)
-    if p.suffix.lower() in (".yaml", ".yml"):
+    if p.suffix.lower() in (".yaml", ".yml") or p.is_file():
         return p
-    if p.is_file():
-        return p
-    for cand in (p.with_name(p.name + ".yaml"), MODELS_DIR / f"{p.name}.yaml"):
-        if cand.is_file() and (cand.parent != MODELS_DIR or len(p.parts) == 1):
-            return cand
-    return MODELS_DIR / f"{p.name}.yaml" if len(p.parts) == 1 else p.with_name(p.name + ".yaml")
+    cands = [MODELS_DIR / f"{p.name}.yaml", Path(f"{p.name}.yaml")] if len(p.parts) == 1 else [p.with_name(p.name + ".yaml")]
+    return next((c for c in cands if c.is_file()), cands[0])
 
 
 def read_preset(name_or_path: str | Path) -> dict[str, Any]:
@@ -271,8 +267,9 @@ def load_preset(name_or_path: str | Path, variant: str | None = None, **override
 
     ``variant`` None takes the preset's ``default_variant``. Overrides whose
     value is None are ignored, so CLI options can be passed straight through.
-    A patch size given without a block size gets the paper's 4x4 grid of
-    blocks (:func:`derive_block`) instead of the preset's block.
+    A patch size given without a block size (in the overrides, or in a preset
+    without ``block_size``) gets the paper's 4x4 grid of blocks
+    (:func:`derive_block`) instead of the preset's or the default block.
     """
     data = read_preset(name_or_path)
     variants: dict[str, dict] = data["variants"]
@@ -283,8 +280,9 @@ def load_preset(name_or_path: str | Path, variant: str | None = None, **override
     settings.update(variants[variant] or {})
     given = {k: v for k, v in overrides.items() if v is not None}
     settings.update(given)
-    if "patch_size" in given and "block_size" not in given and isinstance(given["patch_size"], (list, tuple)):
-        settings["block_size"] = derive_block(given["patch_size"])
+    patch = settings.get("patch_size")
+    if isinstance(patch, (list, tuple)) and ("block_size" not in settings or ("patch_size" in given and "block_size" not in given)):
+        settings["block_size"] = derive_block(patch)
     settings["preset"] = Path(str(name_or_path)).stem
     settings["variant"] = variant
     cfg = TrainConfig.from_dict(settings)

@@ -268,7 +268,7 @@ CASES: list[Case] = [
     ("train: --resume with a wrongly shaped tensor",
      lambda e, t: ["train", "--data", "phantom", "--resume", e["wrong_shape"], "--out", t / "r"], 2, "has shape (3, 3)"),
     ("train: --resume of a model file", lambda e, t: ["train", "--data", "phantom", "--resume", e["model_file"], "--out", t / "r"],
-     2, "--resume"),
+     2, "no optimizer state"),
     # ---------------------------------------------------------------- unclear or hanging
     ("train: NaN voxels name the file",
      lambda e, t: ["train", "--data", e["nan"], "--labels", e["labels"], *TINY, "--out", t / "r"], 2, "nan.nii.gz"),
