@@ -346,7 +346,7 @@ def _consume(events, config, bar: ProgressBar, state: _RunState, on_start=None) 
             state.iteration = e.iteration
             bar.update(e)
         elif isinstance(e, ev.CheckpointSaved):
-            state.checkpoint = e.path if hasattr(e, "path") else state.checkpoint
+            state.checkpoint = e.path
         elif isinstance(e, ev.Validation):
             bar.newline()
             print(f"validation @{e.iteration}: mean Dice {100 * e.mean_dice:.2f}"
