@@ -123,3 +123,24 @@ def test_predict_round_trip(source, checkpoint, tmp_path):
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out)]) == 0
     _assert_same_geometry(source, out)
     assert source.read_bytes() == before
+
+
+def test_writer_refuses_to_overwrite_the_source_image(tmp_path):
+    """A labels layer made from an image carries its source_path: saving the labels there is refused."""
+    from napari_m3hl._napari._reader import read_nifti
+    from napari_m3hl._napari._writer import write_labels
+    from napari_m3hl.errors import M3HLInputError
+
+    src = _qform_ne_sform(tmp_path / "scan.nii.gz")
+    before = src.read_bytes()
+    [(data, meta, kind)] = read_nifti(str(src))
+    assert kind == "image"
+    labels = np.zeros(data.shape, np.uint8)
+    with pytest.raises(M3HLInputError, match="the image these labels were drawn on"):
+        write_labels(str(src), labels, meta)
+    assert src.read_bytes() == before
+    # a label map read from a file may be saved back over itself
+    [lab_out] = write_labels(str(tmp_path / "scan_labels.nii.gz"), labels, meta)
+    [(lab, lab_meta, lab_kind)] = read_nifti(lab_out)
+    assert lab_kind == "labels"
+    write_labels(lab_out, lab, lab_meta)
