@@ -8,10 +8,18 @@ A checkpoint is a dict of tensors and plain Python values only:
 ``rng`` (torch CPU generator states as uint8 tensors). A *model file* (the
 shipped weights) has ``student`` only, optionally in half precision, and
 ``metrics``/``card`` extras.
+
+``weights_sha256`` maps ``student`` / ``teacher`` to a SHA-256 of their
+tensors (names, dtypes, shapes and bytes; :func:`weights_digest`), written by
+:func:`save_checkpoint` and checked by :func:`load_checkpoint`, so a file
+whose weights were damaged on disk is refused instead of segmenting wrongly.
+Checkpoints written before the checksum existed load without the check.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,11 +32,29 @@ from .errors import M3HLInputError
 from .networks import build_network
 
 FORMAT = "m3hl-checkpoint-1"
+WEIGHTS = ("student", "teacher")
+REQUIRED = ("arch", "in_channels", "num_classes", "class_names", "patch_size", "student")
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a state dict: each tensor's name, dtype, shape and raw bytes, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{key}:{t!r};".encode())
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write atomically (temporary file + rename), so a crash never leaves a
-    half-written file in place of a finished checkpoint."""
+    half-written file in place of a finished checkpoint. The weights' SHA-256
+    (``weights_sha256``) is added to what is written."""
+    payload = {**payload, "weights_sha256": {k: weights_digest(payload[k]) for k in WEIGHTS if k in payload}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -83,17 +109,98 @@ def make_payload(
     return payload
 
 
+def _read_error(path: Path, exc: Exception) -> M3HLInputError:
+    """A one-line reason for a file torch could not load (never torch's advice to
+    drop ``weights_only``, which would run the file's code)."""
+    if isinstance(exc, MemoryError):
+        return M3HLInputError(f"not enough memory to read checkpoint {path}")
+    text = str(exc)
+    found = re.search(r"Unsupported (?:global|class): ([^\s]+(?: [^\s]+)?)", text)
+    if found or "GLOBAL" in text:
+        what = f" ({found.group(1).strip()})" if found else ""
+        return M3HLInputError(
+            f"checkpoint {path} holds Python objects other than weights{what}; it was refused without "
+            "running it. Only load checkpoints written by 'm3hl train' or the napari plugin."
+        )
+    return M3HLInputError(
+        f"checkpoint {path} could not be read ({exc.__class__.__name__}); it is truncated, corrupt or not an "
+        "M³HL checkpoint. Use last.pt or best.pt of a finished run, or a file from models/."
+    )
+
+
+def _check_structure(ckpt: dict[str, Any], path: Path) -> None:
+    """Keys, types and tensor shapes against the network the checkpoint names."""
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise M3HLInputError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or not from M³HL")
+    try:
+        in_ch, n_cls = int(ckpt["in_channels"]), int(ckpt["num_classes"])
+        patch = [int(p) for p in ckpt["patch_size"]]
+        names = [str(n) for n in ckpt["class_names"]]
+    except (TypeError, ValueError) as exc:
+        raise M3HLInputError(f"checkpoint {path} has malformed settings ({exc}); it is damaged") from exc
+    if len(names) != n_cls or len(patch) not in (2, 3) or min(patch) < 1:
+        raise M3HLInputError(f"checkpoint {path} has inconsistent settings (classes {names}, patch {patch})")
+    try:
+        with torch.device("meta"):
+            ref = build_network(str(ckpt["arch"]), in_ch, n_cls).state_dict()
+    except Exception as exc:  # noqa: BLE001 - unknown architecture name
+        raise M3HLInputError(f"checkpoint {path} names an unknown network {ckpt['arch']!r} ({exc})") from exc
+    for which in WEIGHTS:
+        if which not in ckpt:
+            continue
+        state = ckpt[which]
+        if not isinstance(state, dict):
+            raise M3HLInputError(f"checkpoint {path}: '{which}' is not a set of weights")
+        lost = sorted(set(ref) - set(state))
+        extra = sorted(set(state) - set(ref))
+        wrong = [k for k in ref if k in state and (not isinstance(state[k], torch.Tensor)
+                                                   or tuple(state[k].shape) != tuple(ref[k].shape))]
+        if lost or extra or wrong:
+            detail = (f"missing {lost[0]}" if lost else f"unexpected {extra[0]}" if extra else
+                      f"{wrong[0]} has shape {tuple(getattr(state[wrong[0]], 'shape', ()))}, "
+                      f"a {ckpt['arch']} needs {tuple(ref[wrong[0]].shape)}")
+            n = len(lost) + len(extra) + len(wrong)
+            raise M3HLInputError(
+                f"checkpoint {path}: the {which} weights do not fit a {ckpt['arch']} network with {in_ch} input "
+                f"channel(s) and {n_cls} classes ({n} tensor(s) differ, e.g. {detail}); the file is damaged or "
+                "was edited"
+            )
+
+
+def _check_digest(ckpt: dict[str, Any], path: Path) -> None:
+    stored = ckpt.get("weights_sha256")
+    if stored is None:
+        return  # written before checksums existed
+    if not isinstance(stored, dict):
+        raise M3HLInputError(f"checkpoint {path} has a malformed weights checksum; the file is damaged")
+    for which in WEIGHTS:
+        if which in ckpt and stored.get(which) != weights_digest(ckpt[which]):
+            raise M3HLInputError(
+                f"checkpoint {path} is damaged: its {which} weights do not match the checksum stored with "
+                "them (the file changed on disk after it was written). Use another copy or retrain."
+            )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint or model file (``weights_only=True``)."""
+    """Load and check a checkpoint or model file (``weights_only=True``).
+
+    Refused with :class:`M3HLInputError`: a missing file, a file holding
+    anything but tensors and plain values (never executed), a truncated or
+    corrupt file, missing keys, weights whose names or shapes do not fit the
+    network the file names, and weights that fail their stored checksum.
+    """
     path = Path(path)
     if not path.is_file():
         raise M3HLInputError(f"checkpoint {path} does not exist; pass the path of a .pt file written by 'm3hl train'")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise M3HLInputError(f"checkpoint {path} could not be read ({exc.__class__.__name__}: {exc}); is it an M³HL checkpoint?") from exc
+        raise _read_error(path, exc) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "student" not in ckpt:
         raise M3HLInputError(f"{path} is not an M³HL checkpoint (format {FORMAT!r} expected)")
+    _check_structure(ckpt, path)
+    _check_digest(ckpt, path)
     return ckpt
 
 
@@ -111,9 +218,15 @@ def check_compatible(ckpt: dict[str, Any], arch: str, num_classes: int, in_chann
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], which: str = "student", device: str | torch.device = "cpu") -> nn.Module:
-    """Build the network of a checkpoint and load ``student`` or ``teacher`` weights (float32, eval mode)."""
+    """Build the network of a checkpoint and load ``student`` or ``teacher`` weights (float32, eval mode).
+
+    Asking for the teacher of a file without one (a model file) is refused."""
+    if which not in WEIGHTS:
+        raise M3HLInputError(f"choose the student or the teacher network, not {which!r}")
     if which not in ckpt:
-        which = "student"
+        raise M3HLInputError(
+            f"this checkpoint has no {which} network (a model file holds the student only); use the student"
+        )
     net = build_network(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"])
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt[which].items()}
     try:

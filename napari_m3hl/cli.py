@@ -14,19 +14,32 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
+from . import cli_checks as checks
 from . import events as ev
+from .cli_commands import cmd_evaluate, cmd_phantom, cmd_predict, cmd_suggest
 from .errors import M3HLInputError
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 256,256 or 112,112,80, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with M³HL (or the supervised baseline)")
-    p.add_argument("--preset", default="acdc_unet2d", help="preset name in models/ or a YAML path (default acdc_unet2d)")
+    p.add_argument("--preset", default=None, help="preset name in models/ or a YAML path (default acdc_unet2d)")
     p.add_argument("--variant", default=None, help="preset variant: paper or reference (default: the preset's default)")
     p.add_argument("--data", default="phantom",
                    help="'phantom', an ACDC folder (with train_slices.list), an LA folder (with cases/), or a NIfTI image")
@@ -50,9 +63,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other TrainConfig field, e.g. --set teacher_mode=train (YAML value syntax)")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint (last.pt)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint (last.pt) with its settings (patch, block, ...)")
     p.add_argument("--init", default=None, help="start from this checkpoint's or model file's weights (fine-tuning)")
-    p.add_argument("--out", default="runs/m3hl", help="output folder (checkpoints, run.json)")
+    p.add_argument("--out", default="runs/m3hl", help="output folder (checkpoints, run.json); must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,10 +75,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment NIfTI or h5 volumes with a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True, help="a .nii/.nii.gz/.h5 file or a folder of them")
-    p.add_argument("--output", required=True, help="folder for <name>.nii.gz label maps")
+    p.add_argument("--output", required=True,
+                   help="folder for <name>.nii.gz label maps, or a .nii.gz file name for a single input")
+    p.add_argument("--overwrite", action="store_true", help="replace existing label maps (never an input)")
     p.add_argument("--which", choices=["student", "teacher"], default="student")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=8)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +89,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="an ACDC folder (val.list + volumes/), an LA folder, or 'phantom'")
     p.add_argument("--which", choices=["student", "teacher"], default="student")
     p.add_argument("--device", default="auto")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
+    p.add_argument("--limit", type=_positive, default=None, help="score only the first N volumes")
     p.add_argument("--list", default=None, dest="names_file",
                    help="a file of volume names to score instead of val.list (e.g. test.list)")
     p.add_argument("--spacing", type=float, nargs="+", default=None,
@@ -97,7 +114,7 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
                         "(default: suggest.DEFAULT_NETWORK)")
     p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=None,
                    help="rank by score × distance to the nearest labeled slice (default: suggest.DEFAULT_SPREAD)")
-    p.add_argument("--top", type=int, default=5, help="how many slices to list")
+    p.add_argument("--top", type=_positive, default=5, help="how many slices to list")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write every slice's score and the ranking here")
 
@@ -106,7 +123,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic cardiac MR phantom volumes (+ full labels) as NIfTI")
     p.add_argument("--output", required=True, help="folder for phantom_<seed>.nii.gz and phantom_<seed>_labels.nii.gz")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--count", type=int, default=1, help="volumes with seeds seed, seed+1, ...")
+    p.add_argument("--count", type=_positive, default=1, help="volumes with seeds seed, seed+1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace phantom files already in --output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +185,7 @@ def _versions() -> dict[str, str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
+    """Settings given on the command line (None: not given), ``--set`` included."""
     import yaml
 
     o = {
@@ -182,16 +201,60 @@ def _overrides(args: argparse.Namespace) -> dict:
         if "=" not in item:
             raise M3HLInputError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        o[k.strip()] = yaml.safe_load(v)
+        try:
+            o[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise M3HLInputError(f"--set {item}: {v!r} is not a valid value (YAML syntax, e.g. 8, 0.5, [64,64], true)") from None
     return o
 
 
+def _train_config(args: argparse.Namespace):
+    """The run's config: the preset + options, or for ``--resume`` the checkpoint's settings + options."""
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig, load_preset
+
+    given = _overrides(args)
+    if not args.resume:
+        return load_preset(args.preset or "acdc_unet2d", args.variant, **given)
+    if args.preset or args.variant:
+        raise M3HLInputError("--resume continues a run with the settings stored in its checkpoint; drop --preset/--variant")
+    ckpt = load_checkpoint(args.resume)
+    settings = checks.resume_settings(ckpt, args.resume)
+    settings.pop("device", None)  # the machine may have changed: auto unless --device
+    fixed = checks.explicit_differences(settings, given, ("arch", "num_classes", "in_channels", "patch_size", "block_size"))
+    if fixed:
+        raise M3HLInputError(
+            f"--resume {args.resume}: a resumed run keeps its {', '.join(fixed)}; drop those options, or start a "
+            f"new run from its weights with --init {args.resume}"
+        )
+    changed = checks.explicit_differences(settings, given, sorted(given))
+    if changed:
+        print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+    config = TrainConfig.from_dict({**settings, **{k: v for k, v in given.items() if v is not None}})
+    config.validate()
+    return config
+
+
+def _check_start(args: argparse.Namespace, config) -> None:
+    """Checkpoints for --init/--resume are readable and fit the preset (before anything is written)."""
+    from .checkpoint import check_compatible, load_checkpoint
+
+    for option, path in (("--init", args.init), ("--resume", args.resume)):
+        if path:
+            ckpt = load_checkpoint(path)
+            check_compatible(ckpt, config.arch, config.num_classes, config.in_channels, source=f"{option} {path}")
+    if args.init and args.resume:
+        raise M3HLInputError("give --resume (continue a run) or --init (start from its weights), not both")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_preset
     from .data import load_train_data, load_val_volumes
     from .trainer import TrainControl, train
 
-    config = load_preset(args.preset, args.variant, **_overrides(args))
+    out = Path(args.out)
+    checks.check_run_folder(out, args.resume, args.overwrite)
+    config = _train_config(args)
+    _check_start(args, config)
     source = str(args.data)
     counts = {}
     if args.labeled is not None:
@@ -204,8 +267,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     config = config.replace(class_names=tuple(data.class_names))
     val = load_val_volumes(source, config.ndim) if args.val else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    checks.check_writable_dir(out, "--out")
+    if args.overwrite and not args.resume:
+        removed = checks.clear_run_files(out)
+        if removed:
+            print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
     manifest = {
         "command": "m3hl " + " ".join(sys.argv[1:]) if sys.argv and "m3hl" in sys.argv[0] else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict(), "seed": config.seed,
@@ -213,224 +279,111 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "n_unlabeled": len(data.unlabeled), "n_val": len(val or [])},
         "resume": args.resume, "init": args.init, "versions": _versions(),
     }
-    (out / "run.json").write_text(json.dumps(manifest, indent=2))
     bar = ProgressBar(not args.quiet)
     t0 = time.perf_counter()
-    finished = None
     control = TrainControl()
+    state = _RunState()
 
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step and save last.pt; second: abort
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nstopping after this step (Ctrl-C again to abort without saving)...", file=sys.stderr)
         control.stop()
 
+    def started() -> None:  # the trainer has checked its inputs: the run is real, record it
+        checks.write_json(out / "run.json", manifest, "--out")
+
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control)
-        finished = _consume(events, config, bar)
+        _consume(events, config, bar, state, started)
+    except FloatingPointError:
+        bar.newline()
+        last = f"the last checkpoint before it is {state.checkpoint}" if state.checkpoint else \
+            "no checkpoint of this run was saved before it"
+        print(f"m3hl train: error: training diverged at iteration {state.iteration + 1} (the loss became NaN or "
+              f"infinite) with learning rate {config.lr:g}; lower --lr (e.g. {config.lr / 10:g}). {last}; "
+              f"the diverged weights are {out / 'diverged.pt'}", file=sys.stderr)
+        manifest.update({"diverged_at": state.iteration + 1, "checkpoint": state.checkpoint})
+        checks.write_json(out / "run.json", manifest, "--out")
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     bar.newline()
+    finished = state.finished
     manifest.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
                      "iterations_done": finished.iteration if finished else None,
                      "stopped_early": finished.stopped if finished else None,
                      "checkpoint": finished.checkpoint if finished else None,
                      "best_checkpoint": finished.best_checkpoint if finished else None,
                      "metrics": finished.metrics if finished else {}})
-    (out / "run.json").write_text(json.dumps(manifest, indent=2))
-    print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
+    checks.write_json(out / "run.json", manifest, "--out")
+    if finished is not None:
+        print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
     return 0
 
 
-def _consume(events, config, bar: ProgressBar):
-    """Print the trainer's events; return the final ``TrainFinished``."""
-    finished = None
+class _RunState:
+    """What the CLI has seen of a run: last iteration, last checkpoint, the final event."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+        self.checkpoint: str | None = None
+        self.finished: ev.TrainFinished | None = None
+
+
+def _consume(events, config, bar: ProgressBar, state: _RunState, on_start=None) -> None:
+    """Print the trainer's events; record them in ``state``."""
     for e in events:
         if isinstance(e, ev.TrainStarted):
+            state.iteration = e.start_iteration
+            if on_start is not None:
+                on_start()
             print(f"training {config.arch} ({config.preset}/{config.variant}, mode {config.mode}) on {e.device}: "
                   f"{e.n_labeled} labeled, {e.n_unlabeled} unlabeled samples, iterations {e.start_iteration}→{e.total_iterations}",
                   file=sys.stderr)
         elif isinstance(e, ev.Progress):
+            state.iteration = e.iteration
             bar.update(e)
+        elif isinstance(e, ev.CheckpointSaved):
+            state.checkpoint = e.path
         elif isinstance(e, ev.Validation):
             bar.newline()
             print(f"validation @{e.iteration}: mean Dice {100 * e.mean_dice:.2f}"
                   + (" (best)" if e.best else "") + "  " + " ".join(f"{k} {100 * v:.2f}" for k, v in e.per_class.items()),
                   file=sys.stderr)
         elif isinstance(e, ev.TrainFinished):
-            finished = e
-    return finished
-
-
-def _input_files(path: Path) -> list[Path]:
-    if not path.exists():
-        raise M3HLInputError(f"--input {path} does not exist")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES + (".h5",)))
-    if not files:
-        raise M3HLInputError(f"--input folder {path} holds no .nii, .nii.gz or .h5 file")
-    return files
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suf in (".nii.gz", ".nii", ".h5"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import image_interp, load_model
-    from .inference import predict_volume_2d, predict_volume_3d
-    from .io import affine_from_spacing, load_h5_volume, load_la_case, load_nifti, normalize_intensity, save_nifti_labels
-    from .runtime import resolve_device, tune_malloc
-
-    tune_malloc()
-    device = resolve_device(args.device)
-    model, ckpt = load_model(args.checkpoint, args.which, device)
-    patch = tuple(ckpt["patch_size"])
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def predict(vol: np.ndarray, normalized: bool) -> np.ndarray:
-        """vol: (Z, Y, X) = (D, H, W); returns labels of the same shape."""
-        if len(patch) == 2:
-            image = vol if normalized else normalize_intensity(vol)
-            return predict_volume_2d(model, image, patch=patch, device=device, batch_size=args.batch_size,
-                                     resize_input=image_interp(ckpt))
-        xyz = np.ascontiguousarray(vol.transpose(2, 1, 0))  # the 3D models work in (X, Y, Z), z-scored
-        if not normalized:
-            xyz = ((xyz - xyz.mean()) / (xyz.std() + 1e-8)).astype(np.float32)
-        out = predict_volume_3d(model, xyz, patch=patch, device=device, num_classes=ckpt["num_classes"])
-        return np.ascontiguousarray(out.transpose(2, 1, 0))
-
-    for f in _input_files(Path(args.input)):
-        t0 = time.perf_counter()
-        if f.name.endswith(".h5"):  # already normalised as the training data
-            if len(patch) == 2:
-                image, _ = load_h5_volume(f)
-            else:
-                image = load_la_case(f, need_label=False)[0].transpose(2, 1, 0)
-            labels = predict(image, normalized=True)
-            affine, header = affine_from_spacing((1.0, 1.0, 1.0)), None
-        else:
-            vol = load_nifti(f)
-            if vol.data.ndim == 4:  # (T, Z, Y, X): each frame on its own
-                labels = np.stack([predict(frame, normalized=False) for frame in vol.data])
-            else:
-                labels = predict(vol.data, normalized=False)
-            affine, header = vol.affine, vol.header
-        dest = save_nifti_labels(labels, out / f"{_stem(f)}.nii.gz", affine, header)
-        counts = ", ".join(f"{n}: {int((labels == c).sum())} vox" for c, n in enumerate(ckpt["class_names"]) if c)
-        print(f"{f} -> {dest} ({time.perf_counter() - t0:.1f} s; {counts})")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import image_interp, load_model
-    from .data import load_val_volumes
-    from .inference import predict_volume_2d, predict_volume_3d
-    from .metrics import evaluate_case, format_table, summarize
-    from .runtime import resolve_device, tune_malloc
-
-    tune_malloc()
-    device = resolve_device(args.device)
-    model, ckpt = load_model(args.checkpoint, args.which, device)
-    patch = tuple(ckpt["patch_size"])
-    volumes = load_val_volumes(args.data, ndim=len(patch), limit=args.limit, names_file=args.names_file)
-    if not volumes:
-        raise M3HLInputError(f"no validation volume found in {args.data}")
-    cases, per_case = [], {}
-    for name, image, label in volumes:
-        if len(patch) == 2:
-            pred = predict_volume_2d(model, image, patch=patch, device=device, resize_input=image_interp(ckpt))
-        else:
-            pred = predict_volume_3d(model, image, patch=patch, device=device, num_classes=ckpt["num_classes"])
-        m = evaluate_case(pred, label, ckpt["num_classes"], spacing=args.spacing, empty_convention=args.empty)
-        cases.append(m)
-        per_case[name] = {ckpt["class_names"][c]: vars(v) for c, v in m.items()}
-    summary = summarize(cases, ckpt["class_names"])
-    unit = "mm" if args.spacing else "px"
-    print(format_table(summary, distance_unit=unit))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data),
-                                               "which": args.which, "unit": unit, "empty_convention": args.empty,
-                                               "summary": summary, "cases": per_case}, indent=2, default=float))
-    return 0
-
-
-def cmd_suggest(args: argparse.Namespace) -> int:
-    from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
-    from .io import load_nifti, normalize_intensity
-    from .runtime import resolve_device, tune_malloc
-    from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume
-
-    tune_malloc()
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    if len(ckpt["patch_size"]) != 2:
-        raise M3HLInputError(f"{args.checkpoint} holds a 3D model; slice suggestions need a 2D (slice-wise) model")
-    vol = load_nifti(args.image)
-    if vol.data.ndim != 3:
-        raise M3HLInputError(f"{args.image} has shape {vol.data.shape}; suggest takes one 3D volume (split a cine first)")
-    labeled: list[int] = []
-    if args.labels:
-        lab = load_nifti(args.labels).data
-        if lab.shape != vol.data.shape:
-            raise M3HLInputError(f"labels {args.labels} have shape {lab.shape} (Z, Y, X) but the image has "
-                                 f"{vol.data.shape}; give the labels drawn on this image")
-        labeled = [int(z) for z in np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))]
-    teacher = model_from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
-    method = args.score or DEFAULT_METHOD
-    if args.score is None and method == "disagreement" and teacher is None:
-        method = "entropy"  # the default needs a teacher; a model file has none
-        print(f"{args.checkpoint} has no teacher network: ranking by entropy instead of disagreement")
-    network = args.which or (DEFAULT_NETWORK if teacher is not None else "student")
-    if teacher is None and (method == "disagreement" or network == "teacher"):
-        raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "
-                             "with --which student")
-    student = model_from_checkpoint(ckpt, "student", device)
-    a = analyse_volume(student, normalize_intensity(vol.data), teacher, method, tuple(ckpt["patch_size"]),
-                       resize_input=image_interp(ckpt), device=device, network=network)
-    spread = DEFAULT_SPREAD if args.spread is None else args.spread
-    ranking = a.ranking(labeled, spread)
-    what = (method if method == "disagreement" else f"the {network}'s {method}") + (
-        " × distance to the labeled slices" if spread and labeled else "")
-    print(f"{len(ranking)} unlabeled of {len(a.scores)} slices; most uncertain by {what}:")
-    for rank, z in enumerate(ranking[: args.top], 1):
-        print(f"  {rank}. slice {z}  {method} {a.scores[z]:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"image": str(args.image), "checkpoint": str(args.checkpoint),
-                                               "score": method, "network": network, "spread": spread,
-                                               "labeled": labeled, "ranking": ranking,
-                                               "scores": [float(x) for x in a.scores]}, indent=2))
-    return 0
-
-
-def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom import save_phantom_nifti
-
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for seed in range(args.seed, args.seed + args.count):
-        img, lab = out / f"phantom_{seed}.nii.gz", out / f"phantom_{seed}_labels.nii.gz"
-        save_phantom_nifti(img, seed=seed, labels_path=lab)
-        print(f"{img}  {lab}")
-    return 0
+            state.finished = e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr (status 2: bad
+    input, 1: the command failed, 130: interrupted). ``M3HL_DEBUG=1`` shows
+    the traceback of an unexpected error."""
+    import os
+
     args = build_parser().parse_args(argv)
+    name = f"m3hl {args.command}"
     try:
         return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "suggest": cmd_suggest,
                 "phantom": cmd_phantom}[args.command](args)
     except M3HLInputError as exc:
-        print(f"m3hl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"m3hl {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"{name}: error: out of memory; use smaller inputs, a smaller --batch-size or --patch-size, "
+              "or close other programs", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{name}: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("M3HL_DEBUG"):
+            raise
+        print(f"{name}: internal error: {exc.__class__.__name__}: {exc} (set M3HL_DEBUG=1 for the traceback and "
+              "please report it)", file=sys.stderr)
+        return 1

@@ -8,6 +8,7 @@ returns a :class:`TrainConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,16 @@ class TrainConfig:
     # teacher
     ema_decay: float = 0.99
     ema_warmup: bool = False
+    teacher_init: str = "copy"  # copy | independent
+    teacher_mode: str = "eval"  # eval | train (dropout + batch-stat BN when labelling)
+    teacher_bn: str = "copy"  # BatchNorm running stats: copy the student's | ema (state_dict-wide EMA, reference code)
+    pseudo_lcc: bool = True
     # recipe for short budgets (issue 10; 0 = off, the paper's recipe)
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
     alpha_rampup: int = 0  # α ramps linearly from 0 over this many M³HL iterations
     # diagnostics
     pl_eval_every: int = 0  # score pseudo-labels against the hidden labels of unlabeled data every N iterations
     pl_eval_samples: int = 64  # unlabeled samples (fixed, seeded) in that score
-    teacher_init: str = "copy"  # copy | independent
-    teacher_mode: str = "eval"  # eval | train (dropout + batch-stat BN when labelling)
-    teacher_bn: str = "copy"  # BatchNorm running stats: copy the student's | ema (state_dict-wide EMA, reference code)
-    pseudo_lcc: bool = True
     # data
     image_interp: str = "bilinear"  # bilinear | nearest (reference code)
     # run
@@ -88,20 +89,58 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`M3HLInputError` naming the bad setting."""
+        _check_types(self)
+        from .networks import ARCHITECTURES, network_ndim
+
+        if self.arch not in ARCHITECTURES:
+            raise M3HLInputError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
         if self.mode not in MODES:
             raise M3HLInputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.in_channels < 1 or self.num_classes < 2:
+            raise M3HLInputError(f"in_channels must be >= 1 and num_classes >= 2, got {self.in_channels}, {self.num_classes}")
         if self.batch_size < 4 or self.batch_size % 4:
             raise M3HLInputError(
                 f"batch size must be a multiple of 4 (labeled a/b + unlabeled a/b halves), got {self.batch_size}"
             )
         if self.iterations < 1:
             raise M3HLInputError(f"iterations must be at least 1, got {self.iterations}")
+        if len(self.patch_size) != network_ndim(self.arch) or min(self.patch_size) < 1:
+            raise M3HLInputError(
+                f"patch size {self.patch_size} must be {network_ndim(self.arch)} positive sizes for a {self.arch}, "
+                "e.g. --patch-size 256,256 (2D) or 112,112,80 (3D)"
+            )
         if len(self.block_size) != len(self.patch_size):
             raise M3HLInputError(
                 f"block size {self.block_size} and patch size {self.patch_size} need the same number of axes"
             )
+        if min(self.block_size) < 1:
+            raise M3HLInputError(f"block size {self.block_size} must be positive, e.g. a quarter of the patch size")
+        if any(b > p for b, p in zip(self.block_size, self.patch_size)):
+            raise M3HLInputError(
+                f"block size {self.block_size} is larger than the patch size {self.patch_size}: the mask would "
+                f"have a single block and nothing would be mixed; use smaller blocks, e.g. "
+                f"{derive_block(self.patch_size)} (a 4x4 grid, the paper's)"
+            )
         if not 0.0 <= self.mask_ratio <= 1.0:
             raise M3HLInputError(f"mask ratio must lie in [0, 1], got {self.mask_ratio}")
+        n_blocks = math.prod(math.ceil(p / b) for p, b in zip(self.patch_size, self.block_size))
+        k = int(round(self.mask_ratio * n_blocks))
+        if self.mode == "m3hl" and 0.0 < self.mask_ratio < 1.0 and k in (0, n_blocks):
+            raise M3HLInputError(
+                f"with patch {self.patch_size}, block {self.block_size} and mask ratio {self.mask_ratio} the mask has "
+                f"{n_blocks} block(s) and would take {'nothing' if k == 0 else 'everything'} from the labeled "
+                f"image; use smaller blocks, e.g. {derive_block(self.patch_size)}"
+            )
+        for name in ("lr", "alpha", "lam", "mix_weight", "momentum", "weight_decay", "ema_decay"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise M3HLInputError(f"{name} must be a finite number >= 0, got {v}")
+        if self.lr <= 0:
+            raise M3HLInputError(f"lr (learning rate) must be > 0, got {self.lr}")
+        if self.ema_decay > 1:
+            raise M3HLInputError(f"ema_decay must lie in [0, 1], got {self.ema_decay}")
+        if self.lr_step < 1 or self.val_every < 0 or self.checkpoint_every < 0:
+            raise M3HLInputError("lr_step must be >= 1, val_every and checkpoint_every >= 0")
         if self.low_tap not in ("low_enc", "low_dec"):
             raise M3HLInputError(f"low_tap must be 'low_enc' or 'low_dec', got {self.low_tap!r}")
         if self.lr_schedule not in ("constant", "poly", "step"):
@@ -113,6 +152,8 @@ class TrainConfig:
                 raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.teacher_bn not in ("copy", "ema"):
             raise M3HLInputError(f"teacher_bn must be 'copy' or 'ema', got {self.teacher_bn!r}")
+        if self.image_interp not in ("bilinear", "nearest"):
+            raise M3HLInputError(f"image_interp must be 'bilinear' or 'nearest', got {self.image_interp!r}")
         if len(self.class_names) != self.num_classes:
             raise M3HLInputError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
@@ -131,11 +172,54 @@ class TrainConfig:
         kw = {}
         for k, v in d.items():
             default = names[k].default
-            kw[k] = tuple(v) if isinstance(default, tuple) and v is not None else v
+            if isinstance(default, tuple) and isinstance(v, (list, tuple)):
+                v = tuple(v)
+            kw[k] = v
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def derive_block(patch_size: tuple[int, ...]) -> tuple[int, ...]:
+    """The mask block for a patch: the paper's 4 blocks per axis (256 -> 64, 112 -> 28, 80 -> 20)."""
+    return tuple(max(1, math.ceil(int(p) / 4)) for p in patch_size)
+
+
+def _type_name(default: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a text"}.get(type(default), type(default).__name__)
+
+
+def _check_types(cfg: "TrainConfig") -> None:
+    """Each setting has the type of its default (an int where an int is due, ...)."""
+    for f in dataclasses.fields(cfg):
+        default, v = f.default, getattr(cfg, f.name)
+        if default is None or default is dataclasses.MISSING:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok:
+                object.__setattr__(cfg, f.name, float(v))
+        elif isinstance(default, str):
+            ok = isinstance(v, str)
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else object
+            ok = isinstance(v, tuple) and len(v) > 0 and all(
+                isinstance(x, kind) and not isinstance(x, bool) for x in v)
+            if ok:
+                continue
+            raise M3HLInputError(
+                f"setting {f.name} must be a list of {'integers' if kind is int else 'names'}, e.g. "
+                f"{list(default)}, got {v!r}"
+            )
+        else:
+            continue
+        if not ok:
+            raise M3HLInputError(f"setting {f.name} must be {_type_name(default)}, got {v!r}")
 
 
 def list_presets() -> list[str]:
@@ -150,18 +234,43 @@ def list_presets() -> list[str]:
     return out
 
 
-def read_preset(name_or_path: str | Path) -> dict[str, Any]:
-    """The raw preset dict of a name in ``models/`` or a YAML path."""
+def _preset_path(name_or_path: str | Path) -> Path:
+    """A preset name in ``models/`` (then the current folder) or a YAML path; ``.yaml`` may be left off."""
     p = Path(name_or_path)
-    if not p.suffix:
-        p = MODELS_DIR / f"{name_or_path}.yaml"
+    if p.suffix.lower() in (".yaml", ".yml") or p.is_file():
+        return p
+    cands = [MODELS_DIR / f"{p.name}.yaml", Path(f"{p.name}.yaml")] if len(p.parts) == 1 else [p.with_name(p.name + ".yaml")]
+    return next((c for c in cands if c.is_file()), cands[0])
+
+
+def read_preset(name_or_path: str | Path) -> dict[str, Any]:
+    """The raw preset dict of a name in ``models/`` or a YAML path.
+
+    Refused with :class:`M3HLInputError` naming the file: a missing file,
+    broken YAML, and a file that is not a mapping with a ``variants`` table."""
+    p = _preset_path(name_or_path)
     if not p.is_file():
         raise M3HLInputError(
-            f"preset {name_or_path!r} not found (looked for {p}); available: {', '.join(list_presets())}"
+            f"preset {str(name_or_path)!r} not found (looked for {p}); give a preset name "
+            f"({', '.join(list_presets())}) or the path of a .yaml file"
         )
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise M3HLInputError(f"preset {p} is not valid YAML{at}; fix the file or copy one from models/") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise M3HLInputError(f"preset {p} cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise M3HLInputError(f"preset {p} must be a YAML mapping with 'settings' and 'variants', not {type(data).__name__}")
     if "variants" not in data:
         raise M3HLInputError(f"{p} is not a training preset (no 'variants' table)")
+    if not isinstance(data["variants"], dict) or not data["variants"] or not all(
+            isinstance(v, dict) or v is None for v in data["variants"].values()):
+        raise M3HLInputError(f"preset {p}: 'variants' must map variant names to settings")
+    if not isinstance(data.get("settings", {}) or {}, dict):
+        raise M3HLInputError(f"preset {p}: 'settings' must be a mapping of training settings")
     return data
 
 
@@ -170,15 +279,22 @@ def load_preset(name_or_path: str | Path, variant: str | None = None, **override
 
     ``variant`` None takes the preset's ``default_variant``. Overrides whose
     value is None are ignored, so CLI options can be passed straight through.
+    A patch size given without a block size (in the overrides, or in a preset
+    without ``block_size``) gets the paper's 4x4 grid of blocks
+    (:func:`derive_block`) instead of the preset's or the default block.
     """
     data = read_preset(name_or_path)
     variants: dict[str, dict] = data["variants"]
     variant = variant or data.get("default_variant") or next(iter(variants))
-    if variant not in variants:
+    if not isinstance(variant, str) or variant not in variants:
         raise M3HLInputError(f"preset {name_or_path!r} has no variant {variant!r}; choose one of {sorted(variants)}")
-    settings = dict(data.get("settings", {}))
+    settings = dict(data.get("settings") or {})
     settings.update(variants[variant] or {})
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings.update(given)
+    patch = settings.get("patch_size")
+    if isinstance(patch, (list, tuple)) and ("block_size" not in settings or ("patch_size" in given and "block_size" not in given)):
+        settings["block_size"] = derive_block(patch)
     settings["preset"] = Path(str(name_or_path)).stem
     settings["variant"] = variant
     cfg = TrainConfig.from_dict(settings)

@@ -583,7 +583,11 @@ def load_val_volumes(source: PathLike, ndim: int = 2, limit: Optional[int] = Non
     ``cases/``) replaces the default list, e.g. the 20 test patients'
     ``test.list`` where those volumes are present.
     """
+    if limit is not None and int(limit) < 1:
+        raise M3HLInputError(f"limit={limit}: score at least 1 volume (leave the limit out to score all)")
     if isinstance(source, str) and source.strip().lower() == "phantom":
+        if names_file is not None:
+            raise M3HLInputError("a list of volume names was given, but the phantom has no named volumes")
         return phantom_val_volumes(limit or 2)
     path = Path(source)
     listed = read_list(names_file) if names_file is not None else None

@@ -16,6 +16,7 @@ naming the file and what to do.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,6 +30,9 @@ PathLike = Union[str, Path]
 __all__ = [
     "NiftiVolume",
     "load_nifti",
+    "fill_non_finite",
+    "warn_if_constant",
+    "available_memory",
     "save_nifti_labels",
     "save_nifti_image",
     "affine_from_spacing",
@@ -61,7 +65,8 @@ class NiftiVolume:
         4x4 voxel ``(i, j, k)`` -> world (mm) matrix as stored, i.e. for the
         NIfTI ``(X, Y, Z)`` index order (not for ``data``'s order).
     header:
-        The file's ``nibabel.Nifti1Header`` (a NIfTI-2 header is converted).
+        The file's ``nibabel.Nifti1Header`` (``Nifti2Header`` for a NIfTI-2
+        file; labels written with it are NIfTI-2 too, so no precision is lost).
     path:
         The file that was read.
     """
@@ -77,12 +82,69 @@ def _transpose_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(ndim - 1, -1, -1))
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (``MemAvailable`` on Linux);
+    None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_nifti_header(img, path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse what cannot be read as a grey-value volume, before reading the voxels:
+    colour (RGB) and complex data, an empty axis, a truncated ``.nii`` payload and
+    a size that does not fit in memory."""
+    dtype = np.dtype(img.header.get_data_dtype())
+    if dtype.fields is not None or dtype.kind == "V":
+        raise M3HLInputError(
+            f"'{path}' holds colour (RGB) voxels ({dtype}); convert it to a single grey-value channel first."
+        )
+    if dtype.kind == "c":
+        raise M3HLInputError(
+            f"'{path}' holds complex voxels ({dtype}); save the magnitude image (e.g. abs()) and give that."
+        )
+    if any(s == 0 for s in img.shape):
+        raise M3HLInputError(f"'{path}' has an empty axis (shape {tuple(img.shape)}); the file holds no voxels.")
+    n_vox = int(np.prod([int(s) for s in img.shape], dtype=np.float64))
+    stored = n_vox * dtype.itemsize
+    if path.name.lower().endswith(".nii"):
+        offset = int(img.header.get_data_offset() or 0)
+        size = path.stat().st_size
+        if size < offset + stored:
+            raise M3HLInputError(
+                f"'{path}' is truncated: its header claims {'x'.join(map(str, img.shape))} {dtype} voxels "
+                f"({_gib(stored)}) but the file holds {_gib(size)}. Re-export or copy the file again."
+            )
+    needed = n_vox * 4 + stored  # the float32 copy plus the stored array while converting
+    avail = available_memory()
+    if avail is not None and needed > avail:
+        raise M3HLInputError(
+            f"'{path}' claims {'x'.join(map(str, img.shape))} voxels: reading it needs about {_gib(needed)} "
+            f"of memory but only {_gib(avail)} is available. Crop or downsample the volume, or check its header."
+        )
+
+
 def load_nifti(path: PathLike) -> NiftiVolume:
     """Read a 3D or 4D NIfTI file (``.nii`` / ``.nii.gz``).
 
     Trailing singleton axes beyond the third are dropped (``(X, Y, Z, 1)`` is
     read as 3D). Raises :class:`M3HLInputError` for a missing or unreadable
-    file and for 2D or more than 4D data.
+    file, 2D or more than 4D data, colour or complex voxels, an empty axis, a
+    truncated file and a volume too large for the available memory (checked
+    from the header before reading). NaN/inf voxels are read as they are (see
+    :func:`check_finite`).
     """
     import nibabel as nib
 
@@ -91,6 +153,8 @@ def load_nifti(path: PathLike) -> NiftiVolume:
         raise M3HLInputError(f"NIfTI file not found: '{path}'. Check the path (expected a .nii or .nii.gz file).")
     try:
         img = nib.load(str(path))
+    except MemoryError as exc:
+        raise M3HLInputError(f"Not enough memory to open '{path}'.") from exc
     except Exception as exc:  # nibabel raises several types for bad files
         raise M3HLInputError(
             f"Cannot read '{path}' as NIfTI ({exc}). Give a valid .nii or .nii.gz image file."
@@ -112,21 +176,51 @@ def load_nifti(path: PathLike) -> NiftiVolume:
             f"'{path}' holds {len(shape)}D data of shape {tuple(img.shape)}; only 3D (X, Y, Z) and "
             "4D (X, Y, Z, T) volumes are supported."
         )
+    _check_nifti_header(img, path, shape)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except MemoryError as exc:
+        raise M3HLInputError(
+            f"Not enough memory to read the voxels of '{path}' ({'x'.join(map(str, img.shape))}); "
+            "close other programs or crop the volume."
+        ) from exc
     except Exception as exc:  # truncated / corrupt payload
         raise M3HLInputError(
             f"Cannot read the voxel data of '{path}' ({exc}); the file is probably truncated or corrupt."
         ) from exc
     header = img.header
-    if isinstance(img, nib.Nifti2Image):
-        header = nib.Nifti1Header.from_header(header)
     zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
     axes = _transpose_axes(len(shape))
     data = np.ascontiguousarray(np.transpose(data, axes), dtype=np.float32)
     spacing = tuple(zooms[a] for a in axes)
     return NiftiVolume(data=data, spacing=spacing, affine=np.array(img.affine, dtype=np.float64),
                        header=header, path=path)
+
+
+def fill_non_finite(data: np.ndarray, path: PathLike) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """NaN/inf voxels (e.g. outside a resampled field of view) set to the lowest
+    finite value, so the rest can be segmented.
+
+    Returns ``(data, mask, warning)``: ``mask`` (bool, True where the voxel was
+    not finite; those voxels should be labelled background) and a warning text
+    naming ``path``, both None when every voxel is finite. Raises
+    :class:`M3HLInputError` when no voxel is finite."""
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data, None, None
+    if bad.all():
+        raise M3HLInputError(f"'{path}' holds no finite voxel (all NaN or infinite); it cannot be segmented.")
+    filled = np.where(bad, np.min(data[~bad]), data).astype(np.float32)
+    return filled, bad, (f"warning: '{path}' has {int(bad.sum())} NaN or infinite voxel(s); they are labelled "
+                         "background and the rest is segmented.")
+
+
+def warn_if_constant(data: np.ndarray, path: PathLike) -> str | None:
+    """A warning text when ``data`` is constant (it segments as all background), else None."""
+    if data.size and float(data.max()) == float(data.min()):
+        return (f"warning: '{path}' is constant (every voxel = {float(data.min()):g}); "
+                "its segmentation will be all background. Is this the right file?")
+    return None
 
 
 def affine_from_spacing(spacing: tuple[float, ...], origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
@@ -145,24 +239,58 @@ def affine_from_spacing(spacing: tuple[float, ...], origin: tuple[float, float, 
 
 
 def _prepare_header(header, data: np.ndarray, affine: np.ndarray, dtype: np.dtype):
-    """Copy ``header`` (or make one), set shape/dtype/affine, reset scaling."""
+    """Copy ``header`` (or make one), set shape/dtype, reset scaling; returns
+    ``(header, affine_for_nibabel)``.
+
+    When ``affine`` is the header's own affine (the usual case: labels written
+    with the geometry of the image they were drawn on), the qform and sform and
+    their codes are kept exactly as stored, even where they differ, and
+    ``None`` is returned as the affine so nibabel leaves them alone. Otherwise
+    the sform gets ``affine`` exactly and the qform its closest rigid+zoom
+    approximation, both with the header's codes.
+    """
     import nibabel as nib
 
     if header is None:
         hdr = nib.Nifti1Header()
         sform_code, qform_code = 2, 2  # aligned
     else:
-        hdr = nib.Nifti1Header.from_header(header)  # copies; converts NIfTI-2/Analyze
+        kind = nib.Nifti2Header if isinstance(header, nib.Nifti2Header) else nib.Nifti1Header
+        hdr = kind.from_header(header)  # copies; converts Analyze
         sform_code, qform_code = int(hdr["sform_code"]), int(hdr["qform_code"])
-        if sform_code == 0:
-            # The exact affine can only be stored in the sform: make it valid.
-            sform_code = qform_code if qform_code > 0 else 2
     hdr.set_data_shape(data.shape)
     hdr.set_data_dtype(dtype)
     hdr.set_slope_inter(None, None)
+    if header is not None and np.allclose(hdr.get_best_affine(), affine, rtol=0, atol=1e-4):
+        return hdr, None  # the source geometry, untouched
+    if sform_code == 0:
+        # The exact affine can only be stored in the sform: make it valid.
+        sform_code = qform_code if qform_code > 0 else 2
     hdr.set_sform(affine, code=sform_code)
     hdr.set_qform(affine, code=qform_code)
-    return hdr
+    return hdr, affine
+
+
+def _image_class(hdr):
+    import nibabel as nib
+
+    return nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+
+
+def _save_atomic(img, path: Path) -> None:
+    """``nib.save`` to a temporary file beside ``path``, then rename: an existing
+    file is only replaced by a complete one."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _check_affine(affine, path: Path) -> np.ndarray:
@@ -192,15 +320,19 @@ def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, he
     path:
         ``.nii`` or ``.nii.gz`` output file.
     affine:
-        4x4 matrix written exactly (as NIfTI's float32 sform; the qform gets
-        the closest rigid+zoom approximation).
+        4x4 matrix. When it is ``header``'s own affine, the header's qform and
+        sform (and codes) are written back untouched, even where they differ;
+        otherwise it is written exactly as the float32 sform and the qform gets
+        the closest rigid+zoom approximation.
     header:
         Optional header to copy (e.g. ``NiftiVolume.header`` of the image):
-        units, descriptions, time step and qform/sform codes are kept; the data
-        type becomes uint8 (int16 when a label exceeds 255) and ``scl_slope`` /
-        ``scl_inter`` are reset so the labels stay integer. A header whose
-        sform code is 0 gets the qform code (or "aligned") as sform code so the
-        exact affine is stored.
+        units, descriptions, time step and qform/sform are kept; the data
+        type becomes uint8 (int16 when a label exceeds 255), ``scl_slope`` /
+        ``scl_inter`` are reset so the labels stay integer, ``cal_min/max``
+        are cleared. With a new affine, a header whose sform code is 0 gets
+        the qform code (or "aligned") as sform code so the exact affine is
+        stored. The file is written to a temporary name and renamed, so an
+        existing file is only ever replaced by a complete one.
     """
     import nibabel as nib
 
@@ -227,10 +359,9 @@ def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, he
         raise M3HLInputError(f"labels for '{path}' contain value {hi}, more than int16 can hold.")
     dtype = np.dtype(np.uint8) if hi <= 255 else np.dtype(np.int16)
     data = np.ascontiguousarray(np.transpose(labels, _transpose_axes(labels.ndim))).astype(dtype)
-    hdr = _prepare_header(header, data, affine, dtype)
-    img = nib.Nifti1Image(data, affine, header=hdr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    hdr, aff = _prepare_header(header, data, affine, dtype)
+    hdr["cal_min"], hdr["cal_max"] = 0, 0  # the image's display window means nothing for labels
+    _save_atomic(_image_class(hdr)(data, aff, header=hdr), path)
     return path
 
 
@@ -249,9 +380,8 @@ def save_nifti_image(image: np.ndarray, path: PathLike, affine: np.ndarray, head
     if image.ndim not in (3, 4):
         raise M3HLInputError(f"image for '{path}' must be (Z, Y, X) or (T, Z, Y, X), got shape {image.shape}.")
     data = np.ascontiguousarray(np.transpose(image, _transpose_axes(image.ndim)), dtype=np.float32)
-    hdr = _prepare_header(header, data, affine, np.dtype(np.float32))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine, header=hdr), str(path))
+    hdr, aff = _prepare_header(header, data, affine, np.dtype(np.float32))
+    _save_atomic(_image_class(hdr)(data, aff, header=hdr), path)
     return path
 
 

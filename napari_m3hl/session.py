@@ -45,11 +45,95 @@ class Session:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+#: Types of the widget's session settings (``settings.json``), checked on load so a
+#: session with a hand-edited or damaged settings file is refused before anything opens.
+SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "preset": (str,), "variant": (str,), "device": (str,), "start": (str,), "start_path": (str,),
+    "network": (str,), "score": (str,), "spread": (bool,), "train_on_iterations": (int,), "advanced": (dict,),
+}
+ADVANCED_TYPES: dict[str, tuple[type, ...]] = {
+    "iterations": (int,), "batch_size": (int,), "patch_size": (list, tuple), "block_size": (list, tuple),
+    "mask_ratio": (int, float), "lam": (int, float), "alpha": (int, float), "lr": (int, float),
+    "ema_decay": (int, float),
+}
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` via a temporary file + rename, with the ordinary file mode
+    (the same as the labels file; mkstemp alone would make it private)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_session_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels`` as uint8, refusing what a cast would change: non-integer,
+    negative or > 255 values (no wrap-around: -1 would become 255, 300 become 44)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise M3HLInputError(f"{where}: labels must be a (Z, Y, X) volume, got shape {labels.shape}")
+    if labels.dtype.kind == "b" or labels.dtype == np.uint8:
+        return labels.astype(np.uint8, copy=False)
+    if labels.dtype.kind not in "iuf":
+        raise M3HLInputError(f"{where}: labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.size:
+        if labels.dtype.kind == "f" and (not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels))):
+            raise M3HLInputError(f"{where}: labels hold fractional or NaN values; class indices are whole numbers")
+        lo, hi = labels.min(), labels.max()
+        if lo < 0 or hi > 255:
+            raise M3HLInputError(
+                f"{where}: labels hold the value {lo if lo < 0 else hi}; class indices must lie in 0..255. "
+                "Relabel them (nothing was written)."
+            )
+    return labels.astype(np.uint8)
+
+
+def check_settings(settings: Any, path: Path) -> dict[str, Any]:
+    """The session settings if every known key has the expected type; unknown keys pass."""
+    if not isinstance(settings, dict):
+        raise M3HLInputError(f"{path} must hold a JSON object of settings, not {type(settings).__name__}")
+    for table, types, where in ((settings, SETTING_TYPES, ""), (settings.get("advanced") or {}, ADVANCED_TYPES, "advanced.")):
+        if not isinstance(table, dict):
+            break
+        for key, kinds in types.items():
+            v = table.get(key)
+            if v is None:
+                continue
+            bad = not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)
+            if not bad and kinds == (list, tuple):
+                bad = len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+            if bad:
+                want = " or ".join(k.__name__ for k in kinds)
+                raise M3HLInputError(
+                    f"{path}: setting {where}{key} is {v!r}, expected {want if kinds != (list, tuple) else 'two sizes'}; "
+                    "fix or delete the file (the labels and checkpoint are kept)"
+                )
+    return settings
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise M3HLInputError(
+            f"{path} is not valid JSON ({exc}); fix it or delete it (the labels and checkpoint are kept)"
+        ) from None
+    except OSError as exc:
+        raise M3HLInputError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def save_labels(folder: str | Path, labels: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
@@ -57,10 +141,9 @@ def save_labels(folder: str | Path, labels: np.ndarray, affine: np.ndarray, head
     from .io import save_nifti_labels
 
     folder = Path(folder)
+    labels = check_session_labels(labels, f"session {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".labels.tmp.nii.gz"
-    save_nifti_labels(labels, tmp, affine, header)
-    os.replace(tmp, folder / LABELS)
+    save_nifti_labels(labels, folder / LABELS, affine, header)  # written to a temporary file, then renamed
     return folder / LABELS
 
 
@@ -83,6 +166,7 @@ def save_session(
         meta: JSON-serialisable facts (image source, names, manifest).
     """
     folder = Path(folder)
+    labels = check_session_labels(labels, f"session {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     save_labels(folder, labels, affine, header)
     if checkpoint is not None:
@@ -111,7 +195,8 @@ def save_checkpoint_copy(folder: str | Path, checkpoint: str | Path, meta_update
     folder.mkdir(parents=True, exist_ok=True)
     _copy_checkpoint(folder, checkpoint)
     meta_path = folder / META
-    info = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    info = _read_json(meta_path)
+    info = info if isinstance(info, dict) else {}
     info.update(meta_update or {})
     info["checkpoint_saved"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _atomic_write_text(meta_path, json.dumps(info, indent=2, default=str))
@@ -119,15 +204,23 @@ def save_checkpoint_copy(folder: str | Path, checkpoint: str | Path, meta_update
 
 
 def load_session(folder: str | Path) -> Session:
-    """Read a session folder written by :func:`save_session`."""
+    """Read a session folder written by :func:`save_session`.
+
+    Everything is read and checked before anything is returned, so a damaged
+    file (broken JSON, wrongly typed settings, labels outside 0..255 or not
+    whole numbers) is refused with its name and nothing opens half-way."""
     from .io import load_nifti
 
     folder = Path(folder)
     if not (folder / LABELS).is_file():
         raise M3HLInputError(f"{folder} is not an M³HL session folder (no {LABELS}); choose the folder you saved")
     vol = load_nifti(folder / LABELS)
-    labels = np.rint(vol.data).astype(np.uint8)
+    if vol.data.ndim != 3:
+        raise M3HLInputError(f"{folder / LABELS} holds a {vol.data.ndim}D volume; session labels are 3D")
+    labels = check_session_labels(vol.data, str(folder / LABELS))
     ckpt = folder / CHECKPOINT
-    settings = json.loads((folder / SETTINGS).read_text()) if (folder / SETTINGS).is_file() else {}
-    meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
+    settings = check_settings(_read_json(folder / SETTINGS), folder / SETTINGS)
+    meta = _read_json(folder / META)
+    if not isinstance(meta, dict):
+        raise M3HLInputError(f"{folder / META} must hold a JSON object, not {type(meta).__name__}")
     return Session(folder, labels, vol.affine, vol.header, ckpt if ckpt.is_file() else None, settings, meta)

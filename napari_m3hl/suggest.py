@@ -22,10 +22,14 @@ the student by default, or the EMA teacher.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
+
+from .errors import M3HLInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -119,6 +123,42 @@ def disagreement_map(student_labels: np.ndarray, teacher_labels: np.ndarray) -> 
     if student_labels.shape != teacher_labels.shape:
         raise ValueError(f"label maps differ in shape: {student_labels.shape} vs {teacher_labels.shape}")
     return (student_labels != teacher_labels).astype(np.uint8)
+
+
+def check_labels(image_path: str | Path, image: Any, labels_path: str | Path, num_classes: int) -> list[int]:
+    """Read ``labels_path`` and check that it holds partial labels of ``image``
+    (a :class:`~napari_m3hl.io.NiftiVolume`); returns its labeled slices (Z).
+
+    Refused with :class:`M3HLInputError`: the image file itself, another
+    shape or affine (labels of another image), NaN/fractional values (an
+    image, not a label map) and values outside ``0..num_classes-1``."""
+    from .io import load_nifti
+
+    image_path, labels_path = Path(image_path), Path(labels_path)
+    try:
+        same = labels_path.is_file() and os.path.samefile(image_path, labels_path)
+    except OSError:
+        same = False
+    if same:
+        raise M3HLInputError(f"--labels {labels_path} is the image itself; give the label map painted on it")
+    lab = load_nifti(labels_path)
+    if lab.data.shape != image.data.shape:
+        raise M3HLInputError(f"labels {labels_path} have shape {lab.data.shape} (Z, Y, X) but the image has "
+                             f"{image.data.shape}; give the labels drawn on this image")
+    if not np.allclose(lab.affine, image.affine, atol=1e-3):
+        raise M3HLInputError(f"labels {labels_path} have a different affine (position/orientation) than the image "
+                             f"{image_path}: they were drawn on another image; give the labels of this one")
+    data = lab.data
+    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+        raise M3HLInputError(f"labels {labels_path} hold fractional or NaN values: is it an image rather than a "
+                             "label map? Give the label map (whole class numbers)")
+    if np.array_equal(data, image.data) and np.unique(data).size > 2:
+        raise M3HLInputError(f"labels {labels_path} hold the same voxels as the image; give the label map")
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if lo < 0 or hi >= num_classes:
+        raise M3HLInputError(f"labels {labels_path} hold the value {int(lo if lo < 0 else hi)} but the model knows "
+                             f"classes 0..{num_classes - 1}; give labels made for this model")
+    return [int(z) for z in np.flatnonzero(data.reshape(data.shape[0], -1).any(axis=1))]
 
 
 @dataclass

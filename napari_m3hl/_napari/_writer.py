@@ -43,11 +43,35 @@ def geometry_from_meta(meta: dict[str, Any], ndim: int) -> tuple[np.ndarray, Any
     return affine_from_spacing(scale, origin=origin), header, False
 
 
+def _refuse_source_image(target: Path, meta: dict[str, Any]) -> None:
+    """Refuse to write labels over the image they were drawn on (a labels layer
+    made from an image carries the image's ``source_path``)."""
+    import os
+
+    src = (meta.get("metadata") or {}).get("source_path")
+    try:
+        same = bool(src) and target.is_file() and os.path.samefile(target, src)
+    except OSError:
+        same = False
+    if not same:
+        return
+    from ..io import load_nifti
+    from ._reader import looks_like_labels
+
+    vol = load_nifti(target)
+    if not looks_like_labels(target, vol.data, vol.header):
+        raise M3HLInputError(
+            f"'{target}' is the image these labels were drawn on; saving there would replace the scan with the "
+            "labels. Choose another file name (e.g. with '_labels')."
+        )
+
+
 def save_labels_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> Path:
     """Write labels ``(Z, Y, X)`` / ``(T, Z, Y, X)`` with the geometry in ``meta``.
 
     Returns the written path. Raises :class:`M3HLInputError` for data that is
-    not a 3D/4D integer label volume. Warns (napari notification) when the
+    not a 3D/4D integer label volume, and for a path that is the image the
+    labels were drawn on (the metadata's ``source_path``). Warns (napari notification) when the
     affine had to be derived from the layer scale.
     """
     from ..io import save_nifti_labels
@@ -57,6 +81,8 @@ def save_labels_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> Path
         raise M3HLInputError(
             f"cannot save labels of shape {labels.shape} as NIfTI: a (Z, Y, X) or (T, Z, Y, X) volume is needed"
         )
+    target = nifti_path(path)
+    _refuse_source_image(target, meta)
     affine, header, exact = geometry_from_meta(meta, labels.ndim)
     if not exact:
         from napari.utils.notifications import show_warning
@@ -66,7 +92,7 @@ def save_labels_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> Path
             "writing a diagonal affine from its scale. Create labels with 'New labels layer' "
             "(or open them from a NIfTI file) to keep the scanner geometry."
         )
-    return save_nifti_labels(labels, nifti_path(path), affine, header)
+    return save_nifti_labels(labels, target, affine, header)
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
