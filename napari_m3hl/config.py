@@ -208,8 +208,9 @@ def _check_types(cfg: "TrainConfig") -> None:
             ok = isinstance(v, str)
         elif isinstance(default, tuple):
             kind = type(default[0]) if default else object
-            ok = isinstance(v, tuple) and len(v) > 0 and all(
-                isinstance(x, kind) and not isinstance(x, bool) for x in v)
+            kinds = (int, float) if kind is float else (kind,)
+            ok = isinstance(v, tuple) and (len(v) > 0 or not default) and all(
+                isinstance(x, kinds) and not isinstance(x, bool) for x in v)
             if ok:
                 continue
             raise M3HLInputError(

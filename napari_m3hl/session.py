@@ -82,8 +82,8 @@ def check_session_labels(labels: np.ndarray, where: str) -> np.ndarray:
     """``labels`` as uint8, refusing what a cast would change: non-integer,
     negative or > 255 values (no wrap-around: -1 would become 255, 300 become 44)."""
     labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise M3HLInputError(f"{where}: labels must be a (Z, Y, X) volume, got shape {labels.shape}")
+    if labels.ndim not in (3, 4):
+        raise M3HLInputError(f"{where}: labels must be a (Z, Y, X) or (T, Z, Y, X) volume, got shape {labels.shape}")
     if labels.dtype.kind == "b" or labels.dtype == np.uint8:
         return labels.astype(np.uint8, copy=False)
     if labels.dtype.kind not in "iuf":
@@ -215,8 +215,6 @@ def load_session(folder: str | Path) -> Session:
     if not (folder / LABELS).is_file():
         raise M3HLInputError(f"{folder} is not an M³HL session folder (no {LABELS}); choose the folder you saved")
     vol = load_nifti(folder / LABELS)
-    if vol.data.ndim != 3:
-        raise M3HLInputError(f"{folder / LABELS} holds a {vol.data.ndim}D volume; session labels are 3D")
     labels = check_session_labels(vol.data, str(folder / LABELS))
     ckpt = folder / CHECKPOINT
     settings = check_settings(_read_json(folder / SETTINGS), folder / SETTINGS)

@@ -510,3 +510,12 @@ def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ckmod.save_checkpoint(path, {"student": {}})
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_cine_session_labels_round_trip(tmp_path):
+    from napari_m3hl.session import load_session, save_session
+
+    labels = np.zeros((2, 3, 8, 8), np.uint8)
+    labels[1, 2, 2:4, 2:4] = 3
+    s = load_session(save_session(tmp_path / "s", labels, np.eye(4)))
+    np.testing.assert_array_equal(s.labels, labels)
