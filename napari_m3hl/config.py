@@ -69,7 +69,12 @@ class TrainConfig:
     # run
     seed: int = 1337
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
+    # speed (docs/benchmarks.md, "Training step speed"); none of these changes the method
+    amp: bool = True  # False forces fp32 whatever `precision` says (older presets and checkpoints)
+    precision: str = "auto"  # auto | fp32 | bf16 autocast; auto = bf16 on CUDA and on CPUs with native bf16
+    channels_last: bool = True  # NHWC memory format for 2D networks and batches
+    compile: bool = False  # torch.compile the networks' forward (pays off on GPUs; first step compiles)
+    readback_every: int = 0  # steps between loss read-backs to the host; 0 = every step on CPU, 25 on GPU
     val_every: int = 200
     checkpoint_every: int = 1000
     preset: str = ""
@@ -101,6 +106,10 @@ class TrainConfig:
             raise M3HLInputError(f"lr_schedule must be constant, poly or step, got {self.lr_schedule!r}")
         if self.teacher_mode not in ("eval", "train") or self.teacher_init not in ("copy", "independent"):
             raise M3HLInputError("teacher_mode must be eval|train and teacher_init copy|independent")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise M3HLInputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.readback_every < 0:
+            raise M3HLInputError(f"readback_every must be 0 (automatic) or positive, got {self.readback_every}")
         if len(self.class_names) != self.num_classes:
             raise M3HLInputError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
