@@ -264,6 +264,8 @@ def _read_back(pending: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[dict
 
 
 def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Mean Dice (and per class) of ``model`` on the volumes; fp32 inference,
+    so the best checkpoint is chosen by the same numbers whatever the precision."""
     from .inference import predict_volume_2d, predict_volume_3d
     from .metrics import dice
 
@@ -271,7 +273,8 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
     for i, (_, image, label) in enumerate(volumes):
         if config.ndim == 2:
             pred = predict_volume_2d(model, image, patch=tuple(config.patch_size), device=device,
-                                     resize_input=config.image_interp)
+                                     resize_input=config.image_interp, precision="fp32",
+                                     channels_last=config.channels_last)
         else:
             pred = predict_volume_3d(model, image, patch=tuple(config.patch_size), device=device, num_classes=config.num_classes)
         for c in range(1, config.num_classes):
@@ -372,7 +375,8 @@ def train(
         from .inference import predict_volume_2d
 
         labels = predict_volume_2d(teacher, preview_volume, patch=tuple(config.patch_size), device=device,
-                                   resize_input=config.image_interp)
+                                   resize_input=config.image_interp, precision=setup.precision,
+                                   channels_last=config.channels_last)
         return ev.VolumePreview(iteration, labels, preview_token)
 
     # what runs the forward passes (compiled or not); state, EMA and checkpoints use the modules themselves
