@@ -46,6 +46,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="autocast: auto (default) = bf16 on GPUs and on CPUs with native bf16, else fp32")
     p.add_argument("--val", action="store_true", help="validate on the data set's validation volumes and keep best.pt")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -173,6 +175,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
         "block_size": args.block_size, "mask_ratio": args.mask_ratio, "lr": args.lr, "lam": args.lam,
         "alpha": args.alpha, "mode": args.mode, "seed": args.seed, "device": args.device, "val_every": args.val_every,
+        "precision": args.precision,
     }
     if args.no_hl:
         o["use_hl"] = False
@@ -189,8 +192,10 @@ def _overrides(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_preset
     from .data import load_train_data, load_val_volumes
+    from .runtime import set_threads
     from .trainer import TrainControl, train
 
+    set_threads("cli")
     config = load_preset(args.preset, args.variant, **_overrides(args))
     source = str(args.data)
     counts = {}
@@ -286,9 +291,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import image_interp, load_model
     from .inference import predict_volume_2d, predict_volume_3d
     from .io import affine_from_spacing, load_h5_volume, load_la_case, load_nifti, normalize_intensity, save_nifti_labels
-    from .runtime import resolve_device, tune_malloc
+    from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
+    set_threads("cli")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, args.which, device)
     patch = tuple(ckpt["patch_size"])
@@ -334,9 +340,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_val_volumes
     from .inference import predict_volume_2d, predict_volume_3d
     from .metrics import evaluate_case, format_table, summarize
-    from .runtime import resolve_device, tune_malloc
+    from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
+    set_threads("cli")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, args.which, device)
     patch = tuple(ckpt["patch_size"])
@@ -366,10 +373,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
     from .io import load_nifti, normalize_intensity
-    from .runtime import resolve_device, tune_malloc
+    from .runtime import resolve_device, set_threads, tune_malloc
     from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume
 
     tune_malloc()
+    set_threads("cli")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     if len(ckpt["patch_size"]) != 2:
