@@ -59,6 +59,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="autocast: auto (default) = bf16 on GPUs and on CPUs with native bf16, else fp32")
     p.add_argument("--val", action="store_true", help="validate on the data set's validation volumes and keep best.pt")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -192,6 +194,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
         "block_size": args.block_size, "mask_ratio": args.mask_ratio, "lr": args.lr, "lam": args.lam,
         "alpha": args.alpha, "mode": args.mode, "seed": args.seed, "device": args.device, "val_every": args.val_every,
+        "precision": args.precision,
     }
     if args.no_hl:
         o["use_hl"] = False
@@ -249,8 +252,10 @@ def _check_start(args: argparse.Namespace, config) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_train_data, load_val_volumes
+    from .runtime import set_threads
     from .trainer import TrainControl, train
 
+    set_threads("cli")
     out = Path(args.out)
     checks.check_run_folder(out, args.resume, args.overwrite)
     config = _train_config(args)

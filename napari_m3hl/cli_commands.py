@@ -43,9 +43,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .io import (affine_from_spacing, fill_non_finite, load_h5_volume, load_la_case, load_nifti,
                      save_nifti_labels, warn_if_constant)
-    from .runtime import resolve_device, tune_malloc
+    from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
+    set_threads("cli")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checks.check_teacher(ckpt, args.which, args.checkpoint)
@@ -87,9 +88,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_val_volumes
     from .inference import predict_volume_2d, predict_volume_3d
     from .metrics import evaluate_case, format_table, summarize
-    from .runtime import resolve_device, tune_malloc
+    from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
+    set_threads("cli")
     if args.json:
         checks.check_output_file(args.json, "--json")
     device = resolve_device(args.device)
@@ -130,10 +132,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_suggest(args: argparse.Namespace) -> int:
     from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
     from .io import fill_non_finite, load_nifti, normalize_intensity, warn_if_constant
-    from .runtime import resolve_device, tune_malloc
+    from .runtime import resolve_device, set_threads, tune_malloc
     from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume, check_labels
 
     tune_malloc()
+    set_threads("cli")
     if args.json:
         checks.check_output_file(args.json, "--json")
     device = resolve_device(args.device)

@@ -77,7 +77,12 @@ class TrainConfig:
     # run
     seed: int = 1337
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
+    # speed (docs/benchmarks.md, "Training step speed"); none of these changes the method
+    amp: bool = True  # False forces fp32 whatever `precision` says (older presets and checkpoints)
+    precision: str = "auto"  # auto | fp32 | bf16 autocast; auto = bf16 on CUDA and on CPUs with native bf16
+    channels_last: bool = True  # NHWC memory format for 2D networks and batches
+    compile: bool = False  # torch.compile the networks' forward (pays off on GPUs; first step compiles)
+    readback_every: int = 0  # steps between loss read-backs to the host; 0 = every step on CPU, 25 on GPU
     val_every: int = 200
     checkpoint_every: int = 1000
     preset: str = ""
@@ -154,6 +159,10 @@ class TrainConfig:
             raise M3HLInputError(f"teacher_bn must be 'copy' or 'ema', got {self.teacher_bn!r}")
         if self.image_interp not in ("bilinear", "nearest"):
             raise M3HLInputError(f"image_interp must be 'bilinear' or 'nearest', got {self.image_interp!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise M3HLInputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.readback_every < 0:
+            raise M3HLInputError(f"readback_every must be 0 (automatic) or positive, got {self.readback_every}")
         if len(self.class_names) != self.num_classes:
             raise M3HLInputError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"

@@ -1,4 +1,5 @@
-"""Process-level settings: device choice and glibc malloc tuning."""
+"""Process-level settings: device choice, glibc malloc tuning, CPU precision
+(native bf16 detection, autocast) and torch thread counts per role."""
 from __future__ import annotations
 
 import ctypes
@@ -48,3 +49,81 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise M3HLInputError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
     return torch.device(name)
+
+
+# ------------------------------------------------------------------ CPU speed
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _cpu_flags() -> set[str]:
+    """CPU feature flags from ``/proc/cpuinfo`` (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively: x86 AVX512-BF16 or AMX-BF16,
+    ARM ``bf16`` (Linux ``/proc/cpuinfo`` flags). Elsewhere (or unknown) False,
+    so bf16 is never chosen where oneDNN would only emulate it (slower than fp32)."""
+    flags = _cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``, or None for fp32.
+
+    ``auto``: bf16 on CUDA (where supported) and on CPUs with native bf16,
+    else fp32; ``bf16``: bf16 wherever autocast supports it (CUDA, CPU;
+    slow on CPUs without native bf16); ``fp32``: no autocast.
+    """
+    from .errors import M3HLInputError
+
+    if precision not in PRECISIONS:
+        raise M3HLInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or device.type not in ("cpu", "cuda"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else None
+    if precision == "bf16" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` with ``dtype``; a disabled one for None (fp32)."""
+    if dtype is None:
+        return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_threads(role: str = "cli") -> int:
+    """Set torch's intra-op threads for a process role and return the count.
+
+    ``"cli"``: every core (``os.cpu_count()``, or the cores this process may
+    use), for headless training and prediction. ``"gui"``: one core fewer
+    (at least 1), so napari's event loop keeps a core while training runs
+    in a worker thread. An explicit ``OMP_NUM_THREADS`` in the environment
+    wins in both cases (the user asked for it).
+    """
+    import os
+
+    if role not in ("cli", "gui"):
+        raise ValueError(f"role must be 'cli' or 'gui', got {role!r}")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        n = int(env)
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        n = cores if role == "cli" else max(cores - 1, 1)
+    torch.set_num_threads(n)
+    return n

@@ -15,6 +15,14 @@ halves of n = B/4):
 4. student on [mix_u; mix_l] → L_mix (Eq. 3; pseudo regions weighted α),
    L_low and L_high against the teacher's unlabeled features (Eq. 4, 5);
 5. L = mix_weight·L_mix + λ·(L_low + L_high); SGD step; EMA update.
+
+Speed (``config.precision``, ``channels_last``, ``compile``,
+``readback_every``; see :class:`StepSetup`): the whole step runs on the
+training device (augmentation, masks, pseudo-labels with their connected
+components, the foreach EMA), the networks and batches are NHWC
+(channels_last) for 2D nets, the forward passes run under bf16 autocast
+where the device computes bf16 natively (losses in fp32), and on GPUs the
+losses are read back to the host only every ``readback_every`` steps.
 """
 from __future__ import annotations
 
@@ -38,8 +46,8 @@ from .errors import M3HLInputError
 from .losses import high_level_loss, low_level_loss, mix_loss, seg_loss
 from .mixing import block_masks, mix
 from .networks import build_network, network_ndim
-from .runtime import resolve_device, tune_malloc
 from .pl_quality import pick_reference, reference_batch, score_pseudo_labels
+from .runtime import autocast_context, resolve_device, resolve_precision, tune_malloc
 from .teacher import ema_decay_at, ema_update, init_teacher, pseudo_labels
 
 
@@ -107,11 +115,46 @@ def learning_rate(config: TrainConfig, iteration: int) -> float:
     return config.lr
 
 
-def _make_batch(samples: list, config: TrainConfig, gen: torch.Generator, device: torch.device):
+@dataclass
+class StepSetup:
+    """How the step runs on its device (resolved once from the config).
+
+    Attributes:
+        device: the training device.
+        amp_dtype: autocast dtype (``torch.bfloat16``) or None for fp32.
+        memory_format: ``torch.channels_last`` for 2D nets when enabled, else
+            ``torch.contiguous_format``.
+        readback_every: steps between loss read-backs to the host.
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    readback_every: int
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, device: torch.device) -> "StepSetup":
+        amp_dtype = resolve_precision(config.precision if config.amp else "fp32", device)
+        fmt = torch.channels_last if (config.channels_last and config.ndim == 2) else torch.contiguous_format
+        every = config.readback_every or (1 if device.type == "cpu" else 25)
+        return cls(device, amp_dtype, fmt, every)
+
+    def autocast(self):
+        """A fresh autocast context (disabled for fp32)."""
+        return autocast_context(self.device, self.amp_dtype)
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
+
+
+def _make_batch(samples: list, config: TrainConfig, gen: torch.Generator, device: torch.device,
+                memory_format: torch.memory_format = torch.contiguous_format):
     from .augment import prepare_batch_2d, prepare_batch_3d
 
     if config.ndim == 2:
-        return prepare_batch_2d(samples, tuple(config.patch_size), gen, device, image_interp=config.image_interp)
+        img, lab = prepare_batch_2d(samples, tuple(config.patch_size), gen, device, image_interp=config.image_interp)
+        return img.contiguous(memory_format=memory_format), lab
     return prepare_batch_3d(samples, tuple(config.patch_size), gen, device)
 
 
@@ -215,7 +258,26 @@ def supervised_losses(config: TrainConfig, student: nn.Module, img_l: torch.Tens
     return _StepResult({"sup": loss, "total": loss})
 
 
+def _read_back(pending: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[dict[str, float], int | None]:
+    """Copy the losses of the last steps to the host in one transfer.
+
+    Args:
+        pending: (iteration, {name: 0-d loss tensor}) per step since the last read-back.
+
+    Returns:
+        (mean of each loss over those steps, first iteration whose losses are
+        not finite or None).
+    """
+    names = list(pending[0][1])
+    table = torch.stack([torch.stack([ls[k].float() for k in names]) for _, ls in pending]).cpu()  # (steps, losses)
+    finite = torch.isfinite(table).all(dim=1)
+    bad = None if bool(finite.all()) else pending[int((~finite).nonzero()[0])][0]
+    return dict(zip(names, (float(v) for v in table.mean(dim=0)))), bad
+
+
 def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Mean Dice (and per class) of ``model`` on the volumes; fp32 inference,
+    so the best checkpoint is chosen by the same numbers whatever the precision."""
     from .inference import predict_volume_2d, predict_volume_3d
     from .metrics import dice
 
@@ -223,7 +285,8 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
     for i, (_, image, label) in enumerate(volumes):
         if config.ndim == 2:
             pred = predict_volume_2d(model, image, patch=tuple(config.patch_size), device=device,
-                                     resize_input=config.image_interp)
+                                     resize_input=config.image_interp, precision="fp32",
+                                     channels_last=config.channels_last)
         else:
             pred = predict_volume_3d(model, image, patch=tuple(config.patch_size), device=device, num_classes=config.num_classes)
         for c in range(1, config.num_classes):
@@ -276,14 +339,12 @@ def train(
     if len(data.labeled) == 0:
         raise M3HLInputError("no labeled sample: paint at least one slice, or pass a labeled data set")
     device = resolve_device(config.device)
-    use_amp = config.amp and device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else torch.autocast("cpu", enabled=False)
+    setup = StepSetup.from_config(config, device)
+    autocast = setup.autocast
 
     torch.manual_seed(config.seed)
-    student = build_network(config.arch, config.in_channels, config.num_classes).to(device)
-    teacher = build_network(config.arch, config.in_channels, config.num_classes).to(device)
+    student = build_network(config.arch, config.in_channels, config.num_classes).to(device, memory_format=setup.memory_format)
+    teacher = build_network(config.arch, config.in_channels, config.num_classes).to(device, memory_format=setup.memory_format)
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     np_rng = np.random.default_rng(config.seed)
@@ -326,9 +387,12 @@ def train(
         from .inference import predict_volume_2d
 
         labels = predict_volume_2d(teacher, preview_volume, patch=tuple(config.patch_size), device=device,
-                                   resize_input=config.image_interp)
+                                   resize_input=config.image_interp, precision=setup.precision,
+                                   channels_last=config.channels_last)
         return ev.VolumePreview(iteration, labels, preview_token)
 
+    # what runs the forward passes (compiled or not); state, EMA and checkpoints use the modules themselves
+    run_student, run_teacher = (torch.compile(student), torch.compile(teacher)) if config.compile else (student, teacher)
     yield ev.TrainStarted(config.iterations, start, str(device), len(data.labeled), len(data.unlabeled), config.mode)
     truth = getattr(data, "unlabeled_truth", None)
     pl_ref = None
@@ -338,45 +402,58 @@ def train(
     half = config.batch_size // 2
     t0 = time.perf_counter()
     last_vol = last_mix = t0
-    recent: deque[tuple[float, int]] = deque(maxlen=20)
+    recent: deque[tuple[float, int, int]] = deque(maxlen=20)  # (seconds, images, steps) per read-back
     best = -1.0
     best_path: str | None = None
     it = start
     metrics: dict[str, float] = {}
+    pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # losses not yet read back to the host
     while it < config.iterations:
         control.wait_while_paused()
         if control.stop_requested:
             break
-        step_t = time.perf_counter()
+        if not pending:
+            step_t = time.perf_counter()  # start of this read-back window
         lr = learning_rate(config, it)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        img_l, lab_l = _make_batch([data.labeled[i] for i in cyc_l.take(half)], config, gen, device)
+        fmt = setup.memory_format
+        img_l, lab_l = _make_batch([data.labeled[i] for i in cyc_l.take(half)], config, gen, device, fmt)
         if config.mode == "m3hl" and it == config.warm_start > 0:
             init_teacher(teacher, student, "copy")  # the M³HL phase starts from the warm student
         if config.mode == "supervised" or it < config.warm_start:
-            res = supervised_losses(config, student, img_l, lab_l, autocast)
+            res = supervised_losses(config, run_student, img_l, lab_l, autocast)
             n_images = half
         else:
-            img_u, _ = _make_batch([(unlabeled[i][0], None) for i in cyc_u.take(half)], config, gen, device)
-            res = m3hl_losses(config, student, teacher, img_l, lab_l, img_u, gen, autocast, alpha_at(config, it))
+            img_u, _ = _make_batch([(unlabeled[i][0], None) for i in cyc_u.take(half)], config, gen, device, fmt)
+            res = m3hl_losses(config, run_student, run_teacher, img_l, lab_l, img_u, gen, autocast, alpha_at(config, it))
             n_images = 2 * half
         optimizer.zero_grad(set_to_none=True)
         res.losses["total"].backward()
         optimizer.step()
         ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup), config.teacher_bn)
         it += 1
-        losses = {k: float(v.detach()) for k, v in res.losses.items()}
-        if not math.isfinite(losses["total"]):
+        pending.append((it, {k: v.detach() for k, v in res.losses.items()}))
+        due = (it % setup.readback_every == 0 or it == config.iterations or control.stop_requested
+               or (val_volumes and config.val_every > 0 and it % config.val_every == 0)
+               or (out is not None and config.checkpoint_every > 0 and it % config.checkpoint_every == 0)
+               or (pl_ref is not None and it % config.pl_eval_every == 0))
+        if not due:
+            continue
+        losses, bad = _read_back(pending)
+        n_steps = len(pending)
+        pending = []
+        if bad is not None:
             path = save("diverged", it, model_only=True)
             raise FloatingPointError(
-                f"training diverged at iteration {it} (loss {losses['total']}); lower the learning rate. "
+                f"training diverged at iteration {bad} (loss {losses['total']}); lower the learning rate. "
                 f"The last good checkpoint is {out / 'last.pt' if out else 'not saved'}; the diverged weights are {path}"
             )
         now = time.perf_counter()
-        recent.append((now - step_t, n_images))
-        ips = sum(k for _, k in recent) / max(sum(t for t, _ in recent), 1e-9)
-        per_step = sum(t for t, _ in recent) / len(recent)
+        recent.append((now - step_t, n_images * n_steps, n_steps))
+        window = sum(t for t, _, _ in recent)
+        ips = sum(k for _, k, _ in recent) / max(window, 1e-9)
+        per_step = window / sum(k for _, _, k in recent)
         yield ev.Progress(it, config.iterations, losses, lr, ips, now - t0, per_step * (config.iterations - it))
         if mix_preview_every_s is not None and res.preview is not None and now - last_mix >= mix_preview_every_s:
             last_mix = now
