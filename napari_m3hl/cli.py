@@ -25,7 +25,12 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model with M³HL (or the supervised baseline)")
+    p = sub.add_parser(
+        "train", help="train a model with M³HL (or the supervised baseline)",
+        epilog="Several GPUs or machines: launch the same command with torchrun, e.g. "
+               "'torchrun --nproc_per_node 4 -m napari_m3hl train --preset la_vnet3d --data /data/LA' "
+               "(one process per GPU; --batch-size is per process, the global batch is batch × processes; "
+               "several nodes: --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400). See docs/cluster.md.")
     p.add_argument("--preset", default="acdc_unet2d", help="preset name in models/ or a YAML path (default acdc_unet2d)")
     p.add_argument("--variant", default=None, help="preset variant: paper or reference (default: the preset's default)")
     p.add_argument("--data", default="phantom",
@@ -54,6 +59,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, help="start from this checkpoint's or model file's weights (fine-tuning)")
     p.add_argument("--out", default="runs/m3hl", help="output folder (checkpoints, run.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = p.add_argument_group("distributed (under torchrun, see docs/cluster.md)")
+    d.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only); default: per process")
+    d.add_argument("--scale-lr", action="store_true", help="multiply the learning rate by the number of processes")
+    d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long a process waits for a missing one before the job fails (default 1800)")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +202,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_train_data, load_val_volumes
     from .trainer import TrainControl, train
 
+    from .distributed import explain_failure, init_distributed, launched_by_torchrun, shutdown
+
     config = load_preset(args.preset, args.variant, **_overrides(args))
+    run = _train_on
+    if launched_by_torchrun():  # a failing rank's traceback goes into torchrun's failure report
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(_train_on)
+    ctx = init_distributed(config.device, sync_bn=args.sync_bn, timeout_s=args.dist_timeout)
+    try:
+        return run(args, config, ctx)
+    except RuntimeError as exc:
+        message = explain_failure(ctx, exc)
+        if message is None:
+            raise
+        print(f"m3hl train: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(ctx)
+
+
+def _train_on(args: argparse.Namespace, config, ctx) -> int:
+    """``cmd_train`` on one process of ``ctx`` (rank 0 alone writes run.json and the bar)."""
+    from .data import load_train_data, load_val_volumes
+    from .distributed import describe
+    from .trainer import TrainControl, train
+
+    if args.scale_lr:
+        config = config.replace(lr=config.lr * ctx.world_size)
     source = str(args.data)
     counts = {}
     if args.labeled is not None:
@@ -203,18 +242,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{config.ndim}D with {config.num_classes} classes; choose the matching --preset"
         )
     config = config.replace(class_names=tuple(data.class_names))
-    val = load_val_volumes(source, config.ndim) if args.val else None
+    val = load_val_volumes(source, config.ndim) if args.val and ctx.is_main else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "command": "m3hl " + " ".join(sys.argv[1:]) if sys.argv and "m3hl" in sys.argv[0] else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict(), "seed": config.seed,
         "data": {"source": str(args.data), "labels": args.labels, "n_labeled": len(data.labeled),
                  "n_unlabeled": len(data.unlabeled), "n_val": len(val or [])},
         "resume": args.resume, "init": args.init, "versions": _versions(),
+        "distributed": describe(ctx, config.batch_size, config.lr),
     }
-    (out / "run.json").write_text(json.dumps(manifest, indent=2))
-    bar = ProgressBar(not args.quiet)
+    if ctx.is_main:
+        (out / "run.json").write_text(json.dumps(manifest, indent=2))
+    if ctx.is_main and ctx.enabled:
+        print(f"{ctx.world_size} processes ({ctx.backend}): batch {config.batch_size} per process, global batch "
+              f"{config.batch_size * ctx.world_size}, lr {config.lr:g}" + (", SyncBatchNorm" if ctx.sync_bn else ""),
+              file=sys.stderr)
+    bar = ProgressBar(not args.quiet and ctx.is_main)
     t0 = time.perf_counter()
     finished = None
     control = TrainControl()
@@ -226,12 +272,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
-        events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control)
-        finished = _consume(events, config, bar)
+        events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control,
+                       dist=ctx)
+        finished = _consume(events, config, bar, quiet=not ctx.is_main)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     bar.newline()
+    if not ctx.is_main:
+        return 0
     manifest.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
                      "iterations_done": finished.iteration if finished else None,
                      "stopped_early": finished.stopped if finished else None,
@@ -243,10 +292,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _consume(events, config, bar: ProgressBar):
-    """Print the trainer's events; return the final ``TrainFinished``."""
+def _consume(events, config, bar: ProgressBar, quiet: bool = False):
+    """Print the trainer's events (nothing when ``quiet``); return the final ``TrainFinished``."""
     finished = None
     for e in events:
+        if quiet and not isinstance(e, ev.TrainFinished):
+            continue
         if isinstance(e, ev.TrainStarted):
             print(f"training {config.arch} ({config.preset}/{config.variant}, mode {config.mode}) on {e.device}: "
                   f"{e.n_labeled} labeled, {e.n_unlabeled} unlabeled samples, iterations {e.start_iteration}→{e.total_iterations}",
