@@ -163,3 +163,26 @@ def test_surviving_rank_does_not_hang_without_torchrun(tmp_path):
     assert procs[1].returncode != 0 and "injected failure" in results[1][1]
     assert procs[0].returncode != 0, "rank 0 went on although rank 1 died"
     assert "process 0 of 2 stopped because another process of this job failed" in results[0][1]
+
+
+def test_train_help_says_how_to_launch_on_several_gpus():
+    r = m3hl("train", "--help", timeout=60)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "torchrun --nproc_per_node 4 -m napari_m3hl train" in text and "docs/cluster.md" in text
+    assert "--sync-bn" in text and "--scale-lr" in text and "--dist-timeout" in text
+
+
+def test_sync_bn_outside_torchrun_is_a_clear_error(monkeypatch):
+    from napari_m3hl.distributed import explain_failure, init_distributed
+    from napari_m3hl.errors import M3HLInputError
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert init_distributed("cpu") == DistContext()
+    with pytest.raises(M3HLInputError, match="torchrun"):
+        init_distributed("cpu", sync_bn=True)
+    two = DistContext(0, 2, 0, "gloo")
+    assert "another process of this job failed" in explain_failure(two, RuntimeError("Connection closed by peer"))
+    assert explain_failure(two, RuntimeError("shape mismatch")) is None
+    assert explain_failure(DistContext(), RuntimeError("Connection closed by peer")) is None
