@@ -38,7 +38,12 @@ def _positive(text: str) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model with M³HL (or the supervised baseline)")
+    p = sub.add_parser(
+        "train", help="train a model with M³HL (or the supervised baseline)",
+        epilog="Several GPUs or machines: launch the same command with torchrun, e.g. "
+               "'torchrun --nproc_per_node 4 -m napari_m3hl train --preset la_vnet3d --data /data/LA' "
+               "(one process per GPU; --batch-size is per process, the global batch is batch × processes; "
+               "several nodes: --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400). See docs/cluster.md.")
     p.add_argument("--preset", default=None, help="preset name in models/ or a YAML path (default acdc_unet2d)")
     p.add_argument("--variant", default=None, help="preset variant: paper or reference (default: the preset's default)")
     p.add_argument("--data", default="phantom",
@@ -71,6 +76,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/m3hl", help="output folder (checkpoints, run.json); must be new or empty")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = p.add_argument_group("distributed (under torchrun, see docs/cluster.md)")
+    d.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only); default: per process")
+    d.add_argument("--scale-lr", action="store_true", help="multiply the learning rate by the number of processes")
+    d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long a process waits for a missing one before the job fails (default 1800)")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -251,15 +262,42 @@ def _check_start(args: argparse.Namespace, config) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_train_data, load_val_volumes
+    """``m3hl train``, alone or as one process of a torchrun job."""
+    from .distributed import explain_failure, init_distributed, launched_by_torchrun, shutdown
     from .runtime import set_threads
-    from .trainer import TrainControl, train
 
-    set_threads("cli")
-    out = Path(args.out)
-    checks.check_run_folder(out, args.resume, args.overwrite)
+    set_threads("cli")  # an OMP_NUM_THREADS set by torchrun wins
+    # every check before the process group forms: all ranks see the folder before rank 0 writes into it
+    checks.check_run_folder(Path(args.out), args.resume, args.overwrite)
     config = _train_config(args)
     _check_start(args, config)
+    run = _train_on
+    if launched_by_torchrun():  # a failing rank's traceback goes into torchrun's failure report
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(_train_on)
+    ctx = init_distributed(config.device, sync_bn=args.sync_bn, timeout_s=args.dist_timeout)
+    try:
+        return run(args, config, ctx)
+    except RuntimeError as exc:
+        message = explain_failure(ctx, exc)
+        if message is None:
+            raise
+        print(f"m3hl train: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(ctx)
+
+
+def _train_on(args: argparse.Namespace, config, ctx) -> int:
+    """``cmd_train`` on one process of ``ctx`` (rank 0 alone writes run.json and the bar)."""
+    from .data import load_train_data, load_val_volumes
+    from .distributed import describe
+    from .trainer import TrainControl, train
+
+    out = Path(args.out)
+    if args.scale_lr:
+        config = config.replace(lr=config.lr * ctx.world_size)
     source = str(args.data)
     counts = {}
     if args.labeled is not None:
@@ -271,20 +309,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{config.ndim}D with {config.num_classes} classes; choose the matching --preset"
         )
     config = config.replace(class_names=tuple(data.class_names))
-    val = load_val_volumes(source, config.ndim) if args.val else None
-    checks.check_writable_dir(out, "--out")
-    if args.overwrite and not args.resume:
-        removed = checks.clear_run_files(out)
-        if removed:
-            print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+    val = load_val_volumes(source, config.ndim) if args.val and ctx.is_main else None
+    if ctx.is_main:
+        checks.check_writable_dir(out, "--out")
+        if args.overwrite and not args.resume:
+            removed = checks.clear_run_files(out)
+            if removed:
+                print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
     manifest = {
         "command": "m3hl " + " ".join(sys.argv[1:]) if sys.argv and "m3hl" in sys.argv[0] else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict(), "seed": config.seed,
         "data": {"source": str(args.data), "labels": args.labels, "n_labeled": len(data.labeled),
                  "n_unlabeled": len(data.unlabeled), "n_val": len(val or [])},
         "resume": args.resume, "init": args.init, "versions": _versions(),
+        "distributed": describe(ctx, config.batch_size, config.lr),
     }
-    bar = ProgressBar(not args.quiet)
+    if ctx.is_main and ctx.enabled:
+        print(f"{ctx.world_size} processes ({ctx.backend}): batch {config.batch_size} per process, global batch "
+              f"{config.batch_size * ctx.world_size}, lr {config.lr:g}" + (", SyncBatchNorm" if ctx.sync_bn else ""),
+              file=sys.stderr)
+    bar = ProgressBar(not args.quiet and ctx.is_main)
     t0 = time.perf_counter()
     control = TrainControl()
     state = _RunState()
@@ -295,14 +339,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         control.stop()
 
     def started() -> None:  # the trainer has checked its inputs: the run is real, record it
-        checks.write_json(out / "run.json", manifest, "--out")
+        if ctx.is_main:
+            checks.write_json(out / "run.json", manifest, "--out")
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
-        events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control)
-        _consume(events, config, bar, state, started)
+        events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control,
+                       dist=ctx)
+        _consume(events, config, bar, state, started, quiet=not ctx.is_main)
     except FloatingPointError:
         bar.newline()
+        if not ctx.is_main:
+            return 1
         last = f"the last checkpoint before it is {state.checkpoint}" if state.checkpoint else \
             "no checkpoint of this run was saved before it"
         print(f"m3hl train: error: training diverged at iteration {state.iteration + 1} (the loss became NaN or "
@@ -315,6 +363,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     bar.newline()
+    if not ctx.is_main:
+        return 0
     finished = state.finished
     manifest.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 1),
                      "iterations_done": finished.iteration if finished else None,
@@ -322,6 +372,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      "checkpoint": finished.checkpoint if finished else None,
                      "best_checkpoint": finished.best_checkpoint if finished else None,
                      "metrics": finished.metrics if finished else {}})
+    if state.pl_curve:
+        manifest["pseudo_label_curve"] = state.pl_curve
     checks.write_json(out / "run.json", manifest, "--out")
     if finished is not None:
         print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
@@ -335,11 +387,16 @@ class _RunState:
         self.iteration = 0
         self.checkpoint: str | None = None
         self.finished: ev.TrainFinished | None = None
+        self.pl_curve: list[dict] = []  # pseudo-label quality against hidden labels (pl_eval_every)
 
 
-def _consume(events, config, bar: ProgressBar, state: _RunState, on_start=None) -> None:
-    """Print the trainer's events; record them in ``state``."""
+def _consume(events, config, bar: ProgressBar, state: _RunState, on_start=None, quiet: bool = False) -> None:
+    """Print the trainer's events (nothing when ``quiet``, e.g. ranks > 0); record them in ``state``."""
     for e in events:
+        if quiet and isinstance(e, (ev.TrainStarted, ev.Validation, ev.PseudoLabelQuality)):
+            if isinstance(e, ev.TrainStarted) and on_start is not None:
+                on_start()
+            continue
         if isinstance(e, ev.TrainStarted):
             state.iteration = e.start_iteration
             if on_start is not None:
@@ -357,6 +414,11 @@ def _consume(events, config, bar: ProgressBar, state: _RunState, on_start=None) 
             print(f"validation @{e.iteration}: mean Dice {100 * e.mean_dice:.2f}"
                   + (" (best)" if e.best else "") + "  " + " ".join(f"{k} {100 * v:.2f}" for k, v in e.per_class.items()),
                   file=sys.stderr)
+        elif isinstance(e, ev.PseudoLabelQuality):
+            state.pl_curve.append({"iteration": e.iteration, **{k: round(v, 4) for k, v in e.scores.items()}})
+            bar.newline()
+            print(f"pseudo-labels @{e.iteration}: mean Dice {100 * e.scores['pl_mean']:.2f} "
+                  f"(student {100 * e.scores['student_mean']:.2f}) on hidden labels", file=sys.stderr)
         elif isinstance(e, ev.TrainFinished):
             state.finished = e
 

@@ -42,6 +42,8 @@ from torch import nn
 from . import events as ev
 from .checkpoint import check_compatible, load_checkpoint, make_payload, save_checkpoint
 from .config import TrainConfig
+from .distributed import (DistContext, ShardedCycler, check_ranks_equal, gather_rng, rank_device, rank_rng_state,
+                          rank_seed, reduce_step, shard_cycler, sync_buffers, wrap_student)
 from .errors import M3HLInputError
 from .losses import high_level_loss, low_level_loss, mix_loss, seg_loss
 from .mixing import block_masks, mix
@@ -80,22 +82,6 @@ class TrainControl:
     def wait_while_paused(self) -> None:
         while not self._running.wait(0.1):
             pass
-
-
-class _Cycler:
-    """Endless shuffled passes over ``range(n)``."""
-
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
-        self.n, self.rng = n, rng
-        self.order: list[int] = []
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if not self.order:
-                self.order = [int(i) for i in self.rng.permutation(self.n)]
-            out.append(int(self.order.pop()))
-        return out
 
 
 def alpha_at(config: TrainConfig, iteration: int) -> float:
@@ -158,7 +144,7 @@ def _make_batch(samples: list, config: TrainConfig, gen: torch.Generator, device
     return prepare_batch_3d(samples, tuple(config.patch_size), gen, device)
 
 
-def _rng_state(gen: torch.Generator, np_rng: np.random.Generator, cyclers: Sequence[_Cycler]) -> dict[str, Any]:
+def _rng_state(gen: torch.Generator, np_rng: np.random.Generator, cyclers: Sequence[ShardedCycler]) -> dict[str, Any]:
     return {
         "torch": gen.get_state(),
         "torch_global": torch.get_rng_state(),
@@ -167,7 +153,7 @@ def _rng_state(gen: torch.Generator, np_rng: np.random.Generator, cyclers: Seque
     }
 
 
-def _restore_rng(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.Generator, cyclers: Sequence[_Cycler]) -> None:
+def _restore_rng(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.Generator, cyclers: Sequence[ShardedCycler]) -> None:
     gen.set_state(state["torch"])
     torch.set_rng_state(state["torch_global"])
     np_rng.bit_generator.state = json.loads(state["numpy"])
@@ -308,6 +294,7 @@ def train(
     preview_token: object = None,
     preview_every_s: float | None = None,
     mix_preview_every_s: float | None = None,
+    dist: DistContext | None = None,
 ) -> Iterator[ev.Event]:
     """Train a student (and its EMA teacher) and yield events.
 
@@ -325,6 +312,9 @@ def train(
         preview_volume: (D, H, W) image whose teacher prediction is yielded as
             ``VolumePreview`` every ``preview_every_s`` seconds and at the end.
         mix_preview_every_s: period of ``MixPreview`` events (None: never).
+        dist: this process's place in a torchrun job (:mod:`napari_m3hl.distributed`):
+            DDP student, per-rank data shares and seeds, rank-0-only saves and
+            validation. None: a plain single-process run.
     """
     config.validate()
     tune_malloc()
@@ -338,7 +328,11 @@ def train(
         )
     if len(data.labeled) == 0:
         raise M3HLInputError("no labeled sample: paint at least one slice, or pass a labeled data set")
-    device = resolve_device(config.device)
+    dist = dist or DistContext()
+    requests = control  # a stop asked here (Ctrl-C, the widget) ...
+    if dist.enabled:  # ... takes effect on every rank at the same step (reduce_step)
+        control = TrainControl()
+    device = rank_device(dist, resolve_device(config.device))
     setup = StepSetup.from_config(config, device)
     autocast = setup.autocast
 
@@ -346,10 +340,13 @@ def train(
     student = build_network(config.arch, config.in_channels, config.num_classes).to(device, memory_format=setup.memory_format)
     teacher = build_network(config.arch, config.in_channels, config.num_classes).to(device, memory_format=setup.memory_format)
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    np_rng = np.random.default_rng(config.seed)
+    net = wrap_student(student, dist, device)  # what runs forward/backward (DDP when distributed)
+    if dist.rank:
+        torch.manual_seed(rank_seed(config.seed, dist.rank))  # dropout differs per rank
+    gen = torch.Generator().manual_seed(rank_seed(config.seed, dist.rank))
+    np_rng = np.random.default_rng(config.seed)  # the sampler stream: the same on every rank
     unlabeled = data.unlabeled if len(data.unlabeled) else data.labeled
-    cyc_l, cyc_u = _Cycler(len(data.labeled), np_rng), _Cycler(len(unlabeled), np_rng)
+    cyc_l, cyc_u = shard_cycler(len(data.labeled), np_rng, dist), shard_cycler(len(unlabeled), np_rng, dist)
     start = 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -360,7 +357,7 @@ def train(
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:
-            _restore_rng(ckpt["rng"], gen, np_rng, (cyc_l, cyc_u))
+            _restore_rng(rank_rng_state(dist, ckpt["rng"], config.seed, int(ckpt["iteration"])), gen, np_rng, (cyc_l, cyc_u))
         start = int(ckpt["iteration"])
     else:
         if init_from is not None:
@@ -371,15 +368,18 @@ def train(
     for g in optimizer.param_groups:
         g["lr"] = learning_rate(config, start)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     def save(kind: str, iteration: int, model_only: bool = False) -> str | None:
         if out is None:
             return None
+        rng = None if model_only else gather_rng(dist, _rng_state(gen, np_rng, (cyc_l, cyc_u)))  # all ranks
+        if not dist.is_main:
+            return None
         payload = make_payload(
-            config, student, teacher, None if model_only else optimizer, iteration,
-            None if model_only else _rng_state(gen, np_rng, (cyc_l, cyc_u)), class_names_data=list(data.class_names),
+            config, student, teacher, None if model_only else optimizer, iteration, rng,
+            class_names_data=list(data.class_names),
         )
         return str(save_checkpoint(out / f"{kind}.pt", payload))
 
@@ -392,7 +392,7 @@ def train(
         return ev.VolumePreview(iteration, labels, preview_token)
 
     # what runs the forward passes (compiled or not); state, EMA and checkpoints use the modules themselves
-    run_student, run_teacher = (torch.compile(student), torch.compile(teacher)) if config.compile else (student, teacher)
+    run_student, run_teacher = (torch.compile(net), torch.compile(teacher)) if config.compile else (net, teacher)
     yield ev.TrainStarted(config.iterations, start, str(device), len(data.labeled), len(data.unlabeled), config.mode)
     truth = getattr(data, "unlabeled_truth", None)
     pl_ref = None
@@ -431,6 +431,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         res.losses["total"].backward()
         optimizer.step()
+        sync_buffers(dist, student, teacher)  # rank 0's BatchNorm statistics: the teacher stays identical
         ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup), config.teacher_bn)
         it += 1
         pending.append((it, {k: v.detach() for k, v in res.losses.items()}))
@@ -443,6 +444,13 @@ def train(
         losses, bad = _read_back(pending)
         n_steps = len(pending)
         pending = []
+        if dist.enabled:  # mean over ranks; a stop asked on any rank stops all at this step
+            losses, stop_any = reduce_step(dist, {k: torch.tensor(v, device=device) for k, v in losses.items()},
+                                           requests.stop_requested)
+            if stop_any:
+                control.stop()
+            if bad is None and not math.isfinite(losses["total"]):
+                bad = it  # another rank diverged
         if bad is not None:
             path = save("diverged", it, model_only=True)
             raise FloatingPointError(
@@ -462,7 +470,7 @@ def train(
         if preview_volume is not None and preview_every_s is not None and now - last_vol >= preview_every_s:
             yield volume_preview(it)
             last_vol = time.perf_counter()
-        if val_volumes and config.val_every > 0 and (it % config.val_every == 0 or it == config.iterations):
+        if val_volumes and dist.is_main and config.val_every > 0 and (it % config.val_every == 0 or it == config.iterations):
             mean, per_class = _validate(student, val_volumes, config, device)
             is_best = mean > best
             if is_best:
@@ -470,11 +478,13 @@ def train(
                 metrics = {"val_mean_dice": mean, **{f"val_dice_{k}": v for k, v in per_class.items()}, "iteration": it}
                 best_path = save("best", it, model_only=True)
             yield ev.Validation(it, mean, per_class, is_best)
-        if pl_ref is not None and (it % config.pl_eval_every == 0 or it == config.iterations):
+        if pl_ref is not None and dist.is_main and (it % config.pl_eval_every == 0 or it == config.iterations):
             yield ev.PseudoLabelQuality(it, score_pseudo_labels(teacher, student, *pl_ref, config))
         if out is not None and config.checkpoint_every > 0 and it % config.checkpoint_every == 0 and it < config.iterations:
             yield ev.CheckpointSaved(it, save("last", it), "last")
     stopped = it < config.iterations
+    if dist.enabled:  # verify: every rank holds the same student and teacher
+        metrics = {**metrics, "rank_weight_max_diff": check_ranks_equal(dist, (student, teacher))}
     final = save("last", it)
     if final:
         yield ev.CheckpointSaved(it, final, "final")
