@@ -199,9 +199,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_preset
-    from .data import load_train_data, load_val_volumes
-    from .trainer import TrainControl, train
-
     from .distributed import explain_failure, init_distributed, launched_by_torchrun, shutdown
 
     config = load_preset(args.preset, args.variant, **_overrides(args))
