@@ -232,6 +232,20 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
     return float(scores.mean()), per_class
 
 
+def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
+    """Fine-tuning knobs (issue 16), applied to the student as it starts:
+    ``freeze="encoder"`` stops gradients into the encoder (``enc.*``; its
+    BatchNorm statistics still follow the data); ``l2_to_start > 0`` returns
+    (parameter, start value) pairs for the L2-to-start penalty, else None."""
+    if config.freeze == "encoder":
+        for name, p in student.named_parameters():
+            if name.startswith("enc."):
+                p.requires_grad_(False)
+    if config.l2_to_start <= 0:
+        return None
+    return [(p, p.detach().clone()) for p in student.parameters() if p.requires_grad]
+
+
 def train(
     config: TrainConfig,
     data: Any,
@@ -307,6 +321,7 @@ def train(
             check_compatible(ckpt, config.arch, config.num_classes, config.in_channels, source=str(init_from))
             student.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["student"].items()})
         init_teacher(teacher, student, "copy" if init_from is not None else config.teacher_init)
+    anchor = _finetune_hooks(config, student)
     for g in optimizer.param_groups:
         g["lr"] = learning_rate(config, start)
     out = Path(out_dir) if out_dir is not None else None
@@ -361,6 +376,9 @@ def train(
             img_u, _ = _make_batch([(unlabeled[i][0], None) for i in cyc_u.take(half)], config, gen, device)
             res = m3hl_losses(config, student, teacher, img_l, lab_l, img_u, gen, autocast, alpha_at(config, it))
             n_images = 2 * half
+        if anchor is not None:  # fine-tuning hook: L2 toward the start weights
+            res.losses["l2_start"] = sum(((p - a) ** 2).sum() for p, a in anchor)
+            res.losses["total"] = res.losses["total"] + config.l2_to_start * res.losses["l2_start"]
         optimizer.zero_grad(set_to_none=True)
         res.losses["total"].backward()
         optimizer.step()
