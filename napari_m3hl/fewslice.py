@@ -56,7 +56,7 @@ class FewSliceOptions:
         mode: ``"supervised"`` (painted slices only) or ``"m3hl"`` (with the
             volume's unpainted slices; the teacher starts as the start model).
         l2_to_start: weight of the L2 penalty toward the start weights.
-        freeze: ``""`` or ``"encoder"``.
+        freeze: ``""``, ``"encoder"``, ``"bn"`` (BatchNorm statistics) or ``"encoder,bn"``.
         segment_with: ``"teacher"`` (EMA of the student) or ``"student"``.
         ema_decay: EMA decay of the teacher.
         check_every: iterations between checks of the unpainted slices' segmentation.

@@ -234,13 +234,20 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
 
 def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
     """Fine-tuning knobs (issue 16), applied to the student as it starts:
-    ``freeze="encoder"`` stops gradients into the encoder (``enc.*``; its
-    BatchNorm statistics still follow the data); ``l2_to_start > 0`` returns
+    ``freeze`` holds ``encoder`` (no gradients into ``enc.*``) and/or ``bn``
+    (BatchNorm running statistics kept at their start values; batch
+    statistics still normalise during training), comma-separated;
+    ``l2_to_start > 0`` returns
     (parameter, start value) pairs for the L2-to-start penalty, else None."""
-    if config.freeze == "encoder":
+    frozen = set(filter(None, config.freeze.split(",")))
+    if "encoder" in frozen:
         for name, p in student.named_parameters():
             if name.startswith("enc."):
                 p.requires_grad_(False)
+    if "bn" in frozen:  # BatchNorm running statistics stay the start model's (momentum 0: never updated)
+        for m in student.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
     if config.l2_to_start <= 0:
         return None
     return [(p, p.detach().clone()) for p in student.parameters() if p.requires_grad]

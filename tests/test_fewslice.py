@@ -158,3 +158,15 @@ def test_trainer_hooks_freeze_encoder_and_l2_to_start(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in dec_w)
     with pytest.raises(M3HLInputError, match="freeze"):
         cfg.replace(freeze="decoder").validate()
+
+
+def test_trainer_hook_keeps_batchnorm_statistics(tmp_path):
+    data = phantom_train_data(n_volumes=1, labeled_slices_per_volume=2, seed=0, shape=SHAPE)
+    start = _start_model(tmp_path / "start.pt")
+    cfg = load_preset("acdc_unet2d", "paper", patch_size=(32, 32), block_size=(8, 8), batch_size=4, lr=0.05,
+                      device="cpu", iterations=2, mode="supervised", freeze="bn")
+    evs = list(train(cfg, data, tmp_path / "run", init_from=start))
+    before, after = load_checkpoint(start)["student"], load_checkpoint(evs[-1].checkpoint)["student"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
