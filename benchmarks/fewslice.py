@@ -223,9 +223,16 @@ def main() -> None:
                    platform=platform.platform(), torch=torch.__version__)
         for n in names:
             image, label = load_h5_volume(Path(args.data) / "volumes" / f"{n}.h5")
+            done: dict[tuple, dict] = {}
             for rule in args.rules:
                 run["rows"] = [r for r in run["rows"] if (r["volume"], r["rule"]) != (n, rule)]
-                run["rows"].append(run_volume(n, image, label, rule, args.start, options))
+                sel = tuple(painted_for(label, rule))
+                if sel in done:  # both rules paint the same slices here (few slices show all three
+                    # structures): the fine-tune is deterministic, so its result is the same
+                    row = {**done[sel], "rule": rule, "same_as_rule": done[sel]["rule"]}
+                else:
+                    row = done[sel] = run_volume(n, image, label, rule, args.start, options)
+                run["rows"].append(row)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fresh = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
                 fresh["runs"][args.name] = run  # other runs may have been written meanwhile

@@ -232,11 +232,16 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
     return float(scores.mean()), per_class
 
 
+def _bn_frozen(module: nn.Module, _inputs: Any) -> None:
+    module.training = False  # forward pre-hook: this BatchNorm layer always uses its running statistics
+
+
 def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
     """Fine-tuning knobs (issue 16), applied to the student as it starts:
     ``freeze`` holds ``encoder`` (no gradients into ``enc.*``) and/or ``bn``
-    (BatchNorm running statistics kept at their start values; batch
-    statistics still normalise during training), comma-separated;
+    (every BatchNorm layer runs as in eval mode, in training too: it
+    normalises with the start model's running statistics and never updates
+    them; its affine weights still train), comma-separated;
     ``l2_to_start > 0`` returns
     (parameter, start value) pairs for the L2-to-start penalty, else None."""
     frozen = set(filter(None, config.freeze.split(",")))
@@ -244,10 +249,10 @@ def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Pa
         for name, p in student.named_parameters():
             if name.startswith("enc."):
                 p.requires_grad_(False)
-    if "bn" in frozen:  # BatchNorm running statistics stay the start model's (momentum 0: never updated)
+    if "bn" in frozen:  # BatchNorm normalises with the start model's statistics, in training too
         for m in student.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.0
+                m.register_forward_pre_hook(_bn_frozen)
     if config.l2_to_start <= 0:
         return None
     return [(p, p.detach().clone()) for p in student.parameters() if p.requires_grad]

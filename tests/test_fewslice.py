@@ -170,3 +170,4 @@ def test_trainer_hook_keeps_batchnorm_statistics(tmp_path):
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert evs[-1].iteration == 2 and all(np.isfinite(e.losses["total"]) for e in evs if isinstance(e, ev.Progress))
