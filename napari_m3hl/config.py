@@ -72,6 +72,9 @@ class TrainConfig:
     # diagnostics
     pl_eval_every: int = 0  # score pseudo-labels against the hidden labels of unlabeled data every N iterations
     pl_eval_samples: int = 64  # unlabeled samples (fixed, seeded) in that score
+    # fine-tuning from a start model (issue 16; 0 / "" = off)
+    l2_to_start: float = 0.0  # weight of sum((θ - θ_start)²) added to the loss (L2-SP)
+    freeze: str = ""  # "encoder" (encoder weights) and/or "bn" (BatchNorm running stats) stay at their start values, e.g. "encoder,bn"
     # data
     image_interp: str = "bilinear"  # bilinear | nearest (reference code)
     # run
@@ -155,6 +158,9 @@ class TrainConfig:
         for name in ("warm_start", "alpha_rampup", "pl_eval_every", "pl_eval_samples"):
             if int(getattr(self, name)) < 0:
                 raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.l2_to_start < 0 or not set(filter(None, self.freeze.split(","))) <= {"encoder", "bn"}:
+            raise M3HLInputError(f"l2_to_start must be >= 0 and freeze a comma list of 'encoder', 'bn'; "
+                                 f"got {self.l2_to_start}, {self.freeze!r}")
         if self.teacher_bn not in ("copy", "ema"):
             raise M3HLInputError(f"teacher_bn must be 'copy' or 'ema', got {self.teacher_bn!r}")
         if self.image_interp not in ("bilinear", "nearest"):

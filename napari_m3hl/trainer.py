@@ -281,6 +281,32 @@ def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: 
     return float(scores.mean()), per_class
 
 
+def _bn_frozen(module: nn.Module, _inputs: Any) -> None:
+    module.training = False  # forward pre-hook: this BatchNorm layer always uses its running statistics
+
+
+def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
+    """Fine-tuning knobs (issue 16), applied to the student as it starts:
+    ``freeze`` holds ``encoder`` (no gradients into ``enc.*``) and/or ``bn``
+    (every BatchNorm layer runs as in eval mode, in training too: it
+    normalises with the start model's running statistics and never updates
+    them; its affine weights still train), comma-separated;
+    ``l2_to_start > 0`` returns
+    (parameter, start value) pairs for the L2-to-start penalty, else None."""
+    frozen = set(filter(None, config.freeze.split(",")))
+    if "encoder" in frozen:
+        for name, p in student.named_parameters():
+            if name.startswith("enc."):
+                p.requires_grad_(False)
+    if "bn" in frozen:  # BatchNorm normalises with the start model's statistics, in training too
+        for m in student.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(_bn_frozen)
+    if config.l2_to_start <= 0:
+        return None
+    return [(p, p.detach().clone()) for p in student.parameters() if p.requires_grad]
+
+
 def train(
     config: TrainConfig,
     data: Any,
@@ -365,6 +391,7 @@ def train(
             check_compatible(ckpt, config.arch, config.num_classes, config.in_channels, source=str(init_from))
             student.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["student"].items()})
         init_teacher(teacher, student, "copy" if init_from is not None else config.teacher_init)
+    anchor = _finetune_hooks(config, student)
     for g in optimizer.param_groups:
         g["lr"] = learning_rate(config, start)
     out = Path(out_dir) if out_dir is not None else None
@@ -428,6 +455,9 @@ def train(
             img_u, _ = _make_batch([(unlabeled[i][0], None) for i in cyc_u.take(half)], config, gen, device, fmt)
             res = m3hl_losses(config, run_student, run_teacher, img_l, lab_l, img_u, gen, autocast, alpha_at(config, it))
             n_images = 2 * half
+        if anchor is not None:  # fine-tuning hook: L2 toward the start weights
+            res.losses["l2_start"] = sum(((p - a) ** 2).sum() for p, a in anchor)
+            res.losses["total"] = res.losses["total"] + config.l2_to_start * res.losses["l2_start"]
         optimizer.zero_grad(set_to_none=True)
         res.losses["total"].backward()
         optimizer.step()

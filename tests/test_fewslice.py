@@ -1,0 +1,173 @@
+"""The few-slice loop's engine: config from the start model, safeguard, merged export, a tiny fine-tune."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_m3hl import events as ev
+from napari_m3hl import fewslice as fs
+from napari_m3hl.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from napari_m3hl.config import TrainConfig, load_preset
+from napari_m3hl.data import phantom_train_data
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.networks import build_network
+from napari_m3hl.phantom import make_phantom
+from napari_m3hl.safeguard import check_finetune, merge_painted
+from napari_m3hl.trainer import train
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "acdc70_unet2d.pt"
+SHAPE = (6, 64, 64)
+
+
+def _start_model(path: Path, patch=(32, 32), interp="nearest") -> Path:
+    """A small start model file (random weights) with its own input size and resizing."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(patch_size=patch, block_size=(8, 8), image_interp=interp, batch_size=4, iterations=10)
+    return save_checkpoint(path, make_payload(cfg, build_network("unet2d", 1, 4)))
+
+
+def _painted(label: np.ndarray, slices) -> np.ndarray:
+    p = np.zeros_like(label)
+    p[list(slices)] = label[list(slices)]
+    return p
+
+
+def test_config_inherits_the_start_models_input(tmp_path):
+    start = _start_model(tmp_path / "start.pt", patch=(48, 40), interp="nearest")
+    opts = fs.FewSliceOptions(iterations=7, lr=0.003, batch_size=4, mode="m3hl", l2_to_start=0.1, freeze="encoder")
+    cfg = fs.fewslice_config(load_checkpoint(start), opts)
+    assert cfg.patch_size == (48, 40) and cfg.image_interp == "nearest" and cfg.block_size == (8, 8)
+    assert (cfg.iterations, cfg.lr, cfg.batch_size, cfg.mode) == (7, 0.003, 4, "m3hl")
+    assert (cfg.l2_to_start, cfg.freeze, cfg.lr_schedule, cfg.teacher_init) == (0.1, "encoder", "constant", "copy")
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model models/acdc70_unet2d.pt not in this checkout")
+def test_config_of_the_shipped_model_keeps_its_128_input():
+    ckpt = load_checkpoint(SHIPPED)
+    cfg = fs.fewslice_config(ckpt, fs.FewSliceOptions())
+    assert cfg.patch_size == tuple(ckpt["patch_size"]) == (128, 128)
+    assert cfg.image_interp == ckpt["config"]["image_interp"]
+    assert cfg.iterations == fs.FewSliceOptions().iterations < 1000  # not the preset's 30,000
+
+
+def test_prepare_rejects_bad_painting(tmp_path):
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(0, shape=SHAPE)
+    with pytest.raises(M3HLInputError, match="4 classes"):
+        fs.prepare(start, ph.image, _painted(ph.label, [2]) * 3, fs.FewSliceOptions())
+    with pytest.raises(M3HLInputError, match="one shape"):
+        fs.prepare(start, ph.image, ph.label[:3], fs.FewSliceOptions())
+    with pytest.raises(M3HLInputError, match="paint at least one slice"):
+        fs.prepare(start, ph.image, np.zeros_like(ph.label), fs.FewSliceOptions())
+
+
+def _damage(label: np.ndarray, cls: int, slices) -> np.ndarray:
+    out = label.copy()
+    for z in slices:
+        out[z][out[z] == cls] = 0
+    return out
+
+
+def test_safeguard_passes_a_good_fine_tune():
+    truth = make_phantom(1, shape=(8, 64, 64)).label
+    painted = _painted(truth, [2, 5])
+    base = np.roll(truth, 2, axis=2)  # the start model is a little off everywhere
+    v = check_finetune(base, truth, painted, 4, ("bg", "RV", "Myo", "LV"))
+    assert not v.suspect and v.painted_tuned > v.painted_base
+    assert "no sign" in v.message
+
+
+def test_safeguard_fires_when_painted_slices_get_worse():
+    truth = make_phantom(1, shape=(8, 64, 64)).label
+    painted = _painted(truth, [2, 5])
+    tuned = _damage(truth, 2, [2, 5])  # loses Myo on the slices it was trained on
+    v = check_finetune(truth, tuned, painted, 4, ("bg", "RV", "Myo", "LV"))
+    assert v.suspect and "painted slices worse" in v.message and v.painted_tuned < v.painted_base
+
+
+def test_safeguard_fires_when_unpainted_slices_change_too_much():
+    truth = make_phantom(1, shape=(8, 64, 64)).label
+    painted = _painted(truth, [2, 5])
+    tuned = _damage(truth, 2, [0, 1, 3, 4, 6, 7])  # fits the painted slices, wipes Myo elsewhere
+    v = check_finetune(truth, tuned, painted, 4, ("bg", "RV", "Myo", "LV"))
+    assert v.suspect and "Myo" in v.message and v.change["Myo"] == pytest.approx(1.0)
+
+
+def test_merge_painted_keeps_painted_slices_exactly():
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 4, size=(5, 16, 16)).astype(np.uint8)
+    painted = np.zeros_like(pred)
+    painted[1, 3:9, 3:9] = 2  # a partly painted slice: its zeros are the user's too
+    painted[3] = rng.integers(0, 4, size=(16, 16))
+    merged = merge_painted(pred, painted)
+    assert np.array_equal(merged[[1, 3]], painted[[1, 3]])
+    assert np.array_equal(merged[[0, 2, 4]], pred[[0, 2, 4]])
+    assert merged.dtype == pred.dtype
+    alone = merge_painted(pred, painted, keep_painted=False)
+    assert np.array_equal(alone, pred) and alone is not pred
+    with pytest.raises(M3HLInputError, match="one shape"):
+        merge_painted(pred, painted[:2])
+
+
+def test_tiny_fine_tune_through_the_engine(tmp_path):
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", mode="m3hl")
+    job = fs.prepare(start, ph.image * 500.0, _painted(ph.label, [1, 4]), opts)  # any intensity range
+    assert job.config.patch_size == (32, 32) and list(job.painted_slices) == [1, 4]
+    assert float(job.image.min()) == 0.0 and float(job.image.max()) == 1.0
+    assert job.base.shape == SHAPE
+    out = list(fs.run(job, out_dir=tmp_path / "run"))
+    checks = [e for e in out if isinstance(e, fs.Check)]
+    assert [c.iteration for c in checks] == [2, 4] and np.isnan(checks[0].change)
+    assert checks[0].labels.shape == SHAPE and checks[0].labels.dtype == np.uint8
+    res = out[-1]
+    assert isinstance(res, fs.FewSliceResult) and res.iterations == 4 and not res.stopped_early
+    assert np.array_equal(res.labels, checks[-1].labels) and res.checkpoint and Path(res.checkpoint).is_file()
+    assert isinstance(res.verdict.message, str) and res.verdict.message
+    assert any(isinstance(e, ev.TrainFinished) for e in out)
+
+
+def test_early_stop_when_the_segmentation_stops_changing(tmp_path):
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    opts = fs.FewSliceOptions(iterations=8, batch_size=4, check_every=2, device="cpu", early_stop=True,
+                              stop_change=1.01)  # any change counts as "stopped changing"
+    out = list(fs.run(fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts)))
+    res = out[-1]
+    assert res.stopped_early and res.iterations == 4 and res.checkpoint is None
+    assert [c.stopping for c in out if isinstance(c, fs.Check)] == [False, True]
+
+
+def test_trainer_hooks_freeze_encoder_and_l2_to_start(tmp_path):
+    data = phantom_train_data(n_volumes=1, labeled_slices_per_volume=2, seed=0, shape=SHAPE)
+    start = _start_model(tmp_path / "start.pt")
+    cfg = load_preset("acdc_unet2d", "paper", patch_size=(32, 32), block_size=(8, 8), batch_size=4, lr=0.05,
+                      device="cpu", iterations=2, mode="supervised", freeze="encoder", l2_to_start=0.5)
+    evs = list(train(cfg, data, tmp_path / "run", init_from=start))
+    p = [e for e in evs if isinstance(e, ev.Progress)]
+    assert "l2_start" in p[0].losses and p[0].losses["l2_start"] == pytest.approx(0.0)
+    assert p[1].losses["l2_start"] > 0
+    before, after = load_checkpoint(start)["student"], load_checkpoint(evs[-1].checkpoint)["student"]
+    enc_w = [k for k in before if k.startswith("enc.") and k.endswith("weight") and before[k].ndim == 4]
+    dec_w = [k for k in before if k.startswith("up.") and before[k].ndim == 4]
+    assert enc_w and all(torch.equal(before[k], after[k]) for k in enc_w)
+    assert any(not torch.equal(before[k], after[k]) for k in dec_w)
+    with pytest.raises(M3HLInputError, match="freeze"):
+        cfg.replace(freeze="decoder").validate()
+
+
+def test_trainer_hook_keeps_batchnorm_statistics(tmp_path):
+    data = phantom_train_data(n_volumes=1, labeled_slices_per_volume=2, seed=0, shape=SHAPE)
+    start = _start_model(tmp_path / "start.pt")
+    cfg = load_preset("acdc_unet2d", "paper", patch_size=(32, 32), block_size=(8, 8), batch_size=4, lr=0.05,
+                      device="cpu", iterations=2, mode="supervised", freeze="bn")
+    evs = list(train(cfg, data, tmp_path / "run", init_from=start))
+    before, after = load_checkpoint(start)["student"], load_checkpoint(evs[-1].checkpoint)["student"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert evs[-1].iteration == 2 and all(np.isfinite(e.losses["total"]) for e in evs if isinstance(e, ev.Progress))
