@@ -84,10 +84,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint
     from .data import load_val_volumes
-    from .inference import predict_volume_2d, predict_volume_3d
-    from .metrics import evaluate_case, format_table, summarize
+    from .metrics import format_table
+    from .predictor import Predictor
     from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
@@ -106,20 +106,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.names_file and kind is not None and str(args.data).strip().lower() == "phantom":
         raise M3HLInputError("--list names volumes of an ACDC or LA folder; the phantom has none (use --limit)")
-    model = model_from_checkpoint(ckpt, args.which, device)
+    predictor = Predictor.from_checkpoint(ckpt, args.which, device)
     volumes = load_val_volumes(args.data, ndim=len(patch), limit=args.limit, names_file=args.names_file)
     if not volumes:
         raise M3HLInputError(f"no validation volume found in {args.data}")
-    cases, per_case = [], {}
-    for name, image, label in volumes:
-        if len(patch) == 2:
-            pred = predict_volume_2d(model, image, patch=patch, device=device, resize_input=image_interp(ckpt))
-        else:
-            pred = predict_volume_3d(model, image, patch=patch, device=device, num_classes=ckpt["num_classes"])
-        m = evaluate_case(pred, label, ckpt["num_classes"], spacing=args.spacing, empty_convention=args.empty)
-        cases.append(m)
-        per_case[name] = {ckpt["class_names"][c]: vars(v) for c, v in m.items()}
-    summary = summarize(cases, ckpt["class_names"])
+    # the one scoring path (benchmarks/acdc.py uses it too): input resizing as the checkpoint was trained
+    summary, per_case = predictor.score(volumes, spacing=args.spacing, empty_convention=args.empty)
     unit = "mm" if args.spacing else "px"
     print(format_table(summary, distance_unit=unit))
     if args.json:

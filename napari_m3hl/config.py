@@ -64,7 +64,7 @@ class TrainConfig:
     ema_warmup: bool = False
     teacher_init: str = "copy"  # copy | independent
     teacher_mode: str = "eval"  # eval | train (dropout + batch-stat BN when labelling)
-    teacher_bn: str = "copy"  # BatchNorm running stats: copy the student's | ema (state_dict-wide EMA, reference code)
+    teacher_bn: str = "copy"  # BatchNorm running stats: copy the student's | ema (state_dict-wide EMA, reference code) | own (batch stats when labelling)
     pseudo_lcc: bool = True
     # recipe for short budgets (issue 10; 0 = off, the paper's recipe)
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
@@ -161,8 +161,8 @@ class TrainConfig:
         if self.l2_to_start < 0 or not set(filter(None, self.freeze.split(","))) <= {"encoder", "bn"}:
             raise M3HLInputError(f"l2_to_start must be >= 0 and freeze a comma list of 'encoder', 'bn'; "
                                  f"got {self.l2_to_start}, {self.freeze!r}")
-        if self.teacher_bn not in ("copy", "ema"):
-            raise M3HLInputError(f"teacher_bn must be 'copy' or 'ema', got {self.teacher_bn!r}")
+        if self.teacher_bn not in ("copy", "ema", "own"):
+            raise M3HLInputError(f"teacher_bn must be 'copy', 'ema' or 'own', got {self.teacher_bn!r}")
         if self.image_interp not in ("bilinear", "nearest"):
             raise M3HLInputError(f"image_interp must be 'bilinear' or 'nearest', got {self.image_interp!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

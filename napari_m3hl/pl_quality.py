@@ -23,7 +23,7 @@ from torch import nn
 
 from .augment import resize_2d
 from .config import TrainConfig
-from .teacher import pseudo_labels
+from .teacher import pseudo_labels, set_labelling_mode
 
 
 def pick_reference(n_available: int, n: int, seed: int) -> list[int]:
@@ -83,7 +83,7 @@ def score_pseudo_labels(
         and ``student_<class>`` for the student.
     """
     t = copy.deepcopy(teacher)
-    t.train(config.teacher_mode == "train")
+    set_labelling_mode(t, config.teacher_mode, config.teacher_bn)
     was_training = student.training
     student.eval()
     pl, sp = [], []

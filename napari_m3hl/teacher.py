@@ -32,13 +32,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: st
       background early in a run.
     * ``"ema"``: the same EMA as the parameters (what a state_dict-wide EMA, as
       in the authors' released code, does).
+    * ``"own"``: left alone: the teacher keeps statistics of its own
+      activations, updated by its labelling passes (:func:`set_labelling_mode`).
 
     Integer buffers (BatchNorm's ``num_batches_tracked``) are always copied.
     Uses ``torch._foreach`` ops: one fused update per tensor list, no
     state_dict rebuild.
     """
-    if buffers not in ("copy", "ema"):
-        raise ValueError(f"buffers must be 'copy' or 'ema', got {buffers!r}")
+    if buffers not in ("copy", "ema", "own"):
+        raise ValueError(f"buffers must be 'copy', 'ema' or 'own', got {buffers!r}")
     t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     t_buf, s_buf = list(teacher.buffers()), list(student.buffers())
@@ -48,10 +50,28 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: st
         torch._foreach_lerp_(t_params + t_float, s_params + s_float, 1.0 - decay)
     else:
         torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
-        torch._foreach_copy_(t_float, s_float)
+        if buffers == "copy":
+            torch._foreach_copy_(t_float, s_float)
     for tb, sb in zip(t_buf, s_buf):
         if not tb.is_floating_point():
             tb.copy_(sb)
+
+
+def set_labelling_mode(teacher: nn.Module, teacher_mode: str, teacher_bn: str) -> None:
+    """Put the teacher in the mode it labels in.
+
+    ``teacher_mode="train"``: dropout and batch-statistics BatchNorm (the
+    reference code). ``"eval"``: no dropout; BatchNorm normalises with the
+    running statistics, except with ``teacher_bn="own"``, where BatchNorm
+    normalises with the statistics of the batch being labelled and updates
+    the running statistics from the teacher's own activations (so that they
+    fit the averaged weights for eval-mode previews).
+    """
+    teacher.train(teacher_mode == "train")
+    if teacher_mode != "train" and teacher_bn == "own":
+        for m in teacher.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:

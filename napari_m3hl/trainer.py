@@ -50,7 +50,7 @@ from .mixing import block_masks, mix
 from .networks import build_network, network_ndim
 from .pl_quality import pick_reference, reference_batch, score_pseudo_labels
 from .runtime import autocast_context, resolve_device, resolve_precision, tune_malloc
-from .teacher import ema_decay_at, ema_update, init_teacher, pseudo_labels
+from .teacher import ema_decay_at, ema_update, init_teacher, pseudo_labels, set_labelling_mode
 
 
 class TrainControl:
@@ -193,7 +193,7 @@ def m3hl_losses(
     ua, ub = img_u[:n], img_u[n:]
     tap = config.low_tap
 
-    teacher.train(config.teacher_mode == "train")
+    set_labelling_mode(teacher, config.teacher_mode, config.teacher_bn)
     with torch.no_grad(), autocast():
         t_out = teacher(img_u)
     plab = pseudo_labels(t_out.logits.float(), lcc=config.pseudo_lcc)
@@ -483,9 +483,11 @@ def train(
                 bad = it  # another rank diverged
         if bad is not None:
             path = save("diverged", it, model_only=True)
+            last = out / "last.pt" if out is not None else None
             raise FloatingPointError(
                 f"training diverged at iteration {bad} (loss {losses['total']}); lower the learning rate. "
-                f"The last good checkpoint is {out / 'last.pt' if out else 'not saved'}; the diverged weights are {path}"
+                f"The last good checkpoint is {last if last is not None and last.is_file() else 'not saved'}; "
+                f"the diverged weights are {path}"
             )
         now = time.perf_counter()
         recent.append((now - step_t, n_images * n_steps, n_steps))
