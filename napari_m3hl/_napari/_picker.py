@@ -19,6 +19,7 @@ from ..config import load_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
 from ._layout import TrainWidgetLayout
+from ._slots import on_signal
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -44,10 +45,10 @@ class LayerPickerWidget(TrainWidgetLayout):
         layers = self.viewer.layers
         for name in ("inserted", "removed", "moved", "reordered"):
             getattr(layers.events, name).connect(self.refresh_layers)
-        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
-        self.extra_list.itemChanged.connect(lambda *_: self.update_info())
-        self.new_labels_btn.clicked.connect(self.new_labels_layer)
+        on_signal(self.image_combo.currentIndexChanged, self._on_image_changed)
+        on_signal(self.labels_combo.currentIndexChanged, self._on_labels_changed)
+        on_signal(self.extra_list.itemChanged, self.update_info)
+        on_signal(self.new_labels_btn.clicked, self.new_labels_layer)
 
     def _update_buttons(self) -> None:
         """Hook: enable buttons after the layers changed (see the training widget)."""

@@ -4,8 +4,11 @@
 * layer control: :class:`._picker.LayerPickerWidget` (pickers, info line,
   messages) and :mod:`._layers` (overlay names, in-place updates, colours,
   data version tokens);
-* backend: :class:`._session.TrainingSession` (engine generators in napari
-  thread workers).
+* backend: :class:`._run.RunController` (owns the training run; the jobs of
+  :mod:`._jobs` in thread workers, :mod:`._workers`).
+
+Every Qt signal is connected through :func:`._slots.on_signal`, so no
+signal's value (``clicked``'s ``checked`` flag) reaches an action's parameters.
 
 Everything in this module runs in the GUI thread: it validates the input,
 takes copies of the layer data, starts workers, and draws the events the
@@ -26,10 +29,13 @@ from .. import events as ev
 from ..config import TrainConfig, list_presets, load_preset, read_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
-from ._assist import AssistMixin
+from ._assist import AssistMixin, Suggestions
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
-from ._session import AutosaveFailed, DataReady, TrainingSession, TrainRequest, describe_error
+from ._jobs import AutosaveFailed, DataReady, PreviewQuality, RunAnalysis, TrainRequest
+from ._run import RunController
+from ._slots import on_signal
+from ._workers import describe_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -54,6 +60,20 @@ def _fmt_time(seconds: float) -> str:
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def quality_text(q: PreviewQuality | None) -> tuple[str, str]:
+    """(text, tooltip) beside the loss plot for the latest :class:`PreviewQuality`."""
+    if q is None:
+        return ("Dice, painted\n–\nchange, unpainted\n–",
+                "Shown with each pseudo-label preview while training")
+    dice = "–" if q.dice is None else f"{q.dice:.2f}"
+    change = "–" if q.change is None else f"{100 * q.change:.1f} %"
+    per = ", ".join(f"{k} {v:.2f}" for k, v in q.per_class.items()) or "no class painted"
+    tip = (f"Iteration {q.iteration}. Dice of the pseudo-labels against your painted slices: {per}. "
+           "Change: share of the heart pixels of the unpainted slices whose label changed since the previous "
+           "preview; near 0 once the segmentation has settled.")
+    return f"Dice, painted\n{dice}\nchange, unpainted\n{change}", tip
 
 
 def presets_2d() -> list[str]:
@@ -102,7 +122,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", out_dir: str | Path | None = None) -> None:
         super().__init__(napari_viewer)
-        self.session = TrainingSession(out_dir)
+        self.runner = RunController(out_dir)
         self.config_overrides: dict[str, Any] = {}
         self.preview_every_s: float | None = 5.0
         self.mix_preview_every_s: float | None = 5.0
@@ -112,7 +132,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._seg_token: tuple | None = None  # version of 'M³HL segmentation' when last written
         self._init_assist()
 
-        self.run_dir_label.setText(breakable(f"Run folder: {self.session.out_dir}"))
+        self.run_dir_label.setText(breakable(f"Run folder: {self.runner.out_dir}"))
         self._show_session_folder(autosave_only=True)
         self.preset_combo.addItems(presets_2d())
         self.variant_combo.setCurrentText(GUI_VARIANT)
@@ -124,19 +144,19 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     # ================================================================ wiring
     def _connect(self) -> None:
-        self.preset_combo.currentIndexChanged.connect(lambda *_: self._apply_preset())
-        self.variant_combo.currentIndexChanged.connect(lambda *_: self._apply_preset())
-        self.device_combo.currentIndexChanged.connect(lambda *_: self._apply_device_defaults())
-        self.start_combo.currentIndexChanged.connect(lambda *_: self._update_buttons())
-        self.browse_btn.clicked.connect(self._browse_start_file)
-        self.train_btn.clicked.connect(self.start_training)
-        self.pause_btn.clicked.connect(self.pause)
-        self.resume_btn.clicked.connect(self.resume)
-        self.stop_btn.clicked.connect(self.stop)
-        self.predict_btn.clicked.connect(lambda *_: self.predict())
-        self.export_btn.clicked.connect(lambda *_: self.export())
-        self.save_ckpt_btn.clicked.connect(lambda *_: self.save_checkpoint())
-        self.load_ckpt_btn.clicked.connect(lambda *_: self.load_checkpoint())
+        on_signal(self.preset_combo.currentIndexChanged, self._apply_preset)
+        on_signal(self.variant_combo.currentIndexChanged, self._apply_preset)
+        on_signal(self.device_combo.currentIndexChanged, self._apply_device_defaults)
+        on_signal(self.start_combo.currentIndexChanged, self._update_buttons)
+        on_signal(self.browse_btn.clicked, self._browse_start_file)
+        on_signal(self.train_btn.clicked, self.start_training)
+        on_signal(self.pause_btn.clicked, self.pause)
+        on_signal(self.resume_btn.clicked, self.resume)
+        on_signal(self.stop_btn.clicked, self.stop)
+        on_signal(self.predict_btn.clicked, self.predict)
+        on_signal(self.export_btn.clicked, self.export)
+        on_signal(self.save_ckpt_btn.clicked, self.save_checkpoint)
+        on_signal(self.load_ckpt_btn.clicked, self.load_checkpoint)
 
     # ================================================================ settings
     def _device_is_cpu(self) -> bool:
@@ -165,8 +185,9 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         })
 
     def _apply_device_defaults(self) -> None:
-        if self._device_is_cpu() and self.batch_spin.value() > GUI_CPU_BATCH:
-            self.batch_spin.setValue(GUI_CPU_BATCH)
+        batch = self.advanced_form.editor("batch_size")
+        if self._device_is_cpu() and batch.value() > GUI_CPU_BATCH:
+            batch.setValue(GUI_CPU_BATCH)
 
     def build_config(self) -> TrainConfig:
         """The run's config: preset + variant + advanced settings + ``config_overrides``."""
@@ -182,8 +203,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     def set_run_folder(self, path: str | Path) -> None:
         """Write the next runs' checkpoints under ``path`` (``run-NN`` subfolders)."""
-        self.session.out_dir = Path(path)
-        self.run_dir_label.setText(breakable(f"Run folder: {self.session.out_dir}"))
+        self.runner.out_dir = Path(path)
+        self.run_dir_label.setText(breakable(f"Run folder: {self.runner.out_dir}"))
         self._show_session_folder(autosave_only=self.session_folder is None)
 
     def _browse_start_file(self) -> None:
@@ -198,7 +219,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         from ..config import MODELS_DIR
 
         # start in the run folder once it has checkpoints, else among the shipped models
-        start = self.session.out_dir if self.session.out_dir.is_dir() else MODELS_DIR
+        start = self.runner.out_dir if self.runner.out_dir.is_dir() else MODELS_DIR
         path, _ = QFileDialog.getOpenFileName(self, caption, str(start), "Checkpoints (*.pt *.pth);;All files (*)")
         return path
 
@@ -294,7 +315,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         names = [image.name] if image.ndim == 3 else [f"{image.name} frame {t}" for t in range(len(images))]
         while True:  # the next free run-NN folder
             self._n_runs += 1
-            run_dir = self.session.out_dir / f"run-{self._n_runs:02d}"
+            run_dir = self.runner.out_dir / f"run-{self._n_runs:02d}"
             if not run_dir.exists():
                 break
         token = self.versions.token([image, labels])
@@ -314,7 +335,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         ``resume_from`` / ``iterations``: continue that checkpoint up to
         ``iterations`` in all (Train on) instead of the Start mode's choice.
         """
-        if self.session.training:
+        if self.runner.training:
             self._error("A training run is going: stop it before starting another.")
             return False
         try:
@@ -334,6 +355,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._show_session_folder(autosave_only=self.session_folder is None)
         lc.prepare_overlays(self.viewer, state.image, req.config.patch_size, state.class_names)
         self.loss_plot.clear()
+        self.quality_label.setText(quality_text(None)[0])
         self.progress.setRange(0, req.config.iterations)
         self.progress.setValue(0)
         self.progress.setFormat("preparing data…")
@@ -342,7 +364,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self.run_dir_label.setText(breakable(f"Run folder: {state.run_dir}"))
         self.set_running(True)
         self._update_buttons()
-        self.session.start_training(req, connect={
+        self.runner.start_training(req, connect={
             "yielded": self._on_event,
             "errored": self._on_train_error,
             "aborted": self._on_train_aborted,
@@ -351,23 +373,23 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         return True
 
     def pause(self) -> None:
-        if self.session.training:
-            self.session.pause()
+        if self.runner.training:
+            self.runner.pause()
             self.set_running(True, paused=True)
             self.progress.setFormat("paused at %v / %m")
             self._status("Paused: press Resume to continue or Stop to keep the current model.")
 
     def resume(self) -> None:
-        if self.session.training:
-            self.session.resume()
+        if self.runner.training:
+            self.runner.resume()
             self.set_running(True, paused=False)
             self.progress.setFormat("%v / %m")
             self._status("Training resumed.")
 
     def stop(self) -> None:
         """Stop after the current step; the trainer saves ``last.pt`` and the segmentation follows."""
-        if self.session.training:
-            self.session.stop()
+        if self.runner.training:
+            self.runner.stop()
             self.stop_btn.setEnabled(False)
             self.pause_btn.setEnabled(False)
             self.resume_btn.setEnabled(False)
@@ -383,6 +405,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._on_volume_preview(e)
         elif isinstance(e, ev.MixPreview):
             self._on_mix_preview(e)
+        elif isinstance(e, PreviewQuality):
+            self._on_quality(e)
         elif isinstance(e, DataReady):
             self._status(
                 f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
@@ -399,7 +423,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._warn(f"Could not autosave the session to {e.folder} ({e.error}); training goes on and your "
                        "layers are unchanged. Save session… to another folder to keep the work.")
         elif isinstance(e, ev.CheckpointSaved):
-            self.session.checkpoint = e.path
+            self.runner.checkpoint = e.path
             self._update_buttons()
         elif isinstance(e, ev.TrainFinished):
             self._on_finished_event(e)
@@ -407,8 +431,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     def _on_progress(self, e: ev.Progress) -> None:
         self.progress.setMaximum(e.total_iterations)
         self.progress.setValue(e.iteration)
-        if not (self.session.control and self.session.control.stop_requested):
-            self.progress.setFormat("%v / %m" if not self.session.paused else "paused at %v / %m")
+        if not (self.runner.control and self.runner.control.stop_requested):
+            self.progress.setFormat("%v / %m" if not self.runner.paused else "paused at %v / %m")
         terms = " · ".join(f"{k} {v:.3f}" for k, v in e.losses.items())
         self.progress_label.setText(
             f"iteration {e.iteration}/{e.total_iterations} · {e.images_per_s:.1f} img/s · "
@@ -446,6 +470,12 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         if run.first_preview_s is None:
             run.first_preview_s = time.perf_counter() - run.started
 
+    def _on_quality(self, e: PreviewQuality) -> None:
+        """Dice against the painted slices and the change of the unpainted ones, beside the loss plot."""
+        text, tip = quality_text(e)
+        self.quality_label.setText(text)
+        self.quality_label.setToolTip(tip)
+
     def _on_mix_preview(self, e: ev.MixPreview) -> None:
         """Show the two mixed images side by side, to the right of the volume."""
         run = self.run
@@ -459,7 +489,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         if run is not None:
             run.finished = e
         if e.checkpoint:
-            self.session.checkpoint = e.checkpoint
+            self.runner.checkpoint = e.checkpoint
             self.model_iteration = int(e.iteration)
             self.model_resumable = True
         if self.run_history:
@@ -469,17 +499,15 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._status(f"{how} at iteration {e.iteration}; checkpoint {e.checkpoint or '(not saved)'}")
         self.progress.setFormat(f"{how.lower()} at %v / %m")
         if self.auto_predict and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
-            self.predict(image=run.image)
-        if self.auto_suggest and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
-            self.suggest(image=run.image)
+            self.analyse_run(run.image, run.preview_frame if run.image.ndim == 4 else 0)
 
     def _on_train_error(self, exc: BaseException) -> None:
         run = self.run
-        self._error(describe_error(exc, "Training", run.batch_size if run else None, self.session.checkpoint))
+        self._error(describe_error(exc, "Training", run.batch_size if run else None, self.runner.checkpoint))
         self.progress.setFormat("failed at %v / %m")
 
     def _on_train_aborted(self) -> None:
-        self._status(f"Training cancelled; last checkpoint: {self.session.checkpoint or 'none'}")
+        self._status(f"Training cancelled; last checkpoint: {self.runner.checkpoint or 'none'}")
 
     def _on_train_finished(self) -> None:
         self.set_running(False)
@@ -487,7 +515,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     # ================================================================ predict / export
     def _update_buttons(self) -> None:
-        has_model = bool(self.session.checkpoint)
+        has_model = bool(self.runner.checkpoint)
         self.predict_btn.setEnabled(has_model)
         self.save_ckpt_btn.setEnabled(has_model)
         self.export_btn.setEnabled(lc.SEGMENTATION in self.viewer.layers)
@@ -511,7 +539,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         if image.rgb or image.ndim < 3:
             self._error(self._msg_2d(image))
             return False
-        if not self.session.checkpoint:
+        if not self.runner.checkpoint:
             self._error("No model yet: train first, or load a checkpoint / model file.")
             return False
         volumes = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
@@ -522,9 +550,28 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         def done(labels: np.ndarray) -> None:
             self._show_segmentation(labels, image, names)
 
-        self.session.predict(volumes, which=self.which_combo.currentText(), device=self.device_combo.currentText(),
+        self.runner.predict(volumes, which=self.which_combo.currentText(), device=self.device_combo.currentText(),
                              connect={"returned": done, "errored": self._on_predict_error,
                                       "finished": self._update_buttons})
+        return True
+
+    def analyse_run(self, image: Image, frame: int = 0) -> bool:
+        """After a run: one job segments ``image`` (every frame) and, with
+        ``auto_suggest``, scores the slices of ``frame``, from one checkpoint load."""
+        volumes = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
+        method = self.score_combo.currentText() if self.auto_suggest else None
+        which, ckpt, names = self.which_combo.currentText(), self.runner.checkpoint, self.current_class_names()
+        self.predict_btn.setEnabled(False)
+        self.suggest_btn.setEnabled(False)
+        self._status(f"Segmenting '{image.name}' with the {which}" + (" and ranking its slices…" if method else "…"))
+
+        def done(result: RunAnalysis) -> None:
+            self._show_segmentation(result.segmentation, image, names)
+            if result.analysis is not None:
+                self._on_analysis(Suggestions(image, frame if image.ndim == 4 else None, result.analysis, ckpt))
+
+        self.runner.analyse_run(volumes, frame, method, which, device=self.device_combo.currentText(), connect={
+            "returned": done, "errored": self._on_predict_error, "finished": self._update_buttons})
         return True
 
     def _show_segmentation(self, labels: np.ndarray, image: Image, class_names: tuple[str, ...]) -> None:
@@ -552,7 +599,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._warn(f"Your edits of '{lc.SEGMENTATION}' are kept in layer '{kept.name}'.")
 
     def _on_predict_error(self, exc: BaseException) -> None:
-        self._error(describe_error(exc, "Prediction", 8, self.session.checkpoint))
+        self._error(describe_error(exc, "Prediction", 8, self.runner.checkpoint))
 
     def export(self, path: str | None = None) -> bool:
         """Write 'M³HL segmentation' as NIfTI with the source affine/header (in a worker)."""
@@ -562,7 +609,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         layer = self.viewer.layers[lc.SEGMENTATION]
         if path is None:
             src = layer.metadata.get("source_path")
-            default = str(self.session.out_dir / "segmentation.nii.gz")
+            default = str(self.runner.out_dir / "segmentation.nii.gz")
             if src and str(src).lower().endswith((".nii", ".nii.gz")):
                 stem = Path(src).name.split(".nii")[0]
                 default = str(Path(src).with_name(f"{stem}_m3hl_seg.nii.gz"))
@@ -573,7 +620,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
                 "metadata": dict(layer.metadata)}
         if meta["metadata"].get("affine") is None:
             self._warn("The image has no NIfTI geometry; exporting with a diagonal affine from the voxel size.")
-        self.session.export(path, np.array(layer.data, copy=True), meta, connect={
+        self.runner.export(path, np.array(layer.data, copy=True), meta, connect={
             "returned": lambda p: self._status(f"Saved {p}"),
             "errored": lambda exc: self._error(describe_error(exc, "Export")),
         })
@@ -581,14 +628,14 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     def save_checkpoint(self, path: str | None = None) -> bool:
         """Copy the latest checkpoint to a file the user picks (in a worker)."""
-        if not self.session.checkpoint:
+        if not self.runner.checkpoint:
             self._error("No checkpoint yet: train first (Stop also saves one).")
             return False
         default = str(Path.home() / "m3hl_checkpoint.pt")
         path = path or self._ask_save_path("Save checkpoint", default, "Checkpoints (*.pt)")
         if not path:
             return False
-        self.session.save_checkpoint(path, connect={
+        self.runner.save_checkpoint(path, connect={
             "returned": lambda p: self._status(f"Checkpoint saved to {p}"),
             "errored": lambda exc: self._error(describe_error(exc, "Saving the checkpoint")),
         })
@@ -604,14 +651,14 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         except M3HLInputError as exc:
             self._error(str(exc))
             return False
-        self.session.load_checkpoint(path, cfg.arch, cfg.num_classes, connect={
+        self.runner.load_checkpoint(path, cfg.arch, cfg.num_classes, connect={
             "returned": self._on_checkpoint_loaded,
             "errored": lambda exc: self._error(describe_error(exc, "Loading the checkpoint")),
         })
         return True
 
     def _on_checkpoint_loaded(self, info: dict[str, Any]) -> None:
-        self.session.checkpoint = info["path"]
+        self.runner.checkpoint = info["path"]
         self.model_iteration = int(info["iteration"])
         self.model_resumable = bool(info["resumable"])
         self.start_path.setText(info["path"])
@@ -625,4 +672,4 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     # ================================================================ teardown
     def cleanup(self, wait_ms: int = 10000) -> None:
         """Stop training (its checkpoint is still written) and wait for workers."""
-        self.session.shutdown(wait_ms=wait_ms)
+        self.runner.shutdown(wait_ms=wait_ms)
