@@ -320,7 +320,9 @@ def train(
     yield ev.TrainStarted(config.iterations, start, str(device), len(data.labeled), len(data.unlabeled), config.mode)
     half = config.batch_size // 2
     t0 = time.perf_counter()
-    last_vol = last_mix = t0
+    # the first previews follow the first step (then one per period), so a user sees them at once
+    last_vol = t0 - (preview_every_s or 0.0)
+    last_mix = t0 - (mix_preview_every_s or 0.0)
     recent: deque[tuple[float, int]] = deque(maxlen=20)
     best = -1.0
     best_path: str | None = None
