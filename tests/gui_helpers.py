@@ -29,7 +29,10 @@ def button(widget, text: str):
 
 def wait_idle(qtbot, widget, timeout: int = WAIT_MS) -> None:
     """Until no worker of the widget runs."""
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=timeout)
+    try:
+        qtbot.waitUntil(lambda: not widget.runner.busy, timeout=timeout)
+    except Exception as exc:
+        raise AssertionError(f"jobs still running: {widget.runner.running_jobs()}") from exc
 
 
 def wait_run(qtbot, widget, timeout: int = WAIT_MS) -> None:

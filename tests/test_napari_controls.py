@@ -108,6 +108,7 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     flip(w.spread_check)
     press("Next suggested slice")
     press("Accept slice")
+    w.train_on_spin.setValue(2)
     press("Train on")
     wait_run(qtbot, w)
     press("Save session…")

@@ -350,3 +350,24 @@ def test_default_start_is_fine_tuning_the_shipped_cardiac_model(make_widget):
     viewer, w = make_widget()
     assert w.start_combo.currentText() == "Fine-tune from file"
     assert w.start_path.text() == str(MODELS_DIR / "acdc70_unet2d.pt")
+
+
+def test_preview_quality_dice_on_painted_and_change_on_unpainted():
+    """Dice against the painted slices; change counted over the heart pixels of the unpainted ones."""
+    from napari_m3hl._napari._jobs import preview_quality
+
+    names = ("background", "RV", "Myo", "LV")
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[0, :2, :2] = 1  # slice 0 painted: 4 px RV
+    pred = np.zeros_like(labels)
+    pred[0, :2, :1] = 1  # 2 of the 4 RV px found: Dice 2*2/(2+4)
+    pred[1, :2, :2] = 3  # unpainted slice: 4 px LV
+    q = preview_quality(7, pred, labels, None, names)
+    assert q.iteration == 7 and q.per_class == {"RV": pytest.approx(2 / 3)} and q.dice == pytest.approx(2 / 3)
+    assert q.change is None  # no previous preview
+    later = pred.copy()
+    later[1, 0, 0] = 2  # one of the 4 heart px of the unpainted slices changes
+    later[0] = labels[0]  # the painted slice now perfect: does not count as change
+    q2 = preview_quality(8, later, labels, pred, names)
+    assert q2.dice == pytest.approx(1.0) and q2.change == pytest.approx(1 / 4)
+    assert preview_quality(9, later, np.zeros_like(labels), later, names).dice is None

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import M3HLInputError
 from ..trainer import TrainControl
 from . import _jobs
-from ._workers import Handler, await_workers, start_worker
+from ._workers import Handler, await_workers, job_pool, start_worker
 
 
 def default_run_folder() -> Path:
@@ -38,14 +38,23 @@ class RunController:
         self.control: TrainControl | None = None
         self.train_worker = None
         self.checkpoint: str | None = None  # latest usable checkpoint or model file
-        self._workers: set = set()
+        self._workers: dict = {}  # running worker → its job's name
 
     # ---------------------------------------------------------------- workers
-    def _start(self, func: Callable, *args: Any, connect: dict[str, Handler], **kwargs: Any):
-        worker = start_worker(func, *args, connect=connect, **kwargs)
-        self._workers.add(worker)
-        worker.finished.connect(lambda w=worker: self._workers.discard(w))
+    def _start(self, func: Callable, *args: Any, connect: dict[str, Handler], train: bool = False, **kwargs: Any):
+        """Start job ``func`` in a worker; known as running (and as the training
+        run when ``train``) before it starts, until it finished."""
+        worker = start_worker(func, *args, connect=connect, on_finished=[self._done], start=False, **kwargs)
+        self._workers[worker] = func.__name__
+        if train:
+            self.train_worker = worker
+        job_pool().start(worker)
         return worker
+
+    def _done(self, worker: Any) -> None:
+        self._workers.pop(worker, None)
+        if self.train_worker is worker:
+            self.train_worker = None
 
     @property
     def training(self) -> bool:
@@ -56,6 +65,10 @@ class RunController:
         """True while any job runs."""
         return bool(self._workers)
 
+    def running_jobs(self) -> list[str]:
+        """Names of the jobs running now."""
+        return sorted(self._workers.values())
+
     def start_training(self, req: _jobs.TrainRequest, connect: dict[str, Handler]):
         if self.training:
             raise M3HLInputError("a training run is already going; stop it first")
@@ -63,15 +76,7 @@ class RunController:
         if req.cpu_threads is None:
             req.cpu_threads = _jobs.gui_cpu_threads()
         self.control = TrainControl()
-        worker = self._start(_jobs.train_job, req, self.control, connect=connect)
-        self.train_worker = worker
-
-        def done() -> None:
-            if self.train_worker is worker:
-                self.train_worker = None
-
-        worker.finished.connect(done)
-        return worker
+        return self._start(_jobs.train_job, req, self.control, connect=connect, train=True)
 
     def pause(self) -> None:
         if self.control is not None:

@@ -17,22 +17,24 @@ workers yield. The user's own layers are only read, never written.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image, Labels
+from napari.layers import Image
 from qtpy.QtWidgets import QFileDialog
 
 from .. import events as ev
 from ..config import TrainConfig, list_presets, load_preset, read_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
+from . import _request as rq
 from ._assist import AssistMixin, Suggestions
+from ._jobs import AutosaveFailed, DataReady, PreviewQuality, RunAnalysis, TrainRequest
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
-from ._jobs import AutosaveFailed, DataReady, PreviewQuality, RunAnalysis, TrainRequest
+from ._plot import quality_text
+from ._request import RunState
 from ._run import RunController
 from ._slots import on_signal
 from ._workers import describe_error
@@ -62,20 +64,6 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def quality_text(q: PreviewQuality | None) -> tuple[str, str]:
-    """(text, tooltip) beside the loss plot for the latest :class:`PreviewQuality`."""
-    if q is None:
-        return ("Dice, painted\n–\nchange, unpainted\n–",
-                "Shown with each pseudo-label preview while training")
-    dice = "–" if q.dice is None else f"{q.dice:.2f}"
-    change = "–" if q.change is None else f"{100 * q.change:.1f} %"
-    per = ", ".join(f"{k} {v:.2f}" for k, v in q.per_class.items()) or "no class painted"
-    tip = (f"Iteration {q.iteration}. Dice of the pseudo-labels against your painted slices: {per}. "
-           "Change: share of the heart pixels of the unpainted slices whose label changed since the previous "
-           "preview; near 0 once the segmentation has settled.")
-    return f"Dice, painted\n{dice}\nchange, unpainted\n{change}", tip
-
-
 def presets_2d() -> list[str]:
     """Presets with a 2D patch (the widget trains slice-wise 2D models)."""
     out = []
@@ -87,25 +75,6 @@ def presets_2d() -> list[str]:
         if len(settings.get("patch_size", (0, 0))) == 2:
             out.append(name)
     return out
-
-
-@dataclass
-class RunState:
-    """What the GUI remembers about the current / last training run."""
-
-    image: Image
-    labels: Labels
-    token: tuple
-    preview_frame: int
-    class_names: tuple[str, ...]
-    run_dir: Path
-    batch_size: int
-    started: float = field(default_factory=time.perf_counter)
-    first_preview_s: float | None = None
-    preview_iteration: int | None = None  # iteration of the pseudo-labels shown
-    dropped_previews: int = 0
-    finished: ev.TrainFinished | None = None
-    pseudo: np.ndarray | None = None
 
 
 class M3HLWidget(AssistMixin, LayerPickerWidget):
@@ -228,99 +197,26 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         return path
 
     # ================================================================ training
-    def _check_inputs(self) -> tuple[Image, Labels]:
-        """Validate the layer choice; raise M3HLInputError with a clear message."""
-        image, labels = self.image_layer(), self.labels_layer()
-        if image is None:
-            raise M3HLInputError(
-                "No image layer: open a cardiac MR volume (File ▸ Open, .nii/.nii.gz) or the sample "
-                "(File ▸ Open Sample ▸ Synthetic cardiac MR phantom (M³HL))."
-            )
-        if image.rgb or image.ndim < 3:
-            raise M3HLInputError(self._msg_2d(image))
-        if image.ndim > 4:
-            raise M3HLInputError(
-                f"Image '{image.name}' has {image.ndim} axes {tuple(image.data.shape)}; use (Z, Y, X) or (T, Z, Y, X)."
-            )
-        if labels is None:
-            raise M3HLInputError(
-                f"No labels layer for '{image.name}': click 'New labels layer' and paint RV / Myo / LV on a few slices."
-            )
-        if tuple(labels.data.shape) != tuple(image.data.shape):
-            raise M3HLInputError(
-                f"Labels '{labels.name}' have shape {tuple(labels.data.shape)} but image '{image.name}' has shape "
-                f"{tuple(image.data.shape)}; the labels must be painted on the image's grid "
-                "(use 'New labels layer')."
-            )
-        if not np.allclose(labels.scale, image.scale, rtol=1e-4, atol=1e-6):
-            raise M3HLInputError(
-                f"Labels '{labels.name}' have voxel size {tuple(float(s) for s in labels.scale)} but image "
-                f"'{image.name}' has {tuple(float(s) for s in image.scale)} (shape {tuple(image.data.shape)} "
-                f"for both); they belong to different grids."
-            )
-        return image, labels
-
     def _make_request(self, resume_from: str | Path | None = None,
                       iterations: int | None = None) -> tuple[TrainRequest, RunState]:
         """The request for a run: the start mode's, or ``resume_from`` for
-        ``iterations`` in all (Train on)."""
-        image, labels = self._check_inputs()
+        ``iterations`` in all (Train on). Raises M3HLInputError on bad input."""
+        image, labels = rq.check_layers(self.image_layer(), self.labels_layer())
         lab = np.asarray(labels.data)
-        if lc.labeled_slices(lab).size == 0:
-            raise M3HLInputError(
-                f"No labeled slice in '{labels.name}': paint RV / Myo / LV on at least one slice "
-                f"(2-3 slices spread from base to apex work well)."
-            )
         config = self.build_config()
         if iterations is not None:
             config = config.replace(iterations=int(iterations))
         from ..runtime import resolve_device
 
         resolve_device(config.device)  # cheap; raises a clear error for an absent GPU
-        hi = int(lab.max())
-        if hi >= config.num_classes:
-            raise M3HLInputError(
-                f"Labels '{labels.name}' contain the value {hi}, but preset '{config.preset}' has {config.num_classes} "
-                f"classes ({', '.join(config.class_names)}: 0..{config.num_classes - 1})."
-            )
-        mode = self.start_combo.currentIndex()
-        start_file = self.start_path.text().strip()
-        init_from = None
-        if resume_from is not None:
-            resume_from = Path(resume_from)
-            if not resume_from.is_file():
-                raise M3HLInputError(f"The checkpoint to continue, '{resume_from}', no longer exists; press Train.")
-        elif mode > 0:
-            if not start_file:
-                raise M3HLInputError(f"'{START_MODES[mode]}' needs a checkpoint or model file: click Browse….")
-            if not Path(start_file).is_file():
-                raise M3HLInputError(f"Checkpoint file '{start_file}' does not exist.")
-            if mode == 1:
-                init_from = Path(start_file)
-            else:
-                resume_from = Path(start_file)
-        extra_frames: list[np.ndarray] = []
-        for lay in self.extra_layers():
-            if lay.ndim not in (3, 4) or lay.rgb:
-                raise M3HLInputError(
-                    f"Extra unlabeled layer '{lay.name}' {tuple(lay.data.shape)} is not a volume of slices."
-                )
-            extra_frames += [np.array(f, dtype=np.float32) for f in lc.frames(lay.data)]
-        images = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
-        labels_copy = [np.array(f, copy=True) for f in lc.frames(lab)]
-        preview_frame = 0
-        if image.ndim == 4:
-            idx = image.world_to_data(self.viewer.dims.point)[0]
-            preview_frame = int(np.clip(round(float(idx)), 0, image.data.shape[0] - 1))
-        names = [image.name] if image.ndim == 3 else [f"{image.name} frame {t}" for t in range(len(images))]
-        while True:  # the next free run-NN folder
-            self._n_runs += 1
-            run_dir = self.runner.out_dir / f"run-{self._n_runs:02d}"
-            if not run_dir.exists():
-                break
+        rq.check_labels(labels.name, lab, config)
+        init_from, resume_from = rq.start_files(self.start_combo.currentIndex(), self.start_path.text(), resume_from)
+        images, labels_copy, extra, names = rq.copy_frames(image, lab, self.extra_layers())
+        preview_frame = rq.frame_in_view(self.viewer, image)
+        run_dir, self._n_runs = rq.next_run_dir(self.runner.out_dir, self._n_runs)
         token = self.versions.token([image, labels])
         req = TrainRequest(
-            config=config, images=images, labels=labels_copy, extra=extra_frames, names=names,
+            config=config, images=images, labels=labels_copy, extra=extra, names=names,
             preview_frame=preview_frame, out_dir=run_dir, init_from=init_from, resume_from=resume_from,
             token=token, preview_every_s=self.preview_every_s, mix_preview_every_s=self.mix_preview_every_s,
             autosave=self.session_snapshot(self.autosave_folder(), with_checkpoint=False),
@@ -537,7 +433,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._error("No image layer to segment.")
             return False
         if image.rgb or image.ndim < 3:
-            self._error(self._msg_2d(image))
+            self._error(rq.msg_2d(image))
             return False
         if not self.runner.checkpoint:
             self._error("No model yet: train first, or load a checkpoint / model file.")

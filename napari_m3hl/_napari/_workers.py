@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import M3HLInputError
 
@@ -89,10 +89,33 @@ def _notify_error(exc: BaseException) -> None:
     notifications.show_error(describe_error(exc, "A background job"))
 
 
-def start_worker(func: Callable, *args: Any, connect: dict[str, Handler], **kwargs: Any):
-    """Start ``func(*args, **kwargs)`` in a thread worker with ``connect``
-    handlers (signal name → GUI-thread callback; ``errored`` defaults to a
-    notification). Returns the started worker.
+_POOL = None
+
+
+def job_pool():
+    """The plugin's own thread pool (a ``QThreadPool``, made on first use).
+
+    Not Qt's global pool: Qt converts large images for the window's backing
+    store in parallel on the global pool and the GUI thread waits for that,
+    holding the GIL. With our long jobs filling the global pool (it has as
+    many threads as cores: 2 on a small machine) while they wait for the GIL,
+    a repaint of a shown window dead-locked napari."""
+    global _POOL
+    if _POOL is None:
+        from qtpy.QtCore import QThreadPool
+
+        _POOL = QThreadPool()
+        _POOL.setMaxThreadCount(8)
+    return _POOL
+
+
+def start_worker(func: Callable, *args: Any, connect: dict[str, Handler],
+                 on_finished: Sequence[Callable[[Any], Any]] = (), start: bool = True, **kwargs: Any):
+    """Start ``func(*args, **kwargs)`` in a thread worker of :func:`job_pool`
+    with ``connect`` handlers (signal name → GUI-thread callback; ``errored``
+    defaults to a notification) and ``on_finished`` callbacks (called with
+    the worker when it finished). Returns the started worker (``start``
+    False: the worker, to be started with ``job_pool().start(worker)``).
 
     superqt's worker classes are used directly (not napari's, which would add
     a traceback notification of their own to our ``errored`` handler).
@@ -103,16 +126,17 @@ def start_worker(func: Callable, *args: Any, connect: dict[str, Handler], **kwar
         worker = GeneratorWorker(guarded(func), *args, **kwargs)
     else:
         worker = FunctionWorker(func, *args, **kwargs)
+    for handler in on_finished:  # first, and before the start: a quick job may finish at once
+        worker.finished.connect(functools.partial(handler, worker))
     connect = dict(connect)
     connect.setdefault("errored", _notify_error)
     for name, handler in connect.items():
         getattr(worker, name).connect(handler)
-    worker.start()
+    if start:
+        job_pool().start(worker)  # a superqt worker is a QRunnable
     return worker
 
 
-def await_workers(msecs: int) -> None:
-    """Wait up to ``msecs`` for every running worker to finish."""
-    from superqt.utils import WorkerBase
-
-    WorkerBase.await_workers(msecs=msecs)
+def await_workers(msecs: int) -> bool:
+    """Wait up to ``msecs`` for the jobs of :func:`job_pool` to finish; True when all did."""
+    return bool(job_pool().waitForDone(msecs))
