@@ -371,3 +371,18 @@ def test_preview_quality_dice_on_painted_and_change_on_unpainted():
     q2 = preview_quality(8, later, labels, pred, names)
     assert q2.dice == pytest.approx(1.0) and q2.change == pytest.approx(1 / 4)
     assert preview_quality(9, later, np.zeros_like(labels), later, names).dice is None
+
+
+def test_overlay_update_writes_only_changed_pixels(make_widget):
+    viewer, w = make_widget()
+    names = ("background", "RV", "Myo", "LV")
+    layer = lc.upsert_labels(viewer, lc.PSEUDO_LABELS, np.zeros((2, 6, 64, 64), np.uint8), names)
+    data_before = layer.data
+    frame = np.zeros((6, 64, 64), np.uint8)
+    frame[2, 10:20, 10:20] = 3
+    assert lc.update_changed(layer, frame, (1,)) == 100  # few pixels: written in place
+    assert layer.data is data_before and not layer.data[0].any()
+    np.testing.assert_array_equal(layer.data[1], frame)
+    assert lc.update_changed(layer, frame, (1,)) == 0
+    assert lc.update_changed(layer, np.ones((6, 64, 64), np.uint8), (1,)) > 0.25 * frame.size  # most: replaced
+    assert layer.data[1].min() == 1 and not layer.data[0].any()

@@ -43,7 +43,6 @@ class RunState:
     preview_iteration: int | None = None  # iteration of the pseudo-labels shown
     dropped_previews: int = 0
     finished: ev.TrainFinished | None = None
-    pseudo: np.ndarray | None = None
 
 
 def msg_2d(image: Image) -> str:

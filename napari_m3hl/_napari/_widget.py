@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Labels
 from qtpy.QtWidgets import QFileDialog
 
 from .. import events as ev
@@ -354,13 +354,17 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
                 + "\npseudo-label preview skipped: the image or labels changed since Train"
             )
             return
-        data = e.labels
-        if run.image.ndim == 4:
-            if run.pseudo is None or run.pseudo.shape != run.image.data.shape:
-                run.pseudo = np.zeros(run.image.data.shape, dtype=np.uint8)
-            run.pseudo[run.preview_frame] = e.labels
-            data = run.pseudo
-        layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image, opacity=0.45)
+        index = (run.preview_frame,) if run.image.ndim == 4 else ()
+        layer = self.viewer.layers[lc.PSEUDO_LABELS] if lc.PSEUDO_LABELS in self.viewer.layers else None
+        if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(run.image.data.shape):
+            lc.update_changed(layer, e.labels, index)  # in place: only the changed pixels are redrawn
+        else:
+            data = e.labels
+            if index:
+                data = np.zeros(run.image.data.shape, np.uint8)
+                data[index] = e.labels
+            layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
+                                     opacity=0.45)
         layer.editable = False
         run.preview_iteration = e.iteration
         if run.first_preview_s is None:
