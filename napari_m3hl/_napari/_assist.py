@@ -113,7 +113,7 @@ class AssistMixin:
             self._error("No model yet: train first (or load a checkpoint), then press Suggest slices.")
             return False
         frame = lc.slice_in_view(self.viewer, image)[0] if image.ndim == 4 else None
-        volume = np.array(image.data if frame is None else image.data[frame], dtype=np.float32)
+        volume = np.asarray(image.data if frame is None else image.data[frame])  # a view: the job converts it
         method = self.score_combo.currentText()
         which = self.which_combo.currentText()
         ckpt = self.runner.checkpoint

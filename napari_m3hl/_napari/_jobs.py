@@ -28,8 +28,10 @@ class TrainRequest:
     """Everything a training worker needs, as plain data (no layers).
 
     ``images`` / ``labels``: ``(D, H, W)`` frames of the labeled pair (a 4D
-    layer gives one entry per time frame), copies taken when Train was
-    pressed; ``extra``: frames of extra unlabeled image layers;
+    layer gives one entry per time frame): the image frames are views of
+    the layer's data (converted to float32 in the worker), the labels copies
+    taken when Train was pressed; ``extra``: frames of extra unlabeled image
+    layers (views);
     ``preview_frame``: index into ``images`` of the frame previewed with
     pseudo-labels; ``token``: identifies the layer state the previews belong
     to (see :class:`napari_m3hl._napari._layers.LayerVersions`).
@@ -169,8 +171,10 @@ def build_train_data(req: TrainRequest):
     from ..data import PartlyLabeledVolume
 
     names = req.names or [f"image frame {i}" for i in range(len(req.images))]
+    as_float = [np.asarray(f, dtype=np.float32) for f in req.images]  # here, not in the GUI thread
+    extra = [np.asarray(f, dtype=np.float32) for f in req.extra]
     plv = PartlyLabeledVolume.from_volumes(
-        req.images, req.labels, req.extra, num_classes=req.config.num_classes, normalize=True, names=names
+        as_float, req.labels, extra, num_classes=req.config.num_classes, normalize=True, names=names
     )
     return plv.train_data(req.config.class_names), plv.volumes[req.preview_frame]
 
@@ -356,6 +360,26 @@ def run_analysis_job(
             else:
                 out.append(_segment(nets, vol, which, batch_size))
     return RunAnalysis(out[0] if len(out) == 1 else np.stack(out), analysis, frame)
+
+
+def warm_up_job(arch: str = "unet2d", num_classes: int = 4, cpu_threads: int | None = None) -> float:
+    """Worker function run when the widget opens: the engine's first-use
+    costs (imports of the data, trainer, inference and suggestion modules,
+    building a network, torch's first forward and backward pass) are paid
+    here instead of after the first click on Train. Returns seconds taken."""
+    import time
+
+    t0 = time.perf_counter()
+    import torch
+
+    from .. import data, inference, suggest, trainer  # noqa: F401 - imported for their first-use cost
+    from ..networks import build_network
+
+    with torch_threads(cpu_threads):
+        net = build_network(arch, 1, num_classes)
+        out = net(torch.zeros(2, 1, 64, 64))
+        out.logits.float().mean().backward()
+    return time.perf_counter() - t0
 
 
 def save_session_job(snap: SessionSnapshot) -> str:

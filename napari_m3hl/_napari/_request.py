@@ -120,14 +120,17 @@ def start_files(mode: int, start_file: str, resume_from: str | Path | None) -> t
 
 def copy_frames(image: Image, lab: np.ndarray, extra_layers: Sequence[Image]
                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[str]]:
-    """Copies of the ``(D, H, W)`` frames: image (float32), labels, extra
-    unlabeled volumes, and a name per image frame."""
+    """The ``(D, H, W)`` frames of the image and the extra unlabeled volumes
+    (views of the layers' data: napari never writes image data, and the
+    worker converts them to float32, so no whole-volume copy is made in the
+    GUI thread), copies of the labels' frames (the user may paint on while
+    training runs), and a name per image frame."""
     extra: list[np.ndarray] = []
     for lay in extra_layers:
         if lay.ndim not in (3, 4) or lay.rgb:
             raise M3HLInputError(f"Extra unlabeled layer '{lay.name}' {tuple(lay.data.shape)} is not a volume of slices.")
-        extra += [np.array(f, dtype=np.float32) for f in lc.frames(lay.data)]
-    images = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
+        extra += lc.frames(lay.data)
+    images = lc.frames(image.data)
     labels = [np.array(f, copy=True) for f in lc.frames(lab)]
     names = [image.name] if image.ndim == 3 else [f"{image.name} frame {t}" for t in range(len(images))]
     return images, labels, extra, names

@@ -120,6 +120,10 @@ class RunController:
         return self._start(_jobs.run_analysis_job, self._need_model(), list(volumes), frame, method, which, device,
                            8, _jobs.gui_cpu_threads(), connect=connect)
 
+    def warm_up(self, arch: str = "unet2d", num_classes: int = 4):
+        """Pay the engine's first-use costs in a worker now (see :func:`._jobs.warm_up_job`)."""
+        return self._start(_jobs.warm_up_job, arch, num_classes, _jobs.gui_cpu_threads(), connect={})
+
     def save_session(self, snap: _jobs.SessionSnapshot, connect: dict[str, Handler]):
         return self._start(_jobs.save_session_job, snap, connect=connect)
 

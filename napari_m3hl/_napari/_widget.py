@@ -89,6 +89,9 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     * ``last_error``: the message of the latest error shown.
     """
 
+    #: Start the engine's warm-up job when the widget opens.
+    warm_up_on_open = True
+
     def __init__(self, napari_viewer: "napari.viewer.Viewer", out_dir: str | Path | None = None) -> None:
         super().__init__(napari_viewer)
         self.runner = RunController(out_dir)
@@ -110,6 +113,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self.refresh_layers()
         self.set_running(False)
         self._update_buttons()
+        if self.warm_up_on_open:  # first-use imports and torch set-up now, in a worker, not after Train
+            self.runner.warm_up()
 
     # ================================================================ wiring
     def _connect(self) -> None:
@@ -442,7 +447,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         if not self.runner.checkpoint:
             self._error("No model yet: train first, or load a checkpoint / model file.")
             return False
-        volumes = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
+        volumes = lc.frames(image.data)  # views: the job converts them
         self.predict_btn.setEnabled(False)
         self._status(f"Segmenting '{image.name}' with the {self.which_combo.currentText()}…")
         names = self.current_class_names()
@@ -458,7 +463,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     def analyse_run(self, image: Image, frame: int = 0) -> bool:
         """After a run: one job segments ``image`` (every frame) and, with
         ``auto_suggest``, scores the slices of ``frame``, from one checkpoint load."""
-        volumes = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
+        volumes = lc.frames(image.data)  # views: the job converts them
         method = self.score_combo.currentText() if self.auto_suggest else None
         which, ckpt, names = self.which_combo.currentText(), self.runner.checkpoint, self.current_class_names()
         self.predict_btn.setEnabled(False)
