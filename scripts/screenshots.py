@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train 01-06 from scratch instead of the default start (fine-tune the shipped model)")
     parser.add_argument("--part", choices=("basics", "panel", "loop", "all"), default="all",
                         help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09")
     parser.add_argument("--loop-iterations", type=int, default=100,
@@ -130,7 +132,8 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     if args.patch != 256:
         widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
     widget.advanced_form.editor("iterations").setValue(args.iterations)
-    widget.start_combo.setCurrentIndex(0)  # from scratch: the guide shows M³HL learning from 2 painted slices
+    if args.from_scratch:  # else the panel's default start: fine-tune the shipped cardiac model
+        widget.start_combo.setCurrentIndex(0)
     viewer.dims.set_current_step(0, 5)  # a painted slice
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
@@ -192,7 +195,9 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
 def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
     """Only the panel with its Advanced section open (02-advanced.png)."""
     viewer, app, widget = open_viewer(napari, QApplication)
+    wait_until(app, lambda: False, 1.0)  # let the window settle before the section opens
     widget.advanced.expand(animate=False)
+    wait_until(app, lambda: False, 1.0)
     save(viewer, app, "02-advanced.png", widget=widget.content)
     widget.cleanup()
     viewer.close()

@@ -386,3 +386,8 @@ def test_overlay_update_writes_only_changed_pixels(make_widget):
     assert lc.update_changed(layer, frame, (1,)) == 0
     assert lc.update_changed(layer, np.ones((6, 64, 64), np.uint8), (1,)) > 0.25 * frame.size  # most: replaced
     assert layer.data[1].min() == 1 and not layer.data[0].any()
+    layer.visible = False  # hidden (napari does not slice it): the array is written, shown on re-slice
+    assert lc.update_changed(layer, frame, (1,)) > 0
+    layer.visible = True
+    np.testing.assert_array_equal(layer.data[1], frame)
+    assert not layer.data[0].any()

@@ -47,8 +47,8 @@ ADVANCED_FIELDS: tuple[Field, ...] = (
     Field("batch_size", "Batch size", "Images per step (half labeled, half unlabeled); a multiple of 4", 4, 256, 4),
     Field("patch_size", "Patch (H × W)", "Network input size: slices are resized to the patch", 32, 1024, 16),
     Field("block_size", "Block (H × W)", "Mask block size (pixels of the patch)", 2, 512, 4),
-    Field("mask_ratio", "Mask ratio", "Share of the mask's blocks that are 1 (see napari_m3hl.mixing)",
-          0.0, 1.0, 0.05, 2),
+    Field("mask_ratio", "Mask ratio", "Share of the mask's blocks set to 0: the share of the mixed image "
+          "X_u·M + X_l·(1−M) taken from the labeled image (napari_m3hl.mixing)", 0.0, 1.0, 0.05, 2),
     Field("lam", "λ (consistency)", "λ: weight of the high/low-level feature consistency", 0.0, 100.0, 0.1, 3),
     Field("alpha", "α (pseudo-labels)", "α: weight of pseudo-labelled regions in the mix loss", 0.0, 1.0, 0.05, 3),
     Field("lr", "Learning rate", "SGD learning rate", 1e-6, 1.0, 0.001, 6),

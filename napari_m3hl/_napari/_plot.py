@@ -58,7 +58,7 @@ class LossPlot(QWidget):
         painter.drawRect(rect)
         pts_all = [p for pts in self.series.values() for p in pts]
         if not pts_all or rect.width() < 4 or rect.height() < 4:
-            painter.drawText(rect, Qt.AlignCenter, "loss plot: starts with training")
+            painter.drawText(rect, Qt.AlignCenter, "loss plot")
             painter.end()
             return
         x0 = min(p[0] for p in pts_all)
