@@ -428,7 +428,9 @@ def train(
         pl_ref = reference_batch([truth[i] for i in idx], config, device)
     half = config.batch_size // 2
     t0 = time.perf_counter()
-    last_vol = last_mix = t0
+    # the first previews follow the first step (then one per period), so a user sees them at once
+    last_vol = t0 - (preview_every_s or 0.0)
+    last_mix = t0 - (mix_preview_every_s or 0.0)
     recent: deque[tuple[float, int, int]] = deque(maxlen=20)  # (seconds, images, steps) per read-back
     best = -1.0
     best_path: str | None = None

@@ -1,7 +1,9 @@
 """Screenshots for docs/user-guide.md, taken from a real session.
 
-Opens napari with the phantom sample, docks "Train M³HL", trains with the
-GUI defaults and saves PNGs into ``docs/images/``:
+Opens napari with the phantom sample (File ▸ Open Sample), docks "Train
+M³HL" from the plugin manifest, and drives the panel by mouse clicks on its
+buttons, as a user does (the same controls the GUI tests click), with the
+GUI defaults; saves PNGs into ``docs/images/``:
 
 * ``01-sample-and-widget.png``: the sample (2 painted slices) and the widget;
 * ``02-advanced.png``: the widget with the Advanced section open;
@@ -58,12 +60,43 @@ def save(viewer, app, name: str, widget=None) -> Path:
     return path
 
 
+def click(app, button) -> None:
+    """A mouse click on ``button`` (it must be enabled), then let the GUI draw."""
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtTest import QTest
+    from qtpy.QtWidgets import QCheckBox
+
+    assert button.isEnabled(), f"'{button.text()}' is disabled"
+    if isinstance(button, QCheckBox):  # on its indicator
+        QTest.mouseClick(button, Qt.LeftButton, Qt.NoModifier, QPoint(6, button.height() // 2))
+    else:
+        QTest.mouseClick(button, Qt.LeftButton)
+    app.processEvents()
+
+
+def open_viewer(napari, QApplication, size=(1600, 1000)):
+    """napari with the sample opened as File ▸ Open Sample does and the panel
+    docked from the manifest (Plugins ▸ Train M³HL)."""
+    from npe2 import PluginManager, PluginManifest
+
+    pm = PluginManager.instance()
+    if "napari-m3hl" not in pm._manifests:  # not installed with its entry point
+        pm.register(PluginManifest.from_file(ROOT / "napari.yaml"))
+    viewer = napari.Viewer(title="napari — M³HL")
+    viewer.window._qt_window.resize(*size)
+    viewer.open_sample("napari-m3hl", "cardiac_phantom")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
+    return viewer, QApplication.instance(), widget
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train 01-06 from scratch instead of the default start (fine-tune the shipped model)")
     parser.add_argument("--part", choices=("basics", "panel", "loop", "all"), default="all",
                         help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09")
     parser.add_argument("--loop-iterations", type=int, default=100,
@@ -95,17 +128,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
-    viewer = napari.Viewer(title="napari — M³HL")
-    viewer.window._qt_window.resize(1600, 1000)
-    app = QApplication.instance()
-    for data, meta, kind in phantom_layers():
-        getattr(viewer, f"add_{kind}")(data, **meta)
-    widget = M3HLWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    viewer, app, widget = open_viewer(napari, QApplication)
     if args.patch != 256:
         widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
-    widget.iterations_spin.setValue(args.iterations)
-    widget.start_combo.setCurrentIndex(0)  # from scratch: the guide shows M³HL learning from 2 painted slices
+    widget.advanced_form.editor("iterations").setValue(args.iterations)
+    if args.from_scratch:  # else the panel's default start: fine-tune the shipped cardiac model
+        widget.start_combo.setCurrentIndex(0)
     viewer.dims.set_current_step(0, 5)  # a painted slice
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
@@ -122,7 +150,8 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     save(viewer, app, "02-advanced.png", widget=widget.content)
     widget.advanced.collapse(animate=False)
 
-    assert widget.start_training(), widget.last_error
+    click(app, widget.train_btn)
+    assert widget.run is not None, widget.last_error
     wait_until(app, lambda: (widget.run.preview_iteration or 0) >= min(args.preview_at, args.iterations), 3600)
     viewer.dims.set_current_step(0, 4)  # an unpainted mid-ventricular slice: pseudo-labels only
     viewer.layers["phantom labels"].visible = False
@@ -140,7 +169,7 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     save(viewer, app, "04-mix-preview.png")
     viewer.layers[lc.PSEUDO_LABELS].visible = True
 
-    wait_until(app, lambda: widget.run.finished is not None and not widget.session.busy
+    wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                and lc.SEGMENTATION in viewer.layers, 3600)
     for name in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS, "phantom labels"):
         viewer.layers[name].visible = False
@@ -156,7 +185,7 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
 
     viewer.add_labels(np.zeros((10, 108, 128), np.uint8), name="labels from another scan", scale=(10.0, 3.0, 3.0))
     widget.labels_combo.setCurrentText("labels from another scan")
-    widget.start_training()
+    click(app, widget.train_btn)
     save(viewer, app, "06-error.png")
 
     widget.cleanup()
@@ -165,13 +194,10 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
 
 def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
     """Only the panel with its Advanced section open (02-advanced.png)."""
-    viewer = napari.Viewer(title="napari — M³HL")
-    app = QApplication.instance()
-    for data, meta, kind in phantom_layers():
-        getattr(viewer, f"add_{kind}")(data, **meta)
-    widget = M3HLWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    viewer, app, widget = open_viewer(napari, QApplication)
+    wait_until(app, lambda: False, 1.0)  # let the window settle before the section opens
     widget.advanced.expand(animate=False)
+    wait_until(app, lambda: False, 1.0)
     save(viewer, app, "02-advanced.png", widget=widget.content)
     widget.cleanup()
     viewer.close()
@@ -181,24 +207,19 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     """Suggest → look → accept → train on → save session, with the default start."""
     import tempfile
 
-    viewer = napari.Viewer(title="napari — M³HL")
-    viewer.window._qt_window.resize(1600, 1000)
-    app = QApplication.instance()
-    for data, meta, kind in phantom_layers():
-        getattr(viewer, f"add_{kind}")(data, **meta)
-    widget = M3HLWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Train M³HL", area="right")
+    viewer, app, widget = open_viewer(napari, QApplication)
     if args.patch != 256:
         widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
-    widget.iterations_spin.setValue(args.loop_iterations)
+    widget.advanced_form.editor("iterations").setValue(args.loop_iterations)
     widget.train_on_spin.setValue(max(1, args.loop_iterations // 2))
     widget.preview_every_s = widget.mix_preview_every_s = None
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
     viewer.reset_view()
-    assert widget.start_training(), widget.last_error
+    click(app, widget.train_btn)
+    assert widget.run is not None, widget.last_error
     wait_until(app, lambda: widget.run.finished is not None and widget.suggestions is not None
-               and not widget.session.busy and lc.SEGMENTATION in viewer.layers, 3600)
+               and not widget.runner.busy and lc.SEGMENTATION in viewer.layers, 3600)
     for name in (lc.MIX_PREVIEW, lc.MIX_TARGETS):  # not part of this story: out of the frame
         if name in viewer.layers:
             viewer.layers.remove(name)
@@ -210,22 +231,26 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     cam.center = tuple(cam.center)[:-2] + tuple(float(v) for v in yx)  # on the heart
     cam.zoom = cam.zoom * 2.5
     widget.scroll.ensureWidgetVisible(widget.train_on_btn)  # the Annotate group in view
-    widget.disagree_check.setChecked(True)
-    z = widget.next_suggested()
+    click(app, widget.disagree_check)
+    click(app, widget.next_btn)
+    z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
     wait_until(app, lambda: False, 0.5)
     save(viewer, app, "07-suggestions.png")
 
-    widget.disagree_check.setChecked(False)
+    click(app, widget.disagree_check)
     viewer.layers[lc.SEGMENTATION].visible = False
-    widget.accept_slice()
+    click(app, widget.accept_btn)
     print(f"accepted slice {z}:", widget.info_label.text())
     save(viewer, app, "08-accepted.png")
 
     viewer.layers[lc.SEGMENTATION].visible = True
-    assert widget.train_on(), widget.last_error
-    wait_until(app, lambda: widget.run.finished is not None and not widget.session.busy, 3600)
+    widget.run = None
+    click(app, widget.train_on_btn)
+    assert widget.run is not None, widget.last_error
+    wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy, 3600)
     folder = Path(tempfile.mkdtemp(prefix="m3hl-session-")) / "patient01"
-    widget.save_session(folder)
+    widget._ask_folder = lambda caption, start: str(folder)  # the folder dialog's answer
+    click(app, widget.save_session_btn)
     wait_until(app, lambda: "Session saved" in widget.status_label.text(), 120)
     widget.scroll.ensureWidgetVisible(widget.session_label)
     save(viewer, app, "09-session.png")

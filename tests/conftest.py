@@ -38,16 +38,64 @@ def errors(monkeypatch) -> list[str]:
     return shown
 
 
-@pytest.fixture
-def make_widget(make_napari_viewer, tmp_path, qtbot):
-    """Factory: a viewer (optionally with the tiny phantom) and the widget docked
-    through the plugin manifest, as napari does it (the widget gets a proxy)."""
-    from gui_helpers import ROOT, TINY
+def _register_plugin() -> None:
+    """The npe2 manifest, registered with npe2 when the package is not installed."""
+    from gui_helpers import ROOT
     from npe2 import PluginManager, PluginManifest
 
     pm = PluginManager.instance()
     if "napari-m3hl" not in pm._manifests:
         pm.register(PluginManifest.from_file(ROOT / "napari.yaml"))
+
+
+def _menu_action(menu_bar, *path: str):
+    """The QAction at ``path`` (menu titles, then the entry) of a menu bar."""
+    actions = menu_bar.actions()
+    for k, text in enumerate(path):
+        found = [a for a in actions if a.text().replace("&", "") == text]
+        assert found, f"no menu entry {text!r} under {' ▸ '.join(path[:k]) or 'the menu bar'}"
+        if k == len(path) - 1:
+            return found[0]
+        actions = found[0].menu().actions()
+
+
+@pytest.fixture
+def user_viewer(make_napari_viewer, tmp_path, qtbot):
+    """Factory: a shown viewer as a user gets it, the sample opened through
+    File ▸ Open Sample (when ``sample``), and the dock widget from the
+    manifest (Plugins ▸ Train M³HL); the widget trains ``TINY`` runs in
+    ``tmp_path/runs`` with previews at every step."""
+    from gui_helpers import TINY
+
+    _register_plugin()
+    made = []
+
+    def factory(sample: bool = True):
+        viewer = make_napari_viewer(show=True)
+        if sample:
+            _menu_action(viewer.window._qt_window.menuBar(), "File", "Open Sample",
+                         "Synthetic cardiac MR phantom (M³HL)").trigger()
+            qtbot.waitUntil(lambda: "phantom image" in viewer.layers, timeout=30_000)
+        _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
+        widget.set_run_folder(tmp_path / "runs")
+        widget.config_overrides = dict(TINY)
+        widget.preview_every_s = 0.0
+        widget.mix_preview_every_s = 0.0
+        made.append(widget)
+        return viewer, widget
+
+    yield factory
+    for w in made:
+        w.cleanup(wait_ms=30_000)
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, tmp_path, qtbot):
+    """Factory: a viewer (optionally with the tiny phantom) and the widget docked
+    through the plugin manifest, as napari does it (the widget gets a proxy)."""
+    from gui_helpers import TINY
+
+    _register_plugin()
     made = []
 
     def factory(phantom: bool = True, painted=(1, 3)):

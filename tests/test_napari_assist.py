@@ -14,7 +14,7 @@ from napari_m3hl.suggest import DEFAULT_METHOD
 
 
 def _wait_suggestions(qtbot, w):
-    qtbot.waitUntil(lambda: w.suggestions is not None and not w.session.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.suggestions is not None and not w.runner.busy, timeout=WAIT_MS)
 
 
 def _slice_in_view(viewer, layer) -> int:
@@ -39,7 +39,8 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     assert w.next_suggested() == ranked[0] and _slice_in_view(viewer, image) == ranked[0]
     assert w.next_suggested() == ranked[1] and _slice_in_view(viewer, image) == ranked[1]
     # a click in the list goes to that slice
-    w._on_suggestion_clicked(w.suggest_list.item(2))
+    w.suggest_list.setCurrentRow(2)
+    w._on_suggestion_clicked()
     assert _slice_in_view(viewer, image) == ranked[2]
     # "Away from labeled slices" re-ranks by score × distance to slices 1 and 3, list included
     w.spread_check.setChecked(True)
@@ -51,7 +52,7 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     # disagreement overlay: its own read-only layer, 1 where student and teacher differ
     w.score_combo.setCurrentText("disagreement")
     assert w.suggest()
-    qtbot.waitUntil(lambda: w.suggestions.analysis.method == "disagreement" and not w.session.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.suggestions.analysis.method == "disagreement" and not w.runner.busy, timeout=WAIT_MS)
     w.disagree_check.setChecked(True)
     layer = viewer.layers[lc.DISAGREEMENT]
     a = w.suggestions.analysis
@@ -64,7 +65,7 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     w.score_combo.setCurrentText("entropy")
     w.which_combo.setCurrentText("teacher")
     assert w.suggest()
-    qtbot.waitUntil(lambda: w.suggestions.analysis.network == "teacher" and not w.session.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.suggestions.analysis.network == "teacher" and not w.runner.busy, timeout=WAIT_MS)
     assert w.suggestions.analysis.method == "entropy"
     # the user's labels were never written
     assert np.array_equal(np.flatnonzero(viewer.layers["phantom labels"].data.any(axis=(1, 2))), [1, 3])
@@ -112,7 +113,7 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     assert not w.train_on_btn.isEnabled()
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
-    first = torch.load(w.session.checkpoint, weights_only=True)
+    first = torch.load(w.runner.checkpoint, weights_only=True)
     assert first["iteration"] == 4 and w.model_iteration == 4 and w.train_on_btn.isEnabled()
     # accept a slice, then train on for 3 more iterations
     seg = viewer.layers[lc.SEGMENTATION]
@@ -124,14 +125,14 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     started = []
     orig = w._on_event
     w._on_event = lambda e: (started.append(e), orig(e))  # type: ignore[method-assign]
-    train_and_wait(qtbot, w, resume_from=w.session.checkpoint, iterations=w.model_iteration + 3)
+    train_and_wait(qtbot, w, "Train on")
     from napari_m3hl import events as ev
-    from napari_m3hl._napari._session import DataReady
+    from napari_m3hl._napari._jobs import DataReady
 
     ready = next(e for e in started if isinstance(e, DataReady))
     begin = next(e for e in started if isinstance(e, ev.TrainStarted))
     assert ready.n_labeled == 3 and begin.start_iteration == 4 and begin.total_iterations == 7
-    second = torch.load(w.session.checkpoint, weights_only=True)
+    second = torch.load(w.runner.checkpoint, weights_only=True)
     assert second["iteration"] == 7 and w.model_iteration == 7
     assert not torch.equal(second["optimizer"]["state"][0]["momentum_buffer"],
                            first["optimizer"]["state"][0]["momentum_buffer"])
@@ -187,7 +188,7 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
     np.testing.assert_array_equal(w2.labels_layer().data, labels.data)
     np.testing.assert_allclose(w2.labels_layer().scale, viewer.layers["heart"].scale)
     assert w2.score_combo.currentText() == "margin" and w2.train_on_spin.value() == 7
-    assert w2.session.checkpoint == str(folder / "checkpoint.pt") and w2.model_iteration == 4
+    assert w2.runner.checkpoint == str(folder / "checkpoint.pt") and w2.model_iteration == 4
     assert w2.train_on_btn.isEnabled() and lc.SEGMENTATION in viewer2.layers  # predicted on open
     # and the loop goes on: Train on from the reopened session
     w2.train_on_spin.setValue(2)
@@ -220,17 +221,17 @@ def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp
 
 
 def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypatch):
-    from napari_m3hl._napari import _session
+    from napari_m3hl._napari import _jobs
 
     def disk_full(snap):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_session, "save_session_job", disk_full)
+    monkeypatch.setattr(_jobs, "save_session_job", disk_full)
     viewer, w = make_widget()
     warned: list[str] = []
     monkeypatch.setattr(w, "_warn", warned.append)
     train_and_wait(qtbot, w)
-    assert w.run.finished.iteration == 4 and Path(w.session.checkpoint).is_file()
+    assert w.run.finished.iteration == 4 and Path(w.runner.checkpoint).is_file()
     assert any("Could not autosave" in m and "No space left" in m for m in warned)
 
 

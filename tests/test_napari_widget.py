@@ -14,7 +14,7 @@ import torch
 
 from napari_m3hl import events as ev
 from napari_m3hl._napari import _layers as lc
-from napari_m3hl._napari import _session
+from napari_m3hl._napari import _jobs, _workers
 
 from gui_helpers import ROOT, WAIT_MS, train_and_wait as _train_and_wait, wait_idle as _wait_idle
 
@@ -29,10 +29,15 @@ def test_defaults_and_info_line(make_widget):
     assert w.info_label.text() == "2 of 6 slices labeled: 1, 3; 4 unlabeled"
     assert "acdc_unet2d" in [w.preset_combo.itemText(i) for i in range(w.preset_combo.count())]
     # GUI defaults on a CPU: a few hundred iterations, batch 8, the preset's 256 x 256 patch
-    assert w.iterations_spin.value() == 300 and w.batch_spin.value() == 8
+    adv = w.advanced_form.values()
+    assert adv["iterations"] == 300 and adv["batch_size"] == 8
     assert w.variant_combo.currentText() == "reference"
-    assert (w.patch_h.value(), w.patch_w.value()) == (256, 256) and w.lr.value() == pytest.approx(0.01)
-    assert w.run_dir_label.text().replace("\u200b", "").endswith(str(w.session.out_dir))
+    assert adv["patch_size"] == (256, 256) and adv["lr"] == pytest.approx(0.01)
+    # the form is made from TrainConfig's fields: every value it gives is a valid config
+    cfg = w.build_config()
+    for key, value in adv.items():
+        assert getattr(cfg, key) == (w.config_overrides[key] if key in w.config_overrides else value), key
+    assert w.run_dir_label.text().replace("\u200b", "").endswith(str(w.runner.out_dir))
     # the line follows painting
     labels = viewer.layers["phantom labels"]
     data = labels.data.copy()
@@ -81,7 +86,7 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     # progress, loss plot, checkpoint
     assert w.progress.value() == 4 and "iteration 4/4" in w.progress_label.text()
     assert len(w.loss_plot.series["total"]) == 4
-    ckpt = Path(w.session.checkpoint)
+    ckpt = Path(w.runner.checkpoint)
     assert ckpt.is_file() and ckpt.parent.parent == tmp_path / "runs"
     assert w.run.first_preview_s is not None
 
@@ -118,7 +123,7 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     _wait_idle(qtbot, w)
     assert w.load_checkpoint(str(saved))
     qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
-    assert w.session.checkpoint == str(saved) and w.start_combo.currentIndex() == 1
+    assert w.runner.checkpoint == str(saved) and w.start_combo.currentIndex() == 1
 
 
 def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
@@ -142,7 +147,7 @@ def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
     assert fin.stopped and fin.iteration < 500
     ckpt = torch.load(fin.checkpoint, weights_only=True)
     assert ckpt["iteration"] == fin.iteration and "optimizer" in ckpt
-    qtbot.waitUntil(lambda: not w.session.busy and lc.SEGMENTATION in viewer.layers, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not w.runner.busy and lc.SEGMENTATION in viewer.layers, timeout=WAIT_MS)
     assert w.train_btn.isEnabled() and not w.stop_btn.isEnabled()
 
 
@@ -238,10 +243,10 @@ def test_label_value_beyond_classes(make_widget, errors):
 
 def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkeypatch):
     def oom_job(req, control):
-        yield _session.DataReady(2, 4, req.images[0])
+        yield _jobs.DataReady(2, 4, req.images[0])
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(_session, "train_job", oom_job)
+    monkeypatch.setattr(_jobs, "train_job", oom_job)
     viewer, w = make_widget()
     before = viewer.layers["phantom labels"].data.copy()
     assert w.start_training()
@@ -255,10 +260,10 @@ def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkey
 
 def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monkeypatch):
     def crash_job(req, control):
-        yield _session.DataReady(2, 4, req.images[0])
+        yield _jobs.DataReady(2, 4, req.images[0])
         raise RuntimeError("segfault-like failure in a kernel")
 
-    monkeypatch.setattr(_session, "train_job", crash_job)
+    monkeypatch.setattr(_jobs, "train_job", crash_job)
     viewer, w = make_widget()
     before = {lay.name: lay.data.tobytes() for lay in viewer.layers}
     assert w.start_training()
@@ -281,7 +286,7 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
     assert w.load_checkpoint(str(path))
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     assert "predicts 2 classes" in errors[-1] and "4" in errors[-1]
-    assert w.session.checkpoint is None
+    assert w.runner.checkpoint is None
     # fine-tuning from it fails in the trainer, reported the same way
     w.start_combo.setCurrentIndex(1)
     w.start_path.setText(str(path))
@@ -317,12 +322,12 @@ def test_error_messages_for_worker_failures():
     from napari_m3hl.errors import M3HLInputError
 
     plain = RuntimeError("CUDA error: out of memory")
-    for exc in (plain, _session.JobError(plain), torch.OutOfMemoryError("MPS backend out of memory")):
-        assert _session.is_out_of_memory(exc)
-        msg = _session.describe_error(exc, "Training", batch_size=24)
+    for exc in (plain, _workers.JobError(plain), torch.OutOfMemoryError("MPS backend out of memory")):
+        assert _workers.is_out_of_memory(exc)
+        msg = _workers.describe_error(exc, "Training", batch_size=24)
         assert "out of device memory" in msg and "(now 24; try 12)" in msg
-    assert _session.describe_error(M3HLInputError("bad labels"), "Training") == "bad labels"
-    msg = _session.describe_error(_session.JobError(RuntimeError("boom")), "Training", checkpoint="/r/last.pt")
+    assert _workers.describe_error(M3HLInputError("bad labels"), "Training") == "bad labels"
+    msg = _workers.describe_error(_workers.JobError(RuntimeError("boom")), "Training", checkpoint="/r/last.pt")
     assert msg.startswith("Training failed: RuntimeError: boom") and "/r/last.pt" in msg
 
 
@@ -334,7 +339,7 @@ def test_shipped_model_loads_and_predicts(make_widget, qtbot):
     qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
     assert w.predict_btn.isEnabled()
     assert w.predict()
-    qtbot.waitUntil(lambda: lc.SEGMENTATION in viewer.layers and not w.session.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: lc.SEGMENTATION in viewer.layers and not w.runner.busy, timeout=WAIT_MS)
     seg = viewer.layers[lc.SEGMENTATION].data
     assert seg.shape == (6, 64, 64) and seg.dtype == np.uint8 and seg.max() <= 3
 
@@ -345,3 +350,44 @@ def test_default_start_is_fine_tuning_the_shipped_cardiac_model(make_widget):
     viewer, w = make_widget()
     assert w.start_combo.currentText() == "Fine-tune from file"
     assert w.start_path.text() == str(MODELS_DIR / "acdc70_unet2d.pt")
+
+
+def test_preview_quality_dice_on_painted_and_change_on_unpainted():
+    """Dice against the painted slices; change counted over the heart pixels of the unpainted ones."""
+    from napari_m3hl._napari._jobs import preview_quality
+
+    names = ("background", "RV", "Myo", "LV")
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[0, :2, :2] = 1  # slice 0 painted: 4 px RV
+    pred = np.zeros_like(labels)
+    pred[0, :2, :1] = 1  # 2 of the 4 RV px found: Dice 2*2/(2+4)
+    pred[1, :2, :2] = 3  # unpainted slice: 4 px LV
+    q = preview_quality(7, pred, labels, None, names)
+    assert q.iteration == 7 and q.per_class == {"RV": pytest.approx(2 / 3)} and q.dice == pytest.approx(2 / 3)
+    assert q.change is None  # no previous preview
+    later = pred.copy()
+    later[1, 0, 0] = 2  # one of the 4 heart px of the unpainted slices changes
+    later[0] = labels[0]  # the painted slice now perfect: does not count as change
+    q2 = preview_quality(8, later, labels, pred, names)
+    assert q2.dice == pytest.approx(1.0) and q2.change == pytest.approx(1 / 4)
+    assert preview_quality(9, later, np.zeros_like(labels), later, names).dice is None
+
+
+def test_overlay_update_writes_only_changed_pixels(make_widget):
+    viewer, w = make_widget()
+    names = ("background", "RV", "Myo", "LV")
+    layer = lc.upsert_labels(viewer, lc.PSEUDO_LABELS, np.zeros((2, 6, 64, 64), np.uint8), names)
+    data_before = layer.data
+    frame = np.zeros((6, 64, 64), np.uint8)
+    frame[2, 10:20, 10:20] = 3
+    assert lc.update_changed(layer, frame, (1,)) == 100  # few pixels: written in place
+    assert layer.data is data_before and not layer.data[0].any()
+    np.testing.assert_array_equal(layer.data[1], frame)
+    assert lc.update_changed(layer, frame, (1,)) == 0
+    assert lc.update_changed(layer, np.ones((6, 64, 64), np.uint8), (1,)) > 0.25 * frame.size  # most: replaced
+    assert layer.data[1].min() == 1 and not layer.data[0].any()
+    layer.visible = False  # hidden (napari does not slice it): the array is written, shown on re-slice
+    assert lc.update_changed(layer, frame, (1,)) > 0
+    layer.visible = True
+    np.testing.assert_array_equal(layer.data[1], frame)
+    assert not layer.data[0].any()

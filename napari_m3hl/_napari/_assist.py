@@ -37,7 +37,9 @@ from ..errors import M3HLInputError
 from . import _layers as lc
 from ._layout import START_MODES, SUGGEST_SCORES
 from ._picker import breakable
-from ._session import SessionOpened, SessionSnapshot, describe_error
+from ._jobs import SessionOpened, SessionSnapshot
+from ._slots import on_signal
+from ._workers import describe_error
 
 
 @dataclass
@@ -71,19 +73,19 @@ class AssistMixin:
         self.model_iteration = 0  # iteration of session.checkpoint
         self.model_resumable = False  # session.checkpoint holds optimiser state
         self.run_history: list[dict[str, Any]] = []  # the session's run manifest
-        self.suggest_btn.clicked.connect(lambda *_: self.suggest())
-        self.next_btn.clicked.connect(lambda *_: self.next_suggested())
-        self.accept_btn.clicked.connect(lambda *_: self.accept_slice())
-        self.train_on_btn.clicked.connect(lambda *_: self.train_on())
-        self.disagree_check.toggled.connect(lambda *_: self._show_disagreement())
-        self.spread_check.toggled.connect(lambda *_: self.refresh_suggestions())
-        self.suggest_list.itemClicked.connect(self._on_suggestion_clicked)
-        self.save_session_btn.clicked.connect(lambda *_: self.save_session())
-        self.open_session_btn.clicked.connect(lambda *_: self.open_session())
+        on_signal(self.suggest_btn.clicked, self.suggest)
+        on_signal(self.next_btn.clicked, self.next_suggested)
+        on_signal(self.accept_btn.clicked, self.accept_slice)
+        on_signal(self.train_on_btn.clicked, self.train_on)
+        on_signal(self.disagree_check.toggled, self._show_disagreement)
+        on_signal(self.spread_check.toggled, self.refresh_suggestions)
+        on_signal(self.suggest_list.itemClicked, self._on_suggestion_clicked)
+        on_signal(self.save_session_btn.clicked, self.save_session)
+        on_signal(self.open_session_btn.clicked, self.open_session)
 
     def _update_assist_buttons(self) -> None:
-        has_model = bool(self.session.checkpoint)
-        training = self.session.training
+        has_model = bool(self.runner.checkpoint)
+        training = self.runner.training
         self.suggest_btn.setEnabled(has_model)
         self.next_btn.setEnabled(self.suggestions is not None)
         self.accept_btn.setEnabled(lc.SEGMENTATION in self.viewer.layers)
@@ -93,7 +95,7 @@ class AssistMixin:
 
     def autosave_folder(self) -> Path:
         """Where Train autosaves: the chosen session folder, else ``<run folder>/session``."""
-        return self.session_folder or self.session.out_dir / "session"
+        return self.session_folder or self.runner.out_dir / "session"
 
     def _show_session_folder(self, autosave_only: bool = False) -> None:
         what = "Session folder (autosave)" if autosave_only else "Session folder"
@@ -107,14 +109,14 @@ class AssistMixin:
         if image is None or image.rgb or image.ndim not in (3, 4):
             self._error("Suggest slices needs an image volume (Z, Y, X) or cine (T, Z, Y, X).")
             return False
-        if not self.session.checkpoint:
+        if not self.runner.checkpoint:
             self._error("No model yet: train first (or load a checkpoint), then press Suggest slices.")
             return False
         frame = lc.slice_in_view(self.viewer, image)[0] if image.ndim == 4 else None
-        volume = np.array(image.data if frame is None else image.data[frame], dtype=np.float32)
+        volume = np.asarray(image.data if frame is None else image.data[frame])  # a view: the job converts it
         method = self.score_combo.currentText()
         which = self.which_combo.currentText()
-        ckpt = self.session.checkpoint
+        ckpt = self.runner.checkpoint
         self.suggest_btn.setEnabled(False)
         self._status(f"Scoring the slices of '{image.name}' by {method} ({which})…")
 
@@ -124,7 +126,7 @@ class AssistMixin:
                            f"instead of the {which}'s {method}.")
             self._on_analysis(Suggestions(image, frame, analysis, ckpt))
 
-        self.session.analyse(volume, method, device=self.device_combo.currentText(), which=which, connect={
+        self.runner.analyse(volume, method, device=self.device_combo.currentText(), which=which, connect={
             "returned": done,
             "errored": lambda exc: self._error(describe_error(exc, "Suggesting slices", 8, ckpt)),
             "finished": self._update_buttons,
@@ -171,8 +173,10 @@ class AssistMixin:
             item.setData(Qt.UserRole, z)
             self.suggest_list.addItem(item)
 
-    def _on_suggestion_clicked(self, item: QListWidgetItem) -> None:
-        if self.suggestions is not None and lc.layer_in(self.viewer, self.suggestions.image):
+    def _on_suggestion_clicked(self) -> None:
+        """Go to the slice of the list entry clicked (the list's current item)."""
+        item = self.suggest_list.currentItem()
+        if item is not None and self.suggestions is not None and lc.layer_in(self.viewer, self.suggestions.image):
             lc.go_to_slice(self.viewer, self.suggestions.image, self.suggestions.key(int(item.data(Qt.UserRole))))
 
     def next_suggested(self) -> int | None:
@@ -258,15 +262,15 @@ class AssistMixin:
     # ================================================================ train on
     def train_on(self) -> bool:
         """Continue the last run (weights, teacher, optimiser) with the current labels."""
-        if self.session.training:
+        if self.runner.training:
             self._error("A training run is going: stop it before Train on.")
             return False
-        if not self.session.checkpoint or not self.model_resumable:
+        if not self.runner.checkpoint or not self.model_resumable:
             self._error("Train on continues a run of this session (or of an opened session): there is none yet. "
                         "Press Train first; a loaded model file has no optimiser state to continue.")
             return False
         total = self.model_iteration + self.train_on_spin.value()
-        return self.start_training(resume_from=self.session.checkpoint, iterations=total)
+        return self.start_training(resume_from=self.runner.checkpoint, iterations=total)
 
     # ================================================================ sessions
     def session_settings(self) -> dict[str, Any]:
@@ -314,14 +318,14 @@ class AssistMixin:
             "class_names": list(self.current_class_names()),
             "iteration": self.model_iteration,
             "resumable": self.model_resumable,
-            "checkpoint_source": self.session.checkpoint,
+            "checkpoint_source": self.runner.checkpoint,
             "runs": list(self.run_history),
         }
         geometry = {"scale": tuple(labels.scale), "translate": tuple(labels.translate),
                     "metadata": {k: labels.metadata[k] for k in ("affine", "header") if k in labels.metadata}}
         return SessionSnapshot(folder=Path(folder), labels=np.array(labels.data, dtype=np.uint8, copy=True),
                                geometry=geometry, settings=self.session_settings(), meta=meta,
-                               checkpoint=self.session.checkpoint if with_checkpoint else None)
+                               checkpoint=self.runner.checkpoint if with_checkpoint else None)
 
     def _ask_folder(self, caption: str, start: str) -> str:
         return QFileDialog.getExistingDirectory(self, caption, start)
@@ -333,7 +337,7 @@ class AssistMixin:
         if not folder:
             return False
         try:
-            snap = self.session_snapshot(Path(folder), with_checkpoint=bool(self.session.checkpoint))
+            snap = self.session_snapshot(Path(folder), with_checkpoint=bool(self.runner.checkpoint))
         except M3HLInputError as exc:
             self._error(str(exc))
             return False
@@ -343,7 +347,7 @@ class AssistMixin:
         def saved(path: str) -> None:
             self._status(f"Session saved to {path}; each Train autosaves the labels there.")
 
-        self.session.save_session(snap, connect={
+        self.runner.save_session(snap, connect={
             "returned": saved,
             "errored": lambda exc: self._error(describe_error(exc, "Saving the session")),
         })
@@ -352,7 +356,7 @@ class AssistMixin:
     def open_session(self, folder: str | Path | None = None) -> bool:
         """Read a session folder in a worker; its image (opened from its source
         file when not open), labels (a new layer), model and settings come back."""
-        if self.session.training:
+        if self.runner.training:
             self._error("A training run is going: stop it before opening a session.")
             return False
         if folder is None:
@@ -362,7 +366,7 @@ class AssistMixin:
         sources = [str(lay.metadata.get("source_path")) for lay in self.viewer.layers
                    if isinstance(lay, Image) and lay.metadata.get("source_path")]
         self._status(f"Opening session {folder}…")
-        self.session.open_session(folder, sources, connect={
+        self.runner.open_session(folder, sources, connect={
             "returned": self._on_session_opened,
             "errored": lambda exc: self._error(describe_error(exc, "Opening the session")),
         })
@@ -409,7 +413,7 @@ class AssistMixin:
         self.refresh_suggestions()
         self._show_session_folder()
         if sess.checkpoint is not None:
-            self.session.checkpoint = str(sess.checkpoint)
+            self.runner.checkpoint = str(sess.checkpoint)
             self.model_iteration = int(meta.get("iteration", 0))
             self.model_resumable = bool(meta.get("resumable", False))
             self.start_path.setText(str(sess.checkpoint))

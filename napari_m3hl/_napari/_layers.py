@@ -139,6 +139,33 @@ def upsert_labels(
         return add_class_labels(viewer, data, name, class_names, like=like, **kwargs)
 
 
+def update_changed(layer: "Labels", values: np.ndarray, index: tuple[int, ...] = (), most: float = 0.25) -> int:
+    """Write ``values`` into ``layer.data[index]`` of the read-only overlay
+    ``layer`` where they differ, redrawing only that region (napari's partial
+    refresh); returns the number of voxels changed. When more than ``most``
+    of them change, the data are replaced instead; a hidden layer's array is
+    written without a redraw (napari slices it when it is shown). Not for a
+    layer the user edits: the change goes through the layer's undo history."""
+    part = np.asarray(layer.data[index])
+    if part.shape != values.shape:
+        raise ValueError(f"values {values.shape} do not fit '{layer.name}'{list(index)} {part.shape}")
+    changed = np.nonzero(part != values)
+    n = int(changed[0].size)
+    if n and not layer.visible:  # napari does not slice a hidden layer: write the array; shown, it re-slices
+        full = tuple(np.full(n, i, dtype=np.intp) for i in index) + changed
+        layer.data[full] = values[changed]
+    elif n > most * part.size:
+        data = np.array(layer.data, copy=True) if index else values.astype(layer.data.dtype)
+        if index:
+            data[index] = values
+        layer.data = data
+    elif n:
+        full = tuple(np.full(n, i, dtype=np.intp) for i in index) + changed
+        with layer.block_history():
+            layer.data_setitem(full, values[changed].astype(layer.data.dtype))
+    return n
+
+
 def upsert_image(viewer: "napari.Viewer", name: str, data: np.ndarray, **kwargs: Any) -> "Image":
     """Set ``data`` of the Image layer ``name`` in place, or add it once."""
     from napari.layers import Image

@@ -2,7 +2,7 @@
 
 :class:`TrainWidgetLayout` builds and names every control; the behaviour
 (layer control, workers) lives in :mod:`._widget`, :mod:`._layers` and
-:mod:`._session`. Settings are read back with :meth:`TrainWidgetLayout.settings`.
+:mod:`._run`. Settings are read back with :meth:`TrainWidgetLayout.settings`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from qtpy.QtWidgets import (
     QAbstractSpinBox,
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QFrame,
     QGroupBox,
@@ -33,6 +32,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..suggest import DEFAULT_METHOD, DEFAULT_SPREAD, METHODS
+from ._advanced import AdvancedForm
 from ._plot import LossPlot
 
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
@@ -60,18 +60,6 @@ def _spin(lo: int, hi: int, value: int, step: int = 1, tip: str = "") -> QSpinBo
     w.setToolTip(tip)
     w.setButtonSymbols(QAbstractSpinBox.NoButtons)
     w.setStyleSheet("QAbstractSpinBox { min-width: 48px; }")  # napari's theme asks for more
-    return w
-
-
-def _dspin(lo: float, hi: float, value: float, step: float, decimals: int, tip: str = "") -> QDoubleSpinBox:
-    w = QDoubleSpinBox()
-    w.setDecimals(decimals)
-    w.setRange(lo, hi)
-    w.setSingleStep(step)
-    w.setValue(value)
-    w.setToolTip(tip)
-    w.setButtonSymbols(QAbstractSpinBox.NoButtons)
-    w.setStyleSheet("QAbstractSpinBox { min-width: 48px; }")
     return w
 
 
@@ -176,27 +164,9 @@ class TrainWidgetLayout(QWidget):
         self.variant_combo = QComboBox()
         self.variant_combo.addItems(VARIANTS)
         self.variant_combo.setToolTip("paper: settings of the M³HL paper; reference: the authors' released code")
-        self.iterations_spin = _spin(1, 1_000_000, 300, 50, "Optimiser steps; a few hundred suffice for one volume")
-        self.batch_spin = _spin(4, 256, 8, 4, "Images per step (half labeled, half unlabeled); a multiple of 4")
-        self.patch_h = _spin(32, 1024, 256, 16, "Network input height: slices are resized to the patch")
-        self.patch_w = _spin(32, 1024, 256, 16, "Network input width")
-        self.block_h = _spin(2, 512, 64, 4, "Mask block height (pixels of the patch)")
-        self.block_w = _spin(2, 512, 64, 4, "Mask block width")
-        self.mask_ratio = _dspin(0.0, 1.0, 0.5, 0.05, 2, "Share of blocks taken from the unlabeled image")
-        self.lam = _dspin(0.0, 100.0, 0.5, 0.1, 3, "λ: weight of the high/low-level feature consistency")
-        self.alpha = _dspin(0.0, 1.0, 0.5, 0.05, 3, "α: weight of pseudo-labelled regions in the mix loss")
-        self.lr = _dspin(1e-6, 1.0, 0.01, 0.001, 6, "SGD learning rate")
-        self.ema = _dspin(0.0, 0.99999, 0.99, 0.001, 5, "EMA decay of the mean teacher")
+        self.advanced_form = AdvancedForm()
         aform.addRow("Variant", self.variant_combo)
-        aform.addRow("Iterations", self.iterations_spin)
-        aform.addRow("Batch size", self.batch_spin)
-        aform.addRow("Patch (H × W)", _row(self.patch_h, QLabel("×"), self.patch_w))
-        aform.addRow("Block (H × W)", _row(self.block_h, QLabel("×"), self.block_w))
-        aform.addRow("Mask ratio", self.mask_ratio)
-        aform.addRow("λ (consistency)", self.lam)
-        aform.addRow("α (pseudo-labels)", self.alpha)
-        aform.addRow("Learning rate", self.lr)
-        aform.addRow("EMA decay", self.ema)
+        aform.addRow(self.advanced_form)
         self.advanced.addWidget(adv)
         lay.addWidget(self.advanced)
         return box
@@ -225,6 +195,9 @@ class TrainWidgetLayout(QWidget):
         self.progress_label.setWordWrap(True)
         self.progress_label.setObjectName("m3hl_progress")
         self.loss_plot = LossPlot()
+        self.quality_label = QLabel("Dice, painted\n–\nchange, unpainted\n–")
+        self.quality_label.setObjectName("m3hl_quality")
+        self.quality_label.setToolTip("Shown with each pseudo-label preview while training")
         self.which_combo = QComboBox()
         self.which_combo.addItems(("student", "teacher"))
         self.which_combo.setToolTip("Which network segments: the student, or its EMA teacher")
@@ -242,7 +215,7 @@ class TrainWidgetLayout(QWidget):
         lay.addWidget(_row(self.train_btn, self.pause_btn, self.resume_btn, self.stop_btn))
         lay.addWidget(self.progress)
         lay.addWidget(self.progress_label)
-        lay.addWidget(self.loss_plot)
+        lay.addWidget(_row(self.loss_plot, self.quality_label))
         lay.addWidget(_row(QLabel("Network"), self.which_combo, self.predict_btn, self.export_btn))
         lay.addWidget(_row(self.save_ckpt_btn, self.load_ckpt_btn))
         lay.addWidget(self.status_label)
@@ -314,33 +287,11 @@ class TrainWidgetLayout(QWidget):
     # ----------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
         """TrainConfig overrides from the advanced section."""
-        return {
-            "iterations": self.iterations_spin.value(),
-            "batch_size": self.batch_spin.value(),
-            "patch_size": (self.patch_h.value(), self.patch_w.value()),
-            "block_size": (self.block_h.value(), self.block_w.value()),
-            "mask_ratio": self.mask_ratio.value(),
-            "lam": self.lam.value(),
-            "alpha": self.alpha.value(),
-            "lr": self.lr.value(),
-            "ema_decay": self.ema.value(),
-        }
+        return self.advanced_form.values()
 
     def show_settings(self, values: dict[str, Any]) -> None:
-        """Fill the advanced section (keys as in :meth:`settings`)."""
-        spins = {
-            "iterations": self.iterations_spin, "batch_size": self.batch_spin, "mask_ratio": self.mask_ratio,
-            "lam": self.lam, "alpha": self.alpha, "lr": self.lr, "ema_decay": self.ema,
-        }
-        for key, w in spins.items():
-            if key in values:
-                w.setValue(values[key])
-        if "patch_size" in values and len(values["patch_size"]) == 2:
-            self.patch_h.setValue(int(values["patch_size"][0]))
-            self.patch_w.setValue(int(values["patch_size"][1]))
-        if "block_size" in values and len(values["block_size"]) == 2:
-            self.block_h.setValue(int(values["block_size"][0]))
-            self.block_w.setValue(int(values["block_size"][1]))
+        """Fill the advanced section (TrainConfig field names; others are skipped)."""
+        self.advanced_form.set_values(values)
 
     def set_running(self, running: bool, paused: bool = False) -> None:
         """Enable the controls that make sense while (not) training."""

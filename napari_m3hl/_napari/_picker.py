@@ -19,6 +19,8 @@ from ..config import load_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
 from ._layout import TrainWidgetLayout
+from ._request import msg_2d
+from ._slots import on_signal
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -44,10 +46,10 @@ class LayerPickerWidget(TrainWidgetLayout):
         layers = self.viewer.layers
         for name in ("inserted", "removed", "moved", "reordered"):
             getattr(layers.events, name).connect(self.refresh_layers)
-        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
-        self.extra_list.itemChanged.connect(lambda *_: self.update_info())
-        self.new_labels_btn.clicked.connect(self.new_labels_layer)
+        on_signal(self.image_combo.currentIndexChanged, self._on_image_changed)
+        on_signal(self.labels_combo.currentIndexChanged, self._on_labels_changed)
+        on_signal(self.extra_list.itemChanged, self.update_info)
+        on_signal(self.new_labels_btn.clicked, self.new_labels_layer)
 
     def _update_buttons(self) -> None:
         """Hook: enable buttons after the layers changed (see the training widget)."""
@@ -215,7 +217,7 @@ class LayerPickerWidget(TrainWidgetLayout):
             self._error("No image layer: open a cardiac MR volume first, then create its labels layer.")
             return None
         if image.ndim < 3 or image.rgb:
-            self._error(self._msg_2d(image))
+            self._error(msg_2d(image))
             return None
         names = self.current_class_names()
         layer = lc.new_labels_layer(self.viewer, image, names)
@@ -229,10 +231,3 @@ class LayerPickerWidget(TrainWidgetLayout):
             return tuple(load_preset(self.preset_combo.currentText() or "acdc_unet2d").class_names)
         except M3HLInputError:
             return ("background", "RV", "Myo", "LV")
-
-    @staticmethod
-    def _msg_2d(image: Image) -> str:
-        return (
-            f"Image '{image.name}' is a single 2D image (shape {tuple(image.data.shape)}); M³HL needs a volume of "
-            "slices (Z, Y, X) or a cine (T, Z, Y, X): the unlabeled slices are what it learns from."
-        )

@@ -7,6 +7,8 @@ from qtpy.QtCore import QPointF, QRectF, QSize, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from ._jobs import PreviewQuality
+
 #: Line colour per loss term (others get grey).
 TERM_COLORS: dict[str, str] = {
     "total": "#f0f0f0",
@@ -56,7 +58,7 @@ class LossPlot(QWidget):
         painter.drawRect(rect)
         pts_all = [p for pts in self.series.values() for p in pts]
         if not pts_all or rect.width() < 4 or rect.height() < 4:
-            painter.drawText(rect, Qt.AlignCenter, "loss plot: starts with training")
+            painter.drawText(rect, Qt.AlignCenter, "loss plot")
             painter.end()
             return
         x0 = min(p[0] for p in pts_all)
@@ -87,3 +89,17 @@ class LossPlot(QWidget):
             painter.drawText(QPointF(legend_x, rect.top() + 12), key)
             legend_x += 8 + painter.fontMetrics().horizontalAdvance(key)
         painter.end()
+
+
+def quality_text(q: PreviewQuality | None) -> tuple[str, str]:
+    """(text, tooltip) beside the loss plot for the latest :class:`PreviewQuality`."""
+    if q is None:
+        return ("Dice, painted\n–\nchange, unpainted\n–",
+                "Shown with each pseudo-label preview while training")
+    dice = "–" if q.dice is None else f"{q.dice:.2f}"
+    change = "–" if q.change is None else f"{100 * q.change:.1f} %"
+    per = ", ".join(f"{k} {v:.2f}" for k, v in q.per_class.items()) or "no class painted"
+    tip = (f"Iteration {q.iteration}. Dice of the pseudo-labels against your painted slices: {per}. "
+           "Change: share of the heart pixels of the unpainted slices whose label changed since the previous "
+           "preview; near 0 once the segmentation has settled.")
+    return f"Dice, painted\n{dice}\nchange, unpainted\n{change}", tip

@@ -4,8 +4,11 @@
 * layer control: :class:`._picker.LayerPickerWidget` (pickers, info line,
   messages) and :mod:`._layers` (overlay names, in-place updates, colours,
   data version tokens);
-* backend: :class:`._session.TrainingSession` (engine generators in napari
-  thread workers).
+* backend: :class:`._run.RunController` (owns the training run; the jobs of
+  :mod:`._jobs` in thread workers, :mod:`._workers`).
+
+Every Qt signal is connected through :func:`._slots.on_signal`, so no
+signal's value (``clicked``'s ``checked`` flag) reaches an action's parameters.
 
 Everything in this module runs in the GUI thread: it validates the input,
 takes copies of the layer data, starts workers, and draws the events the
@@ -14,7 +17,6 @@ workers yield. The user's own layers are only read, never written.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +28,16 @@ from .. import events as ev
 from ..config import TrainConfig, list_presets, load_preset, read_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
-from ._assist import AssistMixin
+from . import _request as rq
+from ._assist import AssistMixin, Suggestions
+from ._jobs import AutosaveFailed, DataReady, PreviewQuality, RunAnalysis, TrainRequest
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
-from ._session import AutosaveFailed, DataReady, TrainingSession, TrainRequest, describe_error
+from ._plot import quality_text
+from ._request import RunState
+from ._run import RunController
+from ._slots import on_signal
+from ._workers import describe_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -69,25 +77,6 @@ def presets_2d() -> list[str]:
     return out
 
 
-@dataclass
-class RunState:
-    """What the GUI remembers about the current / last training run."""
-
-    image: Image
-    labels: Labels
-    token: tuple
-    preview_frame: int
-    class_names: tuple[str, ...]
-    run_dir: Path
-    batch_size: int
-    started: float = field(default_factory=time.perf_counter)
-    first_preview_s: float | None = None
-    preview_iteration: int | None = None  # iteration of the pseudo-labels shown
-    dropped_previews: int = 0
-    finished: ev.TrainFinished | None = None
-    pseudo: np.ndarray | None = None
-
-
 class M3HLWidget(AssistMixin, LayerPickerWidget):
     """Dock widget: paint a few slices, train M³HL, watch, predict, export.
 
@@ -100,9 +89,12 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     * ``last_error``: the message of the latest error shown.
     """
 
+    #: Start the engine's warm-up job when the widget opens.
+    warm_up_on_open = True
+
     def __init__(self, napari_viewer: "napari.viewer.Viewer", out_dir: str | Path | None = None) -> None:
         super().__init__(napari_viewer)
-        self.session = TrainingSession(out_dir)
+        self.runner = RunController(out_dir)
         self.config_overrides: dict[str, Any] = {}
         self.preview_every_s: float | None = 5.0
         self.mix_preview_every_s: float | None = 5.0
@@ -112,7 +104,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._seg_token: tuple | None = None  # version of 'M³HL segmentation' when last written
         self._init_assist()
 
-        self.run_dir_label.setText(breakable(f"Run folder: {self.session.out_dir}"))
+        self.run_dir_label.setText(breakable(f"Run folder: {self.runner.out_dir}"))
         self._show_session_folder(autosave_only=True)
         self.preset_combo.addItems(presets_2d())
         self.variant_combo.setCurrentText(GUI_VARIANT)
@@ -121,22 +113,24 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self.refresh_layers()
         self.set_running(False)
         self._update_buttons()
+        if self.warm_up_on_open:  # first-use imports and torch set-up now, in a worker, not after Train
+            self.runner.warm_up()
 
     # ================================================================ wiring
     def _connect(self) -> None:
-        self.preset_combo.currentIndexChanged.connect(lambda *_: self._apply_preset())
-        self.variant_combo.currentIndexChanged.connect(lambda *_: self._apply_preset())
-        self.device_combo.currentIndexChanged.connect(lambda *_: self._apply_device_defaults())
-        self.start_combo.currentIndexChanged.connect(lambda *_: self._update_buttons())
-        self.browse_btn.clicked.connect(self._browse_start_file)
-        self.train_btn.clicked.connect(self.start_training)
-        self.pause_btn.clicked.connect(self.pause)
-        self.resume_btn.clicked.connect(self.resume)
-        self.stop_btn.clicked.connect(self.stop)
-        self.predict_btn.clicked.connect(lambda *_: self.predict())
-        self.export_btn.clicked.connect(lambda *_: self.export())
-        self.save_ckpt_btn.clicked.connect(lambda *_: self.save_checkpoint())
-        self.load_ckpt_btn.clicked.connect(lambda *_: self.load_checkpoint())
+        on_signal(self.preset_combo.currentIndexChanged, self._apply_preset)
+        on_signal(self.variant_combo.currentIndexChanged, self._apply_preset)
+        on_signal(self.device_combo.currentIndexChanged, self._apply_device_defaults)
+        on_signal(self.start_combo.currentIndexChanged, self._update_buttons)
+        on_signal(self.browse_btn.clicked, self._browse_start_file)
+        on_signal(self.train_btn.clicked, self.start_training)
+        on_signal(self.pause_btn.clicked, self.pause)
+        on_signal(self.resume_btn.clicked, self.resume)
+        on_signal(self.stop_btn.clicked, self.stop)
+        on_signal(self.predict_btn.clicked, self.predict)
+        on_signal(self.export_btn.clicked, self.export)
+        on_signal(self.save_ckpt_btn.clicked, self.save_checkpoint)
+        on_signal(self.load_ckpt_btn.clicked, self.load_checkpoint)
 
     # ================================================================ settings
     def _device_is_cpu(self) -> bool:
@@ -165,8 +159,9 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         })
 
     def _apply_device_defaults(self) -> None:
-        if self._device_is_cpu() and self.batch_spin.value() > GUI_CPU_BATCH:
-            self.batch_spin.setValue(GUI_CPU_BATCH)
+        batch = self.advanced_form.editor("batch_size")
+        if self._device_is_cpu() and batch.value() > GUI_CPU_BATCH:
+            batch.setValue(GUI_CPU_BATCH)
 
     def build_config(self) -> TrainConfig:
         """The run's config: preset + variant + advanced settings + ``config_overrides``."""
@@ -182,8 +177,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     def set_run_folder(self, path: str | Path) -> None:
         """Write the next runs' checkpoints under ``path`` (``run-NN`` subfolders)."""
-        self.session.out_dir = Path(path)
-        self.run_dir_label.setText(breakable(f"Run folder: {self.session.out_dir}"))
+        self.runner.out_dir = Path(path)
+        self.run_dir_label.setText(breakable(f"Run folder: {self.runner.out_dir}"))
         self._show_session_folder(autosave_only=self.session_folder is None)
 
     def _browse_start_file(self) -> None:
@@ -198,7 +193,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         from ..config import MODELS_DIR
 
         # start in the run folder once it has checkpoints, else among the shipped models
-        start = self.session.out_dir if self.session.out_dir.is_dir() else MODELS_DIR
+        start = self.runner.out_dir if self.runner.out_dir.is_dir() else MODELS_DIR
         path, _ = QFileDialog.getOpenFileName(self, caption, str(start), "Checkpoints (*.pt *.pth);;All files (*)")
         return path
 
@@ -207,99 +202,26 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         return path
 
     # ================================================================ training
-    def _check_inputs(self) -> tuple[Image, Labels]:
-        """Validate the layer choice; raise M3HLInputError with a clear message."""
-        image, labels = self.image_layer(), self.labels_layer()
-        if image is None:
-            raise M3HLInputError(
-                "No image layer: open a cardiac MR volume (File ▸ Open, .nii/.nii.gz) or the sample "
-                "(File ▸ Open Sample ▸ Synthetic cardiac MR phantom (M³HL))."
-            )
-        if image.rgb or image.ndim < 3:
-            raise M3HLInputError(self._msg_2d(image))
-        if image.ndim > 4:
-            raise M3HLInputError(
-                f"Image '{image.name}' has {image.ndim} axes {tuple(image.data.shape)}; use (Z, Y, X) or (T, Z, Y, X)."
-            )
-        if labels is None:
-            raise M3HLInputError(
-                f"No labels layer for '{image.name}': click 'New labels layer' and paint RV / Myo / LV on a few slices."
-            )
-        if tuple(labels.data.shape) != tuple(image.data.shape):
-            raise M3HLInputError(
-                f"Labels '{labels.name}' have shape {tuple(labels.data.shape)} but image '{image.name}' has shape "
-                f"{tuple(image.data.shape)}; the labels must be painted on the image's grid "
-                "(use 'New labels layer')."
-            )
-        if not np.allclose(labels.scale, image.scale, rtol=1e-4, atol=1e-6):
-            raise M3HLInputError(
-                f"Labels '{labels.name}' have voxel size {tuple(float(s) for s in labels.scale)} but image "
-                f"'{image.name}' has {tuple(float(s) for s in image.scale)} (shape {tuple(image.data.shape)} "
-                f"for both); they belong to different grids."
-            )
-        return image, labels
-
     def _make_request(self, resume_from: str | Path | None = None,
                       iterations: int | None = None) -> tuple[TrainRequest, RunState]:
         """The request for a run: the start mode's, or ``resume_from`` for
-        ``iterations`` in all (Train on)."""
-        image, labels = self._check_inputs()
+        ``iterations`` in all (Train on). Raises M3HLInputError on bad input."""
+        image, labels = rq.check_layers(self.image_layer(), self.labels_layer())
         lab = np.asarray(labels.data)
-        if lc.labeled_slices(lab).size == 0:
-            raise M3HLInputError(
-                f"No labeled slice in '{labels.name}': paint RV / Myo / LV on at least one slice "
-                f"(2-3 slices spread from base to apex work well)."
-            )
         config = self.build_config()
         if iterations is not None:
             config = config.replace(iterations=int(iterations))
         from ..runtime import resolve_device
 
         resolve_device(config.device)  # cheap; raises a clear error for an absent GPU
-        hi = int(lab.max())
-        if hi >= config.num_classes:
-            raise M3HLInputError(
-                f"Labels '{labels.name}' contain the value {hi}, but preset '{config.preset}' has {config.num_classes} "
-                f"classes ({', '.join(config.class_names)}: 0..{config.num_classes - 1})."
-            )
-        mode = self.start_combo.currentIndex()
-        start_file = self.start_path.text().strip()
-        init_from = None
-        if resume_from is not None:
-            resume_from = Path(resume_from)
-            if not resume_from.is_file():
-                raise M3HLInputError(f"The checkpoint to continue, '{resume_from}', no longer exists; press Train.")
-        elif mode > 0:
-            if not start_file:
-                raise M3HLInputError(f"'{START_MODES[mode]}' needs a checkpoint or model file: click Browse….")
-            if not Path(start_file).is_file():
-                raise M3HLInputError(f"Checkpoint file '{start_file}' does not exist.")
-            if mode == 1:
-                init_from = Path(start_file)
-            else:
-                resume_from = Path(start_file)
-        extra_frames: list[np.ndarray] = []
-        for lay in self.extra_layers():
-            if lay.ndim not in (3, 4) or lay.rgb:
-                raise M3HLInputError(
-                    f"Extra unlabeled layer '{lay.name}' {tuple(lay.data.shape)} is not a volume of slices."
-                )
-            extra_frames += [np.array(f, dtype=np.float32) for f in lc.frames(lay.data)]
-        images = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
-        labels_copy = [np.array(f, copy=True) for f in lc.frames(lab)]
-        preview_frame = 0
-        if image.ndim == 4:
-            idx = image.world_to_data(self.viewer.dims.point)[0]
-            preview_frame = int(np.clip(round(float(idx)), 0, image.data.shape[0] - 1))
-        names = [image.name] if image.ndim == 3 else [f"{image.name} frame {t}" for t in range(len(images))]
-        while True:  # the next free run-NN folder
-            self._n_runs += 1
-            run_dir = self.session.out_dir / f"run-{self._n_runs:02d}"
-            if not run_dir.exists():
-                break
+        rq.check_labels(labels.name, lab, config)
+        init_from, resume_from = rq.start_files(self.start_combo.currentIndex(), self.start_path.text(), resume_from)
+        images, labels_copy, extra, names = rq.copy_frames(image, lab, self.extra_layers())
+        preview_frame = rq.frame_in_view(self.viewer, image)
+        run_dir, self._n_runs = rq.next_run_dir(self.runner.out_dir, self._n_runs)
         token = self.versions.token([image, labels])
         req = TrainRequest(
-            config=config, images=images, labels=labels_copy, extra=extra_frames, names=names,
+            config=config, images=images, labels=labels_copy, extra=extra, names=names,
             preview_frame=preview_frame, out_dir=run_dir, init_from=init_from, resume_from=resume_from,
             token=token, preview_every_s=self.preview_every_s, mix_preview_every_s=self.mix_preview_every_s,
             autosave=self.session_snapshot(self.autosave_folder(), with_checkpoint=False),
@@ -314,7 +236,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         ``resume_from`` / ``iterations``: continue that checkpoint up to
         ``iterations`` in all (Train on) instead of the Start mode's choice.
         """
-        if self.session.training:
+        if self.runner.training:
             self._error("A training run is going: stop it before starting another.")
             return False
         try:
@@ -334,6 +256,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._show_session_folder(autosave_only=self.session_folder is None)
         lc.prepare_overlays(self.viewer, state.image, req.config.patch_size, state.class_names)
         self.loss_plot.clear()
+        self.quality_label.setText(quality_text(None)[0])
         self.progress.setRange(0, req.config.iterations)
         self.progress.setValue(0)
         self.progress.setFormat("preparing data…")
@@ -342,7 +265,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self.run_dir_label.setText(breakable(f"Run folder: {state.run_dir}"))
         self.set_running(True)
         self._update_buttons()
-        self.session.start_training(req, connect={
+        self.runner.start_training(req, connect={
             "yielded": self._on_event,
             "errored": self._on_train_error,
             "aborted": self._on_train_aborted,
@@ -351,23 +274,23 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         return True
 
     def pause(self) -> None:
-        if self.session.training:
-            self.session.pause()
+        if self.runner.training:
+            self.runner.pause()
             self.set_running(True, paused=True)
             self.progress.setFormat("paused at %v / %m")
             self._status("Paused: press Resume to continue or Stop to keep the current model.")
 
     def resume(self) -> None:
-        if self.session.training:
-            self.session.resume()
+        if self.runner.training:
+            self.runner.resume()
             self.set_running(True, paused=False)
             self.progress.setFormat("%v / %m")
             self._status("Training resumed.")
 
     def stop(self) -> None:
         """Stop after the current step; the trainer saves ``last.pt`` and the segmentation follows."""
-        if self.session.training:
-            self.session.stop()
+        if self.runner.training:
+            self.runner.stop()
             self.stop_btn.setEnabled(False)
             self.pause_btn.setEnabled(False)
             self.resume_btn.setEnabled(False)
@@ -383,6 +306,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._on_volume_preview(e)
         elif isinstance(e, ev.MixPreview):
             self._on_mix_preview(e)
+        elif isinstance(e, PreviewQuality):
+            self._on_quality(e)
         elif isinstance(e, DataReady):
             self._status(
                 f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
@@ -399,7 +324,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._warn(f"Could not autosave the session to {e.folder} ({e.error}); training goes on and your "
                        "layers are unchanged. Save session… to another folder to keep the work.")
         elif isinstance(e, ev.CheckpointSaved):
-            self.session.checkpoint = e.path
+            self.runner.checkpoint = e.path
             self._update_buttons()
         elif isinstance(e, ev.TrainFinished):
             self._on_finished_event(e)
@@ -407,8 +332,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     def _on_progress(self, e: ev.Progress) -> None:
         self.progress.setMaximum(e.total_iterations)
         self.progress.setValue(e.iteration)
-        if not (self.session.control and self.session.control.stop_requested):
-            self.progress.setFormat("%v / %m" if not self.session.paused else "paused at %v / %m")
+        if not (self.runner.control and self.runner.control.stop_requested):
+            self.progress.setFormat("%v / %m" if not self.runner.paused else "paused at %v / %m")
         terms = " · ".join(f"{k} {v:.3f}" for k, v in e.losses.items())
         self.progress_label.setText(
             f"iteration {e.iteration}/{e.total_iterations} · {e.images_per_s:.1f} img/s · "
@@ -434,17 +359,27 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
                 + "\npseudo-label preview skipped: the image or labels changed since Train"
             )
             return
-        data = e.labels
-        if run.image.ndim == 4:
-            if run.pseudo is None or run.pseudo.shape != run.image.data.shape:
-                run.pseudo = np.zeros(run.image.data.shape, dtype=np.uint8)
-            run.pseudo[run.preview_frame] = e.labels
-            data = run.pseudo
-        layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image, opacity=0.45)
+        index = (run.preview_frame,) if run.image.ndim == 4 else ()
+        layer = self.viewer.layers[lc.PSEUDO_LABELS] if lc.PSEUDO_LABELS in self.viewer.layers else None
+        if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(run.image.data.shape):
+            lc.update_changed(layer, e.labels, index)  # in place: only the changed pixels are redrawn
+        else:
+            data = e.labels
+            if index:
+                data = np.zeros(run.image.data.shape, np.uint8)
+                data[index] = e.labels
+            layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
+                                     opacity=0.45)
         layer.editable = False
         run.preview_iteration = e.iteration
         if run.first_preview_s is None:
             run.first_preview_s = time.perf_counter() - run.started
+
+    def _on_quality(self, e: PreviewQuality) -> None:
+        """Dice against the painted slices and the change of the unpainted ones, beside the loss plot."""
+        text, tip = quality_text(e)
+        self.quality_label.setText(text)
+        self.quality_label.setToolTip(tip)
 
     def _on_mix_preview(self, e: ev.MixPreview) -> None:
         """Show the two mixed images side by side, to the right of the volume."""
@@ -459,7 +394,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         if run is not None:
             run.finished = e
         if e.checkpoint:
-            self.session.checkpoint = e.checkpoint
+            self.runner.checkpoint = e.checkpoint
             self.model_iteration = int(e.iteration)
             self.model_resumable = True
         if self.run_history:
@@ -469,17 +404,15 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._status(f"{how} at iteration {e.iteration}; checkpoint {e.checkpoint or '(not saved)'}")
         self.progress.setFormat(f"{how.lower()} at %v / %m")
         if self.auto_predict and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
-            self.predict(image=run.image)
-        if self.auto_suggest and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
-            self.suggest(image=run.image)
+            self.analyse_run(run.image, run.preview_frame if run.image.ndim == 4 else 0)
 
     def _on_train_error(self, exc: BaseException) -> None:
         run = self.run
-        self._error(describe_error(exc, "Training", run.batch_size if run else None, self.session.checkpoint))
+        self._error(describe_error(exc, "Training", run.batch_size if run else None, self.runner.checkpoint))
         self.progress.setFormat("failed at %v / %m")
 
     def _on_train_aborted(self) -> None:
-        self._status(f"Training cancelled; last checkpoint: {self.session.checkpoint or 'none'}")
+        self._status(f"Training cancelled; last checkpoint: {self.runner.checkpoint or 'none'}")
 
     def _on_train_finished(self) -> None:
         self.set_running(False)
@@ -487,7 +420,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     # ================================================================ predict / export
     def _update_buttons(self) -> None:
-        has_model = bool(self.session.checkpoint)
+        has_model = bool(self.runner.checkpoint)
         self.predict_btn.setEnabled(has_model)
         self.save_ckpt_btn.setEnabled(has_model)
         self.export_btn.setEnabled(lc.SEGMENTATION in self.viewer.layers)
@@ -509,12 +442,12 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._error("No image layer to segment.")
             return False
         if image.rgb or image.ndim < 3:
-            self._error(self._msg_2d(image))
+            self._error(rq.msg_2d(image))
             return False
-        if not self.session.checkpoint:
+        if not self.runner.checkpoint:
             self._error("No model yet: train first, or load a checkpoint / model file.")
             return False
-        volumes = [np.array(f, dtype=np.float32) for f in lc.frames(image.data)]
+        volumes = lc.frames(image.data)  # views: the job converts them
         self.predict_btn.setEnabled(False)
         self._status(f"Segmenting '{image.name}' with the {self.which_combo.currentText()}…")
         names = self.current_class_names()
@@ -522,9 +455,28 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         def done(labels: np.ndarray) -> None:
             self._show_segmentation(labels, image, names)
 
-        self.session.predict(volumes, which=self.which_combo.currentText(), device=self.device_combo.currentText(),
+        self.runner.predict(volumes, which=self.which_combo.currentText(), device=self.device_combo.currentText(),
                              connect={"returned": done, "errored": self._on_predict_error,
                                       "finished": self._update_buttons})
+        return True
+
+    def analyse_run(self, image: Image, frame: int = 0) -> bool:
+        """After a run: one job segments ``image`` (every frame) and, with
+        ``auto_suggest``, scores the slices of ``frame``, from one checkpoint load."""
+        volumes = lc.frames(image.data)  # views: the job converts them
+        method = self.score_combo.currentText() if self.auto_suggest else None
+        which, ckpt, names = self.which_combo.currentText(), self.runner.checkpoint, self.current_class_names()
+        self.predict_btn.setEnabled(False)
+        self.suggest_btn.setEnabled(False)
+        self._status(f"Segmenting '{image.name}' with the {which}" + (" and ranking its slices…" if method else "…"))
+
+        def done(result: RunAnalysis) -> None:
+            self._show_segmentation(result.segmentation, image, names)
+            if result.analysis is not None:
+                self._on_analysis(Suggestions(image, frame if image.ndim == 4 else None, result.analysis, ckpt))
+
+        self.runner.analyse_run(volumes, frame, method, which, device=self.device_combo.currentText(), connect={
+            "returned": done, "errored": self._on_predict_error, "finished": self._update_buttons})
         return True
 
     def _show_segmentation(self, labels: np.ndarray, image: Image, class_names: tuple[str, ...]) -> None:
@@ -552,7 +504,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._warn(f"Your edits of '{lc.SEGMENTATION}' are kept in layer '{kept.name}'.")
 
     def _on_predict_error(self, exc: BaseException) -> None:
-        self._error(describe_error(exc, "Prediction", 8, self.session.checkpoint))
+        self._error(describe_error(exc, "Prediction", 8, self.runner.checkpoint))
 
     def export(self, path: str | None = None) -> bool:
         """Write 'M³HL segmentation' as NIfTI with the source affine/header (in a worker)."""
@@ -562,7 +514,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         layer = self.viewer.layers[lc.SEGMENTATION]
         if path is None:
             src = layer.metadata.get("source_path")
-            default = str(self.session.out_dir / "segmentation.nii.gz")
+            default = str(self.runner.out_dir / "segmentation.nii.gz")
             if src and str(src).lower().endswith((".nii", ".nii.gz")):
                 stem = Path(src).name.split(".nii")[0]
                 default = str(Path(src).with_name(f"{stem}_m3hl_seg.nii.gz"))
@@ -573,7 +525,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
                 "metadata": dict(layer.metadata)}
         if meta["metadata"].get("affine") is None:
             self._warn("The image has no NIfTI geometry; exporting with a diagonal affine from the voxel size.")
-        self.session.export(path, np.array(layer.data, copy=True), meta, connect={
+        self.runner.export(path, np.array(layer.data, copy=True), meta, connect={
             "returned": lambda p: self._status(f"Saved {p}"),
             "errored": lambda exc: self._error(describe_error(exc, "Export")),
         })
@@ -581,14 +533,14 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
 
     def save_checkpoint(self, path: str | None = None) -> bool:
         """Copy the latest checkpoint to a file the user picks (in a worker)."""
-        if not self.session.checkpoint:
+        if not self.runner.checkpoint:
             self._error("No checkpoint yet: train first (Stop also saves one).")
             return False
         default = str(Path.home() / "m3hl_checkpoint.pt")
         path = path or self._ask_save_path("Save checkpoint", default, "Checkpoints (*.pt)")
         if not path:
             return False
-        self.session.save_checkpoint(path, connect={
+        self.runner.save_checkpoint(path, connect={
             "returned": lambda p: self._status(f"Checkpoint saved to {p}"),
             "errored": lambda exc: self._error(describe_error(exc, "Saving the checkpoint")),
         })
@@ -604,14 +556,14 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         except M3HLInputError as exc:
             self._error(str(exc))
             return False
-        self.session.load_checkpoint(path, cfg.arch, cfg.num_classes, connect={
+        self.runner.load_checkpoint(path, cfg.arch, cfg.num_classes, connect={
             "returned": self._on_checkpoint_loaded,
             "errored": lambda exc: self._error(describe_error(exc, "Loading the checkpoint")),
         })
         return True
 
     def _on_checkpoint_loaded(self, info: dict[str, Any]) -> None:
-        self.session.checkpoint = info["path"]
+        self.runner.checkpoint = info["path"]
         self.model_iteration = int(info["iteration"])
         self.model_resumable = bool(info["resumable"])
         self.start_path.setText(info["path"])
@@ -625,4 +577,4 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     # ================================================================ teardown
     def cleanup(self, wait_ms: int = 10000) -> None:
         """Stop training (its checkpoint is still written) and wait for workers."""
-        self.session.shutdown(wait_ms=wait_ms)
+        self.runner.shutdown(wait_ms=wait_ms)

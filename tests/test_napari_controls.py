@@ -1,0 +1,185 @@
+"""The dock widget driven the way a user drives it: every button clicked and
+every checkbox toggled with the mouse (``qtbot.mouseClick``), in a viewer
+built as napari builds it (sample from File ▸ Open Sample, NIfTI files through
+the plugin's reader, the widget from the manifest). Runs under Xvfb.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from gui_helpers import ROOT, WAIT_MS, button, click, train_and_wait, wait_idle, wait_run
+from qtpy.QtCore import QPoint, Qt
+from qtpy.QtWidgets import QCheckBox, QPushButton
+
+from napari_m3hl._napari import _layers as lc
+
+#: Qt signals that send a value with them (it must not reach an action's parameters).
+VALUE_SIGNALS = {"clicked", "toggled", "currentIndexChanged", "currentTextChanged", "textChanged", "valueChanged",
+                 "itemClicked", "itemChanged", "stateChanged", "triggered", "activated", "released", "pressed"}
+
+
+def test_qt_signals_connect_only_through_on_signal():
+    """No module of the plugin connects a value-sending Qt signal to a slot directly."""
+    offenders = []
+    for path in sorted((ROOT / "napari_m3hl" / "_napari").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in VALUE_SIGNALS):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"connect these through _slots.on_signal: {offenders}"
+
+
+def toggle(qtbot, box: QCheckBox) -> None:
+    """Click a checkbox on its indicator and check that it flipped."""
+    assert box.isEnabled(), f"checkbox '{box.text()}' is disabled"
+    before = box.isChecked()
+    qtbot.mouseClick(box, Qt.LeftButton, pos=QPoint(6, box.height() // 2))
+    assert box.isChecked() != before, f"checkbox '{box.text()}' did not toggle"
+
+
+def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors, monkeypatch):
+    viewer, w = user_viewer()
+    assert w.image_combo.currentText() == "phantom image" and w.labels_combo.currentText() == "phantom labels"
+    clicked: set[int] = set()
+    toggled: set[int] = set()
+
+    def press(text: str) -> None:
+        b = button(w, text)
+        click(qtbot, b)
+        clicked.add(id(b))
+
+    def flip(box: QCheckBox) -> None:
+        toggle(qtbot, box)
+        toggle(qtbot, box)
+        toggled.add(id(box))
+
+    # the file dialogs answer as a user would
+    saved_ckpt, seg_file, folder = tmp_path / "mine.pt", tmp_path / "seg.nii.gz", tmp_path / "session"
+    shipped = str(ROOT / "models" / "acdc70_unet2d.pt")
+    monkeypatch.setattr(w, "_ask_open_path", lambda caption: str(saved_ckpt) if "Load" in caption else shipped)
+    monkeypatch.setattr(w, "_ask_save_path",
+                        lambda caption, default, filters: str(seg_file if "segmentation" in caption else saved_ckpt))
+    monkeypatch.setattr(w, "_ask_folder", lambda caption, start: str(folder))
+
+    collapsible = [b for b in w.advanced.findChildren(QPushButton)]
+    for b in collapsible:  # Advanced opens and closes
+        click(qtbot, b)
+        click(qtbot, b)
+        clicked.add(id(b))
+    flip(w.spread_check)
+    flip(w.disagree_check)
+
+    press("New labels layer")
+    assert w.labels_combo.currentText() == "phantom image labels"
+    w.labels_combo.setCurrentText("phantom labels")  # train on the painted sample labels
+    press("Browse…")
+    assert w.start_path.text() == shipped
+
+    # Train (the click that once passed `checked` into resume_from), Pause, Resume, Stop
+    w.config_overrides["iterations"] = 500
+    press("Train")
+    assert w.run is not None and w.runner.training, w.last_error
+    qtbot.waitUntil(lambda: w.progress.value() >= 1, timeout=WAIT_MS)
+    press("Pause")
+    qtbot.waitUntil(lambda: w.resume_btn.isEnabled(), timeout=WAIT_MS)
+    press("Resume")
+    qtbot.waitUntil(lambda: w.stop_btn.isEnabled() and w.pause_btn.isEnabled(), timeout=WAIT_MS)
+    press("Stop")
+    wait_run(qtbot, w)
+    assert w.run.finished.stopped and w.run.finished.iteration < 500
+    w.config_overrides["iterations"] = 4
+
+    press("Predict")
+    wait_idle(qtbot, w)
+    press("Export…")
+    qtbot.waitUntil(seg_file.is_file, timeout=WAIT_MS)
+    press("Save checkpoint…")
+    qtbot.waitUntil(saved_ckpt.is_file, timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    press("Load checkpoint…")
+    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
+    press("Suggest slices")
+    qtbot.waitUntil(lambda: w.suggestions is not None and not w.runner.busy, timeout=WAIT_MS)
+    flip(w.disagree_check)
+    flip(w.spread_check)
+    press("Next suggested slice")
+    press("Accept slice")
+    w.train_on_spin.setValue(2)
+    press("Train on")
+    wait_run(qtbot, w)
+    press("Save session…")
+    qtbot.waitUntil(lambda: "Session saved" in w.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    press("Open session…")
+    qtbot.waitUntil(lambda: "opened" in w.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+
+    assert errors == [] and w.last_error == ""
+    missed = [b.text() for b in w.findChildren(QPushButton) if id(b) not in clicked]
+    assert not missed, f"buttons never clicked: {missed}"
+    assert {id(b) for b in w.findChildren(QCheckBox)} == toggled
+
+
+def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, errors, monkeypatch):
+    """Open → New labels layer → paint 2 slices → Train → pseudo-labels and
+    segmentation → Next suggested slice → Accept slice → Undo → Train on →
+    Export → the exported file read back: same voxels, same affine."""
+    from napari_m3hl._napari._sample import phantom_layers
+
+    (img, meta, _), (truth, _, _), _ = phantom_layers(shape=(6, 64, 64), painted=())
+    affine = np.array([[0.0, -1.25, 0.5, -120.5], [1.5, 0.0, 0.25, 33.0], [0.0, 0.25, 8.0, -7.75], [0, 0, 0, 1]])
+    path = tmp_path / "heart.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(img, (2, 1, 0)).astype(np.float32), affine), str(path))
+
+    viewer, w = user_viewer(sample=False)
+    viewer.open(str(path), plugin="napari-m3hl")
+    assert w.image_combo.currentText() == "heart"
+    click(qtbot, button(w, "New labels layer"))
+    labels = viewer.layers["heart labels"]
+    assert w.labels_combo.currentText() == "heart labels"
+    for z in (1, 4):  # paint two slices, as the brush does (data_setitem: history, paint events)
+        yx = np.nonzero(truth[z])
+        labels.data_setitem((np.full(yx[0].size, z),) + yx, truth[z][yx])
+    assert w.info_label.text() == "2 of 6 slices labeled: 1, 4; 4 unlabeled"
+
+    train_and_wait(qtbot, w)
+    assert w.last_error == "" and w.run.preview_iteration is not None
+    assert viewer.layers[lc.PSEUDO_LABELS].data.shape == img.shape
+    assert re.search(r"Dice, painted\n[01]\.\d\d\nchange, unpainted\n", w.quality_label.text()), w.quality_label.text()
+    seg = viewer.layers[lc.SEGMENTATION]
+    assert seg.data.shape == img.shape and w.suggestions is not None  # one job segmented and ranked
+
+    click(qtbot, button(w, "Next suggested slice"))
+    z = lc.slice_in_view(viewer, labels)[0]
+    assert z in w.ranked_slices() and z not in (1, 4)
+    yx = np.nonzero(truth[z] != seg.data[z])  # the clinician fixes the segmentation of that slice
+    seg.data_setitem((np.full(yx[0].size, z),) + yx, truth[z][yx])
+    before = labels.data.copy()
+    click(qtbot, button(w, "Accept slice"))
+    np.testing.assert_array_equal(labels.data[z], truth[z])
+    assert w.info_label.text().startswith("3 of 6 slices labeled")
+    assert viewer.layers.selection.active.name == labels.name
+    labels.undo()  # what Ctrl+Z on the selected labels layer does
+    np.testing.assert_array_equal(labels.data, before)
+    assert w.info_label.text().startswith("2 of 6 slices labeled")
+    click(qtbot, button(w, "Accept slice"))  # accepted again, for good
+
+    w.train_on_spin.setValue(3)
+    train_and_wait(qtbot, w, "Train on")
+    assert w.run.finished.iteration == w.model_iteration == 7
+    assert [r["how"] for r in w.run_history] == ["fine-tune from file", "train on"]
+
+    out = tmp_path / "heart_m3hl_seg.nii.gz"
+    monkeypatch.setattr(w, "_ask_save_path", lambda caption, default, filters: str(out))
+    click(qtbot, button(w, "Export…"))
+    qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    back = viewer.open(str(out), plugin="napari-m3hl")[0]
+    np.testing.assert_array_equal(back.data, viewer.layers[lc.SEGMENTATION].data)
+    np.testing.assert_allclose(nib.load(str(out)).affine, affine, atol=1e-5)
+    np.testing.assert_allclose(back.metadata["affine"], viewer.layers["heart"].metadata["affine"], atol=1e-5)
+    assert errors == []
