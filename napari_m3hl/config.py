@@ -64,7 +64,7 @@ class TrainConfig:
     ema_warmup: bool = False
     teacher_init: str = "copy"  # copy | independent
     teacher_mode: str = "eval"  # eval | train (dropout + batch-stat BN when labelling)
-    teacher_bn: str = "copy"  # BatchNorm running stats: copy the student's | ema (state_dict-wide EMA, reference code) | own (batch stats when labelling)
+    teacher_bn: str = "own"  # eval-mode teacher's BatchNorm: own (batch stats when labelling, own running stats) | copy (the student's) | ema (averaged; reference code)
     pseudo_lcc: bool = True
     # recipe for short budgets (issue 10; 0 = off, the paper's recipe)
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student

@@ -103,14 +103,15 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def set_threads(role: str = "cli") -> int:
-    """Set torch's intra-op threads for a process role and return the count.
+def thread_count(role: str = "cli") -> int:
+    """Torch intra-op threads for a process role (see :func:`set_threads`),
+    without setting them.
 
-    ``"cli"``: every core (``os.cpu_count()``, or the cores this process may
-    use), for headless training and prediction. ``"gui"``: one core fewer
-    (at least 1), so napari's event loop keeps a core while training runs
-    in a worker thread. An explicit ``OMP_NUM_THREADS`` in the environment
-    wins in both cases (the user asked for it).
+    ``"cli"``: every core this process may use, for headless training and
+    prediction. ``"gui"``: one core fewer (at least 1), so napari's event loop
+    (and its software-rendered canvas on machines without a GPU) keeps a core
+    while training runs in a worker thread. An explicit ``OMP_NUM_THREADS``
+    in the environment wins in both cases (the user asked for it).
     """
     import os
 
@@ -118,12 +119,17 @@ def set_threads(role: str = "cli") -> int:
         raise ValueError(f"role must be 'cli' or 'gui', got {role!r}")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
-        n = int(env)
-    else:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        n = cores if role == "cli" else max(cores - 1, 1)
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores if role == "cli" else max(cores - 1, 1)
+
+
+def set_threads(role: str = "cli") -> int:
+    """Set torch's intra-op threads for a process role (:func:`thread_count`)
+    and return the count."""
+    n = thread_count(role)
     torch.set_num_threads(n)
     return n

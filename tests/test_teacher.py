@@ -101,3 +101,30 @@ def test_pseudo_labels_argmax_and_lcc():
     assert plain.dtype == torch.int64 and plain[0, 0, 0] == 1
     filtered = pseudo_labels(logits, lcc=True)
     assert filtered[0, 0, 0] == 0 and filtered[0, 3:6, 3:6].eq(1).all()
+
+
+def test_own_statistics_teacher_labels_with_batch_statistics_and_keeps_its_own():
+    """teacher_bn='own': labelling runs BatchNorm on the batch's statistics with
+    dropout off, updates the teacher's running statistics from its own
+    activations, and the EMA step leaves those statistics alone."""
+    from napari_m3hl.teacher import set_labelling_mode
+
+    torch.manual_seed(0)
+    s, t = UNet2D(), UNet2D()
+    init_teacher(t, s, "copy")
+    set_labelling_mode(t, "eval", "own")
+    bns = [m for m in t.modules() if isinstance(m, nn.BatchNorm2d)]
+    drops = [m for m in t.modules() if isinstance(m, nn.Dropout2d | nn.Dropout)]
+    assert bns and all(m.training for m in bns) and drops and not any(m.training for m in drops)
+    x = torch.rand(2, 1, 32, 32) * 3 + 5
+    with torch.no_grad():
+        a, b = t(x).logits, t(x).logits
+    assert torch.equal(a, b)  # no dropout: deterministic labels
+    own = bns[0].running_mean.clone()
+    assert not torch.equal(own, s.state_dict()[[k for k in s.state_dict() if k.endswith("running_mean")][0]])
+    ema_update(t, s, 0.99, buffers="own")
+    assert torch.equal(bns[0].running_mean, own)
+    set_labelling_mode(t, "eval", "copy")
+    assert not any(m.training for m in t.modules())
+    set_labelling_mode(t, "train", "own")
+    assert all(m.training for m in t.modules())

@@ -11,7 +11,6 @@ them in thread workers through :class:`._run.RunController`
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,13 +140,13 @@ def preview_quality(iteration: int, pred: np.ndarray, labels: np.ndarray, previo
 
 
 def gui_cpu_threads() -> int:
-    """Torch CPU threads for jobs started from the GUI: all cores but one, so
-    the event loop (and the OpenGL canvas, software-rendered on machines
-    without a GPU) keeps a core. OpenMP threads that must share their cores
-    with another busy thread slow down many times over, so this matters most
-    on small machines."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n - 1)
+    """Torch CPU threads for jobs started from the GUI: all cores but one
+    (``runtime.thread_count("gui")``), so the event loop and the canvas keep a
+    core; OpenMP threads that share their cores with another busy thread slow
+    down many times over, so this matters most on small machines."""
+    from ..runtime import thread_count
+
+    return thread_count("gui")
 
 
 @contextlib.contextmanager
