@@ -200,20 +200,25 @@ def authors_step(cfg, batch: int, device: torch.device):
     return step
 
 
-def time_rows(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Round-robin timing: each round runs every row once."""
+def time_rows(fns: dict, device: torch.device, repeats: int, warmup: int = 2):
+    """Round-robin timing: each round runs every row once. Returns wall
+    seconds and this process's CPU seconds (``time.process_time``) per row
+    and round: on a shared CPU the CPU seconds of a 1-thread run hardly move
+    with the other jobs' load, the wall seconds do."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t)
-    return times
+            cpu[name].append(time.process_time() - c)
+    return times, cpu
 
 
 def data_batch_time(cfg, data_root: Path, device: torch.device, repeats: int) -> float | None:
@@ -244,12 +249,18 @@ def bench(batch: int, device: torch.device, repeats: int, variant: str, data_roo
     cfg = load_preset("acdc_unet2d", variant, batch_size=batch, device=str(device))
     fns = make_rows(cfg, batch, device, with_compile)
     load_before = os.getloadavg()[0]
-    times = time_rows(fns, device, repeats)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, cpu = time_rows(fns, device, repeats)
+    wall = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    # ratios from CPU seconds on a CPU device (robust to other jobs), wall seconds on a GPU
+    med = cpu_med if device.type == "cpu" else wall
     row = {"batch": batch, "variant": variant, "size": list(cfg.patch_size),
            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-           "median_s": {k: round(v, 4) for k, v in med.items()},
-           "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+           "ratios_from": "cpu_s" if device.type == "cpu" else "median_s",
+           "median_s": {k: round(v, 4) for k, v in wall.items()},
+           "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+           "cpu_s": {k: round(v, 4) for k, v in cpu_med.items()},
+           "all_cpu_s": {k: [round(x, 4) for x in v] for k, v in cpu.items()}}
     ratios = {f"{k}_over_fp32": round(med[k] / med["fp32"], 3) for k in ROWS if k != "fp32"}
     ratios["fast_over_passes_fast"] = round(med["fast"] / med["passes_fast"], 3)
     ratios["fp32_over_passes_fp32"] = round(med["fp32"] / med["passes_fp32"], 3)
@@ -258,11 +269,12 @@ def bench(batch: int, device: torch.device, repeats: int, variant: str, data_roo
     if "compiled" in med:
         ratios["compiled_over_fast"] = round(med["compiled"] / med["fast"], 3)
     row["ratios"] = ratios
-    best = min(med["fast"], med.get("compiled", float("inf")))
+    best = min(wall["fast"], wall.get("compiled", float("inf")))
     d = data_batch_time(cfg, data_root, device, max(repeats, 5))
     if d is not None:
         row["data_batch_s"] = round(d, 4)
         row["data_wait_share"] = round(d / (d + best), 4)  # synchronous loader: the step waits this long
+        row["data_wait_share_cpu"] = round(d / (d + med["fast"]), 4) if device.type == "cpu" else None
     if batch == 24 and tuple(cfg.patch_size) == (256, 256):
         row["paper_budget_projected_min"] = round((best + (d or 0.0)) * PAPER_ITERATIONS / 60, 1)
     return row
@@ -298,7 +310,8 @@ def main() -> None:
     print("| batch | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for r in rows:
-        print(f"| {r['batch']} | " + " | ".join(f"{r['median_s'][k]:.3f}" for k in names) + " |")
+        print(f"| {r['batch']} wall | " + " | ".join(f"{r['median_s'][k]:.3f}" for k in names) + " |")
+        print(f"| {r['batch']} cpu | " + " | ".join(f"{r['cpu_s'][k]:.3f}" for k in names) + " |")
     for r in rows:
         print(r["batch"], json.dumps(r["ratios"]), "data", r.get("data_batch_s"), r.get("data_wait_share"),
               "paper budget min", r.get("paper_budget_projected_min"), "load", r["load_average_1min"])
