@@ -44,6 +44,7 @@ from napari_m3hl.safeguard import check_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("RV", "Myo", "LV")
+STOP_THRESHOLDS = (0.01, 0.02, 0.03)
 
 
 def painted_for(label: np.ndarray, rule: str) -> list[int]:
@@ -131,8 +132,25 @@ def summarize(run: dict) -> dict:
                     by_it.setdefault(c["iteration"], {}).setdefault(net, []).append(np.mean(c[net]))
         d["by_iteration"] = {str(k): {net: 100 * float(np.mean(v)) for net, v in nets.items()}
                              for k, nets in sorted(by_it.items()) if all(len(v) == len(rows) for v in nets.values())}
+        net = run.get("options", {}).get("segment_with", "teacher")
+        d["early_stop"] = {}
+        for thr in STOP_THRESHOLDS:  # what an early stop at this change would have returned
+            picks = [next((c for c in r["checks"] if c["change"] == c["change"] and c["change"] < thr), r["checks"][-1])
+                     for r in rows]
+            d["early_stop"][str(thr)] = {"dice": 100 * float(np.mean([np.mean(c[net]) for c in picks])),
+                                         "iterations": float(np.mean([c["iteration"] for c in picks]))}
         out[rule] = d
     return out
+
+
+def early_stop_table(results: dict) -> str:
+    lines = ["| run | rule | no stop | " + " | ".join(f"stop at change < {t}" for t in STOP_THRESHOLDS) + " |",
+             "|---|---|---|" + "---|" * len(STOP_THRESHOLDS)]
+    for name, run in results["runs"].items():
+        for rule, s in summarize(run).items():
+            cells = " | ".join(f"{v['dice']:.1f} ({v['iterations']:.0f} it)" for v in s["early_stop"].values())
+            lines.append(f"| {name} | {rule} | {s['tuned']:.1f} | {cells} |")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
@@ -241,6 +259,8 @@ def main() -> None:
     print(table(results))
     print()
     print(iteration_table(results))
+    print()
+    print(early_stop_table(results))
     if results["runs"]:
         name = args.plot_run or list(results["runs"])[-1]
         svg_plot(name, results["runs"][name], Path(args.plot))

@@ -16,8 +16,12 @@ One code path for the widget, ``m3hl train --data IMG --labels PAINTED`` and
    the fine-tuned segmentation, the start model's, and the safeguard's
    verdict (:mod:`napari_m3hl.safeguard`).
 
-The defaults of :class:`FewSliceOptions` are the ones measured in
-``benchmarks/fewslice.py`` (docs/benchmarks.md, "Few-slice fine-tuning").
+The defaults of :class:`FewSliceOptions` follow ``benchmarks/fewslice.py``
+(docs/benchmarks.md, "Few-slice fine-tuning on one volume"): supervised on
+the painted slices (M³HL's EMA teacher collapsed there), 100 iterations at
+lr 0.01, the student segmenting (with BatchNorm following the painted slices
+the EMA teacher lags behind it), min–max intensity scaling (as the ACDC
+training data; 82.3 vs 81.0 start-model Dice with percentile scaling).
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ class FewSliceOptions:
     mode: str = "supervised"
     l2_to_start: float = 0.0
     freeze: str = ""
-    segment_with: str = "teacher"
+    segment_with: str = "student"
     ema_decay: float = 0.99
     check_every: int = 25
     early_stop: bool = False
