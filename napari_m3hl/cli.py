@@ -37,6 +37,12 @@ def _positive(text: str) -> int:
     return n
 
 
+def _fewslice_summary() -> str:
+    from .fewslice import FewSliceOptions
+
+    return FewSliceOptions().summary()
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model with M³HL (or the supervised baseline)",
@@ -48,7 +54,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default=None, help="preset variant: paper or reference (default: the preset's default)")
     p.add_argument("--data", default="phantom",
                    help="'phantom', an ACDC folder (with train_slices.list), an LA folder (with cases/), or a NIfTI image")
-    p.add_argument("--labels", default=None, help="with a NIfTI image: its partly painted label map (NIfTI)")
+    p.add_argument("--labels", default=None,
+                   help="with a NIfTI image: its partly painted label map (NIfTI). Alone, this fine-tunes --init (default: "
+                        f"the shipped 70-patient ACDC model) with the few-slice defaults ({_fewslice_summary()}; the "
+                        "model's own input size; --iterations/--lr/--batch-size/--mode override) and writes "
+                        "segmentation.nii.gz with the painted slices kept; with --preset/--variant/--patch-size/"
+                        "--block-size/--set it trains with the preset's schedule instead")
     p.add_argument("--labeled", type=int, default=None,
                    help="labeled patients (ACDC, default 7) or cases (LA, default 8) or slices per phantom volume (default 2)")
     p.add_argument("--iterations", type=int, default=None)
@@ -269,6 +280,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_threads("cli")  # an OMP_NUM_THREADS set by torchrun wins
     # every check before the process group forms: all ranks see the folder before rank 0 writes into it
     checks.check_run_folder(Path(args.out), args.resume, args.overwrite)
+    from .cli_fewslice import cmd_train_fewslice, wants_fewslice
+
+    if wants_fewslice(args):  # one painted volume: the few-slice loop, not a preset's 30,000 iterations
+        return cmd_train_fewslice(args, ProgressBar(not args.quiet))
     config = _train_config(args)
     _check_start(args, config)
     run = _train_on

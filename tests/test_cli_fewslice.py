@@ -1,0 +1,61 @@
+"""`m3hl train --data IMAGE --labels PAINTED`, typed as a user types it: the
+few-slice loop with the start model's own input size, painted slices kept."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_m3hl.checkpoint import load_checkpoint
+from napari_m3hl.cli import main
+from napari_m3hl.cli_fewslice import default_start
+
+
+@pytest.fixture(scope="module")
+def painted_volume(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vol")
+    assert main(["phantom", "--output", str(d), "--seed", "7"]) == 0
+    truth = nib.load(str(d / "phantom_7_labels.nii.gz"))
+    lab = np.asarray(truth.dataobj).astype(np.uint8)  # (X, Y, Z): slices on the last axis
+    painted = np.zeros_like(lab)
+    painted[..., [3, 6]] = lab[..., [3, 6]]
+    nib.save(nib.Nifti1Image(painted, truth.affine, truth.header), d / "painted.nii.gz")
+    return d / "phantom_7.nii.gz", d / "painted.nii.gz", painted
+
+
+def test_train_with_painted_labels_runs_the_fewslice_loop(painted_volume, tmp_path, capsys):
+    img, painted_path, painted = painted_volume
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--iterations", "3", "--quiet",
+                 "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "few-slice fine-tune" and run["painted_slices"] == [3, 6]
+    start = load_checkpoint(default_start())
+    assert run["config"]["patch_size"] == list(start["patch_size"])  # the model's own input size, not rescaled
+    assert load_checkpoint(out / "last.pt")["iteration"] == 3
+    seg = nib.load(str(out / "segmentation.nii.gz"))
+    src = nib.load(str(img))
+    np.testing.assert_array_equal(seg.affine, src.affine)
+    data = np.asarray(seg.dataobj)
+    np.testing.assert_array_equal(data[..., [3, 6]], painted[..., [3, 6]])  # painted slices exactly as painted
+    assert (out / "prediction.nii.gz").is_file()
+    assert "segmentation:" in capsys.readouterr().out
+
+
+def test_preset_options_keep_the_data_set_path(painted_volume, tmp_path):
+    img, painted_path, _ = painted_volume
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--iterations", "2", "--batch-size", "4",
+                 "--patch-size", "32,32", "--quiet", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert "kind" not in run and run["config"]["patch_size"] == [32, 32]
+
+
+def test_fewslice_refuses_labels_of_another_grid(painted_volume, tmp_path, capsys):
+    img, _, painted = painted_volume
+    nib.save(nib.Nifti1Image(painted[:-1], np.eye(4)), tmp_path / "small.nii.gz")
+    assert main(["train", "--data", str(img), "--labels", str(tmp_path / "small.nii.gz"), "--out", str(tmp_path / "r")]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "run.json").exists()
