@@ -42,8 +42,8 @@ import torch
 
 from napari_m3hl.config import load_preset
 from napari_m3hl.data import ACDC_CLASSES, PartlyLabeledVolume, acdc_val_volumes
-from napari_m3hl.inference import predict_volume_2d
 from napari_m3hl.metrics import dice
+from napari_m3hl.predictor import Predictor
 from napari_m3hl.runtime import tune_malloc
 from napari_m3hl.suggest import rank_slices, slice_scores
 from napari_m3hl.trainer import train, trained_models
@@ -95,13 +95,12 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
             if rnd == 0 and round0 is not None:
                 shutil.copyfile(workdir / "last.pt", round0)
         ckpt = workdir / "last.pt"
-        student, teacher = trained_models(cfg, ckpt)
+        student, teacher = (Predictor.from_network(net, cfg, which)
+                            for net, which in zip(trained_models(cfg, ckpt), ("student", "teacher")))
         dices, t_dices, choices = [], [], {}
         for i, (name, img, lab) in enumerate(vols):
-            pred_s, probs_s = predict_volume_2d(student, img, patch=(args.size, args.size), return_probs=True,
-                                                resize_input=cfg.image_interp)
-            pred_t, probs_t = predict_volume_2d(teacher, img, patch=(args.size, args.size), return_probs=True,
-                                                resize_input=cfg.image_interp)
+            pred_s, probs_s = student.predict(img, return_probs=True)
+            pred_t, probs_t = teacher.predict(img, return_probs=True)
             dices.append(np.mean([dice(pred_s == c, lab == c) for c in (1, 2, 3)]))
             t_dices.append(np.mean([dice(pred_t == c, lab == c) for c in (1, 2, 3)]))
             if rnd == args.rounds or len(labeled[i]) >= img.shape[0]:

@@ -27,16 +27,17 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_m3hl.checkpoint import image_interp, load_model
 from napari_m3hl.inference import predict_volume_2d
 from napari_m3hl.metrics import dice
 from napari_m3hl.networks import build_network
 from napari_m3hl.phantom import make_phantom
+from napari_m3hl.predictor import Predictor
 from napari_m3hl.runtime import resolve_precision, set_threads, tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +80,11 @@ def agreement(data_root: Path, limit: int | None) -> list[dict]:
     vols = load_val_volumes(str(data_root), 2, limit=limit)
     for model_path in sorted((ROOT / "models").glob("acdc*.pt")):
         results = {}
-        for which in ("fp32", "default"):
-            model, ckpt = load_model(model_path)
-            kw = {"precision": "fp32", "channels_last": False} if which == "fp32" else {}
-            preds = [predict_volume_2d(model, img, patch=tuple(ckpt["patch_size"]), resize_input=image_interp(ckpt), **kw)
-                     for _, img, _ in vols]
+        for which in ("fp32", "default"):  # a fresh network each: channels_last converts in place
+            predictor = Predictor.from_checkpoint(model_path)
+            if which == "fp32":
+                predictor = replace(predictor, precision="fp32", channels_last=False)
+            preds = [predictor.predict(img) for _, img, _ in vols]
             results[which] = preds
         per_class_agree, gt = [], {"fp32": [], "default": []}
         changed = 0
@@ -94,7 +95,7 @@ def agreement(data_root: Path, limit: int | None) -> list[dict]:
                 per_class_agree.append(dice(a == c, b == c))
                 for which in gt:
                     gt[which].append(dice(results[which][i] == c, lab == c))
-        out.append({"model": model_path.name, "patch": list(ckpt["patch_size"]), "volumes": len(vols),
+        out.append({"model": model_path.name, "patch": list(predictor.patch), "volumes": len(vols),
                     "dice_fp32_vs_default": {"mean": round(float(np.mean(per_class_agree)), 4),
                                              "min": round(float(np.min(per_class_agree)), 4)},
                     "pixels_changed": changed,

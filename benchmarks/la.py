@@ -97,12 +97,14 @@ def split_names(data: Path) -> dict[str, list[str]]:
 
 def run_method(method: str, budget: str, data: Path, out: Path, seed: int, device: str) -> dict:
     import numpy as np
+    from dataclasses import replace
+
     import torch
 
     from napari_m3hl.config import load_preset
     from napari_m3hl.data import LA_CLASSES, LACases, TrainData
-    from napari_m3hl.inference import predict_volume_3d
     from napari_m3hl.metrics import evaluate_case, summarize
+    from napari_m3hl.predictor import Predictor
     from napari_m3hl.trainer import train, trained_models
 
     b = dict(BUDGETS[budget])
@@ -135,12 +137,13 @@ def run_method(method: str, budget: str, data: Path, out: Path, seed: int, devic
     t1 = time.perf_counter()
     networks = (("student", student),) if method == "sup" else (("student", student), ("teacher", teacher))
     for which, model in networks:  # the supervised run's EMA teacher is not a method of its own
+        predictor = replace(Predictor.from_network(model, config, which, device=device), stride=tuple(stride),
+                            keep_largest=True)
         cases, per_case = [], {}
         for i, name in enumerate(scored.names):
             image, label = scored[i]
             with torch.no_grad():
-                pred = predict_volume_3d(model, image, patch=tuple(config.patch_size), stride=tuple(stride),
-                                         device=device, num_classes=2, keep_largest=True)
+                pred = predictor.predict(image)
             m = evaluate_case(pred, label, 2)
             cases.append(m)
             per_case[name] = {k: float(v) for k, v in vars(m[1]).items() if isinstance(v, (int, float, np.floating))}

@@ -17,32 +17,26 @@ from . import cli_checks as checks
 from .errors import M3HLInputError
 
 
-def _predict_fn(model, ckpt, device, batch_size: int):
-    """``predict(vol (Z, Y, X), normalized) -> labels (Z, Y, X)`` for the checkpoint's network."""
-    from .checkpoint import image_interp
-    from .inference import predict_volume_2d, predict_volume_3d
+def _predict_fn(predictor):
+    """``predict(vol (Z, Y, X), normalized) -> labels (Z, Y, X)`` with the checkpoint's :class:`Predictor`."""
     from .io import normalize_intensity
 
-    patch = tuple(ckpt["patch_size"])
-
     def predict(vol: np.ndarray, normalized: bool) -> np.ndarray:
-        if len(patch) == 2:
-            image = vol if normalized else normalize_intensity(vol)
-            return predict_volume_2d(model, image, patch=patch, device=device, batch_size=batch_size,
-                                     resize_input=image_interp(ckpt))
+        if predictor.ndim == 2:
+            return predictor.predict(vol if normalized else normalize_intensity(vol))
         xyz = np.ascontiguousarray(vol.transpose(2, 1, 0))  # the 3D models work in (X, Y, Z), z-scored
         if not normalized:
             xyz = ((xyz - xyz.mean()) / (xyz.std() + 1e-8)).astype(np.float32)
-        out = predict_volume_3d(model, xyz, patch=patch, device=device, num_classes=ckpt["num_classes"])
-        return np.ascontiguousarray(out.transpose(2, 1, 0))
+        return np.ascontiguousarray(predictor.predict(xyz).transpose(2, 1, 0))
 
     return predict
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint
     from .io import (affine_from_spacing, fill_non_finite, load_h5_volume, load_la_case, load_nifti,
                      save_nifti_labels, warn_if_constant)
+    from .predictor import Predictor
     from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
@@ -52,9 +46,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     checks.check_teacher(ckpt, args.which, args.checkpoint)
     pairs = checks.plan_outputs(checks.input_files(Path(args.input)), Path(args.output), args.overwrite)
     checks.check_writable_dir(pairs[0][1].parent, "--output")
-    model = model_from_checkpoint(ckpt, args.which, device)
-    patch = tuple(ckpt["patch_size"])
-    predict = _predict_fn(model, ckpt, device, args.batch_size)
+    predictor = Predictor.from_checkpoint(ckpt, args.which, device, batch_size=args.batch_size)
+    patch = predictor.patch
+    predict = _predict_fn(predictor)
     for f, dest in pairs:
         t0 = time.perf_counter()
         if f.name.lower().endswith(".h5"):  # already normalised as the training data
@@ -122,8 +116,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint
     from .io import fill_non_finite, load_nifti, normalize_intensity, warn_if_constant
+    from .predictor import Predictor
     from .runtime import resolve_device, set_threads, tune_malloc
     from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume, check_labels
 
@@ -145,7 +140,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     labeled: list[int] = []
     if args.labels:
         labeled = check_labels(args.image, vol, args.labels, ckpt["num_classes"])
-    teacher = model_from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
+    teacher = Predictor.from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
     method = args.score or DEFAULT_METHOD
     if args.score is None and method == "disagreement" and teacher is None:
         method = "entropy"  # the default needs a teacher; a model file has none
@@ -154,9 +149,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if teacher is None and (method == "disagreement" or network == "teacher"):
         raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "
                              "with --which student")
-    student = model_from_checkpoint(ckpt, "student", device)
-    a = analyse_volume(student, normalize_intensity(image), teacher, method, tuple(ckpt["patch_size"]),
-                       resize_input=image_interp(ckpt), device=device, network=network)
+    student = Predictor.from_checkpoint(ckpt, "student", device)
+    a = analyse_volume(student, normalize_intensity(image), teacher, method, network=network)
     spread = DEFAULT_SPREAD if args.spread is None else args.spread
     ranking = a.ranking(labeled, spread)
     what = (method if method == "disagreement" else f"the {network}'s {method}") + (

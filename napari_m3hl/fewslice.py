@@ -236,7 +236,7 @@ def _mean_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
 def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None) -> Iterator[Any]:
     """Fine-tune and yield the trainer's events, a :class:`Check` every
     ``options.check_every`` iterations, and last a :class:`FewSliceResult`."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint
     from .predictor import Predictor
     from .trainer import TrainControl, train
     from . import events as ev
@@ -261,8 +261,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
         ckpt = load_checkpoint(path)
         out = {}
         for which in ("teacher", "student"):
-            model = model_from_checkpoint(ckpt, which)
-            out[which] = Predictor.from_network(model, cfg, which).predict(job.image)
+            out[which] = Predictor.from_checkpoint(ckpt, which, "cpu").predict(job.image)
         return out
 
     try:

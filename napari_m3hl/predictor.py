@@ -40,6 +40,13 @@ class Predictor:
             resized to ``patch`` (as in training).
         which: ``"student"`` or ``"teacher"``.
         device: where the network runs.
+        precision: 2D inference precision (``"auto"``, ``"fp32"``, ``"bf16"``;
+            see :func:`inference.predict_volume_2d`).
+        channels_last: 2D inference memory format.
+        batch_size: slices per forward pass (2D).
+        stride: sliding-window step, voxels (3D; ``None``: the default of
+            :func:`inference.predict_volume_3d`).
+        keep_largest: keep only the largest connected component per class (3D).
     """
 
     model: nn.Module
@@ -49,6 +56,11 @@ class Predictor:
     image_interp: str = "bilinear"
     which: str = "student"
     device: torch.device = torch.device("cpu")
+    precision: str = "auto"
+    channels_last: bool = True
+    batch_size: int = 16
+    stride: tuple[int, ...] | None = None
+    keep_largest: bool = False
 
     @property
     def ndim(self) -> int:
@@ -61,6 +73,7 @@ class Predictor:
         which: str = "student",
         device: str | torch.device = "cpu",
         fallback_to_student: bool = False,
+        batch_size: int = 16,
     ) -> "Predictor":
         """Load a checkpoint or model file (a path, or an already loaded dict).
 
@@ -85,14 +98,23 @@ class Predictor:
         model = model_from_checkpoint(ckpt, which, dev)
         names = tuple(ckpt.get("class_names") or [f"class {c}" for c in range(int(ckpt["num_classes"]))])
         return cls(model, tuple(int(p) for p in ckpt["patch_size"]), int(ckpt["num_classes"]), names,
-                   image_interp(ckpt), which, dev)
+                   image_interp(ckpt), which, dev, batch_size=batch_size)
 
     @classmethod
-    def from_network(cls, model: nn.Module, config: Any, which: str = "student") -> "Predictor":
-        """Wrap a live network (e.g. during training) with its ``TrainConfig``."""
-        dev = next(model.parameters()).device
+    def from_network(
+        cls,
+        model: nn.Module,
+        config: Any,
+        which: str = "student",
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        channels_last: bool = True,
+    ) -> "Predictor":
+        """Wrap a live network (e.g. during training) with its ``TrainConfig``;
+        ``device`` defaults to where the network's parameters are."""
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
         return cls(model, tuple(int(p) for p in config.patch_size), int(config.num_classes),
-                   tuple(config.class_names), config.image_interp, which, dev)
+                   tuple(config.class_names), config.image_interp, which, dev, precision, channels_last)
 
     def predict(self, volume: np.ndarray, return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Labels ``uint8`` of the volume's shape (and probabilities ``(C, *shape)``
@@ -104,9 +126,12 @@ class Predictor:
             if vol.ndim != 3:
                 raise M3HLInputError(f"a 2D network segments (D, H, W) volumes; got an array of shape {vol.shape}")
             return predict_volume_2d(self.model, vol, patch=self.patch, device=self.device,
-                                     resize_input=self.image_interp, return_probs=return_probs)
-        return predict_volume_3d(self.model, vol, patch=self.patch, device=self.device,
-                                 num_classes=self.num_classes, return_probs=return_probs)
+                                     batch_size=self.batch_size, return_probs=return_probs,
+                                     resize_input=self.image_interp, precision=self.precision,
+                                     channels_last=self.channels_last)
+        extra = {} if self.stride is None else {"stride": tuple(self.stride)}
+        return predict_volume_3d(self.model, vol, patch=self.patch, device=self.device, num_classes=self.num_classes,
+                                 keep_largest=self.keep_largest, return_probs=return_probs, **extra)
 
     def score(
         self,

@@ -34,6 +34,8 @@ from .errors import M3HLInputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from .predictor import Predictor
+
 METHODS = ("entropy", "total-entropy", "disagreement", "margin")
 #: Networks whose uncertainty can be scored (the one that segments).
 NETWORKS = ("student", "teacher")
@@ -185,9 +187,9 @@ class SliceAnalysis:
 
 
 def analyse_volume(
-    student: "torch.nn.Module",
+    student: "torch.nn.Module | Predictor",
     volume: np.ndarray,
-    teacher: "torch.nn.Module | None" = None,
+    teacher: "torch.nn.Module | Predictor | None" = None,
     method: str = "entropy",
     patch: Sequence[int] = (256, 256),
     resize_input: str = "bilinear",
@@ -198,11 +200,12 @@ def analyse_volume(
     """Predict ``volume`` (float32 (D, H, W), normalised as in training) with the
     student (and the teacher, if given) and score every slice by ``method``.
 
+    ``student``/``teacher``: :class:`~napari_m3hl.predictor.Predictor` objects
+    (they carry their own patch, input resizing and device; ``patch``,
+    ``resize_input`` and ``device`` are then ignored) or bare 2D networks.
     ``network``: whose probabilities ``"entropy"`` and ``"margin"`` measure:
     ``"student"`` or ``"teacher"`` (the network that segments; needs ``teacher``).
     """
-    from .inference import predict_volume_2d
-
     if method not in METHODS:
         raise ValueError(f"unknown suggestion score {method!r}; choose one of {METHODS}")
     if network not in NETWORKS:
@@ -211,12 +214,27 @@ def analyse_volume(
         raise ValueError("the 'disagreement' score needs a teacher network")
     if network == "teacher" and teacher is None:
         raise ValueError("scoring the teacher needs a teacher network")
-    kw = dict(patch=tuple(patch), device=device, batch_size=batch_size, return_probs=True, resize_input=resize_input)
-    s_lab, s_prob = predict_volume_2d(student, volume, **kw)
+    as_predictor = _predictor_factory(patch, resize_input, device, batch_size)
+    s_lab, s_prob = as_predictor(student).predict(volume, return_probs=True)
     t_lab = t_prob = None
     if teacher is not None:
-        t_lab, t_prob = predict_volume_2d(teacher, volume, **kw)
+        t_lab, t_prob = as_predictor(teacher).predict(volume, return_probs=True)
     scores = slice_scores(t_prob, s_prob, method) if network == "teacher" else slice_scores(s_prob, t_prob, method)
     dis = disagreement_map(s_lab, t_lab) if t_lab is not None else None
     return SliceAnalysis(method, scores, s_lab.astype(np.uint8), None if t_lab is None else t_lab.astype(np.uint8), dis,
                          network)
+
+
+def _predictor_factory(patch: Sequence[int], resize_input: str, device: Any, batch_size: int):
+    """``net -> Predictor``: a Predictor is kept (with ``batch_size``), a bare
+    2D network is wrapped with ``patch``, ``resize_input`` and ``device``."""
+    from dataclasses import replace
+
+    from .predictor import Predictor
+
+    def as_predictor(net: Any) -> Predictor:
+        if isinstance(net, Predictor):
+            return replace(net, batch_size=batch_size)
+        return Predictor(net, tuple(int(p) for p in patch), 0, (), resize_input, device=device, batch_size=batch_size)
+
+    return as_predictor

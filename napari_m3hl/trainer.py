@@ -264,17 +264,14 @@ def _read_back(pending: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[dict
 def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: torch.device) -> tuple[float, dict[str, float]]:
     """Mean Dice (and per class) of ``model`` on the volumes; fp32 inference,
     so the best checkpoint is chosen by the same numbers whatever the precision."""
-    from .inference import predict_volume_2d, predict_volume_3d
     from .metrics import dice
+    from .predictor import Predictor
 
+    predictor = Predictor.from_network(model, config, device=device, precision="fp32",
+                                       channels_last=config.channels_last)
     scores = np.zeros((len(volumes), config.num_classes - 1))
     for i, (_, image, label) in enumerate(volumes):
-        if config.ndim == 2:
-            pred = predict_volume_2d(model, image, patch=tuple(config.patch_size), device=device,
-                                     resize_input=config.image_interp, precision="fp32",
-                                     channels_last=config.channels_last)
-        else:
-            pred = predict_volume_3d(model, image, patch=tuple(config.patch_size), device=device, num_classes=config.num_classes)
+        pred = predictor.predict(image)
         for c in range(1, config.num_classes):
             scores[i, c - 1] = dice(pred == c, label == c)
     per_class = {config.class_names[c]: float(scores[:, c - 1].mean()) for c in range(1, config.num_classes)}
@@ -411,11 +408,10 @@ def train(
         return str(save_checkpoint(out / f"{kind}.pt", payload))
 
     def volume_preview(iteration: int) -> ev.VolumePreview:
-        from .inference import predict_volume_2d
+        from .predictor import Predictor
 
-        labels = predict_volume_2d(teacher, preview_volume, patch=tuple(config.patch_size), device=device,
-                                   resize_input=config.image_interp, precision=setup.precision,
-                                   channels_last=config.channels_last)
+        labels = Predictor.from_network(teacher, config, "teacher", device=device, precision=setup.precision,
+                                        channels_last=config.channels_last).predict(preview_volume)
         return ev.VolumePreview(iteration, labels, preview_token)
 
     # what runs the forward passes (compiled or not); state, EMA and checkpoints use the modules themselves

@@ -227,24 +227,23 @@ def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
 
 @dataclass
 class Networks:
-    """A checkpoint's networks, loaded once for a job: ``student`` and, when the
-    file has one, ``teacher`` (eval mode on ``device``); ``patch``: the 2D
-    input size; ``interp``: how inputs are resized to it."""
+    """A checkpoint's networks, loaded once for a job: the ``student`` and, when
+    the file has one (and it was asked for), the ``teacher``, each a
+    :class:`~napari_m3hl.predictor.Predictor` (2D, eval mode, the checkpoint's
+    input size and resizing)."""
 
     student: Any
     teacher: Any
-    patch: tuple[int, int]
-    interp: str
-    device: Any
 
     def net(self, which: str) -> Any:
-        """The network ``which`` (the student when the file has no teacher)."""
+        """The predictor ``which`` (the student when the file has no teacher)."""
         return self.teacher if which == "teacher" and self.teacher is not None else self.student
 
 
 def load_networks(checkpoint: str | Path, device: str = "auto", with_teacher: bool = True) -> Networks:
-    """Read ``checkpoint`` once and build its 2D student (and teacher)."""
-    from ..checkpoint import image_interp, load_checkpoint, model_from_checkpoint
+    """Read ``checkpoint`` once and build its 2D student (and teacher) predictors."""
+    from ..checkpoint import load_checkpoint
+    from ..predictor import Predictor
     from ..runtime import resolve_device, tune_malloc
 
     tune_malloc()
@@ -253,17 +252,17 @@ def load_networks(checkpoint: str | Path, device: str = "auto", with_teacher: bo
     patch = tuple(ckpt["patch_size"])
     if len(patch) != 2:
         raise M3HLInputError(f"checkpoint {checkpoint} holds a {len(patch)}D model; the widget works with 2D models")
-    student = model_from_checkpoint(ckpt, "student", dev)
-    teacher = model_from_checkpoint(ckpt, "teacher", dev) if with_teacher and "teacher" in ckpt else None
-    return Networks(student, teacher, (int(patch[0]), int(patch[1])), image_interp(ckpt), dev)
+    student = Predictor.from_checkpoint(ckpt, "student", dev)
+    teacher = Predictor.from_checkpoint(ckpt, "teacher", dev) if with_teacher and "teacher" in ckpt else None
+    return Networks(student, teacher)
 
 
 def _segment(nets: Networks, volume: np.ndarray, which: str, batch_size: int) -> np.ndarray:
-    from ..inference import predict_volume_2d
+    from dataclasses import replace
+
     from ..io import normalize_intensity
 
-    return predict_volume_2d(nets.net(which), normalize_intensity(volume), patch=nets.patch, device=nets.device,
-                             batch_size=batch_size, resize_input=nets.interp)
+    return replace(nets.net(which), batch_size=batch_size).predict(normalize_intensity(volume))
 
 
 def _analyse(nets: Networks, volume: np.ndarray, method: str, which: str) -> Any:
@@ -273,8 +272,7 @@ def _analyse(nets: Networks, volume: np.ndarray, method: str, which: str) -> Any
     if nets.teacher is None:  # a model file: score the student, by entropy where disagreement was asked
         method = "entropy" if method == "disagreement" else method
         which = "student"
-    return analyse_volume(nets.student, normalize_intensity(volume), nets.teacher, method, nets.patch,
-                          resize_input=nets.interp, device=nets.device, network=which)
+    return analyse_volume(nets.student, normalize_intensity(volume), nets.teacher, method, network=which)
 
 
 def predict_job(
