@@ -1,8 +1,7 @@
-"""Command line: ``m3hl train | predict | evaluate`` (also ``python -m napari_m3hl``)."""
+"""Command line: ``m3hl train | predict | evaluate | suggest | phantom`` (also ``python -m napari_m3hl``); the parser, ``train`` and ``main``."""
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import signal
 import sys

@@ -32,17 +32,26 @@ def _predict_fn(predictor):
     return predict
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _open(args: argparse.Namespace):
+    """What every inference command does first: glibc malloc tuning, every core
+    for torch, the ``--json`` path checked (when the command has one), then the
+    device and the checkpoint. Returns ``(device, checkpoint dict)``."""
     from .checkpoint import load_checkpoint
-    from .io import (affine_from_spacing, fill_non_finite, load_h5_volume, load_la_case, load_nifti,
-                     save_nifti_labels, warn_if_constant)
-    from .predictor import Predictor
     from .runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
     set_threads("cli")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    if getattr(args, "json", None):
+        checks.check_output_file(args.json, "--json")
+    return resolve_device(args.device), load_checkpoint(args.checkpoint)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .io import (affine_from_spacing, fill_non_finite, load_h5_volume, load_la_case, load_nifti,
+                     save_nifti_labels, warn_if_constant)
+    from .predictor import Predictor
+
+    device, ckpt = _open(args)
     checks.check_teacher(ckpt, args.which, args.checkpoint)
     pairs = checks.plan_outputs(checks.input_files(Path(args.input)), Path(args.output), args.overwrite)
     checks.check_writable_dir(pairs[0][1].parent, "--output")
@@ -78,18 +87,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
     from .data import load_val_volumes
     from .metrics import format_table
     from .predictor import Predictor
-    from .runtime import resolve_device, set_threads, tune_malloc
 
-    tune_malloc()
-    set_threads("cli")
-    if args.json:
-        checks.check_output_file(args.json, "--json")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    device, ckpt = _open(args)
     checks.check_teacher(ckpt, args.which, args.checkpoint)
     patch = tuple(ckpt["patch_size"])
     kind = checks.data_kind(args.data)
@@ -116,18 +118,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
     from .io import fill_non_finite, load_nifti, normalize_intensity, warn_if_constant
     from .predictor import Predictor
-    from .runtime import resolve_device, set_threads, tune_malloc
     from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume, check_labels
 
-    tune_malloc()
-    set_threads("cli")
-    if args.json:
-        checks.check_output_file(args.json, "--json")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    device, ckpt = _open(args)
     if len(ckpt["patch_size"]) != 2:
         raise M3HLInputError(f"{args.checkpoint} holds a 3D model; slice suggestions need a 2D (slice-wise) model")
     vol = load_nifti(args.image)
