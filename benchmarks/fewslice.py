@@ -1,9 +1,9 @@
-"""The few-slice loop on real ACDC validation volumes, through the widget's engine path.
+"""The few-slice loop on real ACDC validation volumes, through the few-slice engine path.
 
 For each validation volume (its labels play the clinician) two slices are
 "painted" by a rule, the start model is fine-tuned on them with
-:mod:`napari_m3hl.fewslice` (``prepare`` + ``run``, the code path of the
-widget and ``m3hl train --data IMG --labels PAINTED``), and the start
+:mod:`napari_m3hl.fewslice` (``prepare`` + ``run``, the code path of
+``m3hl train --data IMG --labels PAINTED``; the widget does not use it yet), and the start
 model's and the fine-tuned model's segmentations are scored on the slices
 that were NOT painted (3D Dice per class, ``napari_m3hl.metrics.dice``,
 medpy conventions) and on the painted ones.

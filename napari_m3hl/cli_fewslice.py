@@ -4,7 +4,7 @@ A clinician's volume with a few painted slices is not a data set: instead of a
 preset's 30,000-iteration schedule, ``train`` fine-tunes a start model (``--init``,
 by default the shipped 70-patient ACDC model) with the few-slice defaults of
 :class:`napari_m3hl.fewslice.FewSliceOptions` through the same engine path as
-the widget and ``benchmarks/fewslice.py`` (the start model's own input size
+``benchmarks/fewslice.py`` (the start model's own input size
 and resizing; the safeguard's verdict). It writes to ``--out``: ``last.pt``,
 ``segmentation.nii.gz`` (the painted slices exactly as painted, the network
 elsewhere, or the start model's segmentation when the safeguard fires),
@@ -55,11 +55,15 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     out = Path(args.out)
     start = Path(args.init) if args.init else default_start()
     if not start.is_file():
-        raise M3HLInputError(f"start model {start} not found; give one with --init MODEL.pt")
+        raise M3HLInputError(f"start model {start} not found" + ("" if args.init else " (the shipped model is missing "
+                             "from this install)") + "; give a model file with --init MODEL.pt")
     img, lab = load_nifti(args.data), load_nifti(args.labels)
     if img.data.ndim != 3:
         raise M3HLInputError(f"--data {args.data} has {img.data.ndim} dimensions; the few-slice loop fine-tunes on "
                              "one 3D volume (save one frame of a cine series, or give --preset for the data-set path)")
+    bad = int(np.size(img.data) - np.count_nonzero(np.isfinite(img.data)))
+    if bad:
+        raise M3HLInputError(f"--data {args.data} holds {bad} NaN or infinite voxel(s); fix or re-export the image")
     if lab.data.shape != img.data.shape:
         raise M3HLInputError(f"--labels {args.labels} has shape {lab.data.shape} but --data {args.data} has "
                              f"{img.data.shape}; paint on a label map of the image's grid")

@@ -4,7 +4,7 @@
 plays the clinician with a fully labeled volume: it keeps the truth on two
 slices (a third and two thirds of the way through the slices that show every
 class) as the "painted" label file, fine-tunes the start model on them with
-the few-slice defaults (:mod:`napari_m3hl.fewslice`, the widget's code path),
+the few-slice defaults (:mod:`napari_m3hl.fewslice`, the path of ``m3hl train --labels``),
 prints the start model's and the fine-tuned model's Dice on the slices that
 were not painted and the time taken, and writes NIfTI files to ``DIR``:
 ``painted.nii.gz`` (the two painted slices), ``segmentation.nii.gz`` (the

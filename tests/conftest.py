@@ -59,14 +59,25 @@ def _menu_action(menu_bar, *path: str):
         actions = found[0].menu().actions()
 
 
+def _dock_widget(viewer, tmp_path):
+    """Plugins ▸ Train M³HL through the manifest, set to train ``TINY`` runs in
+    ``tmp_path/runs`` with previews at every step."""
+    from gui_helpers import TINY
+
+    _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
+    widget.set_run_folder(tmp_path / "runs")
+    widget.config_overrides = dict(TINY)
+    widget.preview_every_s = 0.0
+    widget.mix_preview_every_s = 0.0
+    return widget
+
+
 @pytest.fixture
 def user_viewer(make_napari_viewer, tmp_path, qtbot):
     """Factory: a shown viewer as a user gets it, the sample opened through
     File ▸ Open Sample (when ``sample``), and the dock widget from the
     manifest (Plugins ▸ Train M³HL); the widget trains ``TINY`` runs in
     ``tmp_path/runs`` with previews at every step."""
-    from gui_helpers import TINY
-
     _register_plugin()
     made = []
 
@@ -76,11 +87,7 @@ def user_viewer(make_napari_viewer, tmp_path, qtbot):
             _menu_action(viewer.window._qt_window.menuBar(), "File", "Open Sample",
                          "Synthetic cardiac MR phantom (M³HL)").trigger()
             qtbot.waitUntil(lambda: "phantom image" in viewer.layers, timeout=30_000)
-        _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
-        widget.set_run_folder(tmp_path / "runs")
-        widget.config_overrides = dict(TINY)
-        widget.preview_every_s = 0.0
-        widget.mix_preview_every_s = 0.0
+        widget = _dock_widget(viewer, tmp_path)
         made.append(widget)
         return viewer, widget
 
@@ -93,8 +100,6 @@ def user_viewer(make_napari_viewer, tmp_path, qtbot):
 def make_widget(make_napari_viewer, tmp_path, qtbot):
     """Factory: a viewer (optionally with the tiny phantom) and the widget docked
     through the plugin manifest, as napari does it (the widget gets a proxy)."""
-    from gui_helpers import TINY
-
     _register_plugin()
     made = []
 
@@ -105,11 +110,7 @@ def make_widget(make_napari_viewer, tmp_path, qtbot):
         if phantom:
             for data, meta, kind in phantom_layers(shape=(6, 64, 64), painted=painted):
                 getattr(viewer, f"add_{kind}")(data, **meta)
-        _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
-        widget.set_run_folder(tmp_path / "runs")
-        widget.config_overrides = dict(TINY)
-        widget.preview_every_s = 0.0
-        widget.mix_preview_every_s = 0.0
+        widget = _dock_widget(viewer, tmp_path)
         made.append(widget)
         return viewer, widget
 

@@ -59,3 +59,18 @@ def test_fewslice_refuses_labels_of_another_grid(painted_volume, tmp_path, capsy
     assert main(["train", "--data", str(img), "--labels", str(tmp_path / "small.nii.gz"), "--out", str(tmp_path / "r")]) == 2
     assert "shape" in capsys.readouterr().err
     assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_fewslice_names_the_image_with_nan_voxels_and_a_missing_start_model(painted_volume, tmp_path, capsys):
+    img, painted_path, _ = painted_volume
+    src = nib.load(str(img))
+    data = np.asarray(src.dataobj, dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, src.affine), tmp_path / "nan.nii.gz")
+    assert main(["train", "--data", str(tmp_path / "nan.nii.gz"), "--labels", str(painted_path),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "nan.nii.gz holds 1 NaN" in capsys.readouterr().err
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--init", str(tmp_path / "none.pt"),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "none.pt" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "run.json").exists()
