@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -55,6 +56,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "acdc"
 BUDGETS = {
     "cpu": {"patch_size": [128, 128], "batch_size": 8, "iterations": 1200, "block_size": [32, 32], "val_every": 200},
     "paper": {"patch_size": [256, 256], "batch_size": 24, "iterations": 30000, "block_size": [64, 64], "val_every": 200},
+    # the paper's input, batch and blocks at a GPU session's budget (benchmarks/acdc_gpu.py sets --iterations)
+    "gpu": {"patch_size": [256, 256], "batch_size": 24, "iterations": 3000, "block_size": [64, 64], "val_every": 250},
 }
 # One preprocessing for every row, so that rows differ in the method only (the
 # reference variant alone would otherwise resize nearest-neighbour).
@@ -69,6 +72,7 @@ METHODS: dict[str, tuple[str, str | None, int, dict]] = {
     "sup7": ("Supervised only, 7 patients", "paper", 7, {"mode": "supervised", "lr": SUP_LR}),
     "m3hl_paper": ("M³HL, paper variant", "paper", 7, {}),
     "m3hl_reference": ("M³HL, reference-code variant", "reference", 7, {}),
+    "m3hl_fast": ("M³HL, fast recipe (warm start, poly)", "fast", 7, {}),
     "m3_only": ("M³ only (no HL)", None, 7, {"use_hl": False}),
     "hl_only": ("HL only (no mix)", None, 7, {"use_mix": False}),
     "sup70": ("Fully supervised, 70 patients (ceiling)", "paper", 70, {"mode": "supervised", "lr": SUP_LR}),
@@ -131,8 +135,8 @@ def run_one(args: argparse.Namespace) -> int:
     from napari_m3hl.data import load_train_data, load_val_volumes
     from napari_m3hl.metrics import format_table
     from napari_m3hl.predictor import Predictor
-    from napari_m3hl.runtime import tune_malloc
-    from napari_m3hl.trainer import train
+    from napari_m3hl.runtime import resolve_device, tune_malloc
+    from napari_m3hl.trainer import TrainControl, train
 
     tune_malloc()
     if args.threads:
@@ -143,6 +147,8 @@ def run_one(args: argparse.Namespace) -> int:
     cfg, label, variant, labeled = method_config(method, args.budget, args.ablation_variant, extra, args.seed)
     if args.iterations:
         cfg = cfg.replace(iterations=args.iterations, val_every=min(cfg.val_every, args.iterations))
+    if args.val_every:
+        cfg = cfg.replace(val_every=args.val_every)
     if args.suffix:
         label += f" [{', '.join(f'{k}={v}' for k, v in extra.items()) or args.suffix}]"
     data = load_train_data(args.data, labeled_patients=labeled)
@@ -153,12 +159,15 @@ def run_one(args: argparse.Namespace) -> int:
     print(f"[{key}] {label}: variant {variant}, {len(data.labeled)} labeled / {len(data.unlabeled)} unlabeled slices, "
           f"{cfg.iterations} it, batch {cfg.batch_size}, {tuple(cfg.patch_size)}, lr {cfg.lr}, out {out}", flush=True)
     history = []
+    pl_curve = []
     t0 = time.perf_counter()
     val_s = 0.0
     last_v = None
     finished = None
     last_print = 0.0
-    for e in train(cfg, data, out, val_volumes=sel):
+    control = TrainControl()  # SIGTERM (an orchestrator's deadline) ends the run early, scored and written
+    signal.signal(signal.SIGTERM, lambda *_: control.stop())
+    for e in train(cfg, data, out, val_volumes=sel, control=control):
         if isinstance(e, ev.Progress):
             if e.elapsed_s - last_print > 30 or e.iteration == e.total_iterations:
                 last_print = e.elapsed_s
@@ -171,6 +180,8 @@ def run_one(args: argparse.Namespace) -> int:
                             "best": e.best})
             print(f"  val @{e.iteration}: {100 * e.mean_dice:.2f}" + (" (best)" if e.best else "") + "  "
                   + " ".join(f"{k} {100 * v:.2f}" for k, v in e.per_class.items()), flush=True)
+        elif isinstance(e, ev.PseudoLabelQuality):
+            pl_curve.append({"iteration": e.iteration, **e.scores})
         elif isinstance(e, ev.TrainFinished):
             finished = e
     train_wall = time.perf_counter() - t0
@@ -179,7 +190,14 @@ def run_one(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     ckpt = load_checkpoint(best_path)
     # the one prediction path `m3hl evaluate` uses (input resizing as the checkpoint was trained)
-    summary, per_case = Predictor.from_checkpoint(ckpt, "student", "cpu").score(val, empty_convention="paper")
+    device = str(resolve_device(cfg.device))
+    summary, per_case = Predictor.from_checkpoint(ckpt, "student", device).score(val, empty_convention="paper")
+    teacher_last = None
+    last = Path(best_path).with_name("last.pt")
+    if last.is_file():
+        t_summary, _ = Predictor.from_checkpoint(load_checkpoint(last), "teacher", device).score(
+            val, empty_convention="paper")
+        teacher_last = {"iteration": int(finished.iteration), "which": "teacher", "summary": t_summary}
     score_s = time.perf_counter() - t1
     print(format_table(summary), flush=True)
     result = {
@@ -195,6 +213,8 @@ def run_one(args: argparse.Namespace) -> int:
         "selection": {"volumes": len(sel), "every": cfg.val_every, "best_iteration": int(ckpt["iteration"]),
                       "best_val_mean_dice": max((h["mean_dice"] for h in history), default=None)},
         "history": history, "best_checkpoint": str(best_path), "summary": summary, "cases": per_case,
+        "teacher_last": teacher_last, "pseudo_label_curve": pl_curve, "scored_on": device,
+        "stopped_early": bool(finished.stopped),
         "note": "selection and scoring use the same 20 validation volumes (the test patients are absent)",
     }
     PER_METHOD.mkdir(parents=True, exist_ok=True)
@@ -358,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suffix", default="", help="name suffix for a run with --set overrides (a separate row)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--iterations", type=int, default=None, help="override the budget's iterations (smoke tests)")
+    p.add_argument("--val-every", type=int, default=None, help="override the budget's validation period")
     p.add_argument("--val-subset", type=int, default=None, help="validate during training on the first N volumes only")
     p.add_argument("--threads", type=int, default=None, help="torch threads per method process")
     p.add_argument("--jobs", type=int, default=1, help="methods run at the same time (each its own process)")
@@ -395,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--seed", str(args.seed)]
             for s in args.set:
                 cmd += ["--set", s]
-            for opt, val in (("--suffix", args.suffix), ("--iterations", args.iterations),
+            for opt, val in (("--suffix", args.suffix), ("--iterations", args.iterations), ("--val-every", args.val_every),
                              ("--val-subset", args.val_subset), ("--threads", args.threads)):
                 if val:
                     cmd += [opt, str(val)]

@@ -68,6 +68,7 @@ class TrainConfig:
     pseudo_lcc: bool = True
     # recipe for short budgets (issue 10; 0 = off, the paper's recipe)
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
+    warm_frac: float = 0.0  # the same as a fraction of `iterations` (used when warm_start is 0; the `fast` variant)
     alpha_rampup: int = 0  # α ramps linearly from 0 over this many M³HL iterations
     # diagnostics
     pl_eval_every: int = 0  # score pseudo-labels against the hidden labels of unlabeled data every N iterations
@@ -94,6 +95,14 @@ class TrainConfig:
     @property
     def ndim(self) -> int:
         return len(self.patch_size)
+
+    @property
+    def warm_iterations(self) -> int:
+        """Supervised-only iterations before the M³HL phase: ``warm_start``,
+        else ``warm_frac`` of ``iterations`` (0 in supervised mode)."""
+        if self.mode != "m3hl":
+            return 0
+        return int(self.warm_start) if self.warm_start > 0 else int(round(self.warm_frac * self.iterations))
 
     def validate(self) -> None:
         """Raise :class:`M3HLInputError` naming the bad setting."""
@@ -158,6 +167,8 @@ class TrainConfig:
         for name in ("warm_start", "alpha_rampup", "pl_eval_every", "pl_eval_samples"):
             if int(getattr(self, name)) < 0:
                 raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warm_frac < 1.0:
+            raise M3HLInputError(f"warm_frac must lie in [0, 1), got {self.warm_frac}")
         if self.l2_to_start < 0 or not set(filter(None, self.freeze.split(","))) <= {"encoder", "bn"}:
             raise M3HLInputError(f"l2_to_start must be >= 0 and freeze a comma list of 'encoder', 'bn'; "
                                  f"got {self.l2_to_start}, {self.freeze!r}")

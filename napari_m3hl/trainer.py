@@ -89,7 +89,7 @@ def alpha_at(config: TrainConfig, iteration: int) -> float:
     ``alpha_rampup`` M³HL iterations (those after ``warm_start``), else constant."""
     if config.alpha_rampup <= 0:
         return config.alpha
-    return config.alpha * min(1.0, (iteration - config.warm_start + 1) / config.alpha_rampup)
+    return config.alpha * min(1.0, (iteration - config.warm_iterations + 1) / config.alpha_rampup)
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:
@@ -423,6 +423,7 @@ def train(
         idx = pick_reference(len(truth), config.pl_eval_samples, config.seed)
         pl_ref = reference_batch([truth[i] for i in idx], config, device)
     half = config.batch_size // 2
+    warm = config.warm_iterations
     t0 = time.perf_counter()
     # the first previews follow the first step (then one per period), so a user sees them at once
     last_vol = t0 - (preview_every_s or 0.0)
@@ -444,9 +445,9 @@ def train(
             g["lr"] = lr
         fmt = setup.memory_format
         img_l, lab_l = _make_batch([data.labeled[i] for i in cyc_l.take(half)], config, gen, device, fmt)
-        if config.mode == "m3hl" and it == config.warm_start > 0:
+        if config.mode == "m3hl" and it == warm > 0:
             init_teacher(teacher, student, "copy")  # the M³HL phase starts from the warm student
-        if config.mode == "supervised" or it < config.warm_start:
+        if config.mode == "supervised" or it < warm:
             res = supervised_losses(config, run_student, img_l, lab_l, autocast)
             n_images = half
         else:
