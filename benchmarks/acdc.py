@@ -102,7 +102,8 @@ def machine_info() -> dict:
         nproc = os.cpu_count()
     return {"nproc": nproc, "cpu_model": model or platform.processor(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+            "platform": platform.platform(), "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _parse_sets(items: list[str]) -> dict:

@@ -19,11 +19,9 @@ from .errors import M3HLInputError
 
 def _predict_fn(predictor):
     """``predict(vol (Z, Y, X), normalized) -> labels (Z, Y, X)`` with the checkpoint's :class:`Predictor`."""
-    from .io import normalize_intensity
-
     def predict(vol: np.ndarray, normalized: bool) -> np.ndarray:
         if predictor.ndim == 2:
-            return predictor.predict(vol if normalized else normalize_intensity(vol))
+            return predictor.predict(vol if normalized else predictor.scale(vol))
         xyz = np.ascontiguousarray(vol.transpose(2, 1, 0))  # the 3D models work in (X, Y, Z), z-scored
         if not normalized:
             xyz = ((xyz - xyz.mean()) / (xyz.std() + 1e-8)).astype(np.float32)
@@ -118,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from .io import fill_non_finite, load_nifti, normalize_intensity, warn_if_constant
+    from .io import fill_non_finite, load_nifti, warn_if_constant
     from .predictor import Predictor
     from .suggest import DEFAULT_METHOD, DEFAULT_NETWORK, DEFAULT_SPREAD, analyse_volume, check_labels
 
@@ -145,7 +143,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         raise M3HLInputError(f"{args.checkpoint} has no teacher network; use --score entropy or margin "
                              "with --which student")
     student = Predictor.from_checkpoint(ckpt, "student", device)
-    a = analyse_volume(student, normalize_intensity(image), teacher, method, network=network)
+    a = analyse_volume(student, student.scale(image), teacher, method, network=network)
     spread = DEFAULT_SPREAD if args.spread is None else args.spread
     ranking = a.ranking(labeled, spread)
     what = (method if method == "disagreement" else f"the {network}'s {method}") + (

@@ -78,6 +78,7 @@ class TrainConfig:
     freeze: str = ""  # "encoder" (encoder weights) and/or "bn" (BatchNorm running stats) stay at their start values, e.g. "encoder,bn"
     # data
     image_interp: str = "bilinear"  # bilinear | nearest (reference code)
+    intensity: str = "percentile"  # how raw images (NIfTI, layers) are scaled to [0, 1] for this network: percentile | minmax
     # run
     seed: int = 1337
     device: str = "auto"
@@ -176,6 +177,8 @@ class TrainConfig:
             raise M3HLInputError(f"teacher_bn must be 'copy', 'ema' or 'own', got {self.teacher_bn!r}")
         if self.image_interp not in ("bilinear", "nearest"):
             raise M3HLInputError(f"image_interp must be 'bilinear' or 'nearest', got {self.image_interp!r}")
+        if self.intensity not in ("percentile", "minmax"):
+            raise M3HLInputError(f"intensity must be 'percentile' or 'minmax', got {self.intensity!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise M3HLInputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.readback_every < 0:

@@ -151,16 +151,12 @@ class FewSliceResult:
 def scale_intensity(image: np.ndarray, how: str = "minmax") -> np.ndarray:
     """(D, H, W) float32 in [0, 1]: ``minmax`` (as the ACDC training volumes)
     or ``percentile`` (:func:`napari_m3hl.io.normalize_intensity`)."""
-    from .io import normalize_intensity, validate_image
+    from .io import scale_intensity as _scale, validate_image
 
-    if how not in INTENSITY:
-        raise M3HLInputError(f"intensity scaling must be one of {INTENSITY}, got {how!r}")
     img = np.asarray(image, dtype=np.float32)
-    validate_image(img, "image")
-    if how == "percentile":
-        return normalize_intensity(img)
-    lo, hi = float(img.min()), float(img.max())
-    return np.zeros_like(img) if hi <= lo else (img - lo) / (hi - lo)
+    if how in INTENSITY:
+        validate_image(img, "image")
+    return _scale(img, how)
 
 
 def painted_slices(painted: np.ndarray) -> np.ndarray:
@@ -187,7 +183,8 @@ def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConf
         patch_size=patch, block_size=block, image_interp=base.get("image_interp", "bilinear"),
         iterations=options.iterations, lr=options.lr, batch_size=options.batch_size, mode=options.mode,
         lr_schedule="constant", l2_to_start=options.l2_to_start, freeze=options.freeze,
-        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0, alpha_rampup=0,
+        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0, warm_frac=0.0, alpha_rampup=0,
+        intensity=options.intensity,  # recorded, so `m3hl predict` and the widget scale as the fine-tune did
         teacher_init="copy", teacher_mode="eval", teacher_bn="copy", pl_eval_every=0,
         val_every=0, checkpoint_every=options.check_every, seed=options.seed, device=options.device,
         preset="fewslice", variant="",

@@ -50,6 +50,7 @@ __all__ = [
     "validate_image",
     "validate_label",
     "normalize_intensity",
+    "scale_intensity",
 ]
 
 
@@ -390,6 +391,26 @@ def load_la_case(path: PathLike, need_label: bool = True) -> tuple[np.ndarray, O
     skips the label (returns ``None``).
     """
     return _read_h5(path, 3, need_label=need_label, what="LA case")
+
+
+INTENSITY = ("percentile", "minmax")
+
+
+def scale_intensity(image: np.ndarray, how: str = "percentile") -> np.ndarray:
+    """A raw image scaled to [0, 1] (float32, same shape) the way a network
+    expects it: ``percentile`` (:func:`normalize_intensity`, 0.5-99.5 %
+    clipped) or ``minmax`` (the plain range, as the ACDC training volumes)."""
+    if how not in INTENSITY:
+        raise M3HLInputError(f"intensity scaling must be one of {INTENSITY}, got {how!r}")
+    if how == "percentile":
+        return normalize_intensity(image)
+    img = np.asarray(image, dtype=np.float32)
+    if not np.all(np.isfinite(img)):
+        raise M3HLInputError("scale_intensity: the image contains NaN or infinite values.")
+    if img.size == 0:
+        return img.copy()
+    lo, hi = float(img.min()), float(img.max())
+    return np.zeros_like(img) if hi <= lo else ((img - lo) / (hi - lo)).astype(np.float32, copy=False)
 
 
 def normalize_intensity(image: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:

@@ -47,6 +47,8 @@ class Predictor:
         stride: sliding-window step, voxels (3D; ``None``: the default of
             :func:`inference.predict_volume_3d`).
         keep_largest: keep only the largest connected component per class (3D).
+        intensity: how :meth:`scale` maps a raw image to [0, 1] (``"percentile"``
+            or ``"minmax"``), as the network's training scaled its images.
     """
 
     model: nn.Module
@@ -61,6 +63,7 @@ class Predictor:
     batch_size: int = 16
     stride: tuple[int, ...] | None = None
     keep_largest: bool = False
+    intensity: str = "percentile"
 
     @property
     def ndim(self) -> int:
@@ -98,7 +101,8 @@ class Predictor:
         model = model_from_checkpoint(ckpt, which, dev)
         names = tuple(ckpt.get("class_names") or [f"class {c}" for c in range(int(ckpt["num_classes"]))])
         return cls(model, tuple(int(p) for p in ckpt["patch_size"]), int(ckpt["num_classes"]), names,
-                   image_interp(ckpt), which, dev, batch_size=batch_size)
+                   image_interp(ckpt), which, dev, batch_size=batch_size,
+                   intensity=(ckpt.get("config") or {}).get("intensity", "percentile"))
 
     @classmethod
     def from_network(
@@ -114,7 +118,15 @@ class Predictor:
         ``device`` defaults to where the network's parameters are."""
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         return cls(model, tuple(int(p) for p in config.patch_size), int(config.num_classes),
-                   tuple(config.class_names), config.image_interp, which, dev, precision, channels_last)
+                   tuple(config.class_names), config.image_interp, which, dev, precision, channels_last,
+                   intensity=getattr(config, "intensity", "percentile"))
+
+    def scale(self, image: np.ndarray) -> np.ndarray:
+        """A raw 2D-network input volume (NIfTI, a layer) scaled to [0, 1] as this
+        network's training scaled its images (``self.intensity``)."""
+        from .io import scale_intensity
+
+        return scale_intensity(image, self.intensity)
 
     def predict(self, volume: np.ndarray, return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Labels ``uint8`` of the volume's shape (and probabilities ``(C, *shape)``

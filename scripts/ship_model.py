@@ -28,6 +28,9 @@ from acdc import BUDGETS, DEFAULT_DATA, METHODS, PER_METHOD  # noqa: E402  (benc
 
 def user_command(r: dict) -> str:
     """The benchmark command line that trains result ``r``'s row."""
+    if r["budget"] == "gpu":  # benchmarks/acdc_gpu.py runs these rows, 3 seeds at a time
+        return (f"python benchmarks/acdc_gpu.py --pack .gpu_data --iterations {r['config']['iterations']} "
+                f"--groups {r['method']} --seeds 3  # this model: seed {r['config']['seed']}")
     cmd = f"python benchmarks/acdc.py --budget {r['budget']} --methods {r['method']}"
     if METHODS.get(r["method"], (None, "x"))[1] is None:
         cmd += f" --ablation-variant {r['variant']}"

@@ -42,6 +42,12 @@ def test_train_with_painted_labels_runs_the_fewslice_loop(painted_volume, tmp_pa
     np.testing.assert_array_equal(data[..., [3, 6]], painted[..., [3, 6]])  # painted slices exactly as painted
     assert (out / "prediction.nii.gz").is_file()
     assert "segmentation:" in capsys.readouterr().out
+    # the fine-tune scaled the image min-max; `m3hl predict` with its last.pt must scale it the same way
+    assert load_checkpoint(out / "last.pt")["config"]["intensity"] == "minmax"
+    again = tmp_path / "again.nii.gz"
+    assert main(["predict", "--checkpoint", str(out / "last.pt"), "--input", str(img), "--output", str(again)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(again)).dataobj),
+                                  np.asarray(nib.load(str(out / "prediction.nii.gz")).dataobj))
 
 
 def test_preset_options_keep_the_data_set_path(painted_volume, tmp_path):

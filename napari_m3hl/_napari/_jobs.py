@@ -260,19 +260,17 @@ def load_networks(checkpoint: str | Path, device: str = "auto", with_teacher: bo
 def _segment(nets: Networks, volume: np.ndarray, which: str, batch_size: int) -> np.ndarray:
     from dataclasses import replace
 
-    from ..io import normalize_intensity
-
-    return replace(nets.net(which), batch_size=batch_size).predict(normalize_intensity(volume))
+    net = nets.net(which)
+    return replace(net, batch_size=batch_size).predict(net.scale(volume))
 
 
 def _analyse(nets: Networks, volume: np.ndarray, method: str, which: str) -> Any:
-    from ..io import normalize_intensity
     from ..suggest import analyse_volume
 
     if nets.teacher is None:  # a model file: score the student, by entropy where disagreement was asked
         method = "entropy" if method == "disagreement" else method
         which = "student"
-    return analyse_volume(nets.student, normalize_intensity(volume), nets.teacher, method, network=which)
+    return analyse_volume(nets.student, nets.student.scale(volume), nets.teacher, method, network=which)
 
 
 def predict_job(
