@@ -144,6 +144,40 @@ def collect(keys: list[str], runs: Path, out: Path, elapsed: dict) -> None:
     print(json.dumps(summary, indent=2), flush=True)
 
 
+def report(groups: list[str] | None = None) -> str:
+    """Markdown table from the per-row JSONs: per group, mean and range over
+    seeds of the best student's and the last EMA teacher's metrics."""
+    lines = ["| Row | seeds | iterations | Dice (%), best student: mean (range) | Jaccard (%) | HD95 (px) | "
+             "ASD (px) | Dice RV / Myo / LV | Dice (%), EMA teacher @last: mean (range) | train min per row |",
+             "|---|---:|---:|---|---:|---:|---:|---|---|---:|"]
+    for g in groups or list(GROUPS):
+        rows = [json.loads(p.read_text()) for p in sorted(PER_METHOD.glob(f"{GROUPS[g][0]}_gpu_s*.json"))]
+        if not rows:
+            continue
+
+        def mean(vals: list[float]) -> float:
+            return sum(vals) / len(vals)
+
+        def rng(vals: list[float]) -> str:
+            return f"{100 * mean(vals):.2f} ({100 * min(vals):.2f}–{100 * max(vals):.2f})"
+
+        m = [r["summary"]["mean"] for r in rows]
+        cls = {c: mean([next(x["dice"]["mean"] for x in r["summary"]["classes"] if x["name"] == c) for r in rows])
+               for c in ("RV", "Myo", "LV")}
+        teach = [r["teacher_last"]["summary"]["mean"]["dice"] for r in rows
+                 if r.get("teacher_last") and r["config"]["mode"] == "m3hl"]
+        its = sorted({r["iterations"] for r in rows})
+        early = any(r.get("stopped_early") for r in rows)
+        lines.append(
+            f"| {rows[0]['label'].split(' [')[0]} | {len(rows)} | {'/'.join(map(str, its))}{' (stopped)' if early else ''} | "
+            f"{rng([x['dice'] for x in m])} | {100 * mean([x['jaccard'] for x in m]):.2f} | "
+            f"{mean([x['hd95'] for x in m]):.2f} | {mean([x['asd'] for x in m]):.2f} | "
+            f"{100 * cls['RV']:.1f} / {100 * cls['Myo']:.1f} / {100 * cls['LV']:.1f} | "
+            f"{rng(teach) if teach else '(no EMA teacher in supervised rows)'} | "
+            f"{mean([r['train_wall_s'] for r in rows]) / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "acdc"))
@@ -159,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total", type=float, default=1e9, help="seconds this command may take in all (the device's limit)")
     ap.add_argument("--margin", type=float, default=75.0, help="seconds kept after the soft deadline to score and collect")
     ap.add_argument("--out", default=None, help="copy results and the picked checkpoints here")
+    ap.add_argument("--report", action="store_true", help="only print the table of the results present")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report())
+        return 0
     t0 = time.time()
     if args.pack:
         sys.path.insert(0, str(BENCH))

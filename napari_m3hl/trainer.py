@@ -461,7 +461,9 @@ def train(
         res.losses["total"].backward()
         optimizer.step()
         sync_buffers(dist, student, teacher)  # rank 0's BatchNorm statistics: the teacher stays identical
-        ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup), config.teacher_bn)
+        # a teacher that never labels (supervised mode, warm start) takes the student's BatchNorm statistics
+        bn = config.teacher_bn if config.mode == "m3hl" and it >= warm else "copy"
+        ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup), bn)
         it += 1
         pending.append((it, {k: v.detach() for k, v in res.losses.items()}))
         due = (it % setup.readback_every == 0 or it == config.iterations or control.stop_requested

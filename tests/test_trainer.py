@@ -152,3 +152,18 @@ def test_3d_vnet_training_and_sliding_window(tmp_path):
     assert any(isinstance(e, ev.Validation) for e in evs)
     model, ckpt = load_model(evs[-1].checkpoint)
     assert ckpt["arch"] == "vnet3d" and ckpt["patch_size"] == [32, 32, 16]
+
+
+@pytest.mark.parametrize("mode", ["supervised", "m3hl"])
+def test_a_teacher_that_never_labels_takes_the_students_batchnorm_statistics(tiny_data, tmp_path, mode):
+    """Supervised rows and the warm start never run the paper variant's teacher
+    (teacher_bn own), so its running statistics would stay at their initial
+    mean 0 / var 1 and the EMA teacher would segment nothing."""
+    cfg = _cfg(iterations=3, mode=mode, teacher_bn="own", warm_start=3 if mode == "m3hl" else 0)
+    fin = list(train(cfg, tiny_data, tmp_path))[-1]
+    ckpt = load_checkpoint(fin.checkpoint)
+    keys = [k for k in ckpt["student"] if k.endswith("running_mean")]
+    assert keys
+    for k in keys:
+        torch.testing.assert_close(ckpt["teacher"][k], ckpt["student"][k])
+        assert ckpt["teacher"][k].abs().sum() > 0
