@@ -16,7 +16,6 @@ naming the file and what to do.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,6 +23,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .errors import M3HLInputError
+from .files import atomic_path, is_nifti_name, nifti_suffix
 from .io_checks import (  # noqa: F401 - re-exported
     _check_nifti_header,
     available_memory,
@@ -211,15 +211,8 @@ def _save_atomic(img, path: Path) -> None:
     file is only replaced by a complete one."""
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(path, suffix=nifti_suffix(path)) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _check_affine(affine, path: Path) -> np.ndarray:
@@ -233,8 +226,7 @@ def _check_affine(affine, path: Path) -> np.ndarray:
 
 
 def _check_nifti_suffix(path: Path) -> None:
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if not is_nifti_name(path):
         raise M3HLInputError(f"Output file '{path}' must end in .nii or .nii.gz.")
 
 

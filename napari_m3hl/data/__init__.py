@@ -24,13 +24,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import M3HLInputError
+from ..files import is_nifti_name
 from .acdc import (ACDCSlices, acdc_split, acdc_train_data, acdc_val_volumes, patient_of, patient_slice_counts,
                    slices_for_patients)
 from .cached import CachedH5Set, read_list
 from .la import LACases, la_split, la_train_data
 from .phantom_source import phantom_train_data, phantom_val_volumes
 from .types import ACDC_CLASSES, LA_CLASSES, PathLike, TrainData, VolumeSlices, default_class_names
-from .volumes import PartlyLabeledVolume, _is_nifti, nifti_train_data
+from .volumes import PartlyLabeledVolume, nifti_train_data
 
 __all__ = [
     "ACDC_CLASSES", "LA_CLASSES",
@@ -90,7 +91,7 @@ def load_train_data(
             f"'{path}' is a folder but neither an ACDC root (no 'train_slices.list') nor an LA root "
             "(no 'cases/' folder)."
         )
-    if _is_nifti(path):
+    if is_nifti_name(path):
         return nifti_train_data(path, labels, extra_unlabeled, num_classes, normalize)
     if not path.exists():
         raise M3HLInputError(f"Training source '{source}' not found: give 'phantom', an ACDC or LA root folder, "

@@ -131,11 +131,6 @@ class PartlyLabeledVolume:
                          class_names=tuple(class_names) if class_names else default_class_names(self.num_classes))
 
 
-def _is_nifti(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
-
-
 def _nifti_volumes(path: Path) -> tuple[list[np.ndarray], np.ndarray, tuple]:
     """Frames ``(Z, Y, X)`` of a 3D/4D NIfTI file, its affine and data shape."""
     vol = load_nifti(path)
