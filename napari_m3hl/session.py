@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import M3HLInputError
 from .files import atomic_copy, atomic_write_text
+from .labels import labeled_slices
 
 LABELS = "labels.nii.gz"
 CHECKPOINT = "checkpoint.pt"
@@ -150,7 +151,7 @@ def save_session(
     if checkpoint is not None:
         _copy_checkpoint(folder, checkpoint)
     atomic_write_text(folder / SETTINGS, json.dumps(settings or {}, indent=2, default=str))
-    labeled = [int(i) for i in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))] if labels.ndim == 3 else []
+    labeled = [int(i) for i in labeled_slices(labels)] if labels.ndim == 3 else []
     info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {})}
     atomic_write_text(folder / META, json.dumps(info, indent=2, default=str))
     return folder

@@ -15,10 +15,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import M3HLInputError
+from ..labels import ACDC_CLASSES, LA_CLASSES, default_class_names  # noqa: F401 - re-exported
 
 PathLike = Union[str, Path]
-ACDC_CLASSES: tuple[str, ...] = ("background", "RV", "Myo", "LV")
-LA_CLASSES: tuple[str, ...] = ("background", "left atrium")
 
 
 class VolumeSlices:
@@ -43,15 +42,6 @@ class VolumeSlices:
         v, z = self.index[i]
         lab = self.labels[v]
         return self.volumes[v][z], (lab[z] if (self.labeled and lab is not None) else None)
-
-
-def default_class_names(num_classes: int) -> tuple[str, ...]:
-    """ACDC names for 4 classes, background/foreground for 2, else ``class k``."""
-    if num_classes == 4:
-        return ACDC_CLASSES
-    if num_classes == 2:
-        return ("background", "foreground")
-    return ("background",) + tuple(f"class {k}" for k in range(1, num_classes))
 
 
 @dataclass

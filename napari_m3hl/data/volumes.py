@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import M3HLInputError
 from ..io import load_nifti, normalize_intensity, validate_image, validate_label
+from ..labels import labeled_slices
 from .types import PathLike, TrainData, VolumeSlices, default_class_names
 
 
@@ -103,9 +104,7 @@ class PartlyLabeledVolume:
     def labeled_slices(self, volume: int = 0) -> np.ndarray:
         """Indices (int64, ascending) of the slices of ``volume`` with any nonzero label."""
         lab = self.labels[volume]
-        if lab is None:
-            return np.zeros(0, dtype=np.int64)
-        return np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).astype(np.int64)
+        return np.zeros(0, dtype=np.int64) if lab is None else labeled_slices(lab)
 
     @property
     def labeled_index(self) -> list[tuple[int, int]]:
