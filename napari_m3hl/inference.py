@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from napari_m3hl.errors import M3HLInputError
+from .components import largest_component, largest_component_per_class  # noqa: F401 - largest_component re-exported
+from .errors import M3HLInputError
 
 __all__ = [
     "largest_component",
@@ -434,42 +435,7 @@ def predict_volume_3d(
     else:
         labels = probs.argmax(axis=0).astype(np.uint8)
     if keep_largest:
-        for cls in range(1, n_cls):
-            m = labels == cls
-            if m.any():
-                labels[m & ~largest_component(m)] = 0
+        labels = largest_component_per_class(labels[None], n_cls)[0]
     if return_probs:
         return labels, np.ascontiguousarray(probs, dtype=np.float32)
     return labels
-
-
-def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
-    """Largest connected component of a binary mask (any ndim).
-
-    Args:
-        mask: boolean (or 0/1) array.
-        connectivity: neighbourhood rank for :func:`scipy.ndimage.generate_binary_structure`;
-            ``None`` = full connectivity (``mask.ndim``, 26-neighbourhood in
-            3D), the default of ``skimage.measure.label`` used by the
-            reference's ``getLargestCC``.
-
-    Returns:
-        bool array of the same shape; all False if the mask is empty. Ties
-        go to the component met first in C (raster) order.
-    """
-    m = np.asarray(mask)
-    if m.ndim == 0:
-        raise M3HLInputError("`mask` must be an array with at least one dimension.")
-    m = m.astype(bool)
-    if not m.any():
-        return np.zeros(m.shape, dtype=bool)
-    rank = m.ndim if connectivity is None else int(connectivity)
-    if rank < 1:
-        raise M3HLInputError(f"`connectivity` must be >= 1 or None, got {connectivity!r}.")
-    structure = ndimage.generate_binary_structure(m.ndim, rank)
-    lab, n = ndimage.label(m, structure=structure)
-    if n == 1:
-        return m.copy()
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(sizes.argmax())
