@@ -235,3 +235,9 @@ def load_model(path: str | Path, which: str = "student", device: str | torch.dev
     """Load a network from a checkpoint file; returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, which, device), ckpt
+
+
+def trained_models(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) of a checkpoint file, float32 in eval mode on ``device``."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, "student", device), model_from_checkpoint(ckpt, "teacher", device)

@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -165,7 +165,6 @@ def _restore_rng(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.
 class _StepResult:
     losses: dict[str, torch.Tensor]
     preview: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def m3hl_losses(
@@ -522,11 +521,3 @@ def train(
     if preview_volume is not None:
         yield volume_preview(it)
     yield ev.TrainFinished(it, final, best_path, stopped, metrics)
-
-
-def trained_models(config: TrainConfig, checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module, nn.Module]:
-    """(student, teacher) of a checkpoint, in eval mode on ``device``."""
-    from .checkpoint import model_from_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    return model_from_checkpoint(ckpt, "student", device), model_from_checkpoint(ckpt, "teacher", device)

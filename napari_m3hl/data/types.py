@@ -59,7 +59,6 @@ class TrainData:
     ndim: int
     num_classes: int
     class_names: tuple[str, ...] = ()
-    in_channels: int = 1
     #: Optional slice set with the true labels of the ``unlabeled`` samples
     #: (ACDC, the phantom), used only to score pseudo-labels, never to train.
     unlabeled_truth: object = None
