@@ -48,6 +48,7 @@ def load_train_data(
     source: PathLike,
     labels: Optional[PathLike] = None,
     *,
+    labeled: Optional[int] = None,
     labeled_patients: int = 7,
     labeled_count: Optional[int] = None,
     labeled_cases: int = 8,
@@ -60,6 +61,12 @@ def load_train_data(
     phantom_shape: tuple[int, int, int] = (10, 216, 256),
 ) -> TrainData:
     """Build :class:`TrainData` from a source description.
+
+    ``labeled`` is how much of the source is labeled, in the unit the source
+    counts in (ACDC patients, LA cases, phantom slices per volume; a NIfTI
+    image's painted slices are its labels); ``None`` keeps each source's
+    default (``labeled_patients``, ``labeled_cases``,
+    ``labeled_slices_per_volume``), which ``labeled`` replaces when given.
 
     ``source`` may be:
 
@@ -79,6 +86,8 @@ def load_train_data(
       volume when ``normalize``. ``num_classes`` defaults to max label + 1
       (at least 2); 2D.
     """
+    if labeled is not None:
+        labeled_patients = labeled_cases = labeled_slices_per_volume = int(labeled)
     if isinstance(source, str) and source.strip().lower() == "phantom":
         return phantom_train_data(n_volumes, labeled_slices_per_volume, seed, phantom_shape)
     path = Path(source)
