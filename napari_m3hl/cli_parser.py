@@ -111,7 +111,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, nargs="+", default=None,
                    help="voxel spacing in mm (D H W) for distances in mm; default: pixels, as the papers")
     p.add_argument("--empty", choices=["paper", "strict"], default="paper",
-                   help="how a class missing from the prediction scores (see docs/metrics)")
+                   help="how a class missing from the prediction scores: paper (0 on all four metrics, as the published numbers) or strict (NaN distances); see docs/method.md")
     p.add_argument("--json", default=None, help="write the per-case and summary metrics here")
 
 

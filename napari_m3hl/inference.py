@@ -11,7 +11,7 @@ The model must already be on the device it is run on; these functions switch
 it to ``eval()`` for the duration of the call and restore every submodule's
 previous ``training`` flag afterwards (also on error).
 
-Reference protocol (``reference-protocol.md``):
+Reference protocol (``shared/docs/reference-protocol.md``, beside the data):
 
 * ACDC (2D): each slice is resized to 256², predicted, argmax taken at
   256², and the *label* resized back nearest-neighbour
@@ -59,7 +59,6 @@ def predict_volume_2d(
     return_probs: bool = False,
     resize_back: ResizeBack = "nearest_label",
     resize_input: ResizeInput = "bilinear",
-    amp: bool = False,
     precision: str = "auto",
     channels_last: bool = True,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -94,7 +93,6 @@ def predict_volume_2d(
             (default; ``F.interpolate(mode="bilinear", align_corners=False)``)
             or ``"nearest"`` (``scipy.ndimage.zoom(order=0)``, as the authors'
             test script).
-        amp: float16 autocast when running on CUDA (ignored on CPU).
         precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs that compute
             bf16 natively, else fp32), ``"fp32"`` or ``"bf16"``; see
             docs/benchmarks.md ("Inference speed") for its agreement with fp32.
@@ -135,7 +133,7 @@ def predict_volume_2d(
             if not same_size and resize_input == "bilinear":
                 x = F.interpolate(x, size=(ph, pw), mode="bilinear", align_corners=False)
             x = x.contiguous(memory_format=fmt)
-            with autocast_for(dev, amp, precision):
+            with autocast_for(dev, precision):
                 logits = logits_of(model(x))
             if logits.ndim != 4 or logits.shape[0] != x.shape[0] or logits.shape[2:] != (ph, pw):
                 raise M3HLInputError(

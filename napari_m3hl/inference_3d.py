@@ -46,7 +46,6 @@ def predict_volume_3d(
     keep_largest: bool = False,
     return_probs: bool = False,
     batch_size: int = 1,
-    amp: bool = False,
     precision: str = "fp32",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Sliding-window prediction of a volume with a 3D network.
@@ -73,7 +72,6 @@ def predict_volume_3d(
             each foreground class; removed voxels become background.
         return_probs: also return the averaged probabilities.
         batch_size: windows per forward pass.
-        amp: float16 autocast on CUDA.
         precision: autocast as in :func:`predict_volume_2d`; default fp32
             (bf16 has not been measured for the 3D nets).
 
@@ -119,7 +117,7 @@ def predict_volume_3d(
             group = windows[b0 : b0 + int(batch_size)]
             x = torch.stack([vol_t[a : a + px, b : b + py, c : c + pz] for a, b, c in group])[:, None]
             x = x.to(dtype=torch.float32)
-            with autocast_for(dev, amp, precision):
+            with autocast_for(dev, precision):
                 logits = logits_of(model(x))
             if logits.ndim != 5 or logits.shape[0] != len(group) or tuple(logits.shape[2:]) != patch_t:
                 raise M3HLInputError(

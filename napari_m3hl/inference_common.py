@@ -62,11 +62,9 @@ def resolve_model_device(model: torch.nn.Module, device: str | torch.device | No
     return dev
 
 
-def autocast_for(dev: torch.device, amp: bool, precision: str = "fp32"):
-    """fp16 autocast for ``amp`` on CUDA (the older switch), else the
-    autocast of ``precision`` (``runtime.resolve_precision``), else none."""
-    if amp and dev.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+def autocast_for(dev: torch.device, precision: str = "fp32"):
+    """The autocast of ``precision`` on ``dev`` (bf16 or none; see
+    :func:`napari_m3hl.runtime.resolve_precision`), as the training step's."""
     from .runtime import resolve_precision
 
     dtype = resolve_precision(precision, dev)

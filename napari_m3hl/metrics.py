@@ -8,7 +8,7 @@ Dice, Jaccard, HD95 and ASD of one pair of binary masks (equal to
 convention for empty classes), :func:`summarize` (means over cases) and
 :func:`format_table`.
 
-The papers' evaluation (see ``reference-protocol.md``) uses no spacing (pixel
+The papers' evaluation (``shared/docs/reference-protocol.md``, beside the data) uses no spacing (pixel
 units), connectivity 1 and the prediction as first argument; a class missing
 from the prediction scores 0 on all four metrics. :func:`evaluate_case`
 implements that as ``empty_convention="paper"`` and a ``"strict"``
