@@ -40,13 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_m3hl.checkpoint import trained_models
 from napari_m3hl.config import load_preset
 from napari_m3hl.data import ACDC_CLASSES, PartlyLabeledVolume, acdc_val_volumes
 from napari_m3hl.metrics import dice
 from napari_m3hl.predictor import Predictor
 from napari_m3hl.runtime import tune_malloc
 from napari_m3hl.suggest import rank_slices, slice_scores
-from napari_m3hl.trainer import train, trained_models
+from napari_m3hl.trainer import train
 
 STRATEGIES = ("entropy", "teacher-entropy", "teacher-entropy-spread", "teacher-total-entropy", "disagreement", "margin",
               "random", "even")
@@ -96,7 +97,7 @@ def run_strategy(strategy: str, vols: list, args: argparse.Namespace, workdir: P
                 shutil.copyfile(workdir / "last.pt", round0)
         ckpt = workdir / "last.pt"
         student, teacher = (Predictor.from_network(net, cfg, which)
-                            for net, which in zip(trained_models(cfg, ckpt), ("student", "teacher")))
+                            for net, which in zip(trained_models(ckpt), ("student", "teacher")))
         dices, t_dices, choices = [], [], {}
         for i, (name, img, lab) in enumerate(vols):
             pred_s, probs_s = student.predict(img, return_probs=True)

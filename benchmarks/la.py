@@ -105,7 +105,8 @@ def run_method(method: str, budget: str, data: Path, out: Path, seed: int, devic
     from napari_m3hl.data import LA_CLASSES, LACases, TrainData
     from napari_m3hl.metrics import evaluate_case, summarize
     from napari_m3hl.predictor import Predictor
-    from napari_m3hl.trainer import train, trained_models
+    from napari_m3hl.checkpoint import trained_models
+    from napari_m3hl.trainer import train
 
     b = dict(BUDGETS[budget])
     stride = b.pop("stride")
@@ -131,7 +132,7 @@ def run_method(method: str, budget: str, data: Path, out: Path, seed: int, devic
         elif name == "TrainFinished":
             finished = e
     train_s = time.perf_counter() - t0
-    student, teacher = trained_models(config, finished.checkpoint, device)
+    student, teacher = trained_models(finished.checkpoint, device)
     scored = LACases(data, split["scored"], True)
     scores: dict[str, dict] = {}
     t1 = time.perf_counter()

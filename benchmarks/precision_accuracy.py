@@ -40,6 +40,7 @@ def run_one(path: str, seed: int, iterations: int, data_root: str) -> dict:
 
     from napari_m3hl import events as ev
     from napari_m3hl import trainer
+    from napari_m3hl.checkpoint import trained_models
     from napari_m3hl.config import load_preset
     from napari_m3hl.data import load_train_data, load_val_volumes
     from napari_m3hl.runtime import resolve_precision
@@ -70,7 +71,7 @@ def run_one(path: str, seed: int, iterations: int, data_root: str) -> dict:
             if isinstance(e, ev.TrainFinished):
                 final = e.checkpoint
         train_s = time.perf_counter() - t0
-        student, teacher = trainer.trained_models(cfg, final)
+        student, teacher = trained_models(final)
     fp32_cfg = cfg.replace(precision="fp32")
     s_mean, s_cls = trainer._validate(student, val, fp32_cfg, torch.device("cpu"))
     t_mean, t_cls = trainer._validate(teacher, val, fp32_cfg, torch.device("cpu"))

@@ -97,39 +97,32 @@ def _rotate(image: torch.Tensor, label: Optional[torch.Tensor], angles_deg: torc
 
 
 def augment_2d(
-    image: Union[torch.Tensor, Sequence[np.ndarray]],
-    label: Union[torch.Tensor, Sequence[np.ndarray], None] = None,
+    image: torch.Tensor,
+    label: Optional[torch.Tensor] = None,
     size: tuple[int, int] = (256, 256),
     generator: Optional[torch.Generator] = None,
     image_interp: str = "bilinear",
-    device: Device = "cpu",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Random 2D augmentation of a batch (see module docstring).
 
     Parameters
     ----------
     image:
-        float tensor ``(B, C, H, W)`` (usually C = 1) on any device, or a list
-        of ``(H, W)`` numpy slices of possibly different sizes (then handled
-        by :func:`prepare_batch_2d` on ``device``).
+        float tensor ``(B, C, H, W)`` (usually C = 1) on any device (numpy
+        slices of different sizes go through :func:`prepare_batch_2d`).
     label:
-        integer tensor ``(B, H, W)``, a list of ``(H, W)`` arrays, or None.
+        integer tensor ``(B, H, W)`` or None.
     size:
         Output ``(h, w)`` in pixels.
 
     Returns ``(image (B, C, h, w) float32, label (B, h, w) int64 or None)`` on
     the input's device.
     """
-    if not isinstance(image, torch.Tensor):
-        labels = list(label) if label is not None else [None] * len(image)
-        return prepare_batch_2d(list(zip(image, labels)), size, generator, device, image_interp)
     _check_interp(image_interp)
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
     image = image.float()
     if label is not None:
-        if not isinstance(label, torch.Tensor):
-            label = torch.as_tensor(np.stack(label))
         label = label.to(image.device).long()
         if label.shape != (image.shape[0], *image.shape[2:]):
             raise ValueError(f"label shape {tuple(label.shape)} does not match image {tuple(image.shape)}")

@@ -18,9 +18,7 @@ Checkpoints written before the checksum existed load without the check.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .errors import M3HLInputError
+from .files import atomic_path
 from .networks import build_network
 
 FORMAT = "m3hl-checkpoint-1"
@@ -56,18 +55,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     (``weights_sha256``) is added to what is written."""
     payload = {**payload, "weights_sha256": {k: weights_digest(payload[k]) for k in WEIGHTS if k in payload}}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -246,3 +235,9 @@ def load_model(path: str | Path, which: str = "student", device: str | torch.dev
     """Load a network from a checkpoint file; returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, which, device), ckpt
+
+
+def trained_models(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) of a checkpoint file, float32 in eval mode on ``device``."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, "student", device), model_from_checkpoint(ckpt, "teacher", device)

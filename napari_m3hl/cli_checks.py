@@ -17,24 +17,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import M3HLInputError
+from .files import NIFTI_SUFFIXES, atomic_write_text, is_nifti_name, stem
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INPUT_SUFFIXES = NIFTI_SUFFIXES + (".h5",)
 #: Files a training run writes into its folder (``--overwrite`` removes them first).
 RUN_FILES = ("run.json", "last.pt", "best.pt", "diverged.pt")
-
-
-def is_nifti_name(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def stem(path: Path) -> str:
-    """File name without ``.nii.gz`` / ``.nii`` / ``.h5``."""
-    name = path.name
-    for suf in (".nii.gz", ".nii", ".h5"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
 
 
 # --------------------------------------------------------------------- writing
@@ -75,10 +62,7 @@ def write_json(path: str | Path, obj: Any, option: str) -> None:
     """Write ``obj`` as JSON (temporary file + rename); one clear line on failure."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=float))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(obj, indent=2, default=float))
     except OSError as exc:
         raise M3HLInputError(f"cannot write {option} {path} ({exc.strerror or exc})") from None
 

@@ -46,7 +46,7 @@ def default_start() -> Path:
 
 
 def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
-    """Run the few-slice loop for ``m3hl train``; ``bar`` draws ``Progress`` events."""
+    """Run the few-slice loop for ``m3hl train``; ``bar`` (:class:`.cli_train.ProgressBar`) draws ``Progress`` events."""
     from . import events as ev
     from . import fewslice as fs
     from .io import load_nifti, save_nifti_labels
@@ -81,12 +81,14 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
           f"{job.config.patch_size[1]} input, the model's own): {options.summary()}", file=sys.stderr)
     t0 = time.perf_counter()
     result = None
-    for e in fs.run(job, out_dir=out):
-        if isinstance(e, ev.Progress):
-            bar.update(e)
-        elif isinstance(e, fs.FewSliceResult):
-            result = e
-    bar.newline()
+    try:
+        for e in fs.run(job, out_dir=out):
+            if isinstance(e, ev.Progress):
+                bar.update(e)
+            elif isinstance(e, fs.FewSliceResult):
+                result = e
+    finally:
+        bar.close()
     shown = result.base if result.verdict.suspect else result.labels
     seg = save_nifti_labels(merge_painted(shown, job.painted), out / "segmentation.nii.gz", img.affine, img.header)
     pred = save_nifti_labels(result.labels, out / "prediction.nii.gz", img.affine, img.header)

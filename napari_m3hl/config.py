@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import M3HLInputError
+from .labels import ACDC_CLASSES
 
 def _models_dir() -> Path:
     """Presets and shipped weights: the repository's ``models/`` folder (source
@@ -39,7 +40,7 @@ class TrainConfig:
     arch: str = "unet2d"
     in_channels: int = 1
     num_classes: int = 4
-    class_names: tuple[str, ...] = ("background", "RV", "Myo", "LV")
+    class_names: tuple[str, ...] = ACDC_CLASSES
     patch_size: tuple[int, ...] = (256, 256)
     batch_size: int = 24  # labeled + unlabeled; each half splits into a/b
     iterations: int = 30000

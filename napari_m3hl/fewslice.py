@@ -37,6 +37,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .errors import M3HLInputError
+from .labels import labeled_slices
 from .safeguard import Verdict, check_finetune
 
 #: For ``m3hl train --help`` (the integrator copies it there and into the user guide).
@@ -159,12 +160,6 @@ def scale_intensity(image: np.ndarray, how: str = "minmax") -> np.ndarray:
     return _scale(img, how)
 
 
-def painted_slices(painted: np.ndarray) -> np.ndarray:
-    """Indices (int64) of the slices of a (D, H, W) label volume with any nonzero label."""
-    lab = np.asarray(painted)
-    return np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).astype(np.int64)
-
-
 def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConfig:
     """The fine-tune's config: the start checkpoint's network, input size
     (``ckpt["patch_size"]``), resizing (``image_interp``), classes and mask
@@ -222,7 +217,7 @@ def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
     data = plv.train_data(cfg.class_names)
     base = Predictor.from_checkpoint(ckpt, "student", "cpu" if options.device == "auto" else options.device)
     base_labels = base.predict(scaled)
-    return FewSliceJob(cfg, data, Path(start), scaled, lab.astype(np.uint8), painted_slices(lab), base_labels, options)
+    return FewSliceJob(cfg, data, Path(start), scaled, lab.astype(np.uint8), labeled_slices(lab), base_labels, options)
 
 
 def _mean_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:

@@ -1,29 +1,28 @@
-"""Reading and writing NIfTI and h5 files with the geometry kept.
+"""Reading and writing NIfTI files with the geometry kept.
 
 Array conventions (see ``docs/architecture.md``):
 
 * NIfTI stores voxels ``(X, Y, Z[, T])``. :func:`load_nifti` transposes to
   ``(Z, Y, X)`` (3D) or ``(T, Z, Y, X)`` (4D) so the through-plane axis comes
   first; :func:`save_nifti_labels` / :func:`save_nifti_image` transpose back.
-* ACDC h5 files hold ``image`` float32 in [0, 1] and ``label`` uint8, as
-  ``(H, W)`` slices or ``(D, H, W)`` volumes.
-* LA h5 files (``mri_norm2.h5``) hold ``(X, Y, Z)`` volumes; they are returned
-  as stored (no transpose), because the LA patch size ``112 x 112 x 80`` and
-  the published sliding-window strides are given in that order.
+* The h5 readers of the shared data sets are in :mod:`napari_m3hl.io_h5`,
+  intensity scaling in :mod:`napari_m3hl.intensity`, the checks before
+  reading in :mod:`napari_m3hl.io_checks`; all re-exported here.
 
 Every failure the user can fix raises :class:`~napari_m3hl.errors.M3HLInputError`
 naming the file and what to do.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
 from .errors import M3HLInputError
+from .files import atomic_path, is_nifti_name, nifti_suffix
+from .intensity import INTENSITY, normalize_intensity, scale_intensity  # noqa: F401 - re-exported
 from .io_checks import (  # noqa: F401 - re-exported
     _check_nifti_header,
     available_memory,
@@ -32,6 +31,7 @@ from .io_checks import (  # noqa: F401 - re-exported
     validate_label,
     warn_if_constant,
 )
+from .io_h5 import load_h5_slice, load_h5_volume, load_la_case  # noqa: F401 - re-exported
 
 PathLike = Union[str, Path]
 
@@ -211,15 +211,8 @@ def _save_atomic(img, path: Path) -> None:
     file is only replaced by a complete one."""
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(path, suffix=nifti_suffix(path)) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _check_affine(affine, path: Path) -> np.ndarray:
@@ -233,8 +226,7 @@ def _check_affine(affine, path: Path) -> np.ndarray:
 
 
 def _check_nifti_suffix(path: Path) -> None:
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if not is_nifti_name(path):
         raise M3HLInputError(f"Output file '{path}' must end in .nii or .nii.gz.")
 
 
@@ -263,8 +255,6 @@ def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, he
         stored. The file is written to a temporary name and renamed, so an
         existing file is only ever replaced by a complete one.
     """
-    import nibabel as nib
-
     path = Path(path)
     _check_nifti_suffix(path)
     affine = _check_affine(affine, path)
@@ -300,8 +290,6 @@ def save_nifti_image(image: np.ndarray, path: PathLike, affine: np.ndarray, head
     Same geometry handling as :func:`save_nifti_labels`; data are stored as
     float32 without scaling.
     """
-    import nibabel as nib
-
     path = Path(path)
     _check_nifti_suffix(path)
     affine = _check_affine(affine, path)
@@ -312,124 +300,3 @@ def save_nifti_image(image: np.ndarray, path: PathLike, affine: np.ndarray, head
     hdr, aff = _prepare_header(header, data, affine, np.dtype(np.float32))
     _save_atomic(_image_class(hdr)(data, aff, header=hdr), path)
     return path
-
-
-# --------------------------------------------------------------------------- h5
-
-
-def _read_h5(path: PathLike, ndim: int, need_label: Optional[bool], what: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Read ``image`` (+ ``label``) from an h5 file. ``need_label``: True =
-    required, None = read when present, False = not read."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise M3HLInputError(f"{what} file not found: '{path}'. Check the data folder.")
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f:
-                raise M3HLInputError(
-                    f"'{path}' has no 'image' dataset (found {sorted(f.keys())}); "
-                    "expected the ACDC/LA h5 layout with 'image' and 'label'."
-                )
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = None
-            if "label" in f:
-                if need_label is not False:
-                    label = np.asarray(f["label"][()])
-            elif need_label:
-                raise M3HLInputError(
-                    f"'{path}' has no 'label' dataset (found {sorted(f.keys())}); "
-                    "a labeled sample needs both 'image' and 'label'."
-                )
-    except M3HLInputError:
-        raise
-    except Exception as exc:
-        raise M3HLInputError(f"Cannot read '{path}' as HDF5 ({exc}); the file is probably corrupt.") from exc
-    if image.ndim != ndim:
-        raise M3HLInputError(f"'{path}': 'image' has shape {image.shape}, expected a {ndim}D array for {what}.")
-    if not np.all(np.isfinite(image)):
-        raise M3HLInputError(f"'{path}': 'image' contains NaN or infinite values; re-export the data.")
-    if label is not None:
-        if label.shape != image.shape:
-            raise M3HLInputError(
-                f"'{path}': 'label' shape {label.shape} differs from 'image' shape {image.shape}."
-            )
-        if label.dtype.kind == "f" and (not np.all(np.isfinite(label)) or np.any(label != np.round(label))):
-            raise M3HLInputError(f"'{path}': 'label' must hold integer class indices.")
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise M3HLInputError(f"'{path}': 'label' values must lie in 0..255.")
-        label = label.astype(np.uint8, copy=False)
-    return image, label
-
-
-def load_h5_volume(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Read an ACDC volume file (``volumes/<name>.h5``).
-
-    Returns ``image`` float32 ``(D, H, W)`` and ``label`` uint8 ``(D, H, W)``,
-    or ``None`` when the file has no ``label`` dataset.
-    """
-    return _read_h5(path, 3, need_label=None, what="h5 volume")
-
-
-def load_h5_slice(path: PathLike, need_label: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Read an ACDC slice file (``slices/<name>.h5``).
-
-    Returns ``image`` float32 ``(H, W)`` and ``label`` uint8 ``(H, W)``. With
-    ``need_label=False`` the label is not read and ``None`` is returned.
-    """
-    return _read_h5(path, 2, need_label=need_label, what="h5 slice")
-
-
-def load_la_case(path: PathLike, need_label: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Read an LA case (``cases/<ID>/mri_norm2.h5``).
-
-    Returns ``image`` float32 and ``label`` uint8, both **as stored, in
-    ``(X, Y, Z)`` order** (about 170 x 140 x 88, image z-score normalised) --
-    unlike every other loader here, no transpose to ``(D, H, W)`` is done, so
-    the LA patch ``(112, 112, 80)`` applies directly. ``need_label=False``
-    skips the label (returns ``None``).
-    """
-    return _read_h5(path, 3, need_label=need_label, what="LA case")
-
-
-INTENSITY = ("percentile", "minmax")
-
-
-def scale_intensity(image: np.ndarray, how: str = "percentile") -> np.ndarray:
-    """A raw image scaled to [0, 1] (float32, same shape) the way a network
-    expects it: ``percentile`` (:func:`normalize_intensity`, 0.5-99.5 %
-    clipped) or ``minmax`` (the plain range, as the ACDC training volumes)."""
-    if how not in INTENSITY:
-        raise M3HLInputError(f"intensity scaling must be one of {INTENSITY}, got {how!r}")
-    if how == "percentile":
-        return normalize_intensity(image)
-    img = np.asarray(image, dtype=np.float32)
-    if not np.all(np.isfinite(img)):
-        raise M3HLInputError("scale_intensity: the image contains NaN or infinite values.")
-    if img.size == 0:
-        return img.copy()
-    lo, hi = float(img.min()), float(img.max())
-    return np.zeros_like(img) if hi <= lo else ((img - lo) / (hi - lo)).astype(np.float32, copy=False)
-
-
-def normalize_intensity(image: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
-    """Robust min-max scaling to [0, 1] (float32, same shape).
-
-    Values are clipped to the ``lower``/``upper`` percentiles and mapped
-    linearly onto [0, 1], matching the [0, 1] range of the ACDC training data.
-    When the percentiles coincide the plain min/max is used; a constant image
-    becomes all zeros.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if not np.all(np.isfinite(image)):
-        raise M3HLInputError("normalize_intensity: the image contains NaN or infinite values.")
-    if image.size == 0:
-        return image.copy()
-    lo, hi = np.percentile(image, [lower, upper])
-    if hi <= lo:
-        lo, hi = float(image.min()), float(image.max())
-    if hi <= lo:
-        return np.zeros_like(image)
-    out = (np.clip(image, lo, hi) - lo) / (hi - lo)
-    return out.astype(np.float32, copy=False)

@@ -37,9 +37,8 @@ from scipy import ndimage
 from .errors import M3HLInputError
 
 __all__ = ["Phantom", "make_phantom", "make_phantom_cohort", "save_phantom_nifti",
-           "CLASS_NAMES", "DEFAULT_SHAPE", "DEFAULT_SPACING"]
+           "DEFAULT_SHAPE", "DEFAULT_SPACING"]
 
-CLASS_NAMES: tuple[str, ...] = ("background", "RV", "Myo", "LV")
 DEFAULT_SHAPE: tuple[int, int, int] = (10, 216, 256)
 DEFAULT_SPACING: tuple[float, float, float] = (10.0, 1.5, 1.5)
 

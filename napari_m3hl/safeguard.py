@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import M3HLInputError
+from .labels import labeled_mask, labeled_slices
 
 #: A fine-tune is suspect when its mean Dice on the painted slices is more than
 #: this below the start model's there (it was trained on them: it must fit them).
@@ -67,7 +68,7 @@ def check_finetune(base: np.ndarray, tuned: np.ndarray, painted: np.ndarray, num
         raise M3HLInputError(f"safeguard needs three (D, H, W) volumes of one shape, got {base.shape}, "
                              f"{tuned.shape}, {painted.shape}")
     names = tuple(class_names or [f"class {c}" for c in range(num_classes)])
-    on = np.flatnonzero(painted.reshape(painted.shape[0], -1).any(axis=1))
+    on = labeled_slices(painted)
     off = np.setdiff1d(np.arange(painted.shape[0]), on)
     classes = range(1, num_classes)
     present = [c for c in classes if (painted[on] == c).any()]
@@ -106,6 +107,6 @@ def merge_painted(prediction: np.ndarray, painted: np.ndarray, keep_painted: boo
         raise M3HLInputError(f"prediction {pred.shape} and painted labels {lab.shape} must be (D, H, W) of one shape")
     out = pred.copy()
     if keep_painted:
-        on = lab.reshape(lab.shape[0], -1).any(axis=1)
+        on = labeled_mask(lab)
         out[on] = lab[on].astype(out.dtype)
     return out

@@ -14,9 +14,6 @@ never leaves a half-written session file.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from .errors import M3HLInputError
+from .files import atomic_copy, atomic_write_text
+from .labels import labeled_slices
 
 LABELS = "labels.nii.gz"
 CHECKPOINT = "checkpoint.pt"
@@ -56,26 +55,6 @@ ADVANCED_TYPES: dict[str, tuple[type, ...]] = {
     "mask_ratio": (int, float), "lam": (int, float), "alpha": (int, float), "lr": (int, float),
     "ema_decay": (int, float),
 }
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` via a temporary file + rename, with the ordinary file mode
-    (the same as the labels file; mkstemp alone would make it private)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_session_labels(labels: np.ndarray, where: str) -> np.ndarray:
@@ -171,10 +150,10 @@ def save_session(
     save_labels(folder, labels, affine, header)
     if checkpoint is not None:
         _copy_checkpoint(folder, checkpoint)
-    _atomic_write_text(folder / SETTINGS, json.dumps(settings or {}, indent=2, default=str))
-    labeled = [int(i) for i in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))] if labels.ndim == 3 else []
+    atomic_write_text(folder / SETTINGS, json.dumps(settings or {}, indent=2, default=str))
+    labeled = [int(i) for i in labeled_slices(labels)] if labels.ndim == 3 else []
     info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {})}
-    _atomic_write_text(folder / META, json.dumps(info, indent=2, default=str))
+    atomic_write_text(folder / META, json.dumps(info, indent=2, default=str))
     return folder
 
 
@@ -183,9 +162,7 @@ def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
     if not src.is_file():
         raise M3HLInputError(f"checkpoint {src} does not exist; train first or choose another file")
     if src.resolve() != (folder / CHECKPOINT).resolve():
-        tmp = folder / ".checkpoint.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, folder / CHECKPOINT)
+        atomic_copy(src, folder / CHECKPOINT)
 
 
 def save_checkpoint_copy(folder: str | Path, checkpoint: str | Path, meta_update: dict[str, Any] | None = None) -> Path:
@@ -199,7 +176,7 @@ def save_checkpoint_copy(folder: str | Path, checkpoint: str | Path, meta_update
     info = info if isinstance(info, dict) else {}
     info.update(meta_update or {})
     info["checkpoint_saved"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _atomic_write_text(meta_path, json.dumps(info, indent=2, default=str))
+    atomic_write_text(meta_path, json.dumps(info, indent=2, default=str))
     return folder / CHECKPOINT
 
 

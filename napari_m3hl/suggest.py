@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from .errors import M3HLInputError
+from .labels import labeled_slices
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -160,7 +161,7 @@ def check_labels(image_path: str | Path, image: Any, labels_path: str | Path, nu
     if lo < 0 or hi >= num_classes:
         raise M3HLInputError(f"labels {labels_path} hold the value {int(lo if lo < 0 else hi)} but the model knows "
                              f"classes 0..{num_classes - 1}; give labels made for this model")
-    return [int(z) for z in np.flatnonzero(data.reshape(data.shape[0], -1).any(axis=1))]
+    return [int(z) for z in labeled_slices(data)]
 
 
 @dataclass

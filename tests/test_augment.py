@@ -40,9 +40,6 @@ def test_prepare_batch_2d_shapes_and_types():
     assert img.shape == (3, 1, 32, 40) and lab is None
     with pytest.raises(ValueError, match="mix"):
         prepare_batch_2d([samples[0], (samples[1][0], None)], size=(32, 32))
-    # list input through augment_2d
-    img, lab = augment_2d([s[0] for s in samples], [s[1] for s in samples], size=(20, 20), generator=g)
-    assert img.shape == (3, 1, 20, 20) and lab.shape == (3, 20, 20)
 
 
 def test_rot90_flip_of_known_pattern_and_consistency():

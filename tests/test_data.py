@@ -37,7 +37,7 @@ def _volume(seed=0, shape=SMALL):
 def test_phantom_train_data_counts():
     td = phantom_train_data(n_volumes=3, labeled_slices_per_volume=2, seed=0, shape=SMALL)
     assert isinstance(td, TrainData)
-    assert (td.ndim, td.num_classes, td.class_names, td.in_channels) == (2, 4, ACDC_CLASSES, 1)
+    assert (td.ndim, td.num_classes, td.class_names) == (2, 4, ACDC_CLASSES)
     assert len(td.labeled) == 3 * 2 and len(td.unlabeled) == 3 * (6 - 2)
     for i in range(len(td.labeled)):
         img, lab = td.labeled[i]

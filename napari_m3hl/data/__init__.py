@@ -24,13 +24,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import M3HLInputError
+from ..files import is_nifti_name
 from .acdc import (ACDCSlices, acdc_split, acdc_train_data, acdc_val_volumes, patient_of, patient_slice_counts,
                    slices_for_patients)
 from .cached import CachedH5Set, read_list
 from .la import LACases, la_split, la_train_data
 from .phantom_source import phantom_train_data, phantom_val_volumes
 from .types import ACDC_CLASSES, LA_CLASSES, PathLike, TrainData, VolumeSlices, default_class_names
-from .volumes import PartlyLabeledVolume, _is_nifti, nifti_train_data
+from .volumes import PartlyLabeledVolume, nifti_train_data
 
 __all__ = [
     "ACDC_CLASSES", "LA_CLASSES",
@@ -47,6 +48,7 @@ def load_train_data(
     source: PathLike,
     labels: Optional[PathLike] = None,
     *,
+    labeled: Optional[int] = None,
     labeled_patients: int = 7,
     labeled_count: Optional[int] = None,
     labeled_cases: int = 8,
@@ -59,6 +61,12 @@ def load_train_data(
     phantom_shape: tuple[int, int, int] = (10, 216, 256),
 ) -> TrainData:
     """Build :class:`TrainData` from a source description.
+
+    ``labeled`` is how much of the source is labeled, in the unit the source
+    counts in (ACDC patients, LA cases, phantom slices per volume; a NIfTI
+    image's painted slices are its labels); ``None`` keeps each source's
+    default (``labeled_patients``, ``labeled_cases``,
+    ``labeled_slices_per_volume``), which ``labeled`` replaces when given.
 
     ``source`` may be:
 
@@ -78,6 +86,8 @@ def load_train_data(
       volume when ``normalize``. ``num_classes`` defaults to max label + 1
       (at least 2); 2D.
     """
+    if labeled is not None:
+        labeled_patients = labeled_cases = labeled_slices_per_volume = int(labeled)
     if isinstance(source, str) and source.strip().lower() == "phantom":
         return phantom_train_data(n_volumes, labeled_slices_per_volume, seed, phantom_shape)
     path = Path(source)
@@ -90,7 +100,7 @@ def load_train_data(
             f"'{path}' is a folder but neither an ACDC root (no 'train_slices.list') nor an LA root "
             "(no 'cases/' folder)."
         )
-    if _is_nifti(path):
+    if is_nifti_name(path):
         return nifti_train_data(path, labels, extra_unlabeled, num_classes, normalize)
     if not path.exists():
         raise M3HLInputError(f"Training source '{source}' not found: give 'phantom', an ACDC or LA root folder, "

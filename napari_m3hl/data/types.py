@@ -15,10 +15,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import M3HLInputError
+from ..labels import ACDC_CLASSES, LA_CLASSES, default_class_names  # noqa: F401 - re-exported
 
 PathLike = Union[str, Path]
-ACDC_CLASSES: tuple[str, ...] = ("background", "RV", "Myo", "LV")
-LA_CLASSES: tuple[str, ...] = ("background", "left atrium")
 
 
 class VolumeSlices:
@@ -45,15 +44,6 @@ class VolumeSlices:
         return self.volumes[v][z], (lab[z] if (self.labeled and lab is not None) else None)
 
 
-def default_class_names(num_classes: int) -> tuple[str, ...]:
-    """ACDC names for 4 classes, background/foreground for 2, else ``class k``."""
-    if num_classes == 4:
-        return ACDC_CLASSES
-    if num_classes == 2:
-        return ("background", "foreground")
-    return ("background",) + tuple(f"class {k}" for k in range(1, num_classes))
-
-
 @dataclass
 class TrainData:
     """What the trainer needs: two slice sets and the class layout.
@@ -69,7 +59,6 @@ class TrainData:
     ndim: int
     num_classes: int
     class_names: tuple[str, ...] = ()
-    in_channels: int = 1
     #: Optional slice set with the true labels of the ``unlabeled`` samples
     #: (ACDC, the phantom), used only to score pseudo-labels, never to train.
     unlabeled_truth: object = None

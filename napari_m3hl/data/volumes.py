@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import M3HLInputError
 from ..io import load_nifti, normalize_intensity, validate_image, validate_label
+from ..labels import labeled_slices
 from .types import PathLike, TrainData, VolumeSlices, default_class_names
 
 
@@ -103,9 +104,7 @@ class PartlyLabeledVolume:
     def labeled_slices(self, volume: int = 0) -> np.ndarray:
         """Indices (int64, ascending) of the slices of ``volume`` with any nonzero label."""
         lab = self.labels[volume]
-        if lab is None:
-            return np.zeros(0, dtype=np.int64)
-        return np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).astype(np.int64)
+        return np.zeros(0, dtype=np.int64) if lab is None else labeled_slices(lab)
 
     @property
     def labeled_index(self) -> list[tuple[int, int]]:
@@ -129,11 +128,6 @@ class PartlyLabeledVolume:
         """:class:`TrainData` (2D) over these slices."""
         return TrainData(self.labeled_set(), self.unlabeled_set(), ndim=2, num_classes=self.num_classes,
                          class_names=tuple(class_names) if class_names else default_class_names(self.num_classes))
-
-
-def _is_nifti(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
 def _nifti_volumes(path: Path) -> tuple[list[np.ndarray], np.ndarray, tuple]:
