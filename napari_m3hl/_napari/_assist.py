@@ -261,7 +261,8 @@ class AssistMixin:
 
     # ================================================================ train on
     def train_on(self) -> bool:
-        """Continue the last run (weights, teacher, optimiser) with the current labels."""
+        """Continue the last run (weights, teacher, optimiser) with the current labels; after a
+        few-slice fine-tune, fine-tune its model again for the Train on iterations."""
         if self.runner.training:
             self._error("A training run is going: stop it before Train on.")
             return False
@@ -269,6 +270,9 @@ class AssistMixin:
             self._error("Train on continues a run of this session (or of an opened session): there is none yet. "
                         "Press Train first; a loaded model file has no optimiser state to continue.")
             return False
+        if self.finetune is not None and self.finetune.checkpoint == self.runner.checkpoint:
+            # a few-slice run: fine-tune its model again on the labels as they are now
+            return self.start_fewslice(self.runner.checkpoint, self.train_on_spin.value(), continued=True)
         total = self.model_iteration + self.train_on_spin.value()
         return self.start_training(resume_from=self.runner.checkpoint, iterations=total)
 

@@ -235,20 +235,48 @@ def show_mix(viewer: "napari.Viewer", image: "Layer", montage: np.ndarray, targe
     tlayer.editable = False
 
 
-def prepare_overlays(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int],
-                     class_names: Sequence[str]) -> None:
-    """Add (once) or clear the pseudo-label and mix overlays before a run.
+def prepare_preview(viewer: "napari.Viewer", image: "Layer", class_names: Sequence[str]) -> "Labels":
+    """Add (once) or clear (zeros, in place) the read-only preview overlay on ``image``'s grid.
 
     Adding a layer costs the GUI thread a few hundred milliseconds (vispy
-    visuals, shaders); doing it when Train is pressed keeps the updates during
-    training to in-place data changes. Old previews are cleared (zeros).
+    visuals, shaders); the widget calls this (and :func:`prepare_mix`) from
+    queued callbacks after Train, so the updates during training are
+    in-place data changes and no single event-loop turn adds more than one layer.
     """
-    pseudo = upsert_labels(viewer, PSEUDO_LABELS, np.zeros(image.data.shape, np.uint8), class_names,
-                           like=image, opacity=0.45)
-    pseudo.editable = False
+    layer = viewer.layers[PSEUDO_LABELS] if PSEUDO_LABELS in viewer.layers else None
+    from napari.layers import Labels
+
+    if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(image.data.shape):
+        if layer.data.any():  # a previous run's preview: cleared
+            layer.data = np.zeros(image.data.shape, np.uint8)
+    else:
+        layer = upsert_labels(viewer, PSEUDO_LABELS, np.zeros(image.data.shape, np.uint8), class_names,
+                              like=image, opacity=0.45)
+    layer.editable = False
+    return layer
+
+
+def prepare_mix(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int], class_names: Sequence[str],
+                targets: bool) -> None:
+    """Add (once) or clear the mix preview image (``targets`` False) or its targets beside ``image``."""
     ph, pw = int(patch[0]), int(patch[1])
-    show_mix(viewer, image, np.zeros((ph, 2 * pw + MIX_GAP), np.float32),
-             np.zeros((ph, 2 * pw + MIX_GAP), np.uint8), patch, class_names)
+    geo = mix_geometry(image, patch)
+    shape = (ph, 2 * pw + MIX_GAP)
+    if targets:
+        layer = upsert_labels(viewer, MIX_TARGETS, np.zeros(shape, np.uint8), class_names, opacity=0.4, **geo)
+        layer.editable = False
+    else:
+        layer = upsert_image(viewer, MIX_PREVIEW, np.zeros(shape, np.float32), colormap="gray",
+                             contrast_limits=(0.0, 1.0), **geo)
+    _place(layer, geo)
+
+
+def prepare_overlays(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int],
+                     class_names: Sequence[str]) -> None:
+    """All of :func:`prepare_preview` and :func:`prepare_mix` at once (scripts; the widget queues them)."""
+    prepare_preview(viewer, image, class_names)
+    prepare_mix(viewer, image, patch, class_names, targets=False)
+    prepare_mix(viewer, image, patch, class_names, targets=True)
 
 
 # --------------------------------------------------------------------- slices

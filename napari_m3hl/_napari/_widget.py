@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
 from .. import events as ev
@@ -30,6 +31,7 @@ from ..errors import M3HLInputError
 from . import _layers as lc
 from . import _request as rq
 from ._assist import AssistMixin, Suggestions
+from ._finetune import FineTuneMixin
 from ._jobs import AutosaveFailed, DataReady, PreviewQuality, RunAnalysis, TrainRequest
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
@@ -77,7 +79,7 @@ def presets_2d() -> list[str]:
     return out
 
 
-class M3HLWidget(AssistMixin, LayerPickerWidget):
+class M3HLWidget(FineTuneMixin, AssistMixin, LayerPickerWidget):
     """Dock widget: paint a few slices, train M³HL, watch, predict, export.
 
     Attributes useful to scripts and tests:
@@ -103,6 +105,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._n_runs = 0
         self._seg_token: tuple | None = None  # version of 'M³HL segmentation' when last written
         self._init_assist()
+        self._init_finetune()
 
         self.run_dir_label.setText(breakable(f"Run folder: {self.runner.out_dir}"))
         self._show_session_folder(autosave_only=True)
@@ -122,6 +125,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         on_signal(self.variant_combo.currentIndexChanged, self._apply_preset)
         on_signal(self.device_combo.currentIndexChanged, self._apply_device_defaults)
         on_signal(self.start_combo.currentIndexChanged, self._update_buttons)
+        on_signal(self.start_combo.currentIndexChanged, self._apply_start_defaults)
         on_signal(self.browse_btn.clicked, self._browse_start_file)
         on_signal(self.train_btn.clicked, self.start_training)
         on_signal(self.pause_btn.clicked, self.pause)
@@ -151,12 +155,29 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         except M3HLInputError as exc:
             self._error(str(exc))
             return
-        self.show_settings({
-            **cfg.to_dict(),
-            "iterations": GUI_ITERATIONS,
-            "batch_size": GUI_CPU_BATCH if self._device_is_cpu() else cfg.batch_size,
-            "lr": max(cfg.lr, GUI_LR),
-        })
+        self.show_settings(cfg.to_dict())
+        self._apply_start_defaults()
+
+    def _apply_start_defaults(self) -> None:
+        """Iterations, batch, learning rate and EMA decay of the Start mode: the
+        few-slice defaults (``FewSliceOptions``, as ``m3hl train --labels``) for
+        *Fine-tune from file*, the panel's M³HL defaults otherwise."""
+        from ..fewslice import FewSliceOptions
+
+        if self.start_combo.currentIndex() == START_MODES.index("Fine-tune from file"):
+            fs = FewSliceOptions()
+            self.show_settings({"iterations": fs.iterations, "batch_size": fs.batch_size, "lr": fs.lr,
+                                "ema_decay": fs.ema_decay})
+            return
+        name = self.preset_combo.currentText()
+        if not name:
+            return
+        try:
+            cfg = load_preset(name, self.variant_combo.currentText())
+        except M3HLInputError:
+            return
+        self.show_settings({"iterations": GUI_ITERATIONS, "lr": max(cfg.lr, GUI_LR), "ema_decay": cfg.ema_decay,
+                            "batch_size": GUI_CPU_BATCH if self._device_is_cpu() else cfg.batch_size})
 
     def _apply_device_defaults(self) -> None:
         batch = self.advanced_form.editor("batch_size")
@@ -233,45 +254,78 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     def start_training(self, resume_from: str | Path | None = None, iterations: int | None = None) -> bool:
         """Validate, copy the data and start a training worker. Returns False on bad input.
 
+        With Start *Fine-tune from file* on one volume this is the few-slice
+        fine-tune (:meth:`start_fewslice`); otherwise the preset's M³HL run.
         ``resume_from`` / ``iterations``: continue that checkpoint up to
         ``iterations`` in all (Train on) instead of the Start mode's choice.
         """
         if self.runner.training:
             self._error("A training run is going: stop it before starting another.")
             return False
+        if resume_from is None and self.uses_fewslice():
+            return self.start_fewslice()
         try:
             req, state = self._make_request(resume_from, iterations)
         except M3HLInputError as exc:
             self._error(str(exc))
             return False
-        self.run = state
         how = ("train on" if resume_from is not None else START_MODES[self.start_combo.currentIndex()].lower())
+        self.finetune = None
+        self.verdict_label.setText("")
+        self._begin_run(state, how, str(req.resume_from or req.init_from or ""), req.config.iterations,
+                        req.config.to_dict(), patch=req.config.patch_size)
+        self._status(f"Training in {state.run_dir}")
+        self.runner.start_training(req, connect=self._run_handlers())
+        return True
+
+    def _run_handlers(self) -> dict[str, Any]:
+        return {"yielded": self._on_event, "errored": self._on_train_error, "aborted": self._on_train_aborted,
+                "finished": self._on_train_finished}
+
+    def _begin_run(self, state: RunState, how: str, source: str, iterations: int, config: dict[str, Any],
+                   patch: tuple[int, ...] | None = None) -> None:
+        """Record the run, reset the progress display and schedule the overlay
+        layers (the mix overlays only for an M³HL run with ``patch``)."""
+        self.run = state
+        labeled = lc.labeled_slices(np.asarray(state.labels.data))
         self.run_history.append({
             "run_dir": str(state.run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": how,
-            "from": str(req.resume_from or req.init_from or ""), "image": state.image.name,
-            "labels": state.labels.name, "labeled_slices": [int(i) for i in lc.labeled_slices(req.labels[0])]
-            if len(req.labels) == 1 else int(sum(lc.labeled_slices(f).size for f in req.labels)),
-            "config": req.config.to_dict(),
+            "from": source, "image": state.image.name, "labels": state.labels.name,
+            "labeled_slices": [int(i) for i in labeled] if state.image.ndim == 3 else int(labeled.size),
+            "config": config,
         })
         self._show_session_folder(autosave_only=self.session_folder is None)
-        lc.prepare_overlays(self.viewer, state.image, req.config.patch_size, state.class_names)
+        self._queue_overlays(state, patch)
         self.loss_plot.clear()
         self.quality_label.setText(quality_text(None)[0])
-        self.progress.setRange(0, req.config.iterations)
+        self.progress.setRange(0, iterations)
         self.progress.setValue(0)
         self.progress.setFormat("preparing data…")
         self.progress_label.setText("")
-        self._status(f"Training in {state.run_dir}")
         self.run_dir_label.setText(breakable(f"Run folder: {state.run_dir}"))
         self.set_running(True)
         self._update_buttons()
-        self.runner.start_training(req, connect={
-            "yielded": self._on_event,
-            "errored": self._on_train_error,
-            "aborted": self._on_train_aborted,
-            "finished": self._on_train_finished,
-        })
-        return True
+
+    def _queue_overlays(self, state: RunState, patch: tuple[int, ...] | None) -> None:
+        """Add (once) or clear the run's overlay layers from queued callbacks,
+        one layer per event-loop turn, so the click on Train returns at once
+        (adding a layer costs the GUI thread ~150 ms of vispy set-up). A step
+        skips a layer that a preview of this run already drew."""
+        steps = [lambda: lc.prepare_preview(self.viewer, state.image, state.class_names)]
+        if patch is not None:
+            steps += [lambda: lc.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=False),
+                      lambda: lc.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=True)]
+
+        def run_step(k: int) -> None:
+            if self.run is not state or not lc.layer_in(self.viewer, state.image):
+                return
+            drawn = state.preview_iteration is not None if k == 0 else state.mix_shown
+            if not drawn:
+                steps[k]()
+            if k + 1 < len(steps):
+                QTimer.singleShot(0, lambda: run_step(k + 1))
+
+        QTimer.singleShot(0, lambda: run_step(0))
 
     def pause(self) -> None:
         if self.runner.training:
@@ -328,6 +382,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self._update_buttons()
         elif isinstance(e, ev.TrainFinished):
             self._on_finished_event(e)
+        else:
+            self._fewslice_event(e)
 
     def _on_progress(self, e: ev.Progress) -> None:
         self.progress.setMaximum(e.total_iterations)
@@ -349,10 +405,16 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         return self.versions.token([run.image, run.labels])
 
     def _on_volume_preview(self, e: ev.VolumePreview) -> None:
+        self._show_preview(e.labels, e.iteration, e.token)
+
+    def _show_preview(self, labels: np.ndarray, iteration: int, token: Any) -> None:
+        """Draw a preview (one frame, (D, H, W)) in the preview layer, in place;
+        dropped when the image or labels changed since Train (``token`` None:
+        the run's own)."""
         run = self.run
         if run is None:
             return
-        if e.token != self.current_token():
+        if (run.token if token is None else token) != self.current_token():
             run.dropped_previews += 1
             self.progress_label.setText(
                 self.progress_label.text().split("\n")[0]
@@ -362,16 +424,16 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         index = (run.preview_frame,) if run.image.ndim == 4 else ()
         layer = self.viewer.layers[lc.PSEUDO_LABELS] if lc.PSEUDO_LABELS in self.viewer.layers else None
         if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(run.image.data.shape):
-            lc.update_changed(layer, e.labels, index)  # in place: only the changed pixels are redrawn
+            lc.update_changed(layer, labels, index)  # in place: only the changed pixels are redrawn
         else:
-            data = e.labels
+            data = labels
             if index:
                 data = np.zeros(run.image.data.shape, np.uint8)
-                data[index] = e.labels
+                data[index] = labels
             layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
                                      opacity=0.45)
         layer.editable = False
-        run.preview_iteration = e.iteration
+        run.preview_iteration = iteration
         if run.first_preview_s is None:
             run.first_preview_s = time.perf_counter() - run.started
 
@@ -388,6 +450,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             return
         montage, targets = lc.mix_montage(e.images, e.targets)
         lc.show_mix(self.viewer, run.image, montage, targets, e.images.shape[-2:], run.class_names)
+        run.mix_shown = True
 
     def _on_finished_event(self, e: ev.TrainFinished) -> None:
         run = self.run
@@ -395,7 +458,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             run.finished = e
         if e.checkpoint:
             self.runner.checkpoint = e.checkpoint
-            self.model_iteration = int(e.iteration)
+            self.model_iteration = int(e.iteration) + (run.iteration_offset if run is not None else 0)
             self.model_resumable = True
         if self.run_history:
             self.run_history[-1].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": int(e.iteration),
@@ -403,6 +466,8 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         how = "Stopped" if e.stopped else "Finished"
         self._status(f"{how} at iteration {e.iteration}; checkpoint {e.checkpoint or '(not saved)'}")
         self.progress.setFormat(f"{how.lower()} at %v / %m")
+        if run is not None and run.fewslice:
+            return  # the few-slice result follows, with its segmentation (_on_fewslice_result)
         if self.auto_predict and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
             self.analyse_run(run.image, run.preview_frame if run.image.ndim == 4 else 0)
 
@@ -424,6 +489,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self.predict_btn.setEnabled(has_model)
         self.save_ckpt_btn.setEnabled(has_model)
         self.export_btn.setEnabled(lc.SEGMENTATION in self.viewer.layers)
+        self._update_fewslice_buttons()
         needs_file = self.start_combo.currentIndex() > 0
         self.start_path.setVisible(needs_file)
         self.browse_btn.setVisible(needs_file)
@@ -525,11 +591,23 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
                 "metadata": dict(layer.metadata)}
         if meta["metadata"].get("affine") is None:
             self._warn("The image has no NIfTI geometry; exporting with a diagonal affine from the voxel size.")
-        self.runner.export(path, np.array(layer.data, copy=True), meta, connect={
-            "returned": lambda p: self._status(f"Saved {p}"),
+        painted, what = self._painted_for_export(layer)
+        self.runner.export(path, np.array(layer.data, copy=True), meta, painted=painted, connect={
+            "returned": lambda p: self._status(f"Saved {p} ({what})"),
             "errored": lambda exc: self._error(describe_error(exc, "Export")),
         })
         return True
+
+    def _painted_for_export(self, seg: Labels) -> tuple[np.ndarray | None, str]:
+        """A copy of the user's labels to put over the segmentation (None: export it alone), and its words."""
+        if self.prediction_only_check.isChecked():
+            return None, "the network's segmentation only"
+        labels = self.labels_layer()
+        if labels is None or tuple(labels.data.shape) != tuple(seg.data.shape):
+            self._warn(f"No labels layer of the segmentation's shape is chosen under Data ▸ Labels; exporting "
+                       f"'{lc.SEGMENTATION}' alone.")
+            return None, "the segmentation alone: no painted labels of its shape"
+        return np.array(labels.data, copy=True), f"the slices painted in '{labels.name}' as painted"
 
     def save_checkpoint(self, path: str | None = None) -> bool:
         """Copy the latest checkpoint to a file the user picks (in a worker)."""
