@@ -72,6 +72,7 @@ class AssistMixin:
         self.session_folder: Path | None = None  # chosen by Save / Open session
         self.model_iteration = 0  # iteration of session.checkpoint
         self.model_resumable = False  # session.checkpoint holds optimiser state
+        self.model_is_fewslice = False  # the model comes from a few-slice fine-tune (Train on fine-tunes it again)
         self.run_history: list[dict[str, Any]] = []  # the session's run manifest
         on_signal(self.suggest_btn.clicked, self.suggest)
         on_signal(self.next_btn.clicked, self.next_suggested)
@@ -270,7 +271,7 @@ class AssistMixin:
             self._error("Train on continues a run of this session (or of an opened session): there is none yet. "
                         "Press Train first; a loaded model file has no optimiser state to continue.")
             return False
-        if self.finetune is not None and self.finetune.checkpoint == self.runner.checkpoint:
+        if self.model_is_fewslice:
             # a few-slice run: fine-tune its model again on the labels as they are now
             return self.start_fewslice(self.runner.checkpoint, self.train_on_spin.value(), continued=True)
         total = self.model_iteration + self.train_on_spin.value()
@@ -420,6 +421,7 @@ class AssistMixin:
             self.runner.checkpoint = str(sess.checkpoint)
             self.model_iteration = int(meta.get("iteration", 0))
             self.model_resumable = bool(meta.get("resumable", False))
+            self.model_is_fewslice = bool(self.run_history) and self.run_history[-1].get("kind") == "few-slice"
             self.start_path.setText(str(sess.checkpoint))
             self.start_combo.setCurrentIndex(START_MODES.index("Fine-tune from file"))
         self.viewer.layers.selection.active = labels

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..fewslice import Check, FewSliceOptions, FewSliceResult
 from ..trainer import TrainControl
-from ._jobs import AutosaveFailed, DataReady, SessionSnapshot, preview_quality, save_session_job, torch_threads
+from . import _jobs
+from ._jobs import AutosaveFailed, DataReady, SessionSnapshot, preview_quality, torch_threads
 
 #: FewSliceOptions fields the widget's settings (Advanced form, ``config_overrides``) may set.
 OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(FewSliceOptions))
@@ -77,7 +78,7 @@ def fewslice_job(req: FewSliceRequest, control: TrainControl) -> Iterator[Any]:
 
     if req.autosave is not None:
         try:
-            save_session_job(req.autosave)
+            _jobs.save_session_job(req.autosave)
         except OSError as exc:
             yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
     finished = None

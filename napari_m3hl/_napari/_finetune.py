@@ -99,7 +99,8 @@ class FineTuneMixin:
         """Start the few-slice fine-tune of ``start`` (default: the Start file);
         ``continued``: Train on after a few-slice run (the current model, the
         first start model's segmentation for the safeguard)."""
-        base = self.finetune.result.base if continued and self.finetune is not None else None
+        out = self.finetune
+        base = out.result.base if continued and out is not None and out.checkpoint == self.runner.checkpoint else None
         try:
             req, state = self._make_fewslice_request(start, iterations, base)
         except M3HLInputError as exc:

@@ -292,7 +292,7 @@ class M3HLWidget(FineTuneMixin, AssistMixin, LayerPickerWidget):
             "run_dir": str(state.run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": how,
             "from": source, "image": state.image.name, "labels": state.labels.name,
             "labeled_slices": [int(i) for i in labeled] if state.image.ndim == 3 else int(labeled.size),
-            "config": config,
+            "config": config, "kind": "few-slice" if state.fewslice else "m3hl",
         })
         self._show_session_folder(autosave_only=self.session_folder is None)
         self._queue_overlays(state, patch)
@@ -460,6 +460,7 @@ class M3HLWidget(FineTuneMixin, AssistMixin, LayerPickerWidget):
             self.runner.checkpoint = e.checkpoint
             self.model_iteration = int(e.iteration) + (run.iteration_offset if run is not None else 0)
             self.model_resumable = True
+            self.model_is_fewslice = bool(run is not None and run.fewslice)
         if self.run_history:
             self.run_history[-1].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": int(e.iteration),
                                          "stopped": bool(e.stopped), "checkpoint": e.checkpoint})
@@ -644,6 +645,8 @@ class M3HLWidget(FineTuneMixin, AssistMixin, LayerPickerWidget):
         self.runner.checkpoint = info["path"]
         self.model_iteration = int(info["iteration"])
         self.model_resumable = bool(info["resumable"])
+        self.model_is_fewslice = (info.get("config") or {}).get("preset") == "fewslice"
+        self.finetune = None
         self.start_path.setText(info["path"])
         self.start_combo.setCurrentIndex(1)
         self._update_buttons()
