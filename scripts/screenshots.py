@@ -12,13 +12,18 @@ GUI defaults; saves PNGs into ``docs/images/``:
 * ``05-segmentation.png``: the final segmentation on an unpainted slice;
 * ``06-error.png``: the message for a bad input (labels on another grid);
 
-and, for the annotation loop (``--part loop``: fine-tunes the shipped
-ACDC model, the widget's default start):
+and, for the annotation loop (``--part loop``: the few-slice fine-tune of the
+shipped ACDC model, the widget's default start):
 
 * ``07-suggestions.png``: the ranking of uncertain slices, the viewer on the
   top suggestion with the segmentation and the disagreement overlay;
 * ``08-accepted.png``: that slice accepted into the user's labels;
-* ``09-session.png``: the widget after Train on and Save session.
+* ``09-session.png``: the widget after Train on and Save session;
+* ``10-fewslice-verdict.png``: the panel after the few-slice fine-tune, with
+  the safeguard's verdict and the control to use the start model's segmentation.
+
+01-06 train *From scratch* (the M³HL run: pseudo-labels, mix preview); the
+loop (07-10) uses the default start, the few-slice fine-tune of the shipped model.
 
 Run without a display under a virtual X server:
 
@@ -95,8 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="train 01-06 from scratch instead of the default start (fine-tune the shipped model)")
     parser.add_argument("--part", choices=("basics", "panel", "loop", "all"), default="all",
                         help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09")
     parser.add_argument("--loop-iterations", type=int, default=100,
@@ -131,9 +134,8 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     viewer, app, widget = open_viewer(napari, QApplication)
     if args.patch != 256:
         widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
+    click_start_mode(app, widget, 0)  # From scratch: the M³HL run, with pseudo-labels and the mix preview
     widget.advanced_form.editor("iterations").setValue(args.iterations)
-    if args.from_scratch:  # else the panel's default start: fine-tune the shipped cardiac model
-        widget.start_combo.setCurrentIndex(0)
     viewer.dims.set_current_step(0, 5)  # a painted slice
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
@@ -203,6 +205,12 @@ def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
     viewer.close()
 
 
+def click_start_mode(app, widget, index: int) -> None:
+    """Choose Start mode ``index`` as a user does (the combo box's own signal)."""
+    widget.start_combo.setCurrentIndex(index)
+    app.processEvents()
+
+
 def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     """Suggest → look → accept → train on → save session, with the default start."""
     import tempfile
@@ -220,6 +228,9 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     assert widget.run is not None, widget.last_error
     wait_until(app, lambda: widget.run.finished is not None and widget.suggestions is not None
                and not widget.runner.busy and lc.SEGMENTATION in viewer.layers, 3600)
+    print("few-slice fine-tune:", widget.verdict_label.text())
+    widget.scroll.ensureWidgetVisible(widget.keep_start_btn)  # the safeguard's verdict in view
+    save(viewer, app, "10-fewslice-verdict.png")
     for name in (lc.MIX_PREVIEW, lc.MIX_TARGETS):  # not part of this story: out of the frame
         if name in viewer.layers:
             viewer.layers.remove(name)
