@@ -8,7 +8,8 @@ and ends with the safeguard's verdict (:mod:`napari_m3hl.safeguard`).
 
 :func:`fewslice_job` runs in a thread worker: it loads the start model,
 segments the volume with it, fine-tunes on the painted slices, and yields
-the trainer's events, each :class:`~napari_m3hl.fewslice.Check` (the whole
+the start model's segmentation (:class:`StartSegmentation`, the first
+preview), the trainer's events, each :class:`~napari_m3hl.fewslice.Check` (the whole
 volume's segmentation at that iteration) followed by its
 :class:`._jobs.PreviewQuality`, and last the
 :class:`~napari_m3hl.fewslice.FewSliceResult`. :func:`merge_frames` builds
@@ -27,6 +28,14 @@ from ..fewslice import Check, FewSliceOptions, FewSliceResult
 from ..trainer import TrainControl
 from . import _jobs
 from ._jobs import AutosaveFailed, DataReady, SessionSnapshot, preview_quality, torch_threads
+
+@dataclass
+class StartSegmentation:
+    """Yielded by :func:`fewslice_job` before training: the start model's
+    segmentation of the volume, (D, H, W) uint8 (the first preview)."""
+
+    labels: np.ndarray
+
 
 #: FewSliceOptions fields the widget's settings (Advanced form, ``config_overrides``) may set.
 OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(FewSliceOptions))
@@ -86,7 +95,9 @@ def fewslice_job(req: FewSliceRequest, control: TrainControl) -> Iterator[Any]:
         job = fs.prepare(req.start, np.asarray(req.image, dtype=np.float32), req.painted, req.options)
         n_painted = int(job.painted_slices.size)
         yield DataReady(n_painted, int(job.image.shape[0]) - n_painted, job.image)
-        previous: np.ndarray | None = None
+        yield StartSegmentation(job.base)
+        yield preview_quality(0, job.base, job.painted, None, req.class_names)
+        previous: np.ndarray | None = job.base
         for e in fs.run(job, out_dir=req.out_dir, control=control):
             if isinstance(e, FewSliceResult) and req.base is not None and req.base.shape == e.labels.shape:
                 verdict = check_finetune(req.base, e.labels, job.painted, job.config.num_classes,

@@ -4,10 +4,10 @@
 **Train** takes when **Start** is *Fine-tune from file* (by default the
 shipped cardiac model) and the image is one volume without extra unlabeled
 volumes: the engine's few-slice loop in a worker (:mod:`._fewslice`), with
-the CLI's defaults. While it trains, the preview layer shows the segmenting
-network's segmentation of the whole volume at each check (every
-``check_every`` iterations and at the end), with its Dice against the
-painted slices beside the loss plot. When it ends, 'M³HL segmentation' shows
+the CLI's defaults. The preview layer shows the start model's segmentation
+of the whole volume as soon as it is loaded, then, while it trains, the
+segmenting network's at each check (every ``check_every`` iterations and at
+the end), with its Dice against the painted slices beside the loss plot. When it ends, 'M³HL segmentation' shows
 the fine-tuned segmentation and the panel shows the safeguard's verdict; the
 button under it switches to the start model's segmentation (and back).
 **Train on** after such a run fine-tunes the current model again on the
@@ -29,7 +29,7 @@ from ..errors import M3HLInputError
 from ..fewslice import Check, FewSliceResult
 from . import _layers as lc
 from . import _request as rq
-from ._fewslice import FewSliceRequest, fewslice_options
+from ._fewslice import FewSliceRequest, StartSegmentation, fewslice_options
 from ._layout import KEEP_START, START_MODES, USE_TUNED
 from ._slots import on_signal
 
@@ -161,6 +161,8 @@ class FineTuneMixin:
         """Draw a few-slice event; False when ``e`` is not one."""
         if isinstance(e, Check):
             self._on_check(e)
+        elif isinstance(e, StartSegmentation):  # the first preview: the start model's segmentation
+            self._show_preview(e.labels, 0, None)
         elif isinstance(e, FewSliceResult):
             self._on_fewslice_result(e)
         else:
