@@ -255,6 +255,12 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     click(app, widget.disagree_check)
     click(app, widget.next_btn)
     z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
+    seg = viewer.layers[lc.SEGMENTATION]
+    for _ in range(len(widget.ranked_slices())):  # a suggestion with a heart to accept (Next again)
+        if seg.data[z].any():
+            break
+        click(app, widget.next_btn)
+        z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
     wait_until(app, lambda: False, 0.5)
     save(viewer, app, "07-suggestions.png")
 

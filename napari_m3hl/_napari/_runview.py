@@ -44,15 +44,19 @@ class RunViewMixin:
             self._on_quality(e)
         elif isinstance(e, DataReady):
             self._status(
+                f"Start model loaded; its segmentation is in '{lc.PSEUDO_LABELS}'. Fine-tuning on {e.n_labeled} "
+                f"painted slices ({e.n_unlabeled} not painted)…" if self.run is not None and self.run.fewslice else
                 f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
             )
         elif isinstance(e, ev.TrainStarted):
             self.progress.setRange(0, e.total_iterations)
             self.progress.setValue(e.start_iteration)
             self.progress.setFormat("%v / %m")
+            fewslice = self.run is not None and self.run.fewslice
             self._status(
                 f"Training on {e.device}: {e.n_labeled} labeled, {e.n_unlabeled} unlabeled slices "
-                f"({e.mode}); previews every {self.preview_every_s or '-'} s."
+                f"({e.mode}); " + ("the preview follows each check." if fewslice else
+                                   f"previews every {self.preview_every_s or '-'} s.")
             )
         elif isinstance(e, AutosaveFailed):
             self._warn(f"Could not autosave the session to {e.folder} ({e.error}); training goes on and your "
