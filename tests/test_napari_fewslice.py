@@ -88,3 +88,18 @@ def test_other_start_modes_keep_the_m3hl_run(make_widget, qtbot):
     train_and_wait(qtbot, w)
     assert not w.run.fewslice and w.finetune is None and lc.MIX_PREVIEW in viewer.layers
     assert not w.keep_start_btn.isEnabled()
+
+
+def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
+    """Adding a layer costs the GUI thread ~150 ms: the click handler queues the
+    overlay layers, and later turns of the event loop add them one at a time."""
+    from gui_helpers import wait_run
+
+    viewer, w = make_widget()
+    w.start_combo.setCurrentIndex(0)  # the M³HL run: preview and both mix overlays
+    before = [lay.name for lay in viewer.layers]
+    click(qtbot, w.train_btn)
+    assert w.run is not None and [lay.name for lay in viewer.layers] == before
+    qtbot.waitUntil(lambda: all(n in viewer.layers for n in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS)),
+                    timeout=WAIT_MS)
+    wait_run(qtbot, w)
