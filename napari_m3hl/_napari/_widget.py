@@ -306,7 +306,7 @@ class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, LayerPi
     def _queue_overlays(self, state: RunState, patch: tuple[int, ...] | None) -> None:
         """Add (once) or clear the run's overlay layers from queued callbacks,
         one layer per event-loop turn, so the click on Train returns at once
-        (adding a layer costs the GUI thread ~150 ms of vispy set-up). A step
+        (adding a layer costs the GUI thread 0.1–0.3 s of vispy set-up). A step
         skips a layer that a preview of this run already drew."""
         steps = [lambda: lc.prepare_preview(self.viewer, state.image, state.class_names)]
         if patch is not None:
