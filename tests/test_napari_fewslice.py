@@ -91,7 +91,7 @@ def test_other_start_modes_keep_the_m3hl_run(make_widget, qtbot):
 
 
 def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
-    """Adding a layer costs the GUI thread ~150 ms: the click handler queues the
+    """Adding a layer costs the GUI thread 0.1–0.3 s: the click handler queues the
     overlay layers, and later turns of the event loop add them one at a time."""
     from gui_helpers import wait_run
 
