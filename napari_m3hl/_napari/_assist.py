@@ -35,6 +35,7 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem
 from .. import __version__
 from ..errors import M3HLInputError
 from . import _layers as lc
+from . import _overlays as ov
 from ._layout import START_MODES, SUGGEST_SCORES
 from ._picker import breakable
 from ._jobs import SessionOpened, SessionSnapshot
@@ -219,7 +220,7 @@ class AssistMixin:
             full = np.zeros(sugg.image.data.shape, np.uint8)
             full[sugg.frame] = data
             data = full
-        lc.show_disagreement(self.viewer, sugg.image, data).visible = True
+        ov.show_disagreement(self.viewer, sugg.image, data).visible = True
 
     # ================================================================ accept
     def accept_slice(self, index: tuple[int, ...] | None = None) -> bool:

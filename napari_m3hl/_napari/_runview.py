@@ -16,6 +16,7 @@ from napari.layers import Labels
 
 from .. import events as ev
 from . import _layers as lc
+from . import _overlays as ov
 from ._jobs import AutosaveFailed, DataReady, PreviewQuality
 from ._plot import quality_text
 from ._workers import describe_error
@@ -132,8 +133,8 @@ class RunViewMixin:
         run = self.run
         if run is None:
             return
-        montage, targets = lc.mix_montage(e.images, e.targets)
-        lc.show_mix(self.viewer, run.image, montage, targets, e.images.shape[-2:], run.class_names)
+        montage, targets = ov.mix_montage(e.images, e.targets)
+        ov.show_mix(self.viewer, run.image, montage, targets, e.images.shape[-2:], run.class_names)
         run.mix_shown = True
 
     def _on_finished_event(self, e: ev.TrainFinished) -> None:

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import QFileDialog
 from ..config import TrainConfig, list_presets, load_preset, read_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
+from . import _overlays as ov
 from . import _request as rq
 from ._assist import AssistMixin
 from ._finetune import FineTuneMixin
@@ -308,10 +309,10 @@ class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, LayerPi
         one layer per event-loop turn, so the click on Train returns at once
         (adding a layer costs the GUI thread 0.1–0.3 s of vispy set-up). A step
         skips a layer that a preview of this run already drew."""
-        steps = [lambda: lc.prepare_preview(self.viewer, state.image, state.class_names)]
+        steps = [lambda: ov.prepare_preview(self.viewer, state.image, state.class_names)]
         if patch is not None:
-            steps += [lambda: lc.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=False),
-                      lambda: lc.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=True)]
+            steps += [lambda: ov.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=False),
+                      lambda: ov.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=True)]
 
         def run_step(k: int) -> None:
             if self.run is not state or not lc.layer_in(self.viewer, state.image):
