@@ -10,7 +10,7 @@
   events drawn), :class:`._outputs.OutputsMixin` (Predict, segmentation
   layer, Export, checkpoints), :class:`._finetune.FineTuneMixin` (the
   few-slice fine-tune and its safeguard), :class:`._assist.AssistMixin`
-  (suggest, accept, train on, sessions).
+  (suggest, accept, train on), :class:`._sessions.SessionMixin` (session folders).
 
 Every Qt signal is connected through :func:`._slots.on_signal`, so no
 signal's value (``clicked``'s ``checked`` flag) reaches an action's parameters.
@@ -44,6 +44,7 @@ from ._request import RunState
 from ._outputs import OutputsMixin
 from ._run import RunController
 from ._runview import RunViewMixin
+from ._sessions import SessionMixin
 from ._slots import on_signal
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,7 +78,7 @@ def presets_2d() -> list[str]:
     return out
 
 
-class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, LayerPickerWidget):
+class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, SessionMixin, LayerPickerWidget):
     """Dock widget: paint a few slices, train M³HL, watch, predict, export.
 
     Attributes useful to scripts and tests:
