@@ -7,18 +7,24 @@ GUI defaults; saves PNGs into ``docs/images/``:
 
 * ``01-sample-and-widget.png``: the sample (2 painted slices) and the widget;
 * ``02-advanced.png``: the widget with the Advanced section open;
-* ``03-pseudo-labels.png``: training, with the teacher's pseudo-labels;
+* ``03-pseudo-labels.png``: training, the preview of the segmentation at a check;
 * ``04-mix-preview.png``: the mutual mask mix preview beside the volume;
 * ``05-segmentation.png``: the final segmentation on an unpainted slice;
 * ``06-error.png``: the message for a bad input (labels on another grid);
 
-and, for the annotation loop (``--part loop``: fine-tunes the shipped
-ACDC model, the widget's default start):
+and, for the annotation loop (``--part loop``: the few-slice fine-tune of the
+shipped ACDC model, the widget's default start):
 
 * ``07-suggestions.png``: the ranking of uncertain slices, the viewer on the
   top suggestion with the segmentation and the disagreement overlay;
 * ``08-accepted.png``: that slice accepted into the user's labels;
-* ``09-session.png``: the widget after Train on and Save session.
+* ``09-session.png``: the widget after Train on and Save session;
+* ``10-fewslice-verdict.png``: the panel after the few-slice fine-tune, with
+  the safeguard's verdict and the control to use the start model's segmentation.
+
+01-03 and 05-10 use the default start, the few-slice fine-tune of the
+shipped model; 04 (the mix preview) a short M³HL run from scratch, stopped
+once its first mix preview is drawn.
 
 Run without a display under a virtual X server:
 
@@ -95,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="train 01-06 from scratch instead of the default start (fine-tune the shipped model)")
     parser.add_argument("--part", choices=("basics", "panel", "loop", "all"), default="all",
                         help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09")
     parser.add_argument("--loop-iterations", type=int, default=100,
@@ -131,9 +135,7 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     viewer, app, widget = open_viewer(napari, QApplication)
     if args.patch != 256:
         widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
-    widget.advanced_form.editor("iterations").setValue(args.iterations)
-    if args.from_scratch:  # else the panel's default start: fine-tune the shipped cardiac model
-        widget.start_combo.setCurrentIndex(0)
+    widget.advanced_form.editor("iterations").setValue(args.iterations)  # the default start: few-slice
     viewer.dims.set_current_step(0, 5)  # a painted slice
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
@@ -150,28 +152,18 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     save(viewer, app, "02-advanced.png", widget=widget.content)
     widget.advanced.collapse(animate=False)
 
-    click(app, widget.train_btn)
-    assert widget.run is not None, widget.last_error
+    click(app, widget.train_btn)  # the few-slice fine-tune of the shipped model
+    assert widget.run is not None and widget.run.fewslice, widget.last_error
     wait_until(app, lambda: (widget.run.preview_iteration or 0) >= min(args.preview_at, args.iterations), 3600)
-    viewer.dims.set_current_step(0, 4)  # an unpainted mid-ventricular slice: pseudo-labels only
+    viewer.dims.set_current_step(0, 4)  # an unpainted mid-ventricular slice
     viewer.layers["phantom labels"].visible = False
     frame_volume()
     save(viewer, app, "03-pseudo-labels.png")
-
-    wait_until(app, lambda: lc.MIX_PREVIEW in viewer.layers, 120)
-    viewer.layers["phantom labels"].visible = True
-    viewer.layers[lc.PSEUDO_LABELS].visible = False
-    viewer.reset_view()  # fits volume + mix preview; then zoom onto the mix preview
-    (y0, x0), (y1, x1) = np.asarray(viewer.layers[lc.MIX_PREVIEW].extent.world)[:, -2:]
-    full_w = float(np.diff(np.asarray(viewer.layers.extent.world)[:, -1])[0])
-    cam.center = tuple(cam.center)[:-2] + ((y0 + y1) / 2, (x0 + x1) / 2)
-    cam.zoom = cam.zoom * full_w / (x1 - x0) * 0.95
-    save(viewer, app, "04-mix-preview.png")
-    viewer.layers[lc.PSEUDO_LABELS].visible = True
+    print("preview at iteration", widget.run.preview_iteration, repr(widget.quality_label.text()))
 
     wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                and lc.SEGMENTATION in viewer.layers, 3600)
-    for name in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS, "phantom labels"):
+    for name in (lc.PSEUDO_LABELS, "phantom labels"):
         viewer.layers[name].visible = False
     viewer.layers.selection.active = viewer.layers[lc.SEGMENTATION]
     viewer.dims.set_current_step(0, 4)  # a mid-ventricular slice that was not painted
@@ -182,6 +174,26 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     dice = {n: 2 * np.sum((seg == c) & (gt == c)) / max(np.sum(seg == c) + np.sum(gt == c), 1)
             for c, n in ((1, "RV"), (2, "Myo"), (3, "LV"))}
     print("Dice vs phantom ground truth:", {k: round(float(v), 3) for k, v in dice.items()})
+    print("verdict:", widget.verdict_label.text())
+
+    # the M³HL run (From scratch) for its mix preview, stopped once the preview is drawn
+    click_start_mode(app, widget, 0)
+    widget.preview_every_s = widget.mix_preview_every_s = 0.0
+    viewer.layers["phantom labels"].visible = True
+    viewer.layers.selection.active = viewer.layers["phantom labels"]
+    click(app, widget.train_btn)
+    assert widget.run is not None and not widget.run.fewslice, widget.last_error
+    wait_until(app, lambda: widget.run.mix_shown, 3600)
+    click(app, widget.stop_btn)
+    wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy, 3600)
+    viewer.layers[lc.PSEUDO_LABELS].visible = False
+    viewer.layers[lc.SEGMENTATION].visible = False
+    viewer.reset_view()  # fits volume + mix preview; then zoom onto the mix preview
+    (y0, x0), (y1, x1) = np.asarray(viewer.layers[lc.MIX_PREVIEW].extent.world)[:, -2:]
+    full_w = float(np.diff(np.asarray(viewer.layers.extent.world)[:, -1])[0])
+    cam.center = tuple(cam.center)[:-2] + ((y0 + y1) / 2, (x0 + x1) / 2)
+    cam.zoom = cam.zoom * full_w / (x1 - x0) * 0.95
+    save(viewer, app, "04-mix-preview.png")
 
     viewer.add_labels(np.zeros((10, 108, 128), np.uint8), name="labels from another scan", scale=(10.0, 3.0, 3.0))
     widget.labels_combo.setCurrentText("labels from another scan")
@@ -203,6 +215,12 @@ def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
     viewer.close()
 
 
+def click_start_mode(app, widget, index: int) -> None:
+    """Choose Start mode ``index`` as a user does (the combo box's own signal)."""
+    widget.start_combo.setCurrentIndex(index)
+    app.processEvents()
+
+
 def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     """Suggest → look → accept → train on → save session, with the default start."""
     import tempfile
@@ -220,6 +238,9 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     assert widget.run is not None, widget.last_error
     wait_until(app, lambda: widget.run.finished is not None and widget.suggestions is not None
                and not widget.runner.busy and lc.SEGMENTATION in viewer.layers, 3600)
+    print("few-slice fine-tune:", widget.verdict_label.text())
+    widget.scroll.ensureWidgetVisible(widget.keep_start_btn)  # the safeguard's verdict in view
+    save(viewer, app, "10-fewslice-verdict.png")
     for name in (lc.MIX_PREVIEW, lc.MIX_TARGETS):  # not part of this story: out of the frame
         if name in viewer.layers:
             viewer.layers.remove(name)
@@ -234,6 +255,12 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     click(app, widget.disagree_check)
     click(app, widget.next_btn)
     z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
+    seg = viewer.layers[lc.SEGMENTATION]
+    for _ in range(len(widget.ranked_slices())):  # a suggestion with a heart to accept (Next again)
+        if seg.data[z].any():
+            break
+        click(app, widget.next_btn)
+        z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
     wait_until(app, lambda: False, 0.5)
     save(viewer, app, "07-suggestions.png")
 

@@ -50,3 +50,13 @@ def train_and_wait(qtbot, widget, text: str = "Train") -> None:
     click(qtbot, button(widget, text))
     assert widget.run is not None, widget.last_error
     wait_run(qtbot, widget)
+
+
+def toggle(qtbot, box) -> None:
+    """Click a checkbox on its indicator, as a user does, and check that it flipped."""
+    from qtpy.QtCore import QPoint, Qt
+
+    assert box.isEnabled(), f"checkbox '{box.text()}' is disabled"
+    before = box.isChecked()
+    qtbot.mouseClick(box, Qt.LeftButton, pos=QPoint(6, box.height() // 2))
+    assert box.isChecked() != before, f"checkbox '{box.text()}' did not toggle"

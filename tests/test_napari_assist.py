@@ -108,6 +108,7 @@ def test_accept_slice_is_one_undoable_edit(make_widget, qtbot, errors):
 
 def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     viewer, w = make_widget()
+    w.start_combo.setCurrentIndex(0)  # the M³HL run (the few-slice Train on is in test_napari_controls.py)
     labels = viewer.layers["phantom labels"]
     truth = viewer.layers["phantom ground truth (reference only)"].data
     assert not w.train_on_btn.isEnabled()
@@ -142,7 +143,7 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     w.train_on_btn.click()
     qtbot.waitUntil(lambda: w.run.finished is not None and w.run.finished.iteration == 10, timeout=WAIT_MS)
     _wait_suggestions(qtbot, w)
-    assert [r["how"] for r in w.run_history] == ["fine-tune from file", "train on", "train on"]
+    assert [r["how"] for r in w.run_history] == ["from scratch", "train on", "train on"]
     # each Train autosaved the labels (with the accepted slice) and the run's checkpoint
     folder = w.autosave_folder()
     qtbot.waitUntil(lambda: (folder / "checkpoint.pt").is_file(), timeout=WAIT_MS)
@@ -194,9 +195,9 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
     w2.train_on_spin.setValue(2)
     assert w2.train_on()
     qtbot.waitUntil(lambda: w2.run.finished is not None, timeout=WAIT_MS)
-    assert w2.run.finished.iteration == 6
+    assert w2.run.fewslice and w2.run.finished.iteration == 2 and w2.model_iteration == 6
     wait_idle(qtbot, w2)
-    assert [r["how"] for r in w2.run_history] == ["fine-tune from file", "train on"]
+    assert [r["how"] for r in w2.run_history] == ["few-slice fine-tune", "train on"]
 
     # without its image the session says what to do
     viewer3, w3 = make_widget(phantom=False)

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
-from gui_helpers import ROOT, WAIT_MS, button, click, train_and_wait, wait_idle, wait_run
-from qtpy.QtCore import QPoint, Qt
+from gui_helpers import ROOT, WAIT_MS, button, click, toggle, train_and_wait, wait_idle, wait_run
 from qtpy.QtWidgets import QCheckBox, QPushButton
 
 from napari_m3hl._napari import _layers as lc
@@ -31,14 +28,6 @@ def test_qt_signals_connect_only_through_on_signal():
                     and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in VALUE_SIGNALS):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"connect these through _slots.on_signal: {offenders}"
-
-
-def toggle(qtbot, box: QCheckBox) -> None:
-    """Click a checkbox on its indicator and check that it flipped."""
-    assert box.isEnabled(), f"checkbox '{box.text()}' is disabled"
-    before = box.isChecked()
-    qtbot.mouseClick(box, Qt.LeftButton, pos=QPoint(6, box.height() // 2))
-    assert box.isChecked() != before, f"checkbox '{box.text()}' did not toggle"
 
 
 def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors, monkeypatch):
@@ -91,6 +80,13 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     press("Stop")
     wait_run(qtbot, w)
     assert w.run.finished.stopped and w.run.finished.iteration < 500
+    assert w.run.fewslice and w.verdict_label.text()  # the default start: the few-slice fine-tune
+    tuned = viewer.layers[lc.SEGMENTATION].data.copy()
+    press("Use the start model's segmentation")
+    np.testing.assert_array_equal(viewer.layers[lc.SEGMENTATION].data, w.finetune.result.base)
+    press("Use the fine-tuned segmentation")
+    np.testing.assert_array_equal(viewer.layers[lc.SEGMENTATION].data, tuned)
+    flip(w.prediction_only_check)
     w.config_overrides["iterations"] = 4
 
     press("Predict")
@@ -170,8 +166,9 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
 
     w.train_on_spin.setValue(3)
     train_and_wait(qtbot, w, "Train on")
-    assert w.run.finished.iteration == w.model_iteration == 7
-    assert [r["how"] for r in w.run_history] == ["fine-tune from file", "train on"]
+    # after a few-slice fine-tune, Train on fine-tunes its model again: 3 more iterations, 7 in all
+    assert w.run.fewslice and w.run.finished.iteration == 3 and w.model_iteration == 7
+    assert [r["how"] for r in w.run_history] == ["few-slice fine-tune", "train on"]
 
     out = tmp_path / "heart_m3hl_seg.nii.gz"
     monkeypatch.setattr(w, "_ask_save_path", lambda caption, default, filters: str(out))
@@ -179,7 +176,10 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
     qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)
     back = viewer.open(str(out), plugin="napari-m3hl")[0]
-    np.testing.assert_array_equal(back.data, viewer.layers[lc.SEGMENTATION].data)
+    seg = viewer.layers[lc.SEGMENTATION].data
+    merged = seg.copy()
+    merged[[1, 4, z]] = labels.data[[1, 4, z]]  # the painted (and accepted) slices exactly as painted
+    np.testing.assert_array_equal(back.data, merged)
     np.testing.assert_allclose(nib.load(str(out)).affine, affine, atol=1e-5)
     np.testing.assert_allclose(back.metadata["affine"], viewer.layers["heart"].metadata["affine"], atol=1e-5)
     assert errors == []

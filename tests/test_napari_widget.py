@@ -14,7 +14,7 @@ import torch
 
 from napari_m3hl import events as ev
 from napari_m3hl._napari import _layers as lc
-from napari_m3hl._napari import _jobs, _workers
+from napari_m3hl._napari import _fewslice, _jobs, _workers
 
 from gui_helpers import ROOT, WAIT_MS, train_and_wait as _train_and_wait, wait_idle as _wait_idle
 
@@ -28,9 +28,15 @@ def test_defaults_and_info_line(make_widget):
     assert w.labels_combo.currentText() == "phantom labels"  # not the hidden ground truth
     assert w.info_label.text() == "2 of 6 slices labeled: 1, 3; 4 unlabeled"
     assert "acdc_unet2d" in [w.preset_combo.itemText(i) for i in range(w.preset_combo.count())]
-    # GUI defaults on a CPU: a few hundred iterations, batch 8, the preset's 256 x 256 patch
+    # the default start fine-tunes the shipped model with the few-slice defaults (as m3hl train --labels)
+    from napari_m3hl.fewslice import FewSliceOptions
+
     adv = w.advanced_form.values()
-    assert adv["iterations"] == 300 and adv["batch_size"] == 8
+    assert w.uses_fewslice() and adv["iterations"] == FewSliceOptions().iterations == 100 and adv["batch_size"] == 8
+    # From scratch: the M³HL run's GUI defaults on a CPU, a few hundred iterations, the preset's 256 x 256 patch
+    w.start_combo.setCurrentIndex(0)
+    adv = w.advanced_form.values()
+    assert not w.uses_fewslice() and adv["iterations"] == 300 and adv["batch_size"] == 8
     assert w.variant_combo.currentText() == "reference"
     assert adv["patch_size"] == (256, 256) and adv["lr"] == pytest.approx(0.01)
     # the form is made from TrainConfig's fields: every value it gives is a valid config
@@ -67,6 +73,7 @@ def test_new_labels_layer_matches_image(make_widget):
 
 def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot, tmp_path):
     viewer, w = make_widget()
+    w.start_combo.setCurrentIndex(0)  # the M³HL run (with the mix overlays)
     user = viewer.layers["phantom labels"]
     viewer.layers.selection.active = user
     before = user.data.copy()
@@ -114,7 +121,10 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     _wait_idle(qtbot, w)
     back = nib.load(str(out))
     np.testing.assert_array_equal(back.affine, viewer.layers["phantom image"].metadata["affine"])
-    np.testing.assert_array_equal(np.transpose(np.asarray(back.dataobj), (2, 1, 0)), seg.data)
+    from napari_m3hl.safeguard import merge_painted
+
+    np.testing.assert_array_equal(np.transpose(np.asarray(back.dataobj), (2, 1, 0)),
+                                  merge_painted(seg.data, user.data))  # the painted slices as painted
 
     # save the checkpoint elsewhere and load it back (both in workers)
     saved = tmp_path / "keep.pt"
@@ -243,10 +253,11 @@ def test_label_value_beyond_classes(make_widget, errors):
 
 def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkeypatch):
     def oom_job(req, control):
-        yield _jobs.DataReady(2, 4, req.images[0])
+        yield _jobs.DataReady(2, 4, np.zeros((6, 64, 64), np.float32))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(_jobs, "train_job", oom_job)
+    monkeypatch.setattr(_fewslice, "fewslice_job", oom_job)
     viewer, w = make_widget()
     before = viewer.layers["phantom labels"].data.copy()
     assert w.start_training()
@@ -260,10 +271,11 @@ def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkey
 
 def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monkeypatch):
     def crash_job(req, control):
-        yield _jobs.DataReady(2, 4, req.images[0])
+        yield _jobs.DataReady(2, 4, np.zeros((6, 64, 64), np.float32))
         raise RuntimeError("segfault-like failure in a kernel")
 
     monkeypatch.setattr(_jobs, "train_job", crash_job)
+    monkeypatch.setattr(_fewslice, "fewslice_job", crash_job)
     viewer, w = make_widget()
     before = {lay.name: lay.data.tobytes() for lay in viewer.layers}
     assert w.start_training()
@@ -287,9 +299,16 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     assert "predicts 2 classes" in errors[-1] and "4" in errors[-1]
     assert w.runner.checkpoint is None
-    # fine-tuning from it fails in the trainer, reported the same way
+    # fine-tuning from it (the few-slice path) fails in the worker, which names the file and its classes
     w.start_combo.setCurrentIndex(1)
     w.start_path.setText(str(path))
+    errors.clear()
+    assert w.start_training()
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
+    _wait_idle(qtbot, w)
+    assert "la.pt has 2 classes" in errors[-1] and "0..3" in errors[-1]
+    # so does the M³HL run from it (Resume checkpoint), in the trainer
+    w.start_combo.setCurrentIndex(2)
     errors.clear()
     assert w.start_training()
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)

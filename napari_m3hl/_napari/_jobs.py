@@ -434,10 +434,13 @@ def copy_file_job(src: str | Path, dst: str | Path) -> str:
     return str(dst)
 
 
-def export_job(path: str | Path, labels: np.ndarray, meta: dict[str, Any]) -> str:
-    """Worker function: write labels as NIfTI with the geometry in ``meta``."""
+def export_job(path: str | Path, labels: np.ndarray, meta: dict[str, Any], painted: np.ndarray | None = None) -> str:
+    """Worker function: write labels as NIfTI with the geometry in ``meta``;
+    with ``painted`` (the user's labels, same shape), the slices painted there
+    are written exactly as painted (:func:`._fewslice.merge_frames`)."""
     from ..io import save_nifti_labels
+    from ._fewslice import merge_frames
     from ._writer import geometry_from_meta, nifti_path
 
     affine, header, _ = geometry_from_meta(meta, np.ndim(labels))
-    return str(save_nifti_labels(labels, nifti_path(path), affine, header))
+    return str(save_nifti_labels(merge_frames(labels, painted), nifti_path(path), affine, header))

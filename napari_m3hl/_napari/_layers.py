@@ -4,6 +4,7 @@ Everything here runs in the GUI thread. Overlays live in their own layers
 under fixed names and are updated in place (``layer.data = ...``) once they
 exist, so user edits to *their* layers are never touched and a re-run reuses
 the overlay layers (visibility, opacity and position chosen by the user stay).
+The overlays themselves (preview, mix preview, disagreement) are drawn by :mod:`._overlays`.
 """
 from __future__ import annotations
 
@@ -191,66 +192,6 @@ def keep_selection(viewer: "napari.Viewer") -> Iterator[None]:
             viewer.layers.selection.active = active
 
 
-# --------------------------------------------------------------------- overlays
-
-MIX_GAP = 4  # pixels between the two mixed images
-
-
-def mix_montage(images: np.ndarray, targets: np.ndarray, gap: int = MIX_GAP) -> tuple[np.ndarray, np.ndarray]:
-    """The two mixed images (2, h, w) and their targets side by side: (h, 2w + gap)."""
-    h, w = images.shape[-2:]
-    montage = np.zeros((h, 2 * w + gap), dtype=np.float32)
-    tmontage = np.zeros((h, 2 * w + gap), dtype=np.uint8)
-    for k in range(2):
-        montage[:, k * (w + gap): k * (w + gap) + w] = images[k]
-        tmontage[:, k * (w + gap): k * (w + gap) + w] = targets[k]
-    return montage, tmontage
-
-
-def mix_geometry(image: "Layer", patch: Sequence[int]) -> dict[str, tuple[float, float]]:
-    """Scale/translate placing a (patch_h, 2 patch_w + gap) montage just right of
-    ``image`` at the same physical size as one of its slices."""
-    sy, sx = (float(s) for s in image.scale[-2:])
-    ih, iw = image.data.shape[-2:]
-    ph, pw = int(patch[0]), int(patch[1])
-    ty, tx = (float(t) for t in image.translate[-2:])
-    return {"scale": (ih * sy / ph, iw * sx / pw), "translate": (ty, tx + iw * sx * 1.05)}
-
-
-def _place(layer: "Layer", geo: dict[str, Any]) -> None:
-    if not np.allclose(layer.scale, geo["scale"]):
-        layer.scale = geo["scale"]
-    if not np.allclose(layer.translate, geo["translate"]):
-        layer.translate = geo["translate"]
-
-
-def show_mix(viewer: "napari.Viewer", image: "Layer", montage: np.ndarray, targets: np.ndarray,
-             patch: Sequence[int], class_names: Sequence[str]) -> None:
-    """Update (or add once) the mix preview image and its targets beside ``image``."""
-    geo = mix_geometry(image, patch)
-    layer = upsert_image(viewer, MIX_PREVIEW, montage, colormap="gray", contrast_limits=(0.0, 1.0), **geo)
-    _place(layer, geo)
-    tlayer = upsert_labels(viewer, MIX_TARGETS, targets, class_names, opacity=0.4, **geo)
-    _place(tlayer, geo)
-    tlayer.editable = False
-
-
-def prepare_overlays(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int],
-                     class_names: Sequence[str]) -> None:
-    """Add (once) or clear the pseudo-label and mix overlays before a run.
-
-    Adding a layer costs the GUI thread a few hundred milliseconds (vispy
-    visuals, shaders); doing it when Train is pressed keeps the updates during
-    training to in-place data changes. Old previews are cleared (zeros).
-    """
-    pseudo = upsert_labels(viewer, PSEUDO_LABELS, np.zeros(image.data.shape, np.uint8), class_names,
-                           like=image, opacity=0.45)
-    pseudo.editable = False
-    ph, pw = int(patch[0]), int(patch[1])
-    show_mix(viewer, image, np.zeros((ph, 2 * pw + MIX_GAP), np.float32),
-             np.zeros((ph, 2 * pw + MIX_GAP), np.uint8), patch, class_names)
-
-
 # --------------------------------------------------------------------- slices
 
 
@@ -334,17 +275,6 @@ def accept_slice(labels: "Labels", index: Sequence[int], values: np.ndarray) -> 
     with labels.block_history():
         labels.data_setitem(full, values[changed].astype(labels.data.dtype))
     return int(changed[0].size)
-
-
-def show_disagreement(viewer: "napari.Viewer", image: "Layer", data: np.ndarray) -> "Labels":
-    """Update (or add once) the 'M³HL disagreement' overlay (1 = student and teacher differ)."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    layer = upsert_labels(viewer, DISAGREEMENT, data, ("agree", "disagree"), like=image, opacity=0.7,
-                          colormap=DirectLabelColormap(color_dict={0: (0, 0, 0, 0), 1: DISAGREEMENT_COLOR,
-                                                                   None: DISAGREEMENT_COLOR}))
-    layer.editable = False
-    return layer
 
 
 # --------------------------------------------------------------------- data tokens

@@ -42,6 +42,8 @@ VARIANTS = ("paper", "reference")
 SUGGEST_SCORES = METHODS
 TRAIN_ON_ITERATIONS = 200
 DEFAULT_CARDIAC_MODEL = "acdc70_unet2d.pt"
+KEEP_START = "Use the start model's segmentation"
+USE_TUNED = "Use the fine-tuned segmentation"
 
 
 def default_cardiac_model() -> Path | None:
@@ -204,7 +206,19 @@ class TrainWidgetLayout(QWidget):
         self.predict_btn = QPushButton("Predict")
         self.predict_btn.setToolTip("Segment the whole image with the latest model into 'M³HL segmentation'")
         self.export_btn = QPushButton("Export…")
-        self.export_btn.setToolTip("Save 'M³HL segmentation' as NIfTI with the image's affine and header")
+        self.export_btn.setToolTip("Save 'M³HL segmentation' as NIfTI with the image's affine and header; the "
+                                   "slices you painted are written exactly as painted")
+        self.prediction_only_check = QCheckBox("Export the network's segmentation only")
+        self.prediction_only_check.setToolTip(
+            "Export 'M³HL segmentation' as it is, without putting your painted slices over it")
+        self.verdict_label = QLabel("")
+        self.verdict_label.setWordWrap(True)
+        self.verdict_label.setObjectName("m3hl_verdict")
+        self.verdict_label.setToolTip("The safeguard's check of the last fine-tune against your painted slices "
+                                      "and the start model's segmentation")
+        self.keep_start_btn = QPushButton(KEEP_START)
+        self.keep_start_btn.setToolTip("Show the start model's segmentation in 'M³HL segmentation' instead of the "
+                                       "fine-tuned one (press again to switch back); Export writes what is shown")
         self.save_ckpt_btn = QPushButton("Save checkpoint…")
         self.load_ckpt_btn = QPushButton("Load checkpoint…")
         self.status_label = QLabel("")
@@ -216,7 +230,10 @@ class TrainWidgetLayout(QWidget):
         lay.addWidget(self.progress)
         lay.addWidget(self.progress_label)
         lay.addWidget(_row(self.loss_plot, self.quality_label))
+        lay.addWidget(self.verdict_label)
+        lay.addWidget(self.keep_start_btn)
         lay.addWidget(_row(QLabel("Network"), self.which_combo, self.predict_btn, self.export_btn))
+        lay.addWidget(self.prediction_only_check)
         lay.addWidget(_row(self.save_ckpt_btn, self.load_ckpt_btn))
         lay.addWidget(self.status_label)
         return box

@@ -43,6 +43,9 @@ class RunState:
     preview_iteration: int | None = None  # iteration of the pseudo-labels shown
     dropped_previews: int = 0
     finished: ev.TrainFinished | None = None
+    fewslice: bool = False  # the few-slice fine-tune (napari_m3hl.fewslice), not the preset's M³HL run
+    iteration_offset: int = 0  # iterations of the model before this run (few-slice Train on)
+    mix_shown: bool = False  # a mix preview of this run was drawn
 
 
 def msg_2d(image: Image) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from ..errors import M3HLInputError
 from ..trainer import TrainControl
 from . import _jobs
 from ._workers import Handler, await_workers, job_pool, start_worker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._fewslice import FewSliceRequest
 
 
 def default_run_folder() -> Path:
@@ -138,8 +141,21 @@ class RunController:
             raise M3HLInputError("no checkpoint to save yet: train first (or stop a run)")
         return self._start(_jobs.copy_file_job, self.checkpoint, dst, connect=connect)
 
-    def export(self, path: str | Path, labels: np.ndarray, meta: dict[str, Any], connect: dict[str, Handler]):
-        return self._start(_jobs.export_job, str(path), labels, meta, connect=connect)
+    def export(self, path: str | Path, labels: np.ndarray, meta: dict[str, Any], connect: dict[str, Handler],
+               painted: np.ndarray | None = None):
+        """Write ``labels`` (the user's ``painted`` slices win where given) as NIfTI."""
+        return self._start(_jobs.export_job, str(path), labels, meta, painted, connect=connect)
+
+    def start_fewslice(self, req: "FewSliceRequest", connect: dict[str, Handler]):
+        """Start the few-slice fine-tune of :mod:`._fewslice` as the training run."""
+        from ._fewslice import fewslice_job
+
+        if self.training:
+            raise M3HLInputError("a training run is already going; stop it first")
+        if req.cpu_threads is None:
+            req.cpu_threads = _jobs.gui_cpu_threads()
+        self.control = TrainControl()
+        return self._start(fewslice_job, req, self.control, connect=connect, train=True)
 
     def shutdown(self, wait_ms: int = 0) -> None:
         """Stop the run (it still saves its checkpoint) and ask helpers to quit."""

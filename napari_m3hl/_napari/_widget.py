@@ -5,7 +5,12 @@
   messages) and :mod:`._layers` (overlay names, in-place updates, colours,
   data version tokens);
 * backend: :class:`._run.RunController` (owns the training run; the jobs of
-  :mod:`._jobs` in thread workers, :mod:`._workers`).
+  :mod:`._jobs` and :mod:`._fewslice` in thread workers, :mod:`._workers`);
+* behaviour by group, mixed in: :class:`._runview.RunViewMixin` (the run's
+  events drawn), :class:`._outputs.OutputsMixin` (Predict, segmentation
+  layer, Export, checkpoints), :class:`._finetune.FineTuneMixin` (the
+  few-slice fine-tune and its safeguard), :class:`._assist.AssistMixin`
+  (suggest, accept, train on), :class:`._sessions.SessionMixin` (session folders).
 
 Every Qt signal is connected through :func:`._slots.on_signal`, so no
 signal's value (``clicked``'s ``checked`` flag) reaches an action's parameters.
@@ -21,23 +26,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image, Labels
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
-from .. import events as ev
 from ..config import TrainConfig, list_presets, load_preset, read_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
+from . import _overlays as ov
 from . import _request as rq
-from ._assist import AssistMixin, Suggestions
-from ._jobs import AutosaveFailed, DataReady, PreviewQuality, RunAnalysis, TrainRequest
+from ._assist import AssistMixin
+from ._finetune import FineTuneMixin
+from ._jobs import TrainRequest
 from ._layout import START_MODES
 from ._picker import LayerPickerWidget, breakable
 from ._plot import quality_text
 from ._request import RunState
+from ._outputs import OutputsMixin
 from ._run import RunController
+from ._runview import RunViewMixin
+from ._sessions import SessionMixin
 from ._slots import on_signal
-from ._workers import describe_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -57,13 +65,6 @@ GUI_VARIANT = "reference"
 CHECKPOINT_EVERY = 100
 
 
-def _fmt_time(seconds: float) -> str:
-    s = max(0, int(round(seconds)))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 def presets_2d() -> list[str]:
     """Presets with a 2D patch (the widget trains slice-wise 2D models)."""
     out = []
@@ -77,7 +78,7 @@ def presets_2d() -> list[str]:
     return out
 
 
-class M3HLWidget(AssistMixin, LayerPickerWidget):
+class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, SessionMixin, LayerPickerWidget):
     """Dock widget: paint a few slices, train M³HL, watch, predict, export.
 
     Attributes useful to scripts and tests:
@@ -103,6 +104,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         self._n_runs = 0
         self._seg_token: tuple | None = None  # version of 'M³HL segmentation' when last written
         self._init_assist()
+        self._init_finetune()
 
         self.run_dir_label.setText(breakable(f"Run folder: {self.runner.out_dir}"))
         self._show_session_folder(autosave_only=True)
@@ -122,6 +124,7 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         on_signal(self.variant_combo.currentIndexChanged, self._apply_preset)
         on_signal(self.device_combo.currentIndexChanged, self._apply_device_defaults)
         on_signal(self.start_combo.currentIndexChanged, self._update_buttons)
+        on_signal(self.start_combo.currentIndexChanged, self._apply_start_defaults)
         on_signal(self.browse_btn.clicked, self._browse_start_file)
         on_signal(self.train_btn.clicked, self.start_training)
         on_signal(self.pause_btn.clicked, self.pause)
@@ -151,12 +154,29 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         except M3HLInputError as exc:
             self._error(str(exc))
             return
-        self.show_settings({
-            **cfg.to_dict(),
-            "iterations": GUI_ITERATIONS,
-            "batch_size": GUI_CPU_BATCH if self._device_is_cpu() else cfg.batch_size,
-            "lr": max(cfg.lr, GUI_LR),
-        })
+        self.show_settings(cfg.to_dict())
+        self._apply_start_defaults()
+
+    def _apply_start_defaults(self) -> None:
+        """Iterations, batch, learning rate and EMA decay of the Start mode: the
+        few-slice defaults (``FewSliceOptions``, as ``m3hl train --labels``) for
+        *Fine-tune from file*, the panel's M³HL defaults otherwise."""
+        from ..fewslice import FewSliceOptions
+
+        if self.start_combo.currentIndex() == START_MODES.index("Fine-tune from file"):
+            fs = FewSliceOptions()
+            self.show_settings({"iterations": fs.iterations, "batch_size": fs.batch_size, "lr": fs.lr,
+                                "ema_decay": fs.ema_decay})
+            return
+        name = self.preset_combo.currentText()
+        if not name:
+            return
+        try:
+            cfg = load_preset(name, self.variant_combo.currentText())
+        except M3HLInputError:
+            return
+        self.show_settings({"iterations": GUI_ITERATIONS, "lr": max(cfg.lr, GUI_LR), "ema_decay": cfg.ema_decay,
+                            "batch_size": GUI_CPU_BATCH if self._device_is_cpu() else cfg.batch_size})
 
     def _apply_device_defaults(self) -> None:
         batch = self.advanced_form.editor("batch_size")
@@ -233,45 +253,78 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
     def start_training(self, resume_from: str | Path | None = None, iterations: int | None = None) -> bool:
         """Validate, copy the data and start a training worker. Returns False on bad input.
 
+        With Start *Fine-tune from file* on one volume this is the few-slice
+        fine-tune (:meth:`start_fewslice`); otherwise the preset's M³HL run.
         ``resume_from`` / ``iterations``: continue that checkpoint up to
         ``iterations`` in all (Train on) instead of the Start mode's choice.
         """
         if self.runner.training:
             self._error("A training run is going: stop it before starting another.")
             return False
+        if resume_from is None and self.uses_fewslice():
+            return self.start_fewslice()
         try:
             req, state = self._make_request(resume_from, iterations)
         except M3HLInputError as exc:
             self._error(str(exc))
             return False
-        self.run = state
         how = ("train on" if resume_from is not None else START_MODES[self.start_combo.currentIndex()].lower())
+        self.finetune = None
+        self.verdict_label.setText("")
+        self._begin_run(state, how, str(req.resume_from or req.init_from or ""), req.config.iterations,
+                        req.config.to_dict(), patch=req.config.patch_size)
+        self._status(f"Training in {state.run_dir}")
+        self.runner.start_training(req, connect=self._run_handlers())
+        return True
+
+    def _run_handlers(self) -> dict[str, Any]:
+        return {"yielded": self._on_event, "errored": self._on_train_error, "aborted": self._on_train_aborted,
+                "finished": self._on_train_finished}
+
+    def _begin_run(self, state: RunState, how: str, source: str, iterations: int, config: dict[str, Any],
+                   patch: tuple[int, ...] | None = None) -> None:
+        """Record the run, reset the progress display and schedule the overlay
+        layers (the mix overlays only for an M³HL run with ``patch``)."""
+        self.run = state
+        labeled = lc.labeled_slices(np.asarray(state.labels.data))
         self.run_history.append({
             "run_dir": str(state.run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": how,
-            "from": str(req.resume_from or req.init_from or ""), "image": state.image.name,
-            "labels": state.labels.name, "labeled_slices": [int(i) for i in lc.labeled_slices(req.labels[0])]
-            if len(req.labels) == 1 else int(sum(lc.labeled_slices(f).size for f in req.labels)),
-            "config": req.config.to_dict(),
+            "from": source, "image": state.image.name, "labels": state.labels.name,
+            "labeled_slices": [int(i) for i in labeled] if state.image.ndim == 3 else int(labeled.size),
+            "config": config, "kind": "few-slice" if state.fewslice else "m3hl",
         })
         self._show_session_folder(autosave_only=self.session_folder is None)
-        lc.prepare_overlays(self.viewer, state.image, req.config.patch_size, state.class_names)
+        self._queue_overlays(state, patch)
         self.loss_plot.clear()
         self.quality_label.setText(quality_text(None)[0])
-        self.progress.setRange(0, req.config.iterations)
+        self.progress.setRange(0, iterations)
         self.progress.setValue(0)
         self.progress.setFormat("preparing data…")
         self.progress_label.setText("")
-        self._status(f"Training in {state.run_dir}")
         self.run_dir_label.setText(breakable(f"Run folder: {state.run_dir}"))
         self.set_running(True)
         self._update_buttons()
-        self.runner.start_training(req, connect={
-            "yielded": self._on_event,
-            "errored": self._on_train_error,
-            "aborted": self._on_train_aborted,
-            "finished": self._on_train_finished,
-        })
-        return True
+
+    def _queue_overlays(self, state: RunState, patch: tuple[int, ...] | None) -> None:
+        """Add (once) or clear the run's overlay layers from queued callbacks,
+        one layer per event-loop turn, so the click on Train returns at once
+        (adding a layer costs the GUI thread 0.1–0.3 s of vispy set-up). A step
+        skips a layer that a preview of this run already drew."""
+        steps = [lambda: ov.prepare_preview(self.viewer, state.image, state.class_names)]
+        if patch is not None:
+            steps += [lambda: ov.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=False),
+                      lambda: ov.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=True)]
+
+        def run_step(k: int) -> None:
+            if self.run is not state or not lc.layer_in(self.viewer, state.image):
+                return
+            drawn = state.preview_iteration is not None if k == 0 else state.mix_shown
+            if not drawn:
+                steps[k]()
+            if k + 1 < len(steps):
+                QTimer.singleShot(0, lambda: run_step(k + 1))
+
+        QTimer.singleShot(0, lambda: run_step(0))
 
     def pause(self) -> None:
         if self.runner.training:
@@ -297,133 +350,13 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
             self.progress.setFormat("stopping… %v / %m")
             self._status("Stopping after the current step; saving the checkpoint…")
 
-    # ---------------------------------------------------------------- events
-    def _on_event(self, e: Any) -> None:
-        """Draw one event from the training worker (GUI thread)."""
-        if isinstance(e, ev.Progress):
-            self._on_progress(e)
-        elif isinstance(e, ev.VolumePreview):
-            self._on_volume_preview(e)
-        elif isinstance(e, ev.MixPreview):
-            self._on_mix_preview(e)
-        elif isinstance(e, PreviewQuality):
-            self._on_quality(e)
-        elif isinstance(e, DataReady):
-            self._status(
-                f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
-            )
-        elif isinstance(e, ev.TrainStarted):
-            self.progress.setRange(0, e.total_iterations)
-            self.progress.setValue(e.start_iteration)
-            self.progress.setFormat("%v / %m")
-            self._status(
-                f"Training on {e.device}: {e.n_labeled} labeled, {e.n_unlabeled} unlabeled slices "
-                f"({e.mode}); previews every {self.preview_every_s or '-'} s."
-            )
-        elif isinstance(e, AutosaveFailed):
-            self._warn(f"Could not autosave the session to {e.folder} ({e.error}); training goes on and your "
-                       "layers are unchanged. Save session… to another folder to keep the work.")
-        elif isinstance(e, ev.CheckpointSaved):
-            self.runner.checkpoint = e.path
-            self._update_buttons()
-        elif isinstance(e, ev.TrainFinished):
-            self._on_finished_event(e)
-
-    def _on_progress(self, e: ev.Progress) -> None:
-        self.progress.setMaximum(e.total_iterations)
-        self.progress.setValue(e.iteration)
-        if not (self.runner.control and self.runner.control.stop_requested):
-            self.progress.setFormat("%v / %m" if not self.runner.paused else "paused at %v / %m")
-        terms = " · ".join(f"{k} {v:.3f}" for k, v in e.losses.items())
-        self.progress_label.setText(
-            f"iteration {e.iteration}/{e.total_iterations} · {e.images_per_s:.1f} img/s · "
-            f"elapsed {_fmt_time(e.elapsed_s)} · ETA {_fmt_time(e.eta_s)}\n{terms}"
-        )
-        self.loss_plot.add(e.iteration, e.losses)
-
-    def current_token(self) -> tuple | None:
-        """Token of the run's image/labels now; None when a layer was removed."""
-        run = self.run
-        if run is None or not lc.layer_in(self.viewer, run.image) or not lc.layer_in(self.viewer, run.labels):
-            return None
-        return self.versions.token([run.image, run.labels])
-
-    def _on_volume_preview(self, e: ev.VolumePreview) -> None:
-        run = self.run
-        if run is None:
-            return
-        if e.token != self.current_token():
-            run.dropped_previews += 1
-            self.progress_label.setText(
-                self.progress_label.text().split("\n")[0]
-                + "\npseudo-label preview skipped: the image or labels changed since Train"
-            )
-            return
-        index = (run.preview_frame,) if run.image.ndim == 4 else ()
-        layer = self.viewer.layers[lc.PSEUDO_LABELS] if lc.PSEUDO_LABELS in self.viewer.layers else None
-        if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(run.image.data.shape):
-            lc.update_changed(layer, e.labels, index)  # in place: only the changed pixels are redrawn
-        else:
-            data = e.labels
-            if index:
-                data = np.zeros(run.image.data.shape, np.uint8)
-                data[index] = e.labels
-            layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
-                                     opacity=0.45)
-        layer.editable = False
-        run.preview_iteration = e.iteration
-        if run.first_preview_s is None:
-            run.first_preview_s = time.perf_counter() - run.started
-
-    def _on_quality(self, e: PreviewQuality) -> None:
-        """Dice against the painted slices and the change of the unpainted ones, beside the loss plot."""
-        text, tip = quality_text(e)
-        self.quality_label.setText(text)
-        self.quality_label.setToolTip(tip)
-
-    def _on_mix_preview(self, e: ev.MixPreview) -> None:
-        """Show the two mixed images side by side, to the right of the volume."""
-        run = self.run
-        if run is None:
-            return
-        montage, targets = lc.mix_montage(e.images, e.targets)
-        lc.show_mix(self.viewer, run.image, montage, targets, e.images.shape[-2:], run.class_names)
-
-    def _on_finished_event(self, e: ev.TrainFinished) -> None:
-        run = self.run
-        if run is not None:
-            run.finished = e
-        if e.checkpoint:
-            self.runner.checkpoint = e.checkpoint
-            self.model_iteration = int(e.iteration)
-            self.model_resumable = True
-        if self.run_history:
-            self.run_history[-1].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": int(e.iteration),
-                                         "stopped": bool(e.stopped), "checkpoint": e.checkpoint})
-        how = "Stopped" if e.stopped else "Finished"
-        self._status(f"{how} at iteration {e.iteration}; checkpoint {e.checkpoint or '(not saved)'}")
-        self.progress.setFormat(f"{how.lower()} at %v / %m")
-        if self.auto_predict and e.checkpoint and run is not None and lc.layer_in(self.viewer, run.image):
-            self.analyse_run(run.image, run.preview_frame if run.image.ndim == 4 else 0)
-
-    def _on_train_error(self, exc: BaseException) -> None:
-        run = self.run
-        self._error(describe_error(exc, "Training", run.batch_size if run else None, self.runner.checkpoint))
-        self.progress.setFormat("failed at %v / %m")
-
-    def _on_train_aborted(self) -> None:
-        self._status(f"Training cancelled; last checkpoint: {self.runner.checkpoint or 'none'}")
-
-    def _on_train_finished(self) -> None:
-        self.set_running(False)
-        self._update_buttons()
-
     # ================================================================ predict / export
     def _update_buttons(self) -> None:
         has_model = bool(self.runner.checkpoint)
         self.predict_btn.setEnabled(has_model)
         self.save_ckpt_btn.setEnabled(has_model)
         self.export_btn.setEnabled(lc.SEGMENTATION in self.viewer.layers)
+        self._update_fewslice_buttons()
         needs_file = self.start_combo.currentIndex() > 0
         self.start_path.setVisible(needs_file)
         self.browse_btn.setVisible(needs_file)
@@ -434,145 +367,6 @@ class M3HLWidget(AssistMixin, LayerPickerWidget):
         super().update_info(event)
         if hasattr(self, "suggestions"):
             self.refresh_suggestions()
-
-    def predict(self, image: Image | None = None) -> bool:
-        """Segment ``image`` (default: the selected one) with the latest model in a worker."""
-        image = image or self.image_layer()
-        if image is None:
-            self._error("No image layer to segment.")
-            return False
-        if image.rgb or image.ndim < 3:
-            self._error(rq.msg_2d(image))
-            return False
-        if not self.runner.checkpoint:
-            self._error("No model yet: train first, or load a checkpoint / model file.")
-            return False
-        volumes = lc.frames(image.data)  # views: the job converts them
-        self.predict_btn.setEnabled(False)
-        self._status(f"Segmenting '{image.name}' with the {self.which_combo.currentText()}…")
-        names = self.current_class_names()
-
-        def done(labels: np.ndarray) -> None:
-            self._show_segmentation(labels, image, names)
-
-        self.runner.predict(volumes, which=self.which_combo.currentText(), device=self.device_combo.currentText(),
-                             connect={"returned": done, "errored": self._on_predict_error,
-                                      "finished": self._update_buttons})
-        return True
-
-    def analyse_run(self, image: Image, frame: int = 0) -> bool:
-        """After a run: one job segments ``image`` (every frame) and, with
-        ``auto_suggest``, scores the slices of ``frame``, from one checkpoint load."""
-        volumes = lc.frames(image.data)  # views: the job converts them
-        method = self.score_combo.currentText() if self.auto_suggest else None
-        which, ckpt, names = self.which_combo.currentText(), self.runner.checkpoint, self.current_class_names()
-        self.predict_btn.setEnabled(False)
-        self.suggest_btn.setEnabled(False)
-        self._status(f"Segmenting '{image.name}' with the {which}" + (" and ranking its slices…" if method else "…"))
-
-        def done(result: RunAnalysis) -> None:
-            self._show_segmentation(result.segmentation, image, names)
-            if result.analysis is not None:
-                self._on_analysis(Suggestions(image, frame if image.ndim == 4 else None, result.analysis, ckpt))
-
-        self.runner.analyse_run(volumes, frame, method, which, device=self.device_combo.currentText(), connect={
-            "returned": done, "errored": self._on_predict_error, "finished": self._update_buttons})
-        return True
-
-    def _show_segmentation(self, labels: np.ndarray, image: Image, class_names: tuple[str, ...]) -> None:
-        if not lc.layer_in(self.viewer, image) or tuple(labels.shape) != tuple(image.data.shape):
-            self._warn("The image changed while segmenting; press Predict again.")
-            return
-        self._keep_user_edits()
-        seg = lc.upsert_labels(self.viewer, lc.SEGMENTATION, labels, class_names, like=image, opacity=0.6)
-        self._seg_token = self.versions.token([seg])
-        counts = ", ".join(f"{n} {int((labels == c).sum())} vox" for c, n in enumerate(class_names) if c)
-        self._status(f"Segmentation of '{image.name}' in layer '{lc.SEGMENTATION}' (editable): {counts}")
-        self._update_buttons()
-
-    def _keep_user_edits(self) -> None:
-        """Before a new segmentation replaces 'M³HL segmentation' in place, copy
-        it to its own layer if the user edited it since it was written."""
-        if lc.SEGMENTATION not in self.viewer.layers or self._seg_token is None:
-            return
-        seg = self.viewer.layers[lc.SEGMENTATION]
-        if self.versions.token([seg]) == self._seg_token:
-            return
-        with lc.keep_selection(self.viewer):
-            kept = lc.add_class_labels(self.viewer, np.array(seg.data, copy=True), f"{lc.SEGMENTATION} (your edits)",
-                                       self.current_class_names(), like=seg, visible=False)
-        self._warn(f"Your edits of '{lc.SEGMENTATION}' are kept in layer '{kept.name}'.")
-
-    def _on_predict_error(self, exc: BaseException) -> None:
-        self._error(describe_error(exc, "Prediction", 8, self.runner.checkpoint))
-
-    def export(self, path: str | None = None) -> bool:
-        """Write 'M³HL segmentation' as NIfTI with the source affine/header (in a worker)."""
-        if lc.SEGMENTATION not in self.viewer.layers:
-            self._error("Nothing to export: train or press Predict first to make 'M³HL segmentation'.")
-            return False
-        layer = self.viewer.layers[lc.SEGMENTATION]
-        if path is None:
-            src = layer.metadata.get("source_path")
-            default = str(self.runner.out_dir / "segmentation.nii.gz")
-            if src and str(src).lower().endswith((".nii", ".nii.gz")):
-                stem = Path(src).name.split(".nii")[0]
-                default = str(Path(src).with_name(f"{stem}_m3hl_seg.nii.gz"))
-            path = self._ask_save_path("Export segmentation as NIfTI", default, "NIfTI (*.nii.gz *.nii)")
-        if not path:
-            return False
-        meta = {"name": layer.name, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
-                "metadata": dict(layer.metadata)}
-        if meta["metadata"].get("affine") is None:
-            self._warn("The image has no NIfTI geometry; exporting with a diagonal affine from the voxel size.")
-        self.runner.export(path, np.array(layer.data, copy=True), meta, connect={
-            "returned": lambda p: self._status(f"Saved {p}"),
-            "errored": lambda exc: self._error(describe_error(exc, "Export")),
-        })
-        return True
-
-    def save_checkpoint(self, path: str | None = None) -> bool:
-        """Copy the latest checkpoint to a file the user picks (in a worker)."""
-        if not self.runner.checkpoint:
-            self._error("No checkpoint yet: train first (Stop also saves one).")
-            return False
-        default = str(Path.home() / "m3hl_checkpoint.pt")
-        path = path or self._ask_save_path("Save checkpoint", default, "Checkpoints (*.pt)")
-        if not path:
-            return False
-        self.runner.save_checkpoint(path, connect={
-            "returned": lambda p: self._status(f"Checkpoint saved to {p}"),
-            "errored": lambda exc: self._error(describe_error(exc, "Saving the checkpoint")),
-        })
-        return True
-
-    def load_checkpoint(self, path: str | None = None) -> bool:
-        """Load a checkpoint/model file (checked in a worker) for Predict and fine-tuning."""
-        path = path or self._ask_open_path("Load checkpoint or model file")
-        if not path:
-            return False
-        try:
-            cfg = self.build_config()
-        except M3HLInputError as exc:
-            self._error(str(exc))
-            return False
-        self.runner.load_checkpoint(path, cfg.arch, cfg.num_classes, connect={
-            "returned": self._on_checkpoint_loaded,
-            "errored": lambda exc: self._error(describe_error(exc, "Loading the checkpoint")),
-        })
-        return True
-
-    def _on_checkpoint_loaded(self, info: dict[str, Any]) -> None:
-        self.runner.checkpoint = info["path"]
-        self.model_iteration = int(info["iteration"])
-        self.model_resumable = bool(info["resumable"])
-        self.start_path.setText(info["path"])
-        self.start_combo.setCurrentIndex(1)
-        self._update_buttons()
-        self._status(
-            f"Loaded {info['path']} (iteration {info['iteration']}, classes {', '.join(info['class_names'])}): "
-            "Predict uses it, Train fine-tunes from it."
-        )
 
     # ================================================================ teardown
     def cleanup(self, wait_ms: int = 10000) -> None:

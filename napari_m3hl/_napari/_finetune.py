@@ -1,0 +1,170 @@
+"""The dock widget's few-slice fine-tune: Train from a start model, the safeguard, Train on.
+
+:class:`FineTuneMixin` adds to :class:`._widget.M3HLWidget` the path that
+**Train** takes when **Start** is *Fine-tune from file* (by default the
+shipped cardiac model) and the image is one volume without extra unlabeled
+volumes: the engine's few-slice loop in a worker (:mod:`._fewslice`), with
+the CLI's defaults. The preview layer shows the start model's segmentation
+of the whole volume as soon as it is loaded, then, while it trains, the
+segmenting network's at each check (every ``check_every`` iterations and at
+the end), with its Dice against the painted slices beside the loss plot. When it ends, 'M³HL segmentation' shows
+the fine-tuned segmentation and the panel shows the safeguard's verdict; the
+button under it switches to the start model's segmentation (and back).
+**Train on** after such a run fine-tunes the current model again on the
+labels as they are now, and the safeguard still compares with the first
+start model's segmentation.
+
+Everything here runs in the GUI thread and only starts workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image
+
+from ..errors import M3HLInputError
+from ..fewslice import Check, FewSliceResult
+from . import _layers as lc
+from . import _request as rq
+from ._fewslice import FewSliceRequest, StartSegmentation, fewslice_options
+from ._layout import KEEP_START, START_MODES, USE_TUNED
+from ._slots import on_signal
+
+FINE_TUNE = START_MODES.index("Fine-tune from file")
+SUSPECT_STYLE = "color: #ff8a65; font-weight: bold;"
+
+
+@dataclass
+class FineTuneOutcome:
+    """The last few-slice run's result and what 'M³HL segmentation' shows of it
+    (``showing``: ``"tuned"`` or ``"start"``)."""
+
+    image: Image
+    result: FewSliceResult
+    class_names: tuple[str, ...]
+    checkpoint: str | None = None  # the fine-tuned model's file
+    showing: str = "tuned"
+
+
+class FineTuneMixin:
+    """Few-slice Train / Train on, the safeguard's verdict and its control (mixed into the dock widget)."""
+
+    def _init_finetune(self) -> None:
+        self.finetune: FineTuneOutcome | None = None
+        on_signal(self.keep_start_btn.clicked, self.toggle_start_segmentation)
+
+    def uses_fewslice(self) -> bool:
+        """Whether Train runs the few-slice fine-tune: Start is *Fine-tune from
+        file*, the image is one volume (Z, Y, X) and no extra volume is ticked."""
+        image = self.image_layer()
+        return (self.start_combo.currentIndex() == FINE_TUNE and image is not None and image.ndim == 3
+                and not image.rgb and not self.extra_layers())
+
+    def fewslice_options(self, iterations: int | None = None):
+        """The run's :class:`~napari_m3hl.fewslice.FewSliceOptions` (the CLI's
+        defaults, the Advanced form's iterations / batch / lr / EMA decay, the
+        device, ``config_overrides``)."""
+        opts = fewslice_options(self.settings(), self.device_combo.currentText(), self.config_overrides)
+        if iterations is not None:
+            opts.iterations = int(iterations)
+        return opts
+
+    def _make_fewslice_request(self, start: str | Path | None, iterations: int | None,
+                               base: np.ndarray | None) -> tuple[FewSliceRequest, rq.RunState]:
+        from ..runtime import resolve_device
+
+        image, labels = rq.check_layers(self.image_layer(), self.labels_layer())
+        lab = np.asarray(labels.data)
+        config = self.build_config()
+        rq.check_labels(labels.name, lab, config)
+        options = self.fewslice_options(iterations)
+        resolve_device(options.device)  # cheap; a clear error for an absent GPU
+        if start is None:
+            start, _ = rq.start_files(FINE_TUNE, self.start_path.text(), None)
+        run_dir, self._n_runs = rq.next_run_dir(self.runner.out_dir, self._n_runs)
+        token = self.versions.token([image, labels])
+        names = tuple(config.class_names)
+        req = FewSliceRequest(start=Path(start), image=image.data, painted=np.array(lab, copy=True), options=options,
+                              class_names=names, out_dir=run_dir, token=token, base=base,
+                              autosave=self.session_snapshot(self.autosave_folder(), with_checkpoint=False))
+        state = rq.RunState(image=image, labels=labels, token=token, preview_frame=0, class_names=names,
+                            run_dir=run_dir, batch_size=options.batch_size, fewslice=True)
+        return req, state
+
+    def start_fewslice(self, start: str | Path | None = None, iterations: int | None = None,
+                       continued: bool = False) -> bool:
+        """Start the few-slice fine-tune of ``start`` (default: the Start file);
+        ``continued``: Train on after a few-slice run (the current model, the
+        first start model's segmentation for the safeguard)."""
+        out = self.finetune
+        base = out.result.base if continued and out is not None and out.checkpoint == self.runner.checkpoint else None
+        try:
+            req, state = self._make_fewslice_request(start, iterations, base)
+        except M3HLInputError as exc:
+            self._error(str(exc))
+            return False
+        if continued:
+            state.iteration_offset = self.model_iteration
+        self.finetune = self.finetune if continued else None
+        self.verdict_label.setText("")
+        self._update_fewslice_buttons()
+        how = "train on" if continued else "few-slice fine-tune"
+        self._begin_run(state, how, str(req.start), req.options.iterations, vars(req.options))
+        self._status(f"Fine-tuning {req.start.name} on the painted slices of '{state.image.name}' "
+                     f"({req.options.summary()}; the model's own input size) in {state.run_dir}")
+        self.runner.start_fewslice(req, connect=self._run_handlers())
+        return True
+
+    # ---------------------------------------------------------------- events
+    def _on_check(self, e: Check) -> None:
+        """Show the segmentation of the whole volume at a check in the preview layer."""
+        self._show_preview(e.labels, e.iteration, None)
+
+    def _on_fewslice_result(self, r: FewSliceResult) -> None:
+        run = self.run
+        if run is None:
+            return
+        self.finetune = FineTuneOutcome(run.image, r, run.class_names, self.runner.checkpoint)
+        self.verdict_label.setText(r.verdict.message)
+        self.verdict_label.setStyleSheet(SUSPECT_STYLE if r.verdict.suspect else "")
+        if not lc.layer_in(self.viewer, run.image):
+            return
+        self._show_segmentation(r.labels, run.image, run.class_names)
+        self.keep_start_btn.setText(KEEP_START)
+        if r.verdict.suspect:
+            self._warn(f"{r.verdict.message} Press '{KEEP_START}' to keep it.")
+        if self.auto_suggest:
+            self.suggest(run.image)
+
+    def toggle_start_segmentation(self) -> bool:
+        """Put the start model's segmentation into 'M³HL segmentation' (or the fine-tuned one back)."""
+        out = self.finetune
+        if out is None or not lc.layer_in(self.viewer, out.image):
+            self._error("No fine-tune to choose from: press Train with Start 'Fine-tune from file' first.")
+            return False
+        to_start = out.showing == "tuned"
+        self._show_segmentation(out.result.base if to_start else out.result.labels, out.image, out.class_names)
+        out.showing = "start" if to_start else "tuned"
+        self.keep_start_btn.setText(USE_TUNED if to_start else KEEP_START)
+        which = "the start model's" if to_start else "the fine-tuned"
+        self._status(f"'{lc.SEGMENTATION}' shows {which} segmentation; Export writes it with your painted slices.")
+        return True
+
+    def _update_fewslice_buttons(self) -> None:
+        self.keep_start_btn.setEnabled(self.finetune is not None and not self.runner.training
+                                       and lc.layer_in(self.viewer, self.finetune.image))
+
+    def _fewslice_event(self, e: Any) -> bool:
+        """Draw a few-slice event; False when ``e`` is not one."""
+        if isinstance(e, Check):
+            self._on_check(e)
+        elif isinstance(e, StartSegmentation):  # the first preview: the start model's segmentation
+            self._show_preview(e.labels, 0, None)
+        elif isinstance(e, FewSliceResult):
+            self._on_fewslice_result(e)
+        else:
+            return False
+        return True

@@ -1,0 +1,114 @@
+"""The run's overlay layers: the preview, the mix preview and targets, the disagreement map.
+
+Everything here runs in the GUI thread. Each overlay lives in its own layer
+under a fixed name (:mod:`._layers`) and is added once, then updated in place.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ._layers import (DISAGREEMENT, DISAGREEMENT_COLOR, MIX_PREVIEW, MIX_TARGETS, PSEUDO_LABELS,
+                      upsert_image, upsert_labels)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+    from napari.layers import Labels, Layer
+
+
+MIX_GAP = 4  # pixels between the two mixed images
+
+
+def mix_montage(images: np.ndarray, targets: np.ndarray, gap: int = MIX_GAP) -> tuple[np.ndarray, np.ndarray]:
+    """The two mixed images (2, h, w) and their targets side by side: (h, 2w + gap)."""
+    h, w = images.shape[-2:]
+    montage = np.zeros((h, 2 * w + gap), dtype=np.float32)
+    tmontage = np.zeros((h, 2 * w + gap), dtype=np.uint8)
+    for k in range(2):
+        montage[:, k * (w + gap): k * (w + gap) + w] = images[k]
+        tmontage[:, k * (w + gap): k * (w + gap) + w] = targets[k]
+    return montage, tmontage
+
+
+def mix_geometry(image: "Layer", patch: Sequence[int]) -> dict[str, tuple[float, float]]:
+    """Scale/translate placing a (patch_h, 2 patch_w + gap) montage just right of
+    ``image`` at the same physical size as one of its slices."""
+    sy, sx = (float(s) for s in image.scale[-2:])
+    ih, iw = image.data.shape[-2:]
+    ph, pw = int(patch[0]), int(patch[1])
+    ty, tx = (float(t) for t in image.translate[-2:])
+    return {"scale": (ih * sy / ph, iw * sx / pw), "translate": (ty, tx + iw * sx * 1.05)}
+
+
+def _place(layer: "Layer", geo: dict[str, Any]) -> None:
+    if not np.allclose(layer.scale, geo["scale"]):
+        layer.scale = geo["scale"]
+    if not np.allclose(layer.translate, geo["translate"]):
+        layer.translate = geo["translate"]
+
+
+def show_mix(viewer: "napari.Viewer", image: "Layer", montage: np.ndarray, targets: np.ndarray,
+             patch: Sequence[int], class_names: Sequence[str]) -> None:
+    """Update (or add once) the mix preview image and its targets beside ``image``."""
+    geo = mix_geometry(image, patch)
+    layer = upsert_image(viewer, MIX_PREVIEW, montage, colormap="gray", contrast_limits=(0.0, 1.0), **geo)
+    _place(layer, geo)
+    tlayer = upsert_labels(viewer, MIX_TARGETS, targets, class_names, opacity=0.4, **geo)
+    _place(tlayer, geo)
+    tlayer.editable = False
+
+
+def prepare_preview(viewer: "napari.Viewer", image: "Layer", class_names: Sequence[str]) -> "Labels":
+    """Add (once) or clear (zeros, in place) the read-only preview overlay on ``image``'s grid.
+
+    Adding a layer costs the GUI thread a few hundred milliseconds (vispy
+    visuals, shaders); the widget calls this (and :func:`prepare_mix`) from
+    queued callbacks after Train, so the updates during training are
+    in-place data changes and no single event-loop turn adds more than one layer.
+    """
+    layer = viewer.layers[PSEUDO_LABELS] if PSEUDO_LABELS in viewer.layers else None
+    from napari.layers import Labels
+
+    if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(image.data.shape):
+        if layer.data.any():  # a previous run's preview: cleared
+            layer.data = np.zeros(image.data.shape, np.uint8)
+    else:
+        layer = upsert_labels(viewer, PSEUDO_LABELS, np.zeros(image.data.shape, np.uint8), class_names,
+                              like=image, opacity=0.45)
+    layer.editable = False
+    return layer
+
+
+def prepare_mix(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int], class_names: Sequence[str],
+                targets: bool) -> None:
+    """Add (once) or clear the mix preview image (``targets`` False) or its targets beside ``image``."""
+    ph, pw = int(patch[0]), int(patch[1])
+    geo = mix_geometry(image, patch)
+    shape = (ph, 2 * pw + MIX_GAP)
+    if targets:
+        layer = upsert_labels(viewer, MIX_TARGETS, np.zeros(shape, np.uint8), class_names, opacity=0.4, **geo)
+        layer.editable = False
+    else:
+        layer = upsert_image(viewer, MIX_PREVIEW, np.zeros(shape, np.float32), colormap="gray",
+                             contrast_limits=(0.0, 1.0), **geo)
+    _place(layer, geo)
+
+
+def prepare_overlays(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int],
+                     class_names: Sequence[str]) -> None:
+    """All of :func:`prepare_preview` and :func:`prepare_mix` at once (scripts; the widget queues them)."""
+    prepare_preview(viewer, image, class_names)
+    prepare_mix(viewer, image, patch, class_names, targets=False)
+    prepare_mix(viewer, image, patch, class_names, targets=True)
+
+
+def show_disagreement(viewer: "napari.Viewer", image: "Layer", data: np.ndarray) -> "Labels":
+    """Update (or add once) the 'M³HL disagreement' overlay (1 = student and teacher differ)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    layer = upsert_labels(viewer, DISAGREEMENT, data, ("agree", "disagree"), like=image, opacity=0.7,
+                          colormap=DirectLabelColormap(color_dict={0: (0, 0, 0, 0), 1: DISAGREEMENT_COLOR,
+                                                                   None: DISAGREEMENT_COLOR}))
+    layer.editable = False
+    return layer

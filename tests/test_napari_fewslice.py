@@ -1,0 +1,105 @@
+"""Train with a start model in the dock widget: the few-slice fine-tune, the
+safeguard's verdict and its control, and the merged export (under Xvfb,
+every control clicked with the mouse)."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from gui_helpers import WAIT_MS, button, click, toggle, train_and_wait, wait_idle
+
+from napari_m3hl._napari import _layers as lc
+from napari_m3hl.fewslice import FewSliceOptions
+from napari_m3hl.safeguard import merge_painted
+
+
+def _export(qtbot, w, monkeypatch, path):
+    monkeypatch.setattr(w, "_ask_save_path", lambda caption, default, filters: str(path))
+    click(qtbot, button(w, "Export…"))
+    qtbot.waitUntil(path.is_file, timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+
+
+def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, qtbot, errors):
+    viewer, w = make_widget()
+    assert w.uses_fewslice()  # the default start: the shipped cardiac model
+    defaults = FewSliceOptions()
+    adv = w.advanced_form.values()
+    assert (adv["iterations"], adv["batch_size"], adv["lr"]) == (defaults.iterations, defaults.batch_size, defaults.lr)
+    user = viewer.layers["phantom labels"]
+    before = user.data.copy()
+    train_and_wait(qtbot, w)
+    assert w.last_error == "" and errors == []
+    assert w.run.fewslice and w.run.finished.iteration == 4
+    res = w.finetune.result
+    seg = viewer.layers[lc.SEGMENTATION]
+    np.testing.assert_array_equal(seg.data, res.labels)  # the fine-tuned network's segmentation is shown
+    assert res.base.shape == seg.data.shape and res.labels.dtype == np.uint8
+    # the preview layer showed the whole volume's segmentation at the check, with its Dice beside the plot
+    np.testing.assert_array_equal(viewer.layers[lc.PSEUDO_LABELS].data, res.labels)
+    assert "Dice, painted\n" in w.quality_label.text() and "–" not in w.quality_label.text().split("\n")[1]
+    assert w.verdict_label.text() == res.verdict.message and not res.verdict.suspect
+    assert lc.MIX_PREVIEW not in viewer.layers  # no mixing in the few-slice fine-tune
+    assert w.suggestions is not None  # the slices are ranked after the run
+    assert user.data.tobytes() == before.tobytes()  # training never writes the user's labels
+
+
+def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget, qtbot, errors, monkeypatch,
+                                                                     tmp_path):
+    viewer, w = make_widget()
+    warned = []
+    monkeypatch.setattr(w, "_warn", warned.append)
+    w.advanced_form.editor("lr").setValue(1.0)  # a learning rate that wrecks the network in a few steps
+    train_and_wait(qtbot, w)
+    res = w.finetune.result
+    assert res.verdict.suspect and res.verdict.painted_tuned < res.verdict.painted_base
+    assert w.verdict_label.text() == res.verdict.message and "worse than the start model" in res.verdict.message
+    assert any("Use the start model's segmentation" in m for m in warned)
+    seg = viewer.layers[lc.SEGMENTATION]
+    np.testing.assert_array_equal(seg.data, res.labels)
+
+    click(qtbot, button(w, "Use the start model's segmentation"))
+    np.testing.assert_array_equal(seg.data, res.base)
+    assert viewer.layers[lc.SEGMENTATION].unique_id == seg.unique_id  # in place, same layer
+
+    # Export: the start model's segmentation with the painted slices exactly as painted
+    image = viewer.layers["phantom image"]
+    painted = viewer.layers["phantom labels"].data
+    merged_path, alone_path = tmp_path / "merged.nii.gz", tmp_path / "alone.nii.gz"
+    _export(qtbot, w, monkeypatch, merged_path)
+    toggle(qtbot, w.prediction_only_check)
+    _export(qtbot, w, monkeypatch, alone_path)
+    merged = viewer.open(str(merged_path), plugin="napari-m3hl")[0]
+    alone = viewer.open(str(alone_path), plugin="napari-m3hl")[0]
+    np.testing.assert_array_equal(merged.data, merge_painted(res.base, painted))
+    np.testing.assert_array_equal(merged.data[[1, 3]], painted[[1, 3]])
+    np.testing.assert_array_equal(alone.data, res.base)
+    assert not np.array_equal(alone.data[[1, 3]], painted[[1, 3]])  # the network alone differs where painted
+    for path in (merged_path, alone_path):
+        np.testing.assert_allclose(nib.load(str(path)).affine, image.metadata["affine"], atol=1e-5)
+
+    click(qtbot, button(w, "Use the fine-tuned segmentation"))
+    np.testing.assert_array_equal(seg.data, res.labels)
+
+
+def test_other_start_modes_keep_the_m3hl_run(make_widget, qtbot):
+    viewer, w = make_widget()
+    w.start_combo.setCurrentIndex(0)  # From scratch
+    assert not w.uses_fewslice() and w.advanced_form.values()["iterations"] == 300
+    train_and_wait(qtbot, w)
+    assert not w.run.fewslice and w.finetune is None and lc.MIX_PREVIEW in viewer.layers
+    assert not w.keep_start_btn.isEnabled()
+
+
+def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
+    """Adding a layer costs the GUI thread 0.1–0.3 s: the click handler queues the
+    overlay layers, and later turns of the event loop add them one at a time."""
+    from gui_helpers import wait_run
+
+    viewer, w = make_widget()
+    w.start_combo.setCurrentIndex(0)  # the M³HL run: preview and both mix overlays
+    before = [lay.name for lay in viewer.layers]
+    click(qtbot, w.train_btn)
+    assert w.run is not None and [lay.name for lay in viewer.layers] == before
+    qtbot.waitUntil(lambda: all(n in viewer.layers for n in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS)),
+                    timeout=WAIT_MS)
+    wait_run(qtbot, w)
