@@ -3,7 +3,7 @@
 For each validation volume (its labels play the clinician) two slices are
 "painted" by a rule, the start model is fine-tuned on them with
 :mod:`napari_m3hl.fewslice` (``prepare`` + ``run``, the code path of
-``m3hl train --data IMG --labels PAINTED``; the widget does not use it yet), and the start
+``m3hl train --data IMG --labels PAINTED`` and of the widget's Train), and the start
 model's and the fine-tuned model's segmentations are scored on the slices
 that were NOT painted (3D Dice per class, ``napari_m3hl.metrics.dice``,
 medpy conventions) and on the painted ones.

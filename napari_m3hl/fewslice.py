@@ -1,8 +1,7 @@
 """The few-slice loop on one volume: paint a few slices, fine-tune a start model.
 
-One code path for ``m3hl train --data IMG --labels PAINTED``, the demo and
-``benchmarks/fewslice.py`` (the napari widget still runs its own fine-tune
-settings; moving it onto this path is open work, issue 16):
+One code path for ``m3hl train --data IMG --labels PAINTED``, the napari
+widget's Train (with a start model), the demo and ``benchmarks/fewslice.py``:
 
 1. :func:`prepare` turns a start model file, an image volume ``(D, H, W)`` and
    a painted label volume ``(D, H, W)`` (nonzero on the painted slices only)

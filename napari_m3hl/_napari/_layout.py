@@ -37,7 +37,7 @@ from ._plot import LossPlot
 
 START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
 DEVICES = ("auto", "cuda", "mps", "cpu")
-VARIANTS = ("paper", "reference")
+VARIANTS = ("paper", "reference", "fast")
 #: Slice suggestion scores (napari_m3hl.suggest.METHODS); the default is ``suggest.DEFAULT_METHOD``.
 SUGGEST_SCORES = METHODS
 TRAIN_ON_ITERATIONS = 200
@@ -165,7 +165,9 @@ class TrainWidgetLayout(QWidget):
         aform.setContentsMargins(0, 0, 0, 0)
         self.variant_combo = QComboBox()
         self.variant_combo.addItems(VARIANTS)
-        self.variant_combo.setToolTip("paper: settings of the M³HL paper; reference: the authors' released code")
+        self.variant_combo.setToolTip("paper: settings of the M³HL paper; reference: the authors' released code; "
+                                      "fast: the paper's method with a supervised warm start and poly decay "
+                                      "(the ACDC preset's default, measured on ACDC: docs/benchmarks.md)")
         self.advanced_form = AdvancedForm()
         aform.addRow("Variant", self.variant_combo)
         aform.addRow(self.advanced_form)

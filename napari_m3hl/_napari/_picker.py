@@ -15,6 +15,7 @@ from napari.utils import notifications
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QListWidgetItem
 
+from ..labels import ACDC_CLASSES
 from ..config import load_preset
 from ..errors import M3HLInputError
 from . import _layers as lc
@@ -230,4 +231,4 @@ class LayerPickerWidget(TrainWidgetLayout):
         try:
             return tuple(load_preset(self.preset_combo.currentText() or "acdc_unet2d").class_names)
         except M3HLInputError:
-            return ("background", "RV", "Myo", "LV")
+            return tuple(ACDC_CLASSES)

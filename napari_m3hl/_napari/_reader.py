@@ -17,25 +17,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import M3HLInputError
+from ..files import is_nifti_name, stem
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
 #: At most this many distinct values in an integer-typed file: a label map.
 MAX_LABEL_VALUES = 32
 _LABEL_NAME = re.compile(r"(label|seg|(^|[^a-z])gt([^a-z]|$)|mask)", re.IGNORECASE)
-_SUFFIXES = (".nii.gz", ".nii")
-
-
-def _is_nifti(path: str | Path) -> bool:
-    return str(path).lower().endswith(_SUFFIXES)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suf in _SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
+_is_nifti = is_nifti_name
+_stem = stem
 
 
 def get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | None:

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import M3HLInputError
+from ..files import is_nifti_name
 
 
 def nifti_path(path: str | Path) -> Path:
     """``path`` with ``.nii.gz`` appended unless it already ends in ``.nii``/``.nii.gz``."""
     p = Path(path)
-    if not p.name.lower().endswith((".nii", ".nii.gz")):
+    if not is_nifti_name(p):
         p = p.with_name(p.name + ".nii.gz")
     return p
 
