@@ -15,9 +15,9 @@ from napari.utils import notifications
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QListWidgetItem
 
-from ..labels import ACDC_CLASSES
 from ..config import load_preset
 from ..errors import M3HLInputError
+from ..labels import ACDC_CLASSES
 from . import _layers as lc
 from ._layout import TrainWidgetLayout
 from ._request import msg_2d
