@@ -45,10 +45,10 @@ def test_config_inherits_the_start_models_input(tmp_path):
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model models/acdc70_unet2d.pt not in this checkout")
-def test_config_of_the_shipped_model_keeps_its_128_input():
+def test_config_of_the_shipped_model_keeps_its_own_input_size():
     ckpt = load_checkpoint(SHIPPED)
     cfg = fs.fewslice_config(ckpt, fs.FewSliceOptions())
-    assert cfg.patch_size == tuple(ckpt["patch_size"]) == (128, 128)
+    assert cfg.patch_size == tuple(ckpt["patch_size"]) == tuple(ckpt["config"]["patch_size"])  # never rescaled
     assert cfg.image_interp == ckpt["config"]["image_interp"]
     assert cfg.iterations == fs.FewSliceOptions().iterations < 1000  # not the preset's 30,000
 

@@ -103,6 +103,11 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     flip(w.disagree_check)
     flip(w.spread_check)
     press("Next suggested slice")
+    seg = viewer.layers[lc.SEGMENTATION]
+    for _ in range(len(w.ranked_slices())):  # a suggestion with a heart to accept, as a user would pick
+        if seg.data[lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]].any():
+            break
+        press("Next suggested slice")
     press("Accept slice")
     w.train_on_spin.setValue(2)
     press("Train on")
