@@ -43,7 +43,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "(one process per GPU; --batch-size is per process, the global batch is batch × processes; "
                "several nodes: --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400). See docs/cluster.md.")
     p.add_argument("--preset", default=None, help="preset name in models/ or a YAML path (default acdc_unet2d)")
-    p.add_argument("--variant", default=None, help="preset variant: paper or reference (default: the preset's default)")
+    p.add_argument("--variant", default=None, help="preset variant: paper, reference or (acdc_unet2d) fast (default: the preset's default; fast for acdc_unet2d)")
     p.add_argument("--data", default="phantom",
                    help="'phantom', an ACDC folder (with train_slices.list), an LA folder (with cases/), or a NIfTI image")
     p.add_argument("--labels", default=None,
