@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -125,7 +126,7 @@ def collect(keys: list[str], runs: Path, out: Path, elapsed: dict) -> None:
                               "teacher_last": (r.get("teacher_last") or {}).get("summary", {}).get("mean", {}).get("dice"),
                               "train_wall_s": r["train_wall_s"]}
     for group in ("sup70", "m3hl_fast", "m3hl_reference"):  # the candidates for models/ (sup7 is not shipped)
-        cands = [k for k in results if k.startswith(GROUPS[group][0] + "_gpu_s")]
+        cands = [k for k in results if re.fullmatch(rf"{GROUPS[group][0]}_gpu_s\d+", k)]
         if not cands:
             continue
         best = max(cands, key=lambda k: _score(results[k]))
@@ -157,7 +158,8 @@ def report(groups: list[str] | None = None) -> str:
              "ASD (px) | Dice RV / Myo / LV | Dice (%), EMA teacher @last: mean (range) | train min per row |",
              "|---|---:|---:|---|---:|---:|---:|---|---|---:|"]
     for g in groups or list(GROUPS):
-        rows = [json.loads(p.read_text()) for p in sorted(PER_METHOD.glob(f"{GROUPS[g][0]}_gpu_s*.json"))]
+        rows = [json.loads(p.read_text()) for p in sorted(PER_METHOD.glob(f"{GROUPS[g][0]}_gpu_s*.json"))
+                if re.fullmatch(rf"{GROUPS[g][0]}_gpu_s\d+", p.stem)]  # not a continued run (_cont)
         if not rows:
             continue
 
@@ -170,8 +172,8 @@ def report(groups: list[str] | None = None) -> str:
         m = [r["summary"]["mean"] for r in rows]
         cls = {c: mean([next(x["dice"]["mean"] for x in r["summary"]["classes"] if x["name"] == c) for r in rows])
                for c in ("RV", "Myo", "LV")}
-        teach = [r["teacher_last"]["summary"]["mean"]["dice"] for r in rows
-                 if r.get("teacher_last") and r["config"]["mode"] == "m3hl"]
+        teach = [r["teacher_last"]["summary"]["mean"]["dice"] for r in rows if r.get("teacher_last")]
+        teach = teach if any(teach) else []  # 0.0: a supervised row's teacher before its BatchNorm fix
         its = sorted({r["iterations"] for r in rows})
         early = any(r.get("stopped_early") for r in rows)
         lines.append(
@@ -179,7 +181,7 @@ def report(groups: list[str] | None = None) -> str:
             f"{rng([x['dice'] for x in m])} | {100 * mean([x['jaccard'] for x in m]):.2f} | "
             f"{mean([x['hd95'] for x in m]):.2f} | {mean([x['asd'] for x in m]):.2f} | "
             f"{100 * cls['RV']:.1f} / {100 * cls['Myo']:.1f} / {100 * cls['LV']:.1f} | "
-            f"{rng(teach) if teach else '(no EMA teacher in supervised rows)'} | "
+            f"{rng(teach) if teach else '— (not scored: its BatchNorm statistics were never updated, fixed since)'} | "
             f"{mean([r['train_wall_s'] for r in rows]) / 60:.1f} |")
     return "\n".join(lines)
 
