@@ -46,8 +46,6 @@ HELP = (
     "size and resizing. The preset's 30,000-iteration schedule is for data sets, not one volume."
 )
 
-INTENSITY = ("minmax", "percentile")
-
 
 @dataclass
 class FewSliceOptions:
@@ -151,11 +149,11 @@ class FewSliceResult:
 def scale_intensity(image: np.ndarray, how: str = "minmax") -> np.ndarray:
     """(D, H, W) float32 in [0, 1]: ``minmax`` (as the ACDC training volumes)
     or ``percentile`` (:func:`napari_m3hl.io.normalize_intensity`)."""
-    from .io import scale_intensity as _scale, validate_image
+    from .intensity import scale_intensity as _scale
+    from .io import validate_image
 
     img = np.asarray(image, dtype=np.float32)
-    if how in INTENSITY:
-        validate_image(img, "image")
+    validate_image(img, "image")  # names the bad voxels (NaN, inf) before any scaling
     return _scale(img, how)
 
 
