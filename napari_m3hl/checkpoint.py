@@ -5,11 +5,14 @@ A checkpoint is a dict of tensors and plain Python values only:
 ``format``, ``arch``, ``in_channels``, ``num_classes``, ``class_names``,
 ``patch_size``, ``config`` (``TrainConfig.to_dict()``), ``iteration``,
 ``student`` / ``teacher`` (state dicts), and for resuming ``optimizer`` and
-``rng`` (torch CPU generator states as uint8 tensors). A *model file* (the
+``rng`` (torch CPU generator states as uint8 tensors). A few-slice
+fine-tune (:mod:`napari_m3hl.fewslice`) also keeps its start model's weights
+(``start``) and the weight of their probabilities in the segmentation
+(``start_blend``; :mod:`napari_m3hl.blend`). A *model file* (the
 shipped weights) has ``student`` only, optionally in half precision, and
 ``metrics``/``card`` extras.
 
-``weights_sha256`` maps ``student`` / ``teacher`` to a SHA-256 of their
+``weights_sha256`` maps ``student`` / ``teacher`` / ``start`` to a SHA-256 of their
 tensors (names, dtypes, shapes and bytes; :func:`weights_digest`), written by
 :func:`save_checkpoint` and checked by :func:`load_checkpoint`, so a file
 whose weights were damaged on disk is refused instead of segmenting wrongly.
@@ -31,7 +34,7 @@ from .files import atomic_path
 from .networks import build_network
 
 FORMAT = "m3hl-checkpoint-1"
-WEIGHTS = ("student", "teacher")
+WEIGHTS = ("student", "teacher", "start")
 REQUIRED = ("arch", "in_channels", "num_classes", "class_names", "patch_size", "student")
 
 
@@ -211,7 +214,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], which: str = "student", device: 
 
     Asking for the teacher of a file without one (a model file) is refused."""
     if which not in WEIGHTS:
-        raise M3HLInputError(f"choose the student or the teacher network, not {which!r}")
+        raise M3HLInputError(f"choose the student, teacher or start network, not {which!r}")
     if which not in ckpt:
         raise M3HLInputError(
             f"this checkpoint has no {which} network (a model file holds the student only); use the student"

@@ -49,7 +49,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None,
                    help="with a NIfTI image: its partly painted label map (NIfTI). Alone, this fine-tunes --init (default: "
                         f"the shipped 70-patient ACDC model) with the few-slice defaults ({_fewslice_summary()}; the "
-                        "model's own input size; --iterations/--lr/--batch-size/--mode override) and writes "
+                        "model's own input size; --iterations/--lr/--batch-size/--mode/--start-blend override) and writes "
                         "segmentation.nii.gz with the painted slices kept; with --preset/--variant/--patch-size/"
                         "--block-size/--set it trains with the preset's schedule instead")
     p.add_argument("--labeled", type=int, default=None,
@@ -63,6 +63,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, default=None, help="λ, weight of the high-low feature loss")
     p.add_argument("--alpha", type=float, default=None, help="α, weight of pseudo-labelled regions")
     p.add_argument("--mode", choices=["m3hl", "supervised"], default=None)
+    p.add_argument("--start-blend", type=float, default=None, metavar="W",
+                   help="few-slice loop (--labels): weight of the start model's probabilities in the segmentation "
+                        "(default: FewSliceOptions.start_blend; 0 = the fine-tuned network alone)")
     p.add_argument("--no-hl", action="store_true", help="ablation: M³ only (no feature consistency)")
     p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
     p.add_argument("--seed", type=int, default=None)

@@ -49,6 +49,8 @@ class Predictor:
         keep_largest: keep only the largest connected component per class (3D).
         intensity: how :meth:`scale` maps a raw image to [0, 1] (``"percentile"``
             or ``"minmax"``), as the network's training scaled its images.
+        start_blend: weight of the start model's probabilities blended into
+            the student's (a few-slice fine-tune's checkpoint; 0: the network alone).
     """
 
     model: nn.Module
@@ -64,6 +66,7 @@ class Predictor:
     stride: tuple[int, ...] | None = None
     keep_largest: bool = False
     intensity: str = "percentile"
+    start_blend: float = 0.0
 
     @property
     def ndim(self) -> int:
@@ -77,13 +80,17 @@ class Predictor:
         device: str | torch.device = "cpu",
         fallback_to_student: bool = False,
         batch_size: int = 16,
+        blend: bool = True,
     ) -> "Predictor":
         """Load a checkpoint or model file (a path, or an already loaded dict).
 
         ``which="teacher"`` on a file without a teacher raises
         :class:`M3HLInputError`, unless ``fallback_to_student`` (then the
-        student is used and ``self.which`` says so).
+        student is used and ``self.which`` says so). The student of a
+        few-slice fine-tune's checkpoint segments blended with its start model
+        (:mod:`napari_m3hl.blend`) unless ``blend=False``.
         """
+        from .blend import ProbabilityBlend, start_blend
         from .checkpoint import image_interp, load_checkpoint, model_from_checkpoint
 
         if which not in WHICH:
@@ -99,10 +106,13 @@ class Predictor:
             which = "student"
         dev = torch.device(device)
         model = model_from_checkpoint(ckpt, which, dev)
+        w = start_blend(ckpt) if which == "student" and blend else 0.0
+        if w > 0:
+            model = ProbabilityBlend([model_from_checkpoint(ckpt, "start", dev), model], [w, 1.0 - w]).eval()
         names = tuple(ckpt.get("class_names") or [f"class {c}" for c in range(int(ckpt["num_classes"]))])
         return cls(model, tuple(int(p) for p in ckpt["patch_size"]), int(ckpt["num_classes"]), names,
                    image_interp(ckpt), which, dev, batch_size=batch_size,
-                   intensity=(ckpt.get("config") or {}).get("intensity", "percentile"))
+                   intensity=(ckpt.get("config") or {}).get("intensity", "percentile"), start_blend=w)
 
     @classmethod
     def from_network(

@@ -11,6 +11,7 @@ import pytest
 from napari_m3hl.checkpoint import load_checkpoint
 from napari_m3hl.cli import main
 from napari_m3hl.cli_fewslice import default_start
+from napari_m3hl.fewslice import FewSliceOptions
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +45,25 @@ def test_train_with_painted_labels_runs_the_fewslice_loop(painted_volume, tmp_pa
     assert "segmentation:" in capsys.readouterr().out
     # the fine-tune scaled the image min-max; `m3hl predict` with its last.pt must scale it the same way
     assert load_checkpoint(out / "last.pt")["config"]["intensity"] == "minmax"
+    # ... and segment with the same blend of start model and fine-tuned network as the loop showed
+    assert load_checkpoint(out / "last.pt")["start_blend"] == FewSliceOptions().start_blend > 0
     again = tmp_path / "again.nii.gz"
     assert main(["predict", "--checkpoint", str(out / "last.pt"), "--input", str(img), "--output", str(again)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(again)).dataobj),
                                   np.asarray(nib.load(str(out / "prediction.nii.gz")).dataobj))
+
+
+def test_start_blend_zero_keeps_the_fine_tuned_network_alone(painted_volume, tmp_path, capsys):
+    img, painted_path, _ = painted_volume
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--iterations", "2", "--start-blend", "0",
+                 "--quiet", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert "start" not in ckpt and json.loads((out / "run.json").read_text())["options"]["start_blend"] == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--iterations", "2", "--start-blend", "0.5",
+                 "--patch-size", "32,32", "--quiet", "--out", str(tmp_path / "preset")]) == 2
+    assert "--start-blend belongs to the few-slice loop" in capsys.readouterr().err
 
 
 def test_preset_options_keep_the_data_set_path(painted_volume, tmp_path):

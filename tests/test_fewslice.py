@@ -171,3 +171,66 @@ def test_trainer_hook_keeps_batchnorm_statistics(tmp_path):
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     assert evs[-1].iteration == 2 and all(np.isfinite(e.losses["total"]) for e in evs if isinstance(e, ev.Progress))
+
+
+def test_fine_tune_checkpoint_segments_with_the_start_blend(tmp_path):
+    """What the loop shows is what its checkpoint predicts (`m3hl predict`, the widget): the
+    average of the start model's and the fine-tuned student's probabilities."""
+    from napari_m3hl.predictor import Predictor
+
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", start_blend=0.5)
+    job = fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts)
+    res = list(fs.run(job, out_dir=tmp_path / "run"))[-1]
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt["start_blend"] == 0.5 and set(ckpt["start"]) == set(load_checkpoint(start)["student"])
+    blended = Predictor.from_checkpoint(res.checkpoint)
+    assert blended.start_blend == 0.5
+    np.testing.assert_array_equal(blended.predict(job.image), res.labels)
+    alone = Predictor.from_checkpoint(res.checkpoint, blend=False)
+    np.testing.assert_array_equal(alone.predict(job.image), res.network)
+    _, p_start = Predictor.from_checkpoint(start).predict(job.image, return_probs=True)
+    _, p_tuned = alone.predict(job.image, return_probs=True)
+    np.testing.assert_array_equal((p_start + p_tuned).argmax(0), res.labels)
+
+
+def test_no_blend_shows_the_fine_tuned_network_alone(tmp_path):
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    opts = fs.FewSliceOptions(iterations=2, batch_size=4, check_every=2, device="cpu", start_blend=0.0)
+    res = list(fs.run(fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts), out_dir=tmp_path / "r"))[-1]
+    np.testing.assert_array_equal(res.labels, res.network)
+    assert "start" not in load_checkpoint(res.checkpoint)
+    with pytest.raises(M3HLInputError, match="blends the student only"):
+        fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), fs.FewSliceOptions(segment_with="teacher"))
+
+
+def test_probability_blend_checks_its_weights():
+    from napari_m3hl.blend import ProbabilityBlend
+
+    torch.manual_seed(0)
+    net = build_network("unet2d", 1, 4).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        same = ProbabilityBlend([net, net], [0.3, 0.7])(x).logits
+        ref = torch.softmax(net(x).logits, 1)
+    torch.testing.assert_close(torch.softmax(same, 1), ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(M3HLInputError, match="sum to 1"):
+        ProbabilityBlend([net, net], [0.5, 0.6])
+    with pytest.raises(M3HLInputError, match="one weight per network"):
+        ProbabilityBlend([net], [0.5, 0.5])
+
+
+def test_a_chain_of_fine_tunes_keeps_blending_with_the_first_start(tmp_path):
+    """Train on / a second `m3hl train --init last.pt`: the blend partner stays the model the user started from."""
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    opts = fs.FewSliceOptions(iterations=2, batch_size=4, check_every=2, device="cpu")
+    first = list(fs.run(fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts), out_dir=tmp_path / "1"))[-1]
+    job = fs.prepare(first.checkpoint, ph.image, _painted(ph.label, [1, 2, 4]), opts)
+    np.testing.assert_array_equal(job.base, first.base)  # the first start model's segmentation
+    second = list(fs.run(job, out_dir=tmp_path / "2"))[-1]
+    start_w = load_checkpoint(start)["student"]
+    kept = load_checkpoint(second.checkpoint)["start"]
+    assert all(torch.equal(kept[k], start_w[k]) for k in start_w)
