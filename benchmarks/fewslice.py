@@ -80,9 +80,9 @@ def run_volume(name: str, image: np.ndarray, label: np.ndarray, rule: str, start
     for e in fs.run(job):
         if isinstance(e, fs.Check):
             checks.append({"iteration": e.iteration, "change": e.change,
-                           options.segment_with: per_class(e.labels, label, off),
-                           ("student" if options.segment_with == "teacher" else "teacher"): per_class(e.other, label, off),
-                           f"{options.segment_with}_painted": per_class(e.labels, label, on),
+                           "shown": per_class(e.labels, label, off),
+                           **{net: per_class(lab, label, off) for net, lab in e.networks.items()},
+                           "shown_painted": per_class(e.labels, label, on),
                            "verdict": _verdict(job, e.labels)})
         elif isinstance(e, fs.FewSliceResult):
             result = e
@@ -93,7 +93,8 @@ def run_volume(name: str, image: np.ndarray, label: np.ndarray, rule: str, start
     shown = base if v.suspect else tuned  # what the user is offered: the start model's segmentation when suspect
     row = {"volume": name, "rule": rule, "painted": [int(z) for z in sel], "depth": int(label.shape[0]),
            "base": base, "tuned": tuned, "shown": shown, "base_painted": per_class(job.base, label, on),
-           "tuned_painted": per_class(result.labels, label, on), "iterations": result.iterations,
+           "tuned_painted": per_class(result.labels, label, on), "network": per_class(result.network, label, off),
+           "iterations": result.iterations,
            "seconds_total": wall, "seconds_train": result.seconds, "load_before": load0,
            "load_after": os.getloadavg()[0], "suspect": v.suspect, "message": v.message, "checks": checks}
     print(f"{name} rule {rule} painted {sel}: base {100 * np.mean(base):.1f} tuned {100 * np.mean(tuned):.1f} "
@@ -119,6 +120,9 @@ def summarize(run: dict) -> dict:
         if not rows:
             continue
         d = {k: _m(rows, k) for k in ("base", "tuned", "shown", "base_painted", "tuned_painted")}
+        if all("network" in r for r in rows):  # the fine-tuned network alone (runs with a start blend)
+            d["network"] = _m(rows, "network")
+            d["network_worse_by_1"] = int(sum(np.mean(r["network"]) - np.mean(r["base"]) < -0.01 for r in rows))
         delta = [100 * (np.mean(r["tuned"]) - np.mean(r["base"])) for r in rows]
         dshown = [100 * (np.mean(r["shown"]) - np.mean(r["base"])) for r in rows]
         d.update(volumes=len(rows), worst_delta=float(min(delta)), worse_by_1=int(sum(x < -1 for x in delta)),
@@ -128,11 +132,12 @@ def summarize(run: dict) -> dict:
         by_it: dict[int, dict[str, list]] = {}
         for r in rows:
             for c in r["checks"]:
-                for net in ("teacher", "student"):
-                    by_it.setdefault(c["iteration"], {}).setdefault(net, []).append(np.mean(c[net]))
+                for net in ("teacher", "student", "shown"):
+                    if net in c:
+                        by_it.setdefault(c["iteration"], {}).setdefault(net, []).append(np.mean(c[net]))
         d["by_iteration"] = {str(k): {net: 100 * float(np.mean(v)) for net, v in nets.items()}
                              for k, nets in sorted(by_it.items()) if all(len(v) == len(rows) for v in nets.values())}
-        net = run.get("options", {}).get("segment_with", "teacher")
+        net = "shown" if "shown" in rows[0]["checks"][0] else run.get("options", {}).get("segment_with", "teacher")
         d["early_stop"] = {}
         for thr in STOP_THRESHOLDS:  # what an early stop at this change would have returned
             picks = [next((c for c in r["checks"] if c["change"] == c["change"] and c["change"] < thr), r["checks"][-1])
@@ -154,11 +159,13 @@ def early_stop_table(results: dict) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| run | rule | volumes | start | tuned | shown | worst Δ | vols < −1 (tuned / shown) | safeguard | "
-             "painted start → tuned | median s (load) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | rule | volumes | start | network alone (vols < −1) | tuned | shown | worst Δ | "
+             "vols < −1 (tuned / shown) | safeguard | painted start → tuned | median s (load) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in results["runs"].items():
         for rule, s in summarize(run).items():
-            lines.append(f"| {name} | {rule} | {s['volumes']} | {s['base']:.1f} | {s['tuned']:.1f} | {s['shown']:.1f} | "
+            alone = f"{s['network']:.1f} ({s['network_worse_by_1']})" if "network" in s else "= tuned"
+            lines.append(f"| {name} | {rule} | {s['volumes']} | {s['base']:.1f} | {alone} | {s['tuned']:.1f} | {s['shown']:.1f} | "
                          f"{s['worst_delta']:+.1f} | {s['worse_by_1']} / {s['shown_worse_by_1']} | {s['suspect']} | "
                          f"{s['base_painted']:.1f} → {s['tuned_painted']:.1f} | {s['median_seconds']:.0f} "
                          f"({s['median_load']:.1f}) |")
@@ -166,11 +173,11 @@ def table(results: dict) -> str:
 
 
 def iteration_table(results: dict) -> str:
-    lines = ["| run | rule | " + " | ".join(["iterations: teacher / student"]) + " |", "|---|---|---|"]
+    lines = ["| run | rule | iterations: teacher / student (/ shown: blended with the start) |", "|---|---|---|"]
     for name, run in results["runs"].items():
         for rule, s in summarize(run).items():
             cells = ", ".join(f"{k}: {v.get('teacher', float('nan')):.1f} / {v.get('student', float('nan')):.1f}"
-                              for k, v in s["by_iteration"].items())
+                              + (f" / {v['shown']:.1f}" if "shown" in v else "") for k, v in s["by_iteration"].items())
             lines.append(f"| {name} | {rule} | {cells} |")
     return "\n".join(lines)
 

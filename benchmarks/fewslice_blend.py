@@ -1,0 +1,176 @@
+"""What to show after a few-slice fine-tune: the network alone, its EMA teacher, a
+shorter budget, or a blend with the start model? Computed from cached probabilities.
+
+``--cache`` runs the few-slice loop (``napari_m3hl.fewslice.prepare`` + ``run``,
+the product's path, with the options given by ``--set``) on the ACDC validation
+volumes under both painting rules of ``benchmarks/fewslice.py``, and stores per
+volume and rule, as uint8 (probability × 255) NumPy files under ``--cache-dir``
+(outside the repository): the start model's class probabilities, the student's
+and the EMA teacher's at every check, those of weight-space interpolations
+between start and fine-tuned weights, and the fine-tuned checkpoint.
+``--report`` scores candidate segmentations on the unpainted slices (3D Dice
+per class, mean of RV/Myo/LV, as ``benchmarks/fewslice.py``), writes
+``benchmarks/results/fewslice_blend.json`` and prints the table of
+docs/benchmarks.md:
+
+* ``start``: the start model alone; ``student``/``teacher``: the fine-tuned
+  networks alone (at 100 iterations unless ``@N``);
+* ``blend w``: ``argmax(w·p_start + (1 − w)·p_student)``, the average of class
+  probabilities (``FewSliceOptions.start_blend``);
+* ``weights α``: one network with weights ``(1 − α)·θ_start + α·θ_tuned``
+  (BatchNorm statistics interpolated too);
+* ``+lcc``: largest 3D connected component per class kept.
+
+    python benchmarks/fewslice_blend.py --cache --cache-dir /tmp/fsx/def --start-blend 0
+    python benchmarks/fewslice_blend.py --report --cache-dir /tmp/fsx/def
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from fewslice import painted_for  # noqa: E402
+
+from napari_m3hl import fewslice as fs  # noqa: E402
+from napari_m3hl.checkpoint import load_checkpoint  # noqa: E402
+from napari_m3hl.components import largest_component_per_class  # noqa: E402
+from napari_m3hl.data import read_list  # noqa: E402
+from napari_m3hl.io import load_h5_volume  # noqa: E402
+from napari_m3hl.metrics import dice  # noqa: E402
+from napari_m3hl.predictor import Predictor  # noqa: E402
+
+ALPHAS = (0.25, 0.5, 0.75)
+WEIGHTS = (0.3, 0.5, 0.7)
+
+
+def _q(p: np.ndarray) -> np.ndarray:
+    return np.round(p * 255).astype(np.uint8)
+
+
+def _probs(ckpt: dict, which: str, image: np.ndarray) -> np.ndarray:
+    return Predictor.from_checkpoint(ckpt, which, blend=False).predict(image, return_probs=True)[1]
+
+
+def cache_case(name: str, image: np.ndarray, label: np.ndarray, sel: list[int], start: str,
+               options: fs.FewSliceOptions, out: Path) -> None:
+    """Fine-tune on the slices ``sel`` of one volume and store probabilities (uint8) in ``out/{name}.npz``."""
+    painted = np.zeros_like(label)
+    painted[sel] = label[sel]
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    job = fs.prepare(start, image, painted, options)
+    store = {"label": label, "painted": np.asarray(sel), "start": _q(job.base_probs)}
+    tmp = out / "tmp"
+    for e in fs.run(job, out_dir=tmp):
+        if isinstance(e, fs.Check):
+            ck = load_checkpoint(tmp / "last.pt")
+            for which in ("student", "teacher"):
+                store[f"{which}@{e.iteration}"] = _q(_probs(ck, which, job.image))
+    tuned = load_checkpoint(tmp / "last.pt")
+    s0 = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(start)["student"].items()}
+    s1 = {k: v.float() if v.is_floating_point() else v for k, v in tuned["student"].items()}
+    for a in ALPHAS:
+        mixed = {k: (1 - a) * s0[k] + a * s1[k] if s0[k].is_floating_point() else s1[k] for k in s0}
+        store[f"weights{a}"] = _q(_probs({**tuned, "student": mixed}, "student", job.image))
+    store["seconds"] = np.array([time.perf_counter() - t0, load0])
+    np.savez_compressed(out / f"{name}.npz", **store)
+    shutil.copy(tmp / "last.pt", out / f"{name}.pt")
+    print(f"{name} painted {sel}: {time.perf_counter() - t0:.0f} s (load {load0:.1f})", flush=True)
+
+
+def _score(lab: np.ndarray, ref: np.ndarray, off: np.ndarray) -> list[float]:
+    return [float(dice(lab[off] == c, ref[off] == c)) for c in (1, 2, 3)]
+
+
+def score_case(path: Path) -> dict[str, list[float]]:
+    """Per candidate segmentation: Dice RV, Myo, LV on the unpainted slices."""
+    z = np.load(path)
+    ref, sel = z["label"], z["painted"]
+    off = np.setdiff1d(np.arange(ref.shape[0]), sel)
+    p = {k: z[k].astype(np.float32) / 255 for k in z.files if k not in ("label", "painted", "seconds")}
+    its = sorted(int(k.split("@")[1]) for k in p if k.startswith("student@"))
+    last = its[-1]
+    cands = {"start": p["start"], "student": p[f"student@{last}"], "teacher": p[f"teacher@{last}"]}
+    cands.update({f"student@{i}": p[f"student@{i}"] for i in its[:-1]})
+    cands.update({f"weights {a}": p[f"weights{a}"] for a in ALPHAS})
+    cands.update({f"blend {w}": w * p["start"] + (1 - w) * p[f"student@{last}"] for w in WEIGHTS})
+    cands.update({f"blend 0.5 @{i}": 0.5 * p["start"] + 0.5 * p[f"student@{i}"] for i in its[:-1]})
+    cands["blend 0.5 teacher"] = 0.5 * p["start"] + 0.5 * p[f"teacher@{last}"]
+    out = {}
+    for k, prob in cands.items():
+        lab = prob.argmax(0).astype(np.uint8)
+        out[k] = _score(lab, ref, off)
+        if k in ("start", "student", "blend 0.5"):
+            out[k + " +lcc"] = _score(largest_component_per_class(lab[None], 4)[0], ref, off)
+    return out
+
+
+def report(cache: Path, json_path: Path, name: str) -> str:
+    cases = {f.stem: score_case(f) for f in sorted(cache.glob("*.npz"))}
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": {}}
+    opts = json.loads((cache / "options.json").read_text()) if (cache / "options.json").is_file() else {}
+    results["runs"][name] = {"options": opts, "cases": cases}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    lines = ["| segmentation shown | rule a: mean | a: vols < −1 / > +1 vs start | a: worst Δ | rule b: mean | "
+             "b: vols < −1 / > +1 | b: worst Δ |", "|---|---:|---|---:|---:|---|---:|"]
+    keys = list(next(iter(cases.values())))
+    for k in keys:
+        cells = []
+        for rule in ("a", "b"):
+            rows = [v for n, v in cases.items() if n.endswith(f"_{rule}")]
+            x = np.array([np.mean(v[k]) for v in rows])
+            d = 100 * (x - np.array([np.mean(v["start"]) for v in rows]))
+            cells += [f"{100 * x.mean():.1f}", f"{(d < -1).sum()} / {(d > 1).sum()}", f"{d.min():+.1f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    n = {r: sum(1 for c in cases if c.endswith(f"_{r}")) for r in "ab"}
+    return f"{name}: {n['a']} volumes rule a, {n['b']} rule b\n" + "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", action="store_true", help="run the fine-tunes and cache probabilities")
+    ap.add_argument("--report", action="store_true", help="score the cache, write the JSON, print the table")
+    ap.add_argument("--cache-dir", required=True, help="a folder outside the repository")
+    ap.add_argument("--name", default=None, help="run name in the JSON (default: the cache folder's name)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "acdc"))
+    ap.add_argument("--start", default=str(ROOT / "models" / "acdc70_unet2d.pt"))
+    ap.add_argument("--volumes", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a FewSliceOptions field")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fewslice_blend.json"))
+    args = ap.parse_args()
+    cache = Path(args.cache_dir)
+    if args.cache:
+        import yaml
+
+        torch.set_num_threads(1)
+        options = fs.FewSliceOptions(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "options.json").write_text(json.dumps(vars(options)))
+        for n in read_list(Path(args.data) / "val.list")[:args.volumes]:
+            image, label = load_h5_volume(Path(args.data) / "volumes" / f"{n}.h5")
+            done: dict[tuple, str] = {}
+            for rule in ("a", "b"):
+                sel = painted_for(label, rule)
+                f = cache / f"{n}_{rule}.npz"
+                if tuple(sel) in done:  # both rules paint the same slices: one (deterministic) fine-tune
+                    shutil.copy(cache / f"{done[tuple(sel)]}.npz", f)
+                elif not f.is_file():
+                    cache_case(f"{n}_{rule}", image, label, sel, args.start, options, cache)
+                done[tuple(sel)] = f"{n}_{rule}"
+    if args.report:
+        print(report(cache, Path(args.json), args.name or cache.name))
+
+
+if __name__ == "__main__":
+    main()
