@@ -137,6 +137,47 @@ def report(cache: Path, json_path: Path, name: str) -> str:
     return f"{name}: {n['a']} volumes rule a, {n['b']} rule b\n" + "\n".join(lines)
 
 
+def _seed_row(label: str, rule: str, start: list, alone: list, shown: list) -> str:
+    d_alone = 100 * (np.array(alone) - np.array(start))
+    d_shown = 100 * (np.array(shown) - np.array(start))
+    return (f"| {label} | {rule} | {len(start)} | {100 * np.mean(start):.1f} | {100 * np.mean(alone):.1f} | "
+            f"{100 * np.mean(shown):.1f} | {(d_alone < -1).sum()} / {(d_shown < -1).sum()} | {d_alone.min():+.1f} / "
+            f"{d_shown.min():+.1f} | {(d_shown > 1).sum()} |")
+
+
+def seeds_table(cache_run: dict, fewslice_runs: dict[str, dict]) -> str:
+    """Start model, network alone and the default blend (0.5) per seed and rule: the cached run
+    (``blend 0.5``, ``student``) and runs of ``benchmarks/fewslice.py`` (``tuned`` = shown blend, ``network``)."""
+    lines = ["| seed (run) | rule | volumes | start | network alone | blend 0.5 (shown) | vols < −1: alone / blend | "
+             "worst Δ: alone / blend | vols > +1 (blend) |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    per_rule: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": []}
+    seed = cache_run.get("options", {}).get("seed", "?")
+    for rule in ("a", "b"):
+        rows = [v for n, v in cache_run["cases"].items() if n.endswith(f"_{rule}")]
+        start = [np.mean(v["start"]) for v in rows]
+        alone = [np.mean(v["student"]) for v in rows]
+        shown = [np.mean(v["blend 0.5"]) for v in rows]
+        per_rule[rule].append((np.mean(start), np.mean(alone), np.mean(shown)))
+        lines.append(_seed_row(f"{seed} (cache)", rule, start, alone, shown))
+    for name, run in fewslice_runs.items():
+        for rule in ("a", "b"):
+            rows = [r for r in run["rows"] if r["rule"] == rule and "network" in r]
+            if not rows:
+                continue
+            start = [np.mean(r["base"]) for r in rows]
+            alone = [np.mean(r["network"]) for r in rows]
+            shown = [np.mean(r["tuned"]) for r in rows]
+            per_rule[rule].append((np.mean(start), np.mean(alone), np.mean(shown)))
+            lines.append(_seed_row(f"{run['options'].get('seed')} ({name})", rule, start, alone, shown))
+    for rule, vals in per_rule.items():
+        if len(vals) > 1:
+            v = 100 * np.array(vals)
+            lines.append(f"| mean (range) of {len(vals)} seeds | {rule} | | {v[:, 0].mean():.1f} | "
+                         f"{v[:, 1].mean():.1f} ({v[:, 1].min():.1f}–{v[:, 1].max():.1f}) | "
+                         f"{v[:, 2].mean():.1f} ({v[:, 2].min():.1f}–{v[:, 2].max():.1f}) | | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", action="store_true", help="run the fine-tunes and cache probabilities")
@@ -148,6 +189,9 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a FewSliceOptions field")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fewslice_blend.json"))
+    ap.add_argument("--seeds", nargs="*", default=[], metavar="RUN",
+                    help="with --report: runs of benchmarks/results/fewslice.json (other seeds, the default blend) "
+                         "for the per-seed table")
     args = ap.parse_args()
     cache = Path(args.cache_dir)
     if args.cache:
@@ -170,6 +214,11 @@ def main() -> None:
                 done[tuple(sel)] = f"{n}_{rule}"
     if args.report:
         print(report(cache, Path(args.json), args.name or cache.name))
+        if args.seeds:
+            runs = json.loads((ROOT / "benchmarks" / "results" / "fewslice.json").read_text())["runs"]
+            cached = json.loads(Path(args.json).read_text())["runs"][args.name or cache.name]
+            print()
+            print(seeds_table(cached, {n: runs[n] for n in args.seeds}))
 
 
 if __name__ == "__main__":
