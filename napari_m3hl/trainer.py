@@ -119,12 +119,27 @@ def _bn_frozen(module: nn.Module, _inputs: Any) -> None:
     module.training = False  # forward pre-hook: this BatchNorm layer always uses its running statistics
 
 
+#: ``freeze=bn`` leaves a BatchNorm layer training normally when, in eval mode, it would
+#: multiply a change of its input by more than this (max |γ|/√(σ²+ε) over channels):
+#: SGD then diverges within ten steps. The shipped ACDC model's first BatchNorm (after
+#: the first convolution, on raw intensities) has a channel with σ² = 2.5e-4, a gain of 58.
+MAX_FROZEN_BN_GAIN = 20.0
+
+
+def bn_gain(m: nn.Module) -> float:
+    """Largest per-channel gain |γ|/√(running σ² + ε) of a BatchNorm layer in eval mode."""
+    var = m.running_var.detach().float()
+    w = m.weight.detach().float().abs() if m.weight is not None else torch.ones_like(var)
+    return float((w / torch.sqrt(var + m.eps)).max())
+
+
 def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
     """Fine-tuning knobs (issue 16), applied to the student as it starts:
     ``freeze`` holds ``encoder`` (no gradients into ``enc.*``) and/or ``bn``
     (every BatchNorm layer runs as in eval mode, in training too: it
     normalises with the start model's running statistics and never updates
-    them; its affine weights still train), comma-separated;
+    them; its affine weights still train; layers whose eval-mode gain
+    exceeds :data:`MAX_FROZEN_BN_GAIN` keep training normally), comma-separated;
     ``l2_to_start > 0`` returns
     (parameter, start value) pairs for the L2-to-start penalty, else None."""
     frozen = set(filter(None, config.freeze.split(",")))
@@ -134,7 +149,7 @@ def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Pa
                 p.requires_grad_(False)
     if "bn" in frozen:  # BatchNorm normalises with the start model's statistics, in training too
         for m in student.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and bn_gain(m) <= MAX_FROZEN_BN_GAIN:
                 m.register_forward_pre_hook(_bn_frozen)
     if config.l2_to_start <= 0:
         return None

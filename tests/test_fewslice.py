@@ -173,6 +173,30 @@ def test_trainer_hook_keeps_batchnorm_statistics(tmp_path):
     assert evs[-1].iteration == 2 and all(np.isfinite(e.losses["total"]) for e in evs if isinstance(e, ev.Progress))
 
 
+def test_freeze_bn_leaves_a_high_gain_batchnorm_training(tmp_path):
+    """A frozen BatchNorm with a near-zero running variance multiplies every change of its input
+    (the shipped model's first one by 58): SGD diverged. Such a layer keeps its batch statistics."""
+    from napari_m3hl.trainer import MAX_FROZEN_BN_GAIN
+
+    data = phantom_train_data(n_volumes=1, labeled_slices_per_volume=2, seed=0, shape=SHAPE)
+    torch.manual_seed(0)
+    cfg0 = TrainConfig(patch_size=(32, 32), block_size=(8, 8), batch_size=4, iterations=10)
+    net = build_network("unet2d", 1, 4)
+    state = net.state_dict()
+    first = next(k for k in state if k.endswith("running_var"))
+    state[first][0] = 1e-4  # gain 1/sqrt(1e-4 + 1e-5) ≈ 95
+    net.load_state_dict(state)
+    start = save_checkpoint(tmp_path / "start.pt", make_payload(cfg0, net))
+    cfg = load_preset("acdc_unet2d", "paper", patch_size=(32, 32), block_size=(8, 8), batch_size=4, lr=0.05,
+                      device="cpu", iterations=2, mode="supervised", freeze="bn")
+    evs = list(train(cfg, data, tmp_path / "run", init_from=start))
+    before, after = load_checkpoint(start)["student"], load_checkpoint(evs[-1].checkpoint)["student"]
+    assert 1 / np.sqrt(1e-4 + 1e-5) > MAX_FROZEN_BN_GAIN
+    assert not torch.equal(before[first], after[first])  # the high-gain layer trained its statistics
+    others = [k for k in before if k.endswith("running_var") and k != first]
+    assert others and all(torch.equal(before[k], after[k]) for k in others)
+
+
 def test_fine_tune_checkpoint_segments_with_the_start_blend(tmp_path):
     """What the loop shows is what its checkpoint predicts (`m3hl predict`, the widget): the
     average of the start model's and the fine-tuned student's probabilities."""
