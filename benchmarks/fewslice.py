@@ -185,7 +185,8 @@ def iteration_table(results: dict) -> str:
 def svg_plot(run_name: str, run: dict, path: Path) -> None:
     """Base vs shown mean Dice per volume, one panel per rule (hand-written SVG)."""
     w, h, pad = 360, 320, 44
-    lo, hi = 0.4, 1.0
+    vals = [float(np.mean(r[k])) for r in run["rows"] for k in ("base", "tuned", "network") if k in r]
+    lo, hi = min(0.6, np.floor(min(vals, default=0.6) * 10) / 10), 1.0
 
     def xy(b: float, t: float, ox: int) -> tuple[float, float]:
         return (ox + pad + (b - lo) / (hi - lo) * (w - 2 * pad), h - pad - (t - lo) / (hi - lo) * (h - 2 * pad))
@@ -210,12 +211,19 @@ def svg_plot(run_name: str, run: dict, path: Path) -> None:
         out.append(f'<text x="{ox + 12}" y="{h / 2}" transform="rotate(-90 {ox + 12} {h / 2})" text-anchor="middle">'
                    f'fine-tuned, mean Dice (unpainted)</text>')
         for r in rows:
+            if "network" in r:  # the fine-tuned network alone, before the blend with the start model
+                nx, ny = xy(float(np.mean(r["base"])), float(np.mean(r["network"])), ox)
+                out.append(f'<circle cx="{nx:.1f}" cy="{ny:.1f}" r="4" fill="none" stroke="#999">'
+                           f'<title>{r["volume"]}: network alone {100 * np.mean(r["network"]):.1f}</title></circle>')
             cx, cy = xy(float(np.mean(r["base"])), float(np.mean(r["tuned"])), ox)
             color = "#d62728" if r["suspect"] else "#1f77b4"
             out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}" fill-opacity="0.8">'
                        f'<title>{r["volume"]}: {100 * np.mean(r["base"]):.1f} → {100 * np.mean(r["tuned"]):.1f}</title></circle>')
+    blend = any("network" in r for r in run["rows"])
     out.append(f'<text x="{w}" y="{h - 22}" text-anchor="middle" fill="#555">{run_name}; red: the safeguard fired '
-               f'(the user is offered the start model)</text></svg>')
+               f'(the user is offered the start model)'
+               + ("; hollow grey: the fine-tuned network alone, filled: blended with the start model (shown)" if blend else "")
+               + '</text></svg>')
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
 
