@@ -51,7 +51,7 @@ from napari_m3hl.metrics import dice  # noqa: E402
 from napari_m3hl.predictor import Predictor  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
-WEIGHTS = (0.3, 0.5, 0.7)
+WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def _q(p: np.ndarray) -> np.ndarray:

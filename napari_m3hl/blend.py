@@ -1,9 +1,9 @@
 """Averaging class probabilities of several networks: :class:`ProbabilityBlend`.
 
-The few-slice loop (:mod:`napari_m3hl.fewslice`) shows the average of the
-start model's and the fine-tuned network's softmax, not the fine-tuned
+The few-slice loop (:mod:`napari_m3hl.fewslice`) shows a weighted average of
+the start model's and the fine-tuned network's softmax, not the fine-tuned
 network alone: on the ACDC validation volumes that blend was better than
-either network and never more than a point below the start model
+either network alone and stayed within a point of the start model
 (docs/benchmarks.md, "Few-slice fine-tuning on one volume"). A fine-tune's
 checkpoint keeps the start model's weights (``start``) and the blend weight
 (``start_blend``) so :class:`napari_m3hl.predictor.Predictor` (``m3hl
