@@ -103,3 +103,21 @@ def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
     qtbot.waitUntil(lambda: all(n in viewer.layers for n in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS)),
                     timeout=WAIT_MS)
     wait_run(qtbot, w)
+
+
+def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, qtbot):
+    """The overlays are added without selecting them (the user keeps painting
+    their labels layer); the read-only preview gets no paint-tool visuals, the
+    editable segmentation gets them in later event-loop turns."""
+    from gui_helpers import wait_run
+
+    viewer, w = make_widget()
+    mine = w.labels_layer()
+    viewer.layers.selection.active = mine
+    click(qtbot, w.train_btn)
+    wait_run(qtbot, w)
+    assert viewer.layers.selection.active.name == mine.name
+    preview, seg = viewer.layers[lc.PSEUDO_LABELS], viewer.layers[lc.SEGMENTATION]
+    assert not preview.editable and seg.editable
+    assert not any(preview._overlays[k].visible for k in lc.PAINT_OVERLAYS)
+    qtbot.waitUntil(lambda: all(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS), timeout=5000)

@@ -130,14 +130,26 @@ class FineTuneMixin:
         self.finetune = FineTuneOutcome(run.image, r, run.class_names, self.runner.checkpoint)
         self.verdict_label.setText(r.verdict.message)
         self.verdict_label.setStyleSheet(SUSPECT_STYLE if r.verdict.suspect else "")
+        built: list = []  # 'M³HL segmentation' built in one event-loop turn, added in the next
+
+        def build() -> None:
+            if lc.SEGMENTATION not in self.viewer.layers and lc.layer_in(self.viewer, run.image):
+                built.append(self._segmentation_layer(r.labels, run.image, run.class_names))
+
+        self.runner.later("show few-slice segmentation", build, lambda: self._show_fewslice_result(r, run, built))
+
+    def _show_fewslice_result(self, r: FewSliceResult, run: Any, built: list) -> None:
+        """The fine-tuned segmentation into 'M³HL segmentation' (``built``: the
+        layer, when it had to be made), the verdict's warning, the suggestions."""
         if not lc.layer_in(self.viewer, run.image):
             return
-        self._show_segmentation(r.labels, run.image, run.class_names)
+        self._show_segmentation(r.labels, run.image, run.class_names, built[0] if built else None)
         self.keep_start_btn.setText(KEEP_START)
         if r.verdict.suspect:
             self._warn(f"{r.verdict.message} Press '{KEEP_START}' to keep it.")
         if self.auto_suggest:
             self.suggest(run.image)
+        self._update_buttons()
 
     def toggle_start_segmentation(self) -> bool:
         """Put the start model's segmentation into 'M³HL segmentation' (or the fine-tuned one back)."""

@@ -69,12 +69,21 @@ class OutputsMixin:
             "returned": done, "errored": self._on_predict_error, "finished": self._update_buttons})
         return True
 
-    def _show_segmentation(self, labels: np.ndarray, image: Image, class_names: tuple[str, ...]) -> None:
+    @staticmethod
+    def _segmentation_layer(labels: np.ndarray, image: Image, class_names: tuple[str, ...]) -> Labels:
+        """'M³HL segmentation' built (not added): for :meth:`_show_segmentation` in a later turn."""
+        return lc.class_labels(labels, lc.SEGMENTATION, class_names, like=image, opacity=0.6)
+
+    def _show_segmentation(self, labels: np.ndarray, image: Image, class_names: tuple[str, ...],
+                           built: Labels | None = None) -> None:
+        """Write ``labels`` into 'M³HL segmentation' in place, or add it
+        (``built``: that layer from :meth:`_segmentation_layer`)."""
         if not lc.layer_in(self.viewer, image) or tuple(labels.shape) != tuple(image.data.shape):
             self._warn("The image changed while segmenting; press Predict again.")
             return
         self._keep_user_edits()
-        seg = lc.upsert_labels(self.viewer, lc.SEGMENTATION, labels, class_names, like=image, opacity=0.6)
+        seg = lc.upsert_labels(self.viewer, lc.SEGMENTATION, labels, class_names, like=image, opacity=0.6,
+                               built=built)
         self._seg_token = self.versions.token([seg])
         counts = ", ".join(f"{n} {int((labels == c).sum())} vox" for c, n in enumerate(class_names) if c)
         self._status(f"Segmentation of '{image.name}' in layer '{lc.SEGMENTATION}' (editable): {counts}")

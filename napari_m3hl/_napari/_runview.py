@@ -116,7 +116,7 @@ class RunViewMixin:
                 data = np.zeros(run.image.data.shape, np.uint8)
                 data[index] = labels
             layer = lc.upsert_labels(self.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
-                                     opacity=0.45)
+                                     opacity=0.45, editable=False)
         layer.editable = False
         run.preview_iteration = iteration
         if run.first_preview_s is None:

@@ -307,10 +307,12 @@ class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, Session
 
     def _queue_overlays(self, state: RunState, patch: tuple[int, ...] | None) -> None:
         """Add (once) or clear the run's overlay layers from queued callbacks,
-        one layer per event-loop turn, so the click on Train returns at once
-        (adding a layer costs the GUI thread 0.1–0.3 s of vispy set-up). A step
-        skips a layer that a preview of this run already drew."""
-        steps = [lambda: ov.prepare_preview(self.viewer, state.image, state.class_names)]
+        one piece per event-loop turn (the preview layer is built in one turn
+        and added in the next), so the click on Train returns at once and no
+        turn stalls long (docs/benchmarks.md). A step skips a layer that a
+        preview of this run already drew."""
+        steps = ov.preview_steps(self.viewer, state.image, state.class_names)
+        n_preview = len(steps)
         if patch is not None:
             steps += [lambda: ov.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=False),
                       lambda: ov.prepare_mix(self.viewer, state.image, patch, state.class_names, targets=True)]
@@ -318,7 +320,7 @@ class M3HLWidget(RunViewMixin, OutputsMixin, FineTuneMixin, AssistMixin, Session
         def run_step(k: int) -> None:
             if self.run is not state or not lc.layer_in(self.viewer, state.image):
                 return
-            drawn = state.preview_iteration is not None if k == 0 else state.mix_shown
+            drawn = state.preview_iteration is not None if k < n_preview else state.mix_shown
             if not drawn:
                 steps[k]()
             if k + 1 < len(steps):
