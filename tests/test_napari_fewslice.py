@@ -108,7 +108,7 @@ def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
 def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, qtbot):
     """The overlays are added without selecting them (the user keeps painting
     their labels layer); the read-only preview gets no paint-tool visuals, the
-    editable segmentation gets them in later event-loop turns."""
+    editable segmentation gets them when the user picks a paint tool."""
     from gui_helpers import wait_run
 
     viewer, w = make_widget()
@@ -120,4 +120,6 @@ def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, q
     preview, seg = viewer.layers[lc.PSEUDO_LABELS], viewer.layers[lc.SEGMENTATION]
     assert not preview.editable and seg.editable
     assert not any(preview._overlays[k].visible for k in lc.PAINT_OVERLAYS)
+    assert not any(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS)
+    seg.mode = "paint"  # the user picks the brush
     qtbot.waitUntil(lambda: all(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS), timeout=5000)

@@ -118,7 +118,8 @@ def add_quietly(viewer: "napari.Viewer", layer: "Layer", paint_tools: bool = Fal
       layer, and switching the layer controls there and back costs ~45 ms);
     * a Labels layer's paint-tool overlays are not built: never for a
       read-only overlay (``paint_tools`` False), and for an editable one
-      (the segmentation) one per later event-loop turn, so no turn pays for all.
+      (the segmentation) only when the user picks a tool (its ``mode``
+      changes), one per event-loop turn then.
     """
     overlays = getattr(layer, "_overlays", {})
     hidden = [overlays[k] for k in PAINT_OVERLAYS if k in overlays and overlays[k].visible]
@@ -136,7 +137,11 @@ def add_quietly(viewer: "napari.Viewer", layer: "Layer", paint_tools: bool = Fal
         finally:
             layers._activate_on_insert = activate
     if paint_tools and hidden:
-        _show_later(hidden)
+        def on_mode(event: Any = None) -> None:
+            layer.events.mode.disconnect(on_mode)
+            _show_later(hidden)
+
+        layer.events.mode.connect(on_mode)
     return layer
 
 
