@@ -188,3 +188,32 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
     np.testing.assert_allclose(nib.load(str(out)).affine, affine, atol=1e-5)
     np.testing.assert_allclose(back.metadata["affine"], viewer.layers["heart"].metadata["affine"], atol=1e-5)
     assert errors == []
+
+
+def test_layer_pickers_follow_the_layer_list(make_widget, qtbot):
+    """The Image / Labels pickers are magicgui combos that napari refreshes
+    (the dock widget's ``reset_choices``) when layers are added, removed and
+    renamed; a picked layer stays picked under its new name."""
+    import numpy as np
+
+    viewer, w = make_widget()
+
+    def names(combo):
+        return sorted(combo.itemText(i) for i in range(combo.count()))
+
+    assert names(w.image_combo) == ["phantom image"]
+    viewer.add_image(np.zeros((4, 32, 32), np.float32), name="second scan")
+    assert "second scan" in names(w.image_combo)
+    w.image_combo.setCurrentText("second scan")
+    assert w.image_layer().name == "second scan"
+    viewer.layers["second scan"].name = "renamed scan"
+    assert "renamed scan" in names(w.image_combo) and "second scan" not in names(w.image_combo)
+    assert w.image_combo.currentText() == "renamed scan" and w.image_layer().name == "renamed scan"
+    viewer.add_labels(np.zeros((4, 32, 32), np.uint8), name="scan labels")
+    assert "scan labels" in names(w.labels_combo)
+    assert w.labels_combo.currentText() == "scan labels"  # the labels on the picked image's grid
+    del viewer.layers["renamed scan"]
+    assert names(w.image_combo) == ["phantom image"] and w.image_layer().name == "phantom image"
+    del viewer.layers["scan labels"]
+    assert "scan labels" not in names(w.labels_combo)
+    assert not any(lc.is_overlay(viewer.layers[n]) for n in names(w.labels_combo) + names(w.image_combo))

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from napari.layers import Image, Labels
 from superqt import QCollapsible
 
 from ..suggest import DEFAULT_METHOD, DEFAULT_SPREAD, METHODS
@@ -63,6 +64,19 @@ def _spin(lo: int, hi: int, value: int, step: int = 1, tip: str = "") -> QSpinBo
     w.setButtonSymbols(QAbstractSpinBox.NoButtons)
     w.setStyleSheet("QAbstractSpinBox { min-width: 48px; }")  # napari's theme asks for more
     return w
+
+
+def layer_picker(kind: type, tip: str) -> Any:
+    """A magicgui combo box of ``kind`` layers (``create_widget(annotation=kind)``,
+    the picker napari's own plugin widgets use). Its choices are set by the
+    panel (:class:`._picker.LayerPickerWidget`), which filters them, and
+    refreshed by ``reset_choices``: napari calls the dock widget's
+    ``reset_choices`` whenever layers are added, removed, moved or renamed."""
+    from magicgui.widgets import create_widget
+
+    picker = create_widget(annotation=kind, options={"choices": ()})
+    picker.native.setToolTip(tip)
+    return picker
 
 
 def _row(*widgets: QWidget) -> QWidget:
@@ -107,12 +121,12 @@ class TrainWidgetLayout(QWidget):
     def _data_group(self) -> QGroupBox:
         box = QGroupBox("Data")
         form = QFormLayout(box)
-        self.image_combo = QComboBox()
-        self.image_combo.setToolTip("The cardiac MR volume (Z, Y, X) or cine (T, Z, Y, X) to segment")
-        self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip(
-            "Your painted labels on the image's grid; only slices with paint are used as labeled"
-        )
+        # magicgui layer pickers (their choices: :mod:`._picker`); the native combos are laid out
+        self.image_picker = layer_picker(Image, "The cardiac MR volume (Z, Y, X) or cine (T, Z, Y, X) to segment")
+        self.labels_picker = layer_picker(
+            Labels, "Your painted labels on the image's grid; only slices with paint are used as labeled")
+        self.image_combo: QComboBox = self.image_picker.native
+        self.labels_combo: QComboBox = self.labels_picker.native
         self.new_labels_btn = QPushButton("New labels layer")
         self.new_labels_btn.setToolTip(
             "An empty labels layer matched to the image (shape, voxel size, geometry, RV/Myo/LV colours)"

@@ -43,10 +43,11 @@ class LayerPickerWidget(TrainWidgetLayout):
         self.last_error = ""
         self._info_source: Labels | None = None
         self._labeled_seen: tuple | None = None  # labeled slices when the info line was written
-        self._named_layers: set[Any] = set()
-        layers = self.viewer.layers
-        for name in ("inserted", "removed", "moved", "reordered"):
-            getattr(layers.events, name).connect(self.refresh_layers)
+        for picker, choices in ((self.image_picker, self._image_choices), (self.labels_picker, self._labels_choices)):
+            picker.native.blockSignals(True)
+            picker.choices = choices  # magicgui fills the combo now, picking its first layer:
+            picker.native.setCurrentIndex(-1)  # nothing is picked until refresh_layers chooses
+            picker.native.blockSignals(False)
         on_signal(self.image_combo.currentIndexChanged, self._on_image_changed)
         on_signal(self.labels_combo.currentIndexChanged, self._on_labels_changed)
         on_signal(self.extra_list.itemChanged, self.update_info)
@@ -76,41 +77,56 @@ class LayerPickerWidget(TrainWidgetLayout):
     def _layers_of(self, kind: type) -> list:
         return [lay for lay in self.viewer.layers if isinstance(lay, kind) and not lc.is_overlay(lay)]
 
-    @staticmethod
-    def _fill(combo, names: list[str], keep: str | None, prefer: str | None) -> None:
-        combo.blockSignals(True)
-        combo.clear()
-        combo.addItems(names)
-        target = keep if keep in names else prefer if prefer in names else (names[-1] if names else None)
-        if target is not None:
-            combo.setCurrentIndex(names.index(target))
-        combo.blockSignals(False)
+    def _image_choices(self, _picker: Any = None) -> list[tuple[str, Image]]:
+        return [(lay.name, lay) for lay in self._layers_of(Image)]
+
+    def _labels_choices(self, _picker: Any = None) -> list[tuple[str, Labels]]:
+        return [(lay.name, lay) for lay in self._layers_of(Labels)]
+
+    def reset_choices(self, event: Any = None) -> None:
+        """Refresh the layer pickers: napari calls this (the dock widget's
+        ``reset_choices``, as for magicgui widgets) when layers are added,
+        removed, moved or renamed."""
+        self.refresh_layers()
 
     def refresh_layers(self, event: Any = None) -> None:
-        """Refill the layer pickers after layers were added, removed, renamed."""
-        for lay in self.viewer.layers:
-            if lay.unique_id not in self._named_layers:
-                self._named_layers.add(lay.unique_id)
-                lay.events.name.connect(self.refresh_layers)
-        images = [lay.name for lay in self._layers_of(Image)]
-        self._fill(self.image_combo, images, self.image_combo.currentText() or None, None)
+        """Refill the layer pickers after layers were added, removed, renamed;
+        a picked layer stays picked (under its new name too)."""
+        image = self.image_layer()
+        self._reset(self.image_picker, image, None)
         self._refresh_labels_choices()
         self._refresh_extra_choices()
         self._watch_info_source()
         self.update_info()
         self._update_buttons()
 
+    @staticmethod
+    def _reset(picker: Any, keep: Any, prefer: Any) -> None:
+        """New choices for ``picker``; then ``keep`` if still there, else
+        ``prefer``, else the topmost layer, is picked (without a change signal)."""
+        native = picker.native
+        native.blockSignals(True)
+        try:
+            picker.reset_choices()
+            layers = list(picker.choices)
+            ids = [lay.unique_id for lay in layers]
+            for target in (keep, prefer, layers[-1] if layers else None):
+                if target is not None and target.unique_id in ids:
+                    native.setCurrentIndex(ids.index(target.unique_id))
+                    break
+        finally:
+            native.blockSignals(False)
+
     def _refresh_labels_choices(self) -> None:
         image = self.image_layer()
-        labels = self._layers_of(Labels)
-        keep, prefer = self.labels_combo.currentText() or None, None
+        keep, prefer = self.labels_layer(), None
         if image is not None:  # keep a choice on the image's grid, else the topmost fitting (visible first)
-            fits = [lay for lay in labels if lay.data.shape == image.data.shape]
+            fits = [lay for lay in self._layers_of(Labels) if lay.data.shape == image.data.shape]
             fits.sort(key=lambda lay: lay.visible)
-            prefer = fits[-1].name if fits else None
-            if prefer is not None and keep not in {lay.name for lay in fits}:
+            prefer = fits[-1] if fits else None
+            if prefer is not None and not any(lc.same_layer(keep, lay) for lay in fits):
                 keep = None
-        self._fill(self.labels_combo, [lay.name for lay in labels], keep, prefer)
+        self._reset(self.labels_picker, keep, prefer)
 
     def _refresh_extra_choices(self) -> None:
         image = self.image_layer()
@@ -128,14 +144,14 @@ class LayerPickerWidget(TrainWidgetLayout):
         self.extra_list.blockSignals(False)
 
     def image_layer(self) -> Image | None:
-        name = self.image_combo.currentText()
-        lay = self.viewer.layers[name] if name and name in self.viewer.layers else None
-        return lay if isinstance(lay, Image) else None
+        """The picked image layer, if it is still in the viewer."""
+        lay = self.image_picker.value if self.image_combo.currentIndex() >= 0 else None
+        return lay if isinstance(lay, Image) and lc.layer_in(self.viewer, lay) else None
 
     def labels_layer(self) -> Labels | None:
-        name = self.labels_combo.currentText()
-        lay = self.viewer.layers[name] if name and name in self.viewer.layers else None
-        return lay if isinstance(lay, Labels) else None
+        """The picked labels layer, if it is still in the viewer."""
+        lay = self.labels_picker.value if self.labels_combo.currentIndex() >= 0 else None
+        return lay if isinstance(lay, Labels) and lc.layer_in(self.viewer, lay) else None
 
     def extra_layers(self) -> list[Image]:
         out = []
