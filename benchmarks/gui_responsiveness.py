@@ -154,12 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
     assert isinstance(widget, M3HLWidget)
     viewer.dims.set_current_step(0, 5)
     if args.start == "scratch":
-        widget.start_combo.setCurrentIndex(0)
-    widget.config_overrides = {"iterations": args.iterations, "batch_size": args.batch_size,
+        widget.model_panel.start_combo.setCurrentIndex(0)
+    widget.st.config_overrides = {"iterations": args.iterations, "batch_size": args.batch_size,
                                "patch_size": (args.patch, args.patch),
                                "block_size": (args.patch // 4, args.patch // 4)}
-    widget.preview_every_s = 5.0
-    widget.mix_preview_every_s = 5.0
+    widget.st.preview_every_s = 5.0
+    widget.st.mix_preview_every_s = 5.0
     wait_until(app, lambda: False, 1.0)  # let the window settle
     wait_until(app, lambda: not widget.runner.busy, 120)  # the warm-up job the widget starts when it opens
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     handler_s: dict[str, list[float]] = {}
     event_times: list[tuple[str, float]] = []
     first_step: list[float] = []
-    original = widget._on_event
+    original = widget.run_view.on_event
 
     def timed(e) -> None:  # GUI-thread time spent drawing each kind of event
         t = time.perf_counter()
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not isinstance(e, Progress):
             event_times.append((type(e).__name__, t))
 
-    widget._on_event = timed
+    widget.run_view.on_event = timed
 
     def run_once() -> dict:
         handler_s.clear()
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         widget.run = None
         load_before = os.getloadavg()[0]
         t_press = time.perf_counter()
-        QTest.mouseClick(widget.train_btn, Qt.LeftButton)
+        QTest.mouseClick(widget.run_panel.train_btn, Qt.LeftButton)
         t_started = time.perf_counter()  # Train's click handler returned (overlay layers ready)
         assert widget.run is not None, widget.last_error
         wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
         "qt_api": os.environ.get("QT_API", "pyqt5"),
         "platform": platform.platform(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "start": widget.start_combo.currentText(),
-        "fewslice": bool(widget.uses_fewslice()),
-        "start_file": widget.start_path.text() if widget.start_combo.currentIndex() else None,
-        "variant": widget.variant_combo.currentText(),
+        "start": widget.model_panel.start_combo.currentText(),
+        "fewslice": bool(widget.model_panel.uses_fewslice()),
+        "start_file": widget.model_panel.start_path.text() if widget.model_panel.start_combo.currentIndex() else None,
+        "variant": widget.model_panel.variant_combo.currentText(),
         "gc_freeze": _jobs.FREEZE_GC,
         "idle": idle,
         "runs": runs,

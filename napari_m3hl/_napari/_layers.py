@@ -242,21 +242,6 @@ def update_changed(layer: "Labels", values: np.ndarray, index: tuple[int, ...] =
     return n
 
 
-def upsert_image(viewer: "napari.Viewer", name: str, data: np.ndarray, **kwargs: Any) -> "Image":
-    """Set ``data`` of the Image layer ``name`` in place, or add it once."""
-    from napari.layers import Image
-
-    layer = viewer.layers[name] if name in viewer.layers else None
-    if isinstance(layer, Image):
-        layer.data = data
-        return layer
-    if layer is not None:
-        layer.name = f"{name} (user)"
-    from napari.layers import Image as ImageLayer
-
-    return add_quietly(viewer, ImageLayer(data, name=name, **kwargs))
-
-
 @contextlib.contextmanager
 def keep_selection(viewer: "napari.Viewer") -> Iterator[None]:
     """Add overlay layers without taking the selection from the layer the user works on."""

@@ -10,14 +10,29 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ._layers import (DISAGREEMENT, DISAGREEMENT_COLOR, MIX_PREVIEW, MIX_TARGETS, PSEUDO_LABELS, add_quietly,
-                      class_labels, upsert_image, upsert_labels)
+                      class_labels, upsert_labels)
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from napari.layers import Labels, Layer
+    from napari.layers import Image, Labels, Layer
 
 
 MIX_GAP = 4  # pixels between the two mixed images
+
+
+def upsert_image(viewer: "napari.Viewer", name: str, data: np.ndarray, **kwargs: Any) -> "Image":
+    """Set ``data`` of the Image layer ``name`` in place, or add it once."""
+    from napari.layers import Image
+
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if isinstance(layer, Image):
+        layer.data = data
+        return layer
+    if layer is not None:
+        layer.name = f"{name} (user)"
+    from napari.layers import Image as ImageLayer
+
+    return add_quietly(viewer, ImageLayer(data, name=name, **kwargs))
 
 
 def mix_montage(images: np.ndarray, targets: np.ndarray, gap: int = MIX_GAP) -> tuple[np.ndarray, np.ndarray]:

@@ -43,17 +43,31 @@ class RunController:
         self.checkpoint: str | None = None  # latest usable checkpoint or model file
         self._workers: dict = {}  # running worker → its job's name
         self._later: dict[int, str] = {}  # GUI steps queued by :meth:`later` → their names
+        self.closed = False  # the panel was closed (:meth:`close`)
 
     # ---------------------------------------------------------------- workers
     def _start(self, func: Callable, *args: Any, connect: dict[str, Handler], train: bool = False, **kwargs: Any):
         """Start job ``func`` in a worker; known as running (and as the training
         run when ``train``) before it starts, until it finished."""
+        connect = {name: self._while_open(handler) for name, handler in connect.items()}
         worker = start_worker(func, *args, connect=connect, on_finished=[self._done], start=False, **kwargs)
         self._workers[worker] = func.__name__
         if train:
             self.train_worker = worker
         job_pool().start(worker)
         return worker
+
+    def _while_open(self, handler: Handler) -> Handler:
+        """``handler``, skipped once the panel closed (:meth:`close`): its
+        controls are gone, and a job still running would draw into them."""
+        def call(*args: Any) -> Any:
+            return None if self.closed else handler(*args)
+
+        return call
+
+    def close(self) -> None:
+        """The panel is gone: the running jobs' results are not drawn any more."""
+        self.closed = True
 
     def _done(self, worker: Any) -> None:
         self._workers.pop(worker, None)
@@ -85,8 +99,11 @@ class RunController:
         pending = list(steps)
 
         def run() -> None:
+            if self.closed:
+                pending.clear()
             try:
-                pending.pop(0)()
+                if pending:
+                    pending.pop(0)()
             except BaseException:
                 pending.clear()
                 raise

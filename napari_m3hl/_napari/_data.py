@@ -1,48 +1,59 @@
-"""Layer control of the "Train M³HL" widget: pickers, info line, messages.
+"""The Data panel of the dock widget: layer pickers, info line, New labels layer.
 
-:class:`LayerPickerWidget` adds to the layout (:mod:`._layout`) everything that
-follows the viewer's layers: the image / labels / extra-unlabeled pickers, the
-live "k of n slices labeled" line, "New labels layer", and the status line
-with napari notifications. It reads layers and never writes the user's data.
+:class:`DataPanel` holds everything that follows the viewer's layers: the
+image and labels pickers (magicgui combo boxes, ``create_widget(annotation=
+napari.layers.Image)`` / ``Labels``, filtered to the user's layers), the
+extra-unlabeled list, the live "k of n slices labeled" line and "New labels
+layer". napari refreshes the pickers through the dock widget's
+``reset_choices`` (it connects that to the layer list's inserted, removed,
+reordered and renamed events). It reads layers and never writes the user's data.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.utils import notifications
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QListWidgetItem
+from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QListWidget, QListWidgetItem, QPushButton
 
-from ..config import load_preset
-from ..errors import M3HLInputError
-from ..labels import ACDC_CLASSES
 from . import _layers as lc
-from ._layout import TrainWidgetLayout
+from ._layout import layer_picker
 from ._request import msg_2d
 from ._slots import on_signal
-
-if TYPE_CHECKING:  # pragma: no cover
-    import napari
+from ._state import PanelState
 
 
-def breakable(text: str) -> str:
-    """``text`` with zero-width spaces after path separators, so that a word-wrapped
-    label can break a long path instead of widening the dock."""
-    return text.replace("/", "/\u200b").replace("\\", "\\\u200b")
+class DataPanel(QGroupBox):
+    """Data: Image, Labels, New labels layer, Extra unlabeled, the info line."""
 
-
-class LayerPickerWidget(TrainWidgetLayout):
-    """The layout bound to a viewer: layer pickers, info line, messages."""
-
-    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.versions = lc.LayerVersions()
-        self.last_error = ""
+    def __init__(self, st: PanelState) -> None:
+        super().__init__("Data")
+        self.st = st
         self._info_source: Labels | None = None
         self._labeled_seen: tuple | None = None  # labeled slices when the info line was written
+        form = QFormLayout(self)
+        # magicgui layer pickers; their native combo boxes are laid out
+        self.image_picker = layer_picker(Image, "The cardiac MR volume (Z, Y, X) or cine (T, Z, Y, X) to segment")
+        self.labels_picker = layer_picker(
+            Labels, "Your painted labels on the image's grid; only slices with paint are used as labeled")
+        self.image_combo: QComboBox = self.image_picker.native
+        self.labels_combo: QComboBox = self.labels_picker.native
+        self.new_labels_btn = QPushButton("New labels layer")
+        self.new_labels_btn.setToolTip(
+            "An empty labels layer matched to the image (shape, voxel size, geometry, RV/Myo/LV colours)"
+        )
+        self.extra_list = QListWidget()
+        self.extra_list.setToolTip("Tick other image volumes to add their slices as unlabeled training data")
+        self.extra_list.setMaximumHeight(48)
+        self.info_label = QLabel("no image volume selected")
+        self.info_label.setWordWrap(True)
+        self.info_label.setObjectName("m3hl_info")
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("", self.new_labels_btn)
+        form.addRow("Extra unlabeled", self.extra_list)
+        form.addRow(self.info_label)
         for picker, choices in ((self.image_picker, self._image_choices), (self.labels_picker, self._labels_choices)):
             picker.native.blockSignals(True)
             picker.choices = choices  # magicgui fills the combo now, picking its first layer:
@@ -53,29 +64,15 @@ class LayerPickerWidget(TrainWidgetLayout):
         on_signal(self.extra_list.itemChanged, self.update_info)
         on_signal(self.new_labels_btn.clicked, self.new_labels_layer)
 
-    def _update_buttons(self) -> None:
-        """Hook: enable buttons after the layers changed (see the training widget)."""
+    def update_buttons(self) -> None:
+        """Nothing to enable here: the pickers follow the layers."""
 
-    # ================================================================ messages
-    def _error(self, message: str) -> None:
-        """Show an error: napari notification + status line (red)."""
-        self.last_error = message
-        self.status_label.setStyleSheet("color: #ff6b6b;")
-        self.status_label.setText(breakable(message))
-        notifications.show_error(message)
+    def set_running(self, running: bool, paused: bool = False) -> None:
+        for w in (self.image_combo, self.labels_combo, self.new_labels_btn, self.extra_list):
+            w.setEnabled(not running)
 
-    def _warn(self, message: str) -> None:
-        self.status_label.setStyleSheet("color: #ffc04d;")
-        self.status_label.setText(breakable(message))
-        notifications.show_warning(message)
-
-    def _status(self, message: str) -> None:
-        self.status_label.setStyleSheet("")
-        self.status_label.setText(breakable(message))
-
-    # ================================================================ pickers
     def _layers_of(self, kind: type) -> list:
-        return [lay for lay in self.viewer.layers if isinstance(lay, kind) and not lc.is_overlay(lay)]
+        return [lay for lay in self.st.viewer.layers if isinstance(lay, kind) and not lc.is_overlay(lay)]
 
     def _image_choices(self, _picker: Any = None) -> list[tuple[str, Image]]:
         return [(lay.name, lay) for lay in self._layers_of(Image)]
@@ -98,7 +95,7 @@ class LayerPickerWidget(TrainWidgetLayout):
         self._refresh_extra_choices()
         self._watch_info_source()
         self.update_info()
-        self._update_buttons()
+        self.st.update_buttons()
 
     @staticmethod
     def _reset(picker: Any, keep: Any, prefer: Any) -> None:
@@ -146,19 +143,19 @@ class LayerPickerWidget(TrainWidgetLayout):
     def image_layer(self) -> Image | None:
         """The picked image layer, if it is still in the viewer."""
         lay = self.image_picker.value if self.image_combo.currentIndex() >= 0 else None
-        return lay if isinstance(lay, Image) and lc.layer_in(self.viewer, lay) else None
+        return lay if isinstance(lay, Image) and lc.layer_in(self.st.viewer, lay) else None
 
     def labels_layer(self) -> Labels | None:
         """The picked labels layer, if it is still in the viewer."""
         lay = self.labels_picker.value if self.labels_combo.currentIndex() >= 0 else None
-        return lay if isinstance(lay, Labels) and lc.layer_in(self.viewer, lay) else None
+        return lay if isinstance(lay, Labels) and lc.layer_in(self.st.viewer, lay) else None
 
     def extra_layers(self) -> list[Image]:
         out = []
         for i in range(self.extra_list.count()):
             item = self.extra_list.item(i)
-            if item.checkState() == Qt.Checked and item.text() in self.viewer.layers:
-                lay = self.viewer.layers[item.text()]
+            if item.checkState() == Qt.Checked and item.text() in self.st.viewer.layers:
+                lay = self.st.viewer.layers[item.text()]
                 if isinstance(lay, Image):
                     out.append(lay)
         return out
@@ -191,7 +188,7 @@ class LayerPickerWidget(TrainWidgetLayout):
             labels.events.set_data.connect(self._on_labels_refreshed)
         for lay in (self.image_layer(), labels):
             if lay is not None:
-                self.versions.watch(lay)
+                self.st.versions.watch(lay)
 
     def _on_labels_refreshed(self, event: Any = None) -> None:
         """Update the info line when the set of labeled slices changed (undo / redo)."""
@@ -226,25 +223,21 @@ class LayerPickerWidget(TrainWidgetLayout):
             n = sum(int(np.prod(lay.data.shape[:-2])) for lay in extra)
             text += f"; +{n} slices from {len(extra)} extra volume(s)"
         self.info_label.setText(text)
+        if self.st.annotate_panel is not None:  # labeled slices drop out of the suggestion list
+            self.st.annotate_panel.refresh_suggestions()
 
     def new_labels_layer(self) -> Labels | None:
         """Add an empty Labels layer matched to the selected image and select it."""
         image = self.image_layer()
         if image is None:
-            self._error("No image layer: open a cardiac MR volume first, then create its labels layer.")
+            self.st.error("No image layer: open a cardiac MR volume first, then create its labels layer.")
             return None
         if image.ndim < 3 or image.rgb:
-            self._error(msg_2d(image))
+            self.st.error(msg_2d(image))
             return None
-        names = self.current_class_names()
-        layer = lc.new_labels_layer(self.viewer, image, names)
+        names = self.st.model_panel.current_class_names()
+        layer = lc.new_labels_layer(self.st.viewer, image, names)
         self.labels_combo.setCurrentText(layer.name)
-        self.viewer.layers.selection.active = layer
-        self._status(f"Paint {', '.join(names[1:])} on a few slices of '{layer.name}', then press Train.")
+        self.st.viewer.layers.selection.active = layer
+        self.st.status(f"Paint {', '.join(names[1:])} on a few slices of '{layer.name}', then press Train.")
         return layer
-
-    def current_class_names(self) -> tuple[str, ...]:
-        try:
-            return tuple(load_preset(self.preset_combo.currentText() or "acdc_unet2d").class_names)
-        except M3HLInputError:
-            return tuple(ACDC_CLASSES)
