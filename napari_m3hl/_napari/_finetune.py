@@ -152,8 +152,9 @@ class FineTune:
         return True
 
     def _update_fewslice_buttons(self) -> None:
-        self.st.run_panel.keep_start_btn.setEnabled(self.st.finetune is not None and not self.st.runner.training
-                                       and lc.layer_in(self.st.viewer, self.st.finetune.image))
+        out = self.st.finetune
+        self.st.run_panel.keep_start_btn.setEnabled(out is not None and not self.st.runner.training
+                                                    and lc.layer_in(self.st.viewer, out.image))
 
     def fewslice_event(self, e: Any) -> bool:
         """Draw a few-slice event; False when ``e`` is not one."""

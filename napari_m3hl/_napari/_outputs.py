@@ -85,7 +85,7 @@ class Outputs:
         return lc.class_labels(labels, lc.SEGMENTATION, class_names, like=image, opacity=0.6)
 
     def show_segmentation(self, labels: np.ndarray, image: Image, class_names: tuple[str, ...],
-                           built: Labels | None = None) -> None:
+                          built: Labels | None = None) -> None:
         """Write ``labels`` into 'M³HL segmentation' in place, or add it
         (``built``: that layer from :meth:`segmentation_layer`)."""
         if not lc.layer_in(self.st.viewer, image) or tuple(labels.shape) != tuple(image.data.shape):

@@ -200,7 +200,7 @@ class RunPanel(QGroupBox):
                 "aborted": view.on_train_aborted, "finished": view.on_train_finished}
 
     def begin_run(self, state: RunState, how: str, source: str, iterations: int, config: dict[str, Any],
-                   patch: tuple[int, ...] | None = None) -> None:
+                  patch: tuple[int, ...] | None = None) -> None:
         """Record the run, reset the progress display and schedule the overlay
         layers (the mix overlays only for an M³HL run with ``patch``)."""
         self.st.run = state
