@@ -113,6 +113,22 @@ class RunPanel(QGroupBox):
         on_signal(self.load_ckpt_btn.clicked, outputs.load_checkpoint)
         on_signal(self.keep_start_btn.clicked, self.st.fine_tune.toggle_start_segmentation)
 
+    def show_progress(self, value: int | None = None, maximum: int | None = None, fmt: str | None = None) -> None:
+        """Set the progress bar (``maximum``: its range 0..maximum) without
+        QProgressBar's synchronous repaint in ``setValue`` (~20 ms of the GUI
+        thread under software OpenGL): it repaints with the rest of the window."""
+        bar = self.progress
+        bar.setUpdatesEnabled(False)
+        try:
+            if maximum is not None:
+                bar.setRange(0, maximum)
+            if value is not None:
+                bar.setValue(value)
+            if fmt is not None:
+                bar.setFormat(fmt)
+        finally:
+            bar.setUpdatesEnabled(True)
+
     def update_buttons(self) -> None:
         has_model = bool(self.st.runner.checkpoint)
         self.predict_btn.setEnabled(has_model)
@@ -215,9 +231,7 @@ class RunPanel(QGroupBox):
         self._queue_overlays(state, patch)
         self.loss_plot.clear()
         self.quality_label.setText(quality_text(None)[0])
-        self.progress.setRange(0, iterations)
-        self.progress.setValue(0)
-        self.progress.setFormat("preparing data…")
+        self.show_progress(0, iterations, "preparing data…")
         self.progress_label.setText("")
         self.run_dir_label.setText(breakable(f"Run folder: {state.run_dir}"))
         self.st.set_running(True)

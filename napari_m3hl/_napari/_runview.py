@@ -53,9 +53,7 @@ class RunView:
                 f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
             )
         elif isinstance(e, ev.TrainStarted):
-            self.st.run_panel.progress.setRange(0, e.total_iterations)
-            self.st.run_panel.progress.setValue(e.start_iteration)
-            self.st.run_panel.progress.setFormat("%v / %m")
+            self.st.run_panel.show_progress(e.start_iteration, e.total_iterations, "%v / %m")
             fewslice = self.st.run is not None and self.st.run.fewslice
             self.st.status(
                 f"Training on {e.device}: {e.n_labeled} labeled, {e.n_unlabeled} unlabeled slices "
@@ -74,10 +72,10 @@ class RunView:
             self.st.fine_tune.fewslice_event(e)
 
     def _on_progress(self, e: ev.Progress) -> None:
-        self.st.run_panel.progress.setMaximum(e.total_iterations)
-        self.st.run_panel.progress.setValue(e.iteration)
+        fmt = None
         if not (self.st.runner.control and self.st.runner.control.stop_requested):
-            self.st.run_panel.progress.setFormat("%v / %m" if not self.st.runner.paused else "paused at %v / %m")
+            fmt = "%v / %m" if not self.st.runner.paused else "paused at %v / %m"
+        self.st.run_panel.show_progress(e.iteration, e.total_iterations, fmt)
         terms = " · ".join(f"{k} {v:.3f}" for k, v in e.losses.items())
         self.st.run_panel.progress_label.setText(
             f"iteration {e.iteration}/{e.total_iterations} · {e.images_per_s:.1f} img/s · "
