@@ -29,6 +29,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: the panel's start (fine-tune the shipped model: the few-slice loop, "
                              "which keeps the model's input size, so --patch does not apply); scratch: the "
                              "M³HL run from scratch")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="do not freeze the garbage collector after the warm-up (the widget does by default)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
 
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from qtpy.QtWidgets import QApplication
 
+    from napari_m3hl._napari import _jobs
     from napari_m3hl._napari import _layers as lc
     from napari_m3hl._napari._jobs import gui_cpu_threads
     from napari_m3hl._napari._widget import M3HLWidget
@@ -132,6 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
     pm = PluginManager.instance()
     if "napari-m3hl" not in pm._manifests:  # not installed with its entry point
         pm.register(PluginManifest.from_file(Path(__file__).resolve().parents[1] / "napari.yaml"))
+    _jobs.FREEZE_GC = not args.no_gc_freeze
+    gc_pauses: list[tuple[float, int, float]] = []  # (end time, generation, seconds) of each collection
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            on_gc.t0 = time.perf_counter()
+        else:
+            gc_pauses.append((time.perf_counter(), info["generation"], time.perf_counter() - on_gc.t0))
+
+    gc.callbacks.append(on_gc)
     viewer = napari.Viewer()
     viewer.window._qt_window.resize(1300, 900)
     app = QApplication.instance()
@@ -140,13 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     assert isinstance(widget, M3HLWidget)
     viewer.dims.set_current_step(0, 5)
     if args.start == "scratch":
-        widget.start_combo.setCurrentIndex(0)
-    widget.config_overrides = {"iterations": args.iterations, "batch_size": args.batch_size,
+        widget.model_panel.start_combo.setCurrentIndex(0)
+    widget.st.config_overrides = {"iterations": args.iterations, "batch_size": args.batch_size,
                                "patch_size": (args.patch, args.patch),
                                "block_size": (args.patch // 4, args.patch // 4)}
-    widget.preview_every_s = 5.0
-    widget.mix_preview_every_s = 5.0
+    widget.st.preview_every_s = 5.0
+    widget.st.mix_preview_every_s = 5.0
     wait_until(app, lambda: False, 1.0)  # let the window settle
+    wait_until(app, lambda: not widget.runner.busy, 120)  # the warm-up job the widget starts when it opens
 
     probe = Probe()
     probe.start()
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     handler_s: dict[str, list[float]] = {}
     event_times: list[tuple[str, float]] = []
     first_step: list[float] = []
-    original = widget._on_event
+    original = widget.run_view.on_event
 
     def timed(e) -> None:  # GUI-thread time spent drawing each kind of event
         t = time.perf_counter()
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not isinstance(e, Progress):
             event_times.append((type(e).__name__, t))
 
-    widget._on_event = timed
+    widget.run_view.on_event = timed
 
     def run_once() -> dict:
         handler_s.clear()
@@ -177,26 +192,31 @@ def main(argv: list[str] | None = None) -> dict:
         widget.run = None
         load_before = os.getloadavg()[0]
         t_press = time.perf_counter()
-        QTest.mouseClick(widget.train_btn, Qt.LeftButton)
+        QTest.mouseClick(widget.run_panel.train_btn, Qt.LeftButton)
         t_started = time.perf_counter()  # Train's click handler returned (overlay layers ready)
         assert widget.run is not None, widget.last_error
         wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                    and lc.SEGMENTATION in viewer.layers, 120 + args.iterations * 10)
         t_end = time.perf_counter()
         wait_until(app, lambda: False, 1.0)
+        t_drawn = t_end + 0.5  # the segmentation layer's first draw comes in the turns after it is added
         fin = widget.run.finished
         r = {
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "iterations": fin.iteration if fin else None,
             "train_click_handler_ms": round((t_started - t_press) * 1e3, 1),
             "stalls": probe.stats(t_started, t_end),
-            # the same from the click itself: includes the click handler's own time
-            "stalls_from_click": probe.stats(t_press, t_end),
+            # the same from the click itself until 0.5 s after the segmentation layer was added
+            # (its first draw): includes the click handler's own time
+            "stalls_from_click": probe.stats(t_press, t_drawn),
             "longest_stalls": [
                 {"t_s": round(t - t_press, 2), "gap_ms": round(gap * 1e3, 1), "gui_cpu_ms": round(cpu * 1e3, 1)}
-                for t, gap, cpu in sorted((g for g in probe.gaps if t_started <= g[0] <= t_end),
+                for t, gap, cpu in sorted((g for g in probe.gaps if t_press <= g[0] <= t_drawn),
                                           key=lambda g: -g[1])[:6]
             ],
+            # the garbage collector's full collections in the window (they hold the GIL: a stall)
+            "gc_gen2": [{"t_s": round(t - t_press, 2), "ms": round(d * 1e3, 1)}
+                        for t, g, d in gc_pauses if g == 2 and t_press <= t <= t_drawn],
             "events_s": sorted((round(t - t_press, 2), k) for k, t in event_times),
             "train_to_first_step_s": round(first_step[0] - t_press, 2) if first_step else None,
             "train_to_first_pseudo_labels_s": (
@@ -225,10 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
         "qt_api": os.environ.get("QT_API", "pyqt5"),
         "platform": platform.platform(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "start": widget.start_combo.currentText(),
-        "fewslice": bool(widget.uses_fewslice()),
-        "start_file": widget.start_path.text() if widget.start_combo.currentIndex() else None,
-        "variant": widget.variant_combo.currentText(),
+        "start": widget.model_panel.start_combo.currentText(),
+        "fewslice": bool(widget.model_panel.uses_fewslice()),
+        "start_file": widget.model_panel.start_path.text() if widget.model_panel.start_combo.currentIndex() else None,
+        "variant": widget.model_panel.variant_combo.currentText(),
+        "gc_freeze": _jobs.FREEZE_GC,
         "idle": idle,
         "runs": runs,
     }
@@ -266,6 +287,7 @@ def table(r: dict) -> str:
         row("longest GUI stall while training", lambda x: f"{x['stalls'].get('max_ms')} ms"),
         row("p99 / median tick gap", lambda x: f"{x['stalls'].get('p99_ms')} / {x['stalls'].get('median_ms')} ms"),
         row("stalls > 100 ms / > 50 ms", lambda x: f"{x['stalls'].get('over_100ms')} / {x['stalls'].get('over_50ms')}"),
+        row("full GC collections (ms)", lambda x: ", ".join(str(g["ms"]) for g in x.get("gc_gen2", [])) or "none"),
         row("GUI-thread CPU share of stalls > 100 ms",
             lambda x: x["stalls"].get("gui_cpu_share_in_stalls_over_100ms")),
         row("Train → first step", lambda x: f"{x['train_to_first_step_s']} s"),

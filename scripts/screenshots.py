@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
 def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     viewer, app, widget = open_viewer(napari, QApplication)
     if args.patch != 256:
-        widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
-    widget.advanced_form.editor("iterations").setValue(args.iterations)  # the default start: few-slice
+        widget.st.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
+    widget.model_panel.advanced_form.editor("iterations").setValue(args.iterations)  # the default start: few-slice
     viewer.dims.set_current_step(0, 5)  # a painted slice
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
@@ -148,18 +148,18 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
 
     save(viewer, app, "01-sample-and-widget.png")
 
-    widget.advanced.expand(animate=False)
+    widget.model_panel.advanced.expand(animate=False)
     save(viewer, app, "02-advanced.png", widget=widget.content)
-    widget.advanced.collapse(animate=False)
+    widget.model_panel.advanced.collapse(animate=False)
 
-    click(app, widget.train_btn)  # the few-slice fine-tune of the shipped model
+    click(app, widget.run_panel.train_btn)  # the few-slice fine-tune of the shipped model
     assert widget.run is not None and widget.run.fewslice, widget.last_error
     wait_until(app, lambda: (widget.run.preview_iteration or 0) >= min(args.preview_at, args.iterations), 3600)
     viewer.dims.set_current_step(0, 4)  # an unpainted mid-ventricular slice
     viewer.layers["phantom labels"].visible = False
     frame_volume()
     save(viewer, app, "03-pseudo-labels.png")
-    print("preview at iteration", widget.run.preview_iteration, repr(widget.quality_label.text()))
+    print("preview at iteration", widget.run.preview_iteration, repr(widget.run_panel.quality_label.text()))
 
     wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                and lc.SEGMENTATION in viewer.layers, 3600)
@@ -174,17 +174,17 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     dice = {n: 2 * np.sum((seg == c) & (gt == c)) / max(np.sum(seg == c) + np.sum(gt == c), 1)
             for c, n in ((1, "RV"), (2, "Myo"), (3, "LV"))}
     print("Dice vs phantom ground truth:", {k: round(float(v), 3) for k, v in dice.items()})
-    print("verdict:", widget.verdict_label.text())
+    print("verdict:", widget.run_panel.verdict_label.text())
 
     # the M³HL run (From scratch) for its mix preview, stopped once the preview is drawn
     click_start_mode(app, widget, 0)
-    widget.preview_every_s = widget.mix_preview_every_s = 0.0
+    widget.st.preview_every_s = widget.st.mix_preview_every_s = 0.0
     viewer.layers["phantom labels"].visible = True
     viewer.layers.selection.active = viewer.layers["phantom labels"]
-    click(app, widget.train_btn)
+    click(app, widget.run_panel.train_btn)
     assert widget.run is not None and not widget.run.fewslice, widget.last_error
     wait_until(app, lambda: widget.run.mix_shown, 3600)
-    click(app, widget.stop_btn)
+    click(app, widget.run_panel.stop_btn)
     wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy, 3600)
     viewer.layers[lc.PSEUDO_LABELS].visible = False
     viewer.layers[lc.SEGMENTATION].visible = False
@@ -196,8 +196,8 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
     save(viewer, app, "04-mix-preview.png")
 
     viewer.add_labels(np.zeros((10, 108, 128), np.uint8), name="labels from another scan", scale=(10.0, 3.0, 3.0))
-    widget.labels_combo.setCurrentText("labels from another scan")
-    click(app, widget.train_btn)
+    widget.data_panel.labels_combo.setCurrentText("labels from another scan")
+    click(app, widget.run_panel.train_btn)
     save(viewer, app, "06-error.png")
 
     widget.cleanup()
@@ -208,7 +208,7 @@ def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
     """Only the panel with its Advanced section open (02-advanced.png)."""
     viewer, app, widget = open_viewer(napari, QApplication)
     wait_until(app, lambda: False, 1.0)  # let the window settle before the section opens
-    widget.advanced.expand(animate=False)
+    widget.model_panel.advanced.expand(animate=False)
     wait_until(app, lambda: False, 1.0)
     save(viewer, app, "02-advanced.png", widget=widget.content)
     widget.cleanup()
@@ -217,7 +217,7 @@ def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
 
 def click_start_mode(app, widget, index: int) -> None:
     """Choose Start mode ``index`` as a user does (the combo box's own signal)."""
-    widget.start_combo.setCurrentIndex(index)
+    widget.model_panel.start_combo.setCurrentIndex(index)
     app.processEvents()
 
 
@@ -227,19 +227,19 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
 
     viewer, app, widget = open_viewer(napari, QApplication)
     if args.patch != 256:
-        widget.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
-    widget.advanced_form.editor("iterations").setValue(args.loop_iterations)
-    widget.train_on_spin.setValue(max(1, args.loop_iterations // 2))
-    widget.preview_every_s = widget.mix_preview_every_s = None
+        widget.st.config_overrides = {"patch_size": (args.patch, args.patch), "block_size": (args.patch // 4,) * 2}
+    widget.model_panel.advanced_form.editor("iterations").setValue(args.loop_iterations)
+    widget.annotate_panel.train_on_spin.setValue(max(1, args.loop_iterations // 2))
+    widget.st.preview_every_s = widget.st.mix_preview_every_s = None
     viewer.layers.selection.active = viewer.layers["phantom labels"]
     wait_until(app, lambda: False, 1.0)
     viewer.reset_view()
-    click(app, widget.train_btn)
+    click(app, widget.run_panel.train_btn)
     assert widget.run is not None, widget.last_error
-    wait_until(app, lambda: widget.run.finished is not None and widget.suggestions is not None
+    wait_until(app, lambda: widget.run.finished is not None and widget.st.suggestions is not None
                and not widget.runner.busy and lc.SEGMENTATION in viewer.layers, 3600)
-    print("few-slice fine-tune:", widget.verdict_label.text())
-    widget.scroll.ensureWidgetVisible(widget.keep_start_btn)  # the safeguard's verdict in view
+    print("few-slice fine-tune:", widget.run_panel.verdict_label.text())
+    widget.scroll.ensureWidgetVisible(widget.run_panel.keep_start_btn)  # the safeguard's verdict in view
     save(viewer, app, "10-fewslice-verdict.png")
     for name in (lc.MIX_PREVIEW, lc.MIX_TARGETS):  # not part of this story: out of the frame
         if name in viewer.layers:
@@ -251,35 +251,35 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     yx = np.argwhere(truth.data.any(axis=0)).mean(axis=0) * np.asarray(truth.scale[-2:])
     cam.center = tuple(cam.center)[:-2] + tuple(float(v) for v in yx)  # on the heart
     cam.zoom = cam.zoom * 2.5
-    widget.scroll.ensureWidgetVisible(widget.train_on_btn)  # the Annotate group in view
-    click(app, widget.disagree_check)
-    click(app, widget.next_btn)
+    widget.scroll.ensureWidgetVisible(widget.annotate_panel.train_on_btn)  # the Annotate group in view
+    click(app, widget.annotate_panel.disagree_check)
+    click(app, widget.annotate_panel.next_btn)
     z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
     seg = viewer.layers[lc.SEGMENTATION]
-    for _ in range(len(widget.ranked_slices())):  # a suggestion with a heart to accept (Next again)
+    for _ in range(len(widget.annotate_panel.ranked_slices())):  # a suggestion with a heart to accept (Next again)
         if seg.data[z].any():
             break
-        click(app, widget.next_btn)
+        click(app, widget.annotate_panel.next_btn)
         z = lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]
     wait_until(app, lambda: False, 0.5)
     save(viewer, app, "07-suggestions.png")
 
-    click(app, widget.disagree_check)
+    click(app, widget.annotate_panel.disagree_check)
     viewer.layers[lc.SEGMENTATION].visible = False
-    click(app, widget.accept_btn)
-    print(f"accepted slice {z}:", widget.info_label.text())
+    click(app, widget.annotate_panel.accept_btn)
+    print(f"accepted slice {z}:", widget.data_panel.info_label.text())
     save(viewer, app, "08-accepted.png")
 
     viewer.layers[lc.SEGMENTATION].visible = True
     widget.run = None
-    click(app, widget.train_on_btn)
+    click(app, widget.annotate_panel.train_on_btn)
     assert widget.run is not None, widget.last_error
     wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy, 3600)
     folder = Path(tempfile.mkdtemp(prefix="m3hl-session-")) / "patient01"
-    widget._ask_folder = lambda caption, start: str(folder)  # the folder dialog's answer
-    click(app, widget.save_session_btn)
-    wait_until(app, lambda: "Session saved" in widget.status_label.text(), 120)
-    widget.scroll.ensureWidgetVisible(widget.session_label)
+    widget.session_panel._ask_folder = lambda caption, start: str(folder)  # the folder dialog's answer
+    click(app, widget.session_panel.save_session_btn)
+    wait_until(app, lambda: "Session saved" in widget.run_panel.status_label.text(), 120)
+    widget.scroll.ensureWidgetVisible(widget.session_panel.session_label)
     save(viewer, app, "09-session.png")
     widget.cleanup()
     viewer.close()

@@ -65,10 +65,10 @@ def _dock_widget(viewer, tmp_path):
     from gui_helpers import TINY
 
     _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
-    widget.set_run_folder(tmp_path / "runs")
-    widget.config_overrides = dict(TINY)
-    widget.preview_every_s = 0.0
-    widget.mix_preview_every_s = 0.0
+    widget.run_panel.set_run_folder(tmp_path / "runs")
+    widget.st.config_overrides = dict(TINY)
+    widget.st.preview_every_s = 0.0
+    widget.st.mix_preview_every_s = 0.0
     return widget
 
 

@@ -14,7 +14,7 @@ from napari_m3hl.suggest import DEFAULT_METHOD
 
 
 def _wait_suggestions(qtbot, w):
-    qtbot.waitUntil(lambda: w.suggestions is not None and not w.runner.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.st.suggestions is not None and not w.runner.busy, timeout=WAIT_MS)
 
 
 def _slice_in_view(viewer, layer) -> int:
@@ -24,49 +24,49 @@ def _slice_in_view(viewer, layer) -> int:
 def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     viewer, w = make_widget()
     image = viewer.layers["phantom image"]
-    assert not w.suggest_btn.isEnabled() and not w.next_btn.isEnabled()
+    assert not w.annotate_panel.suggest_btn.isEnabled() and not w.annotate_panel.next_btn.isEnabled()
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)  # suggestions follow every run
-    a = w.suggestions.analysis
+    a = w.st.suggestions.analysis
     assert a.method == DEFAULT_METHOD and a.scores.shape == (6,)
-    w.spread_check.setChecked(False)  # plain ranking: most uncertain first
-    ranked = w.ranked_slices()
+    w.annotate_panel.spread_check.setChecked(False)  # plain ranking: most uncertain first
+    ranked = w.annotate_panel.ranked_slices()
     assert sorted(ranked) == [0, 2, 4, 5]  # slices 1 and 3 are painted
     assert list(np.argsort(-a.scores[ranked], kind="stable")) == [0, 1, 2, 3]  # most uncertain first
-    assert w.suggest_list.count() == 4 and w.suggest_list.item(0).text().startswith(f"slice {ranked[0]} ")
+    assert w.annotate_panel.suggest_list.count() == 4 and w.annotate_panel.suggest_list.item(0).text().startswith(f"slice {ranked[0]} ")
 
     # Next goes to the top suggestion, pressed again to the second
-    assert w.next_suggested() == ranked[0] and _slice_in_view(viewer, image) == ranked[0]
-    assert w.next_suggested() == ranked[1] and _slice_in_view(viewer, image) == ranked[1]
+    assert w.annotate_panel.next_suggested() == ranked[0] and _slice_in_view(viewer, image) == ranked[0]
+    assert w.annotate_panel.next_suggested() == ranked[1] and _slice_in_view(viewer, image) == ranked[1]
     # a click in the list goes to that slice
-    w.suggest_list.setCurrentRow(2)
-    w._on_suggestion_clicked()
+    w.annotate_panel.suggest_list.setCurrentRow(2)
+    w.annotate_panel._on_suggestion_clicked()
     assert _slice_in_view(viewer, image) == ranked[2]
     # "Away from labeled slices" re-ranks by score × distance to slices 1 and 3, list included
-    w.spread_check.setChecked(True)
-    assert w.ranked_slices() == a.ranking([1, 3], spread=True)
-    assert w.suggest_list.item(0).text().startswith(f"slice {w.ranked_slices()[0]} ")
-    w.spread_check.setChecked(False)
-    assert w.ranked_slices() == ranked
+    w.annotate_panel.spread_check.setChecked(True)
+    assert w.annotate_panel.ranked_slices() == a.ranking([1, 3], spread=True)
+    assert w.annotate_panel.suggest_list.item(0).text().startswith(f"slice {w.annotate_panel.ranked_slices()[0]} ")
+    w.annotate_panel.spread_check.setChecked(False)
+    assert w.annotate_panel.ranked_slices() == ranked
 
     # disagreement overlay: its own read-only layer, 1 where student and teacher differ
-    w.score_combo.setCurrentText("disagreement")
-    assert w.suggest()
-    qtbot.waitUntil(lambda: w.suggestions.analysis.method == "disagreement" and not w.runner.busy, timeout=WAIT_MS)
-    w.disagree_check.setChecked(True)
+    w.annotate_panel.score_combo.setCurrentText("disagreement")
+    assert w.annotate_panel.suggest()
+    qtbot.waitUntil(lambda: w.st.suggestions.analysis.method == "disagreement" and not w.runner.busy, timeout=WAIT_MS)
+    w.annotate_panel.disagree_check.setChecked(True)
     layer = viewer.layers[lc.DISAGREEMENT]
-    a = w.suggestions.analysis
+    a = w.st.suggestions.analysis
     np.testing.assert_array_equal(layer.data, (a.student != a.teacher).astype(np.uint8))
     assert layer.data.shape == image.data.shape and not layer.editable and layer.visible
     assert tuple(layer.scale) == tuple(image.scale)
-    w.disagree_check.setChecked(False)
+    w.annotate_panel.disagree_check.setChecked(False)
     assert not layer.visible
     # entropy is measured on the network that segments
-    w.score_combo.setCurrentText("entropy")
-    w.which_combo.setCurrentText("teacher")
-    assert w.suggest()
-    qtbot.waitUntil(lambda: w.suggestions.analysis.network == "teacher" and not w.runner.busy, timeout=WAIT_MS)
-    assert w.suggestions.analysis.method == "entropy"
+    w.annotate_panel.score_combo.setCurrentText("entropy")
+    w.run_panel.which_combo.setCurrentText("teacher")
+    assert w.annotate_panel.suggest()
+    qtbot.waitUntil(lambda: w.st.suggestions.analysis.network == "teacher" and not w.runner.busy, timeout=WAIT_MS)
+    assert w.st.suggestions.analysis.method == "entropy"
     # the user's labels were never written
     assert np.array_equal(np.flatnonzero(viewer.layers["phantom labels"].data.any(axis=(1, 2))), [1, 3])
 
@@ -78,21 +78,21 @@ def test_accept_slice_is_one_undoable_edit(make_widget, qtbot, errors):
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
     before = labels.data.copy()
-    z = w.next_suggested()
+    z = w.annotate_panel.next_suggested()
     seg = viewer.layers[lc.SEGMENTATION]
     fixed = seg.data.copy()
     fixed[z] = truth[z]  # the clinician fixes the segmentation of this slice
     seg.data = fixed
-    assert w.accept_slice()
+    assert w.annotate_panel.accept_slice()
     np.testing.assert_array_equal(labels.data[z], truth[z])
     others = [k for k in range(6) if k != z]
     np.testing.assert_array_equal(labels.data[others], before[others])
-    assert z not in w.ranked_slices() and w.suggest_list.count() == 3  # now counts as labeled
-    assert w.info_label.text().startswith("3 of 6 slices labeled")
+    assert z not in w.annotate_panel.ranked_slices() and w.annotate_panel.suggest_list.count() == 3  # now counts as labeled
+    assert w.data_panel.info_label.text().startswith("3 of 6 slices labeled")
     assert viewer.layers.selection.active.name == labels.name  # Ctrl+Z goes to the labels
     labels.undo()  # napari's own undo: the whole accept in one step
     np.testing.assert_array_equal(labels.data, before)
-    assert z in w.ranked_slices() and w.info_label.text().startswith("2 of 6 slices labeled")
+    assert z in w.annotate_panel.ranked_slices() and w.data_panel.info_label.text().startswith("2 of 6 slices labeled")
     labels.redo()
     np.testing.assert_array_equal(labels.data[z], truth[z])
 
@@ -101,31 +101,31 @@ def test_accept_slice_is_one_undoable_edit(make_widget, qtbot, errors):
     empty[0] = 0
     seg.data = empty
     n_errors, kept = len(errors), labels.data.copy()
-    assert not w.accept_slice(index=(0,))
+    assert not w.annotate_panel.accept_slice(index=(0,))
     assert len(errors) == n_errors + 1 and "slice 0 is empty" in errors[-1]
     np.testing.assert_array_equal(labels.data, kept)  # refused: nothing written
 
 
 def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     viewer, w = make_widget()
-    w.start_combo.setCurrentIndex(0)  # the M³HL run (the few-slice Train on is in test_napari_controls.py)
+    w.model_panel.start_combo.setCurrentIndex(0)  # the M³HL run (the few-slice Train on is in test_napari_controls.py)
     labels = viewer.layers["phantom labels"]
     truth = viewer.layers["phantom ground truth (reference only)"].data
-    assert not w.train_on_btn.isEnabled()
+    assert not w.annotate_panel.train_on_btn.isEnabled()
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
     first = torch.load(w.runner.checkpoint, weights_only=True)
-    assert first["iteration"] == 4 and w.model_iteration == 4 and w.train_on_btn.isEnabled()
+    assert first["iteration"] == 4 and w.st.model_iteration == 4 and w.annotate_panel.train_on_btn.isEnabled()
     # accept a slice, then train on for 3 more iterations
     seg = viewer.layers[lc.SEGMENTATION]
     fixed = seg.data.copy()
     fixed[5] = truth[5]
     seg.data = fixed
-    assert w.accept_slice(index=(5,))
-    w.train_on_spin.setValue(3)
+    assert w.annotate_panel.accept_slice(index=(5,))
+    w.annotate_panel.train_on_spin.setValue(3)
     started = []
-    orig = w._on_event
-    w._on_event = lambda e: (started.append(e), orig(e))  # type: ignore[method-assign]
+    orig = w.run_view.on_event
+    w.run_view.on_event = lambda e: (started.append(e), orig(e))  # type: ignore[method-assign]
     train_and_wait(qtbot, w, "Train on")
     from napari_m3hl import events as ev
     from napari_m3hl._napari._jobs import DataReady
@@ -134,18 +134,18 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     begin = next(e for e in started if isinstance(e, ev.TrainStarted))
     assert ready.n_labeled == 3 and begin.start_iteration == 4 and begin.total_iterations == 7
     second = torch.load(w.runner.checkpoint, weights_only=True)
-    assert second["iteration"] == 7 and w.model_iteration == 7
+    assert second["iteration"] == 7 and w.st.model_iteration == 7
     assert not torch.equal(second["optimizer"]["state"][0]["momentum_buffer"],
                            first["optimizer"]["state"][0]["momentum_buffer"])
     # the Train on button does the same
-    w._on_event = orig  # type: ignore[method-assign]
-    w.suggestions = None
-    w.train_on_btn.click()
+    w.run_view.on_event = orig  # type: ignore[method-assign]
+    w.st.suggestions = None
+    w.annotate_panel.train_on_btn.click()
     qtbot.waitUntil(lambda: w.run.finished is not None and w.run.finished.iteration == 10, timeout=WAIT_MS)
     _wait_suggestions(qtbot, w)
-    assert [r["how"] for r in w.run_history] == ["from scratch", "train on", "train on"]
+    assert [r["how"] for r in w.st.run_history] == ["from scratch", "train on", "train on"]
     # each Train autosaved the labels (with the accepted slice) and the run's checkpoint
-    folder = w.autosave_folder()
+    folder = w.session_panel.autosave_folder()
     qtbot.waitUntil(lambda: (folder / "checkpoint.pt").is_file(), timeout=WAIT_MS)
     from napari_m3hl.session import load_session
 
@@ -164,15 +164,15 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
     nib.save(nib.Nifti1Image(np.transpose(img, (2, 1, 0)).astype(np.float32), affine), str(path))
     viewer, w = make_widget(phantom=False)
     viewer.open(str(path), plugin="napari-m3hl")
-    labels = w.new_labels_layer()
+    labels = w.data_panel.new_labels_layer()
     labels.data = np.where(np.isin(np.arange(6), [1, 4])[:, None, None], truth, 0).astype(np.uint8)
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
-    w.score_combo.setCurrentText("margin")
-    w.train_on_spin.setValue(7)
+    w.annotate_panel.score_combo.setCurrentText("margin")
+    w.annotate_panel.train_on_spin.setValue(7)
     folder = tmp_path / "my session"
-    assert w.save_session(folder)
-    qtbot.waitUntil(lambda: "Session saved" in w.status_label.text(), timeout=WAIT_MS)
+    assert w.session_panel.save_session(folder)
+    qtbot.waitUntil(lambda: "Session saved" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     wait_idle(qtbot, w)
     assert {p.name for p in folder.iterdir()} >= {"labels.nii.gz", "checkpoint.pt", "settings.json", "session.json"}
     saved = nib.load(str(folder / "labels.nii.gz"))
@@ -181,29 +181,29 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
 
     # a new napari: nothing open; the session brings back image, labels, model, settings
     viewer2, w2 = make_widget(phantom=False)
-    assert w2.open_session(folder)
-    qtbot.waitUntil(lambda: "opened" in w2.status_label.text() or bool(w2.last_error), timeout=WAIT_MS)
+    assert w2.session_panel.open_session(folder)
+    qtbot.waitUntil(lambda: "opened" in w2.run_panel.status_label.text() or bool(w2.last_error), timeout=WAIT_MS)
     assert w2.last_error == ""
     wait_idle(qtbot, w2)
-    assert w2.image_layer().name == "heart" and w2.image_layer().metadata["source_path"] == str(path)
-    np.testing.assert_array_equal(w2.labels_layer().data, labels.data)
-    np.testing.assert_allclose(w2.labels_layer().scale, viewer.layers["heart"].scale)
-    assert w2.score_combo.currentText() == "margin" and w2.train_on_spin.value() == 7
-    assert w2.runner.checkpoint == str(folder / "checkpoint.pt") and w2.model_iteration == 4
-    assert w2.train_on_btn.isEnabled() and lc.SEGMENTATION in viewer2.layers  # predicted on open
+    assert w2.data_panel.image_layer().name == "heart" and w2.data_panel.image_layer().metadata["source_path"] == str(path)
+    np.testing.assert_array_equal(w2.data_panel.labels_layer().data, labels.data)
+    np.testing.assert_allclose(w2.data_panel.labels_layer().scale, viewer.layers["heart"].scale)
+    assert w2.annotate_panel.score_combo.currentText() == "margin" and w2.annotate_panel.train_on_spin.value() == 7
+    assert w2.runner.checkpoint == str(folder / "checkpoint.pt") and w2.st.model_iteration == 4
+    assert w2.annotate_panel.train_on_btn.isEnabled() and lc.SEGMENTATION in viewer2.layers  # predicted on open
     # and the loop goes on: Train on from the reopened session
-    w2.train_on_spin.setValue(2)
-    assert w2.train_on()
+    w2.annotate_panel.train_on_spin.setValue(2)
+    assert w2.annotate_panel.train_on()
     qtbot.waitUntil(lambda: w2.run.finished is not None, timeout=WAIT_MS)
-    assert w2.run.fewslice and w2.run.finished.iteration == 2 and w2.model_iteration == 6
+    assert w2.run.fewslice and w2.run.finished.iteration == 2 and w2.st.model_iteration == 6
     wait_idle(qtbot, w2)
-    assert [r["how"] for r in w2.run_history] == ["few-slice fine-tune", "train on"]
+    assert [r["how"] for r in w2.st.run_history] == ["few-slice fine-tune", "train on"]
 
     # without its image the session says what to do
     viewer3, w3 = make_widget(phantom=False)
     path.unlink()
     n = len(errors)
-    assert w3.open_session(folder)
+    assert w3.session_panel.open_session(folder)
     qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
     assert "heart" in errors[-1] and "(6, 64, 64)" in errors[-1] and "Open session" in errors[-1]
     assert not [lay for lay in viewer3.layers]
@@ -211,12 +211,12 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
 
 def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp_path):
     viewer, w = make_widget()
-    assert not w.suggest() and "train first" in errors[-1]
-    assert w.next_suggested() is None and "Suggest slices" in errors[-1]
-    assert not w.accept_slice() and "Predict" in errors[-1]
-    assert not w.train_on() and "Press Train first" in errors[-1]
+    assert not w.annotate_panel.suggest() and "train first" in errors[-1]
+    assert w.annotate_panel.next_suggested() is None and "Suggest slices" in errors[-1]
+    assert not w.annotate_panel.accept_slice() and "Predict" in errors[-1]
+    assert not w.annotate_panel.train_on() and "Press Train first" in errors[-1]
     n = len(errors)
-    assert w.open_session(tmp_path)  # read in a worker, which reports the error
+    assert w.session_panel.open_session(tmp_path)  # read in a worker, which reports the error
     qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
     assert "not an M³HL session folder" in errors[-1]
 
@@ -230,7 +230,7 @@ def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypa
     monkeypatch.setattr(_jobs, "save_session_job", disk_full)
     viewer, w = make_widget()
     warned: list[str] = []
-    monkeypatch.setattr(w, "_warn", warned.append)
+    monkeypatch.setattr(w.st, "warn", warned.append)
     train_and_wait(qtbot, w)
     assert w.run.finished.iteration == 4 and Path(w.runner.checkpoint).is_file()
     assert any("Could not autosave" in m and "No space left" in m for m in warned)
@@ -242,28 +242,28 @@ def test_cine_suggests_and_accepts_in_the_frame_in_view(make_widget, qtbot):
     viewer, w = make_widget(phantom=False)
     frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2)]
     image = viewer.add_image(np.stack([f.image for f in frames]), name="cine", scale=(1.0, 10.0, 1.5, 1.5))
-    labels = w.new_labels_layer()
+    labels = w.data_panel.new_labels_layer()
     labels.data = np.zeros(image.data.shape, np.uint8)
     labels.data[1, 2] = frames[1].label[2]
     labels.refresh()
-    w.config_overrides["iterations"] = 2
+    w.st.config_overrides["iterations"] = 2
     viewer.dims.set_current_step(0, 1)  # time frame 1 in view
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
-    assert w.suggestions.frame == 1 and sorted(w.ranked_slices()) == [0, 1, 3]
-    assert w.suggest_list.item(0).text().startswith("t1 slice ")
-    z = w.next_suggested()
+    assert w.st.suggestions.frame == 1 and sorted(w.annotate_panel.ranked_slices()) == [0, 1, 3]
+    assert w.annotate_panel.suggest_list.item(0).text().startswith("t1 slice ")
+    z = w.annotate_panel.next_suggested()
     assert lc.slice_in_view(viewer, image) == (1, z)
     seg = viewer.layers[lc.SEGMENTATION]
     fixed = seg.data.copy()
     fixed[1, z] = frames[1].label[z]
     seg.data = fixed
     before = labels.data.copy()
-    assert w.accept_slice()
+    assert w.annotate_panel.accept_slice()
     np.testing.assert_array_equal(labels.data[1, z], frames[1].label[z])
     changed = np.argwhere((labels.data != before).any(axis=(2, 3)))
     assert changed.tolist() == [[1, z]]  # only that slice of that frame
-    assert z not in w.ranked_slices()
+    assert z not in w.annotate_panel.ranked_slices()
 
 
 def test_model_file_without_teacher_ranks_by_entropy(make_widget, qtbot, monkeypatch):
@@ -271,13 +271,13 @@ def test_model_file_without_teacher_ranks_by_entropy(make_widget, qtbot, monkeyp
 
     viewer, w = make_widget()
     warned: list[str] = []
-    monkeypatch.setattr(w, "_warn", warned.append)
-    assert w.load_checkpoint(str(ROOT / "models" / "acdc70_unet2d.pt"))
-    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
-    assert w.suggest_btn.isEnabled() and not w.train_on_btn.isEnabled()  # a model file has no optimiser state
-    w.score_combo.setCurrentText("disagreement")
-    assert w.suggest()
+    monkeypatch.setattr(w.st, "warn", warned.append)
+    assert w.outputs.load_checkpoint(str(ROOT / "models" / "acdc70_unet2d.pt"))
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    assert w.annotate_panel.suggest_btn.isEnabled() and not w.annotate_panel.train_on_btn.isEnabled()  # a model file has no optimiser state
+    w.annotate_panel.score_combo.setCurrentText("disagreement")
+    assert w.annotate_panel.suggest()
     _wait_suggestions(qtbot, w)
-    assert w.suggestions.analysis.method == "entropy" and w.suggestions.analysis.disagreement is None
+    assert w.st.suggestions.analysis.method == "entropy" and w.st.suggestions.analysis.disagreement is None
     assert any("no teacher" in m for m in warned)
-    assert not w.disagree_check.isEnabled()
+    assert not w.annotate_panel.disagree_check.isEnabled()

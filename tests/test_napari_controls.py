@@ -32,7 +32,7 @@ def test_qt_signals_connect_only_through_on_signal():
 
 def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors, monkeypatch):
     viewer, w = user_viewer()
-    assert w.image_combo.currentText() == "phantom image" and w.labels_combo.currentText() == "phantom labels"
+    assert w.data_panel.image_combo.currentText() == "phantom image" and w.data_panel.labels_combo.currentText() == "phantom labels"
     clicked: set[int] = set()
     toggled: set[int] = set()
 
@@ -49,45 +49,45 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     # the file dialogs answer as a user would
     saved_ckpt, seg_file, folder = tmp_path / "mine.pt", tmp_path / "seg.nii.gz", tmp_path / "session"
     shipped = str(ROOT / "models" / "acdc70_unet2d.pt")
-    monkeypatch.setattr(w, "_ask_open_path", lambda caption: str(saved_ckpt) if "Load" in caption else shipped)
-    monkeypatch.setattr(w, "_ask_save_path",
+    monkeypatch.setattr(w.model_panel, "ask_open_path", lambda caption: str(saved_ckpt) if "Load" in caption else shipped)
+    monkeypatch.setattr(w.run_panel, "ask_save_path",
                         lambda caption, default, filters: str(seg_file if "segmentation" in caption else saved_ckpt))
-    monkeypatch.setattr(w, "_ask_folder", lambda caption, start: str(folder))
+    monkeypatch.setattr(w.session_panel, "_ask_folder", lambda caption, start: str(folder))
 
-    collapsible = [b for b in w.advanced.findChildren(QPushButton)]
+    collapsible = [b for b in w.model_panel.advanced.findChildren(QPushButton)]
     for b in collapsible:  # Advanced opens and closes
         click(qtbot, b)
         click(qtbot, b)
         clicked.add(id(b))
-    flip(w.spread_check)
-    flip(w.disagree_check)
+    flip(w.annotate_panel.spread_check)
+    flip(w.annotate_panel.disagree_check)
 
     press("New labels layer")
-    assert w.labels_combo.currentText() == "phantom image labels"
-    w.labels_combo.setCurrentText("phantom labels")  # train on the painted sample labels
+    assert w.data_panel.labels_combo.currentText() == "phantom image labels"
+    w.data_panel.labels_combo.setCurrentText("phantom labels")  # train on the painted sample labels
     press("Browse…")
-    assert w.start_path.text() == shipped
+    assert w.model_panel.start_path.text() == shipped
 
     # Train (the click that once passed `checked` into resume_from), Pause, Resume, Stop
-    w.config_overrides["iterations"] = 500
+    w.st.config_overrides["iterations"] = 500
     press("Train")
     assert w.run is not None and w.runner.training, w.last_error
-    qtbot.waitUntil(lambda: w.progress.value() >= 1, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.run_panel.progress.value() >= 1, timeout=WAIT_MS)
     press("Pause")
-    qtbot.waitUntil(lambda: w.resume_btn.isEnabled(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.run_panel.resume_btn.isEnabled(), timeout=WAIT_MS)
     press("Resume")
-    qtbot.waitUntil(lambda: w.stop_btn.isEnabled() and w.pause_btn.isEnabled(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: w.run_panel.stop_btn.isEnabled() and w.run_panel.pause_btn.isEnabled(), timeout=WAIT_MS)
     press("Stop")
     wait_run(qtbot, w)
     assert w.run.finished.stopped and w.run.finished.iteration < 500
-    assert w.run.fewslice and w.verdict_label.text()  # the default start: the few-slice fine-tune
+    assert w.run.fewslice and w.run_panel.verdict_label.text()  # the default start: the few-slice fine-tune
     tuned = viewer.layers[lc.SEGMENTATION].data.copy()
     press("Use the start model's segmentation")
-    np.testing.assert_array_equal(viewer.layers[lc.SEGMENTATION].data, w.finetune.result.base)
+    np.testing.assert_array_equal(viewer.layers[lc.SEGMENTATION].data, w.st.finetune.result.base)
     press("Use the fine-tuned segmentation")
     np.testing.assert_array_equal(viewer.layers[lc.SEGMENTATION].data, tuned)
-    flip(w.prediction_only_check)
-    w.config_overrides["iterations"] = 4
+    flip(w.run_panel.prediction_only_check)
+    w.st.config_overrides["iterations"] = 4
 
     press("Predict")
     wait_idle(qtbot, w)
@@ -97,26 +97,26 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     qtbot.waitUntil(saved_ckpt.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)
     press("Load checkpoint…")
-    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     press("Suggest slices")
-    qtbot.waitUntil(lambda: w.suggestions is not None and not w.runner.busy, timeout=WAIT_MS)
-    flip(w.disagree_check)
-    flip(w.spread_check)
+    qtbot.waitUntil(lambda: w.st.suggestions is not None and not w.runner.busy, timeout=WAIT_MS)
+    flip(w.annotate_panel.disagree_check)
+    flip(w.annotate_panel.spread_check)
     press("Next suggested slice")
     seg = viewer.layers[lc.SEGMENTATION]
-    for _ in range(len(w.ranked_slices())):  # a suggestion with a heart to accept, as a user would pick
+    for _ in range(len(w.annotate_panel.ranked_slices())):  # a suggestion with a heart to accept, as a user would pick
         if seg.data[lc.slice_in_view(viewer, viewer.layers["phantom image"])[0]].any():
             break
         press("Next suggested slice")
     press("Accept slice")
-    w.train_on_spin.setValue(2)
+    w.annotate_panel.train_on_spin.setValue(2)
     press("Train on")
     wait_run(qtbot, w)
     press("Save session…")
-    qtbot.waitUntil(lambda: "Session saved" in w.status_label.text(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: "Session saved" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     wait_idle(qtbot, w)
     press("Open session…")
-    qtbot.waitUntil(lambda: "opened" in w.status_label.text(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: "opened" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     wait_idle(qtbot, w)
 
     assert errors == [] and w.last_error == ""
@@ -138,45 +138,45 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
 
     viewer, w = user_viewer(sample=False)
     viewer.open(str(path), plugin="napari-m3hl")
-    assert w.image_combo.currentText() == "heart"
+    assert w.data_panel.image_combo.currentText() == "heart"
     click(qtbot, button(w, "New labels layer"))
     labels = viewer.layers["heart labels"]
-    assert w.labels_combo.currentText() == "heart labels"
+    assert w.data_panel.labels_combo.currentText() == "heart labels"
     for z in (1, 4):  # paint two slices, as the brush does (data_setitem: history, paint events)
         yx = np.nonzero(truth[z])
         labels.data_setitem((np.full(yx[0].size, z),) + yx, truth[z][yx])
-    assert w.info_label.text() == "2 of 6 slices labeled: 1, 4; 4 unlabeled"
+    assert w.data_panel.info_label.text() == "2 of 6 slices labeled: 1, 4; 4 unlabeled"
 
     train_and_wait(qtbot, w)
     assert w.last_error == "" and w.run.preview_iteration is not None
     assert viewer.layers[lc.PSEUDO_LABELS].data.shape == img.shape
-    assert re.search(r"Dice, painted\n[01]\.\d\d\nchange, unpainted\n", w.quality_label.text()), w.quality_label.text()
+    assert re.search(r"Dice, painted\n[01]\.\d\d\nchange, unpainted\n", w.run_panel.quality_label.text()), w.run_panel.quality_label.text()
     seg = viewer.layers[lc.SEGMENTATION]
-    assert seg.data.shape == img.shape and w.suggestions is not None  # one job segmented and ranked
+    assert seg.data.shape == img.shape and w.st.suggestions is not None  # one job segmented and ranked
 
     click(qtbot, button(w, "Next suggested slice"))
     z = lc.slice_in_view(viewer, labels)[0]
-    assert z in w.ranked_slices() and z not in (1, 4)
+    assert z in w.annotate_panel.ranked_slices() and z not in (1, 4)
     yx = np.nonzero(truth[z] != seg.data[z])  # the clinician fixes the segmentation of that slice
     seg.data_setitem((np.full(yx[0].size, z),) + yx, truth[z][yx])
     before = labels.data.copy()
     click(qtbot, button(w, "Accept slice"))
     np.testing.assert_array_equal(labels.data[z], truth[z])
-    assert w.info_label.text().startswith("3 of 6 slices labeled")
+    assert w.data_panel.info_label.text().startswith("3 of 6 slices labeled")
     assert viewer.layers.selection.active.name == labels.name
     labels.undo()  # what Ctrl+Z on the selected labels layer does
     np.testing.assert_array_equal(labels.data, before)
-    assert w.info_label.text().startswith("2 of 6 slices labeled")
+    assert w.data_panel.info_label.text().startswith("2 of 6 slices labeled")
     click(qtbot, button(w, "Accept slice"))  # accepted again, for good
 
-    w.train_on_spin.setValue(3)
+    w.annotate_panel.train_on_spin.setValue(3)
     train_and_wait(qtbot, w, "Train on")
     # after a few-slice fine-tune, Train on fine-tunes its model again: 3 more iterations, 7 in all
-    assert w.run.fewslice and w.run.finished.iteration == 3 and w.model_iteration == 7
-    assert [r["how"] for r in w.run_history] == ["few-slice fine-tune", "train on"]
+    assert w.run.fewslice and w.run.finished.iteration == 3 and w.st.model_iteration == 7
+    assert [r["how"] for r in w.st.run_history] == ["few-slice fine-tune", "train on"]
 
     out = tmp_path / "heart_m3hl_seg.nii.gz"
-    monkeypatch.setattr(w, "_ask_save_path", lambda caption, default, filters: str(out))
+    monkeypatch.setattr(w.run_panel, "ask_save_path", lambda caption, default, filters: str(out))
     click(qtbot, button(w, "Export…"))
     qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)
@@ -188,3 +188,32 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
     np.testing.assert_allclose(nib.load(str(out)).affine, affine, atol=1e-5)
     np.testing.assert_allclose(back.metadata["affine"], viewer.layers["heart"].metadata["affine"], atol=1e-5)
     assert errors == []
+
+
+def test_layer_pickers_follow_the_layer_list(make_widget, qtbot):
+    """The Image / Labels pickers are magicgui combos that napari refreshes
+    (the dock widget's ``reset_choices``) when layers are added, removed and
+    renamed; a picked layer stays picked under its new name."""
+    import numpy as np
+
+    viewer, w = make_widget()
+
+    def names(combo):
+        return sorted(combo.itemText(i) for i in range(combo.count()))
+
+    assert names(w.data_panel.image_combo) == ["phantom image"]
+    viewer.add_image(np.zeros((4, 32, 32), np.float32), name="second scan")
+    assert "second scan" in names(w.data_panel.image_combo)
+    w.data_panel.image_combo.setCurrentText("second scan")
+    assert w.data_panel.image_layer().name == "second scan"
+    viewer.layers["second scan"].name = "renamed scan"
+    assert "renamed scan" in names(w.data_panel.image_combo) and "second scan" not in names(w.data_panel.image_combo)
+    assert w.data_panel.image_combo.currentText() == "renamed scan" and w.data_panel.image_layer().name == "renamed scan"
+    viewer.add_labels(np.zeros((4, 32, 32), np.uint8), name="scan labels")
+    assert "scan labels" in names(w.data_panel.labels_combo)
+    assert w.data_panel.labels_combo.currentText() == "scan labels"  # the labels on the picked image's grid
+    del viewer.layers["renamed scan"]
+    assert names(w.data_panel.image_combo) == ["phantom image"] and w.data_panel.image_layer().name == "phantom image"
+    del viewer.layers["scan labels"]
+    assert "scan labels" not in names(w.data_panel.labels_combo)
+    assert not any(lc.is_overlay(viewer.layers[n]) for n in names(w.data_panel.labels_combo) + names(w.data_panel.image_combo))

@@ -13,7 +13,7 @@ from napari_m3hl.safeguard import merge_painted
 
 
 def _export(qtbot, w, monkeypatch, path):
-    monkeypatch.setattr(w, "_ask_save_path", lambda caption, default, filters: str(path))
+    monkeypatch.setattr(w.run_panel, "ask_save_path", lambda caption, default, filters: str(path))
     click(qtbot, button(w, "Export…"))
     qtbot.waitUntil(path.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)
@@ -21,25 +21,25 @@ def _export(qtbot, w, monkeypatch, path):
 
 def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, qtbot, errors):
     viewer, w = make_widget()
-    assert w.uses_fewslice()  # the default start: the shipped cardiac model
+    assert w.model_panel.uses_fewslice()  # the default start: the shipped cardiac model
     defaults = FewSliceOptions()
-    adv = w.advanced_form.values()
+    adv = w.model_panel.advanced_form.values()
     assert (adv["iterations"], adv["batch_size"], adv["lr"]) == (defaults.iterations, defaults.batch_size, defaults.lr)
     user = viewer.layers["phantom labels"]
     before = user.data.copy()
     train_and_wait(qtbot, w)
     assert w.last_error == "" and errors == []
     assert w.run.fewslice and w.run.finished.iteration == 4
-    res = w.finetune.result
+    res = w.st.finetune.result
     seg = viewer.layers[lc.SEGMENTATION]
     np.testing.assert_array_equal(seg.data, res.labels)  # the fine-tuned network's segmentation is shown
     assert res.base.shape == seg.data.shape and res.labels.dtype == np.uint8
     # the preview layer showed the whole volume's segmentation at the check, with its Dice beside the plot
     np.testing.assert_array_equal(viewer.layers[lc.PSEUDO_LABELS].data, res.labels)
-    assert "Dice, painted\n" in w.quality_label.text() and "–" not in w.quality_label.text().split("\n")[1]
-    assert w.verdict_label.text() == res.verdict.message and not res.verdict.suspect
+    assert "Dice, painted\n" in w.run_panel.quality_label.text() and "–" not in w.run_panel.quality_label.text().split("\n")[1]
+    assert w.run_panel.verdict_label.text() == res.verdict.message and not res.verdict.suspect
     assert lc.MIX_PREVIEW not in viewer.layers  # no mixing in the few-slice fine-tune
-    assert w.suggestions is not None  # the slices are ranked after the run
+    assert w.st.suggestions is not None  # the slices are ranked after the run
     assert user.data.tobytes() == before.tobytes()  # training never writes the user's labels
 
 
@@ -47,12 +47,12 @@ def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget
                                                                      tmp_path):
     viewer, w = make_widget()
     warned = []
-    monkeypatch.setattr(w, "_warn", warned.append)
-    w.advanced_form.editor("lr").setValue(1.0)  # a learning rate that wrecks the network in a few steps
+    monkeypatch.setattr(w.st, "warn", warned.append)
+    w.model_panel.advanced_form.editor("lr").setValue(1.0)  # a learning rate that wrecks the network in a few steps
     train_and_wait(qtbot, w)
-    res = w.finetune.result
+    res = w.st.finetune.result
     assert res.verdict.suspect and res.verdict.painted_tuned < res.verdict.painted_base
-    assert w.verdict_label.text() == res.verdict.message and "worse than the start model" in res.verdict.message
+    assert w.run_panel.verdict_label.text() == res.verdict.message and "worse than the start model" in res.verdict.message
     assert any("Use the start model's segmentation" in m for m in warned)
     seg = viewer.layers[lc.SEGMENTATION]
     np.testing.assert_array_equal(seg.data, res.labels)
@@ -66,7 +66,7 @@ def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget
     painted = viewer.layers["phantom labels"].data
     merged_path, alone_path = tmp_path / "merged.nii.gz", tmp_path / "alone.nii.gz"
     _export(qtbot, w, monkeypatch, merged_path)
-    toggle(qtbot, w.prediction_only_check)
+    toggle(qtbot, w.run_panel.prediction_only_check)
     _export(qtbot, w, monkeypatch, alone_path)
     merged = viewer.open(str(merged_path), plugin="napari-m3hl")[0]
     alone = viewer.open(str(alone_path), plugin="napari-m3hl")[0]
@@ -83,11 +83,11 @@ def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget
 
 def test_other_start_modes_keep_the_m3hl_run(make_widget, qtbot):
     viewer, w = make_widget()
-    w.start_combo.setCurrentIndex(0)  # From scratch
-    assert not w.uses_fewslice() and w.advanced_form.values()["iterations"] == 300
+    w.model_panel.start_combo.setCurrentIndex(0)  # From scratch
+    assert not w.model_panel.uses_fewslice() and w.model_panel.advanced_form.values()["iterations"] == 300
     train_and_wait(qtbot, w)
-    assert not w.run.fewslice and w.finetune is None and lc.MIX_PREVIEW in viewer.layers
-    assert not w.keep_start_btn.isEnabled()
+    assert not w.run.fewslice and w.st.finetune is None and lc.MIX_PREVIEW in viewer.layers
+    assert not w.run_panel.keep_start_btn.isEnabled()
 
 
 def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
@@ -96,10 +96,30 @@ def test_the_train_click_adds_no_layer_itself(make_widget, qtbot):
     from gui_helpers import wait_run
 
     viewer, w = make_widget()
-    w.start_combo.setCurrentIndex(0)  # the M³HL run: preview and both mix overlays
+    w.model_panel.start_combo.setCurrentIndex(0)  # the M³HL run: preview and both mix overlays
     before = [lay.name for lay in viewer.layers]
-    click(qtbot, w.train_btn)
+    click(qtbot, w.run_panel.train_btn)
     assert w.run is not None and [lay.name for lay in viewer.layers] == before
     qtbot.waitUntil(lambda: all(n in viewer.layers for n in (lc.PSEUDO_LABELS, lc.MIX_PREVIEW, lc.MIX_TARGETS)),
                     timeout=WAIT_MS)
     wait_run(qtbot, w)
+
+
+def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, qtbot):
+    """The overlays are added without selecting them (the user keeps painting
+    their labels layer); the read-only preview gets no paint-tool visuals, the
+    editable segmentation gets them when the user picks a paint tool."""
+    from gui_helpers import wait_run
+
+    viewer, w = make_widget()
+    mine = w.data_panel.labels_layer()
+    viewer.layers.selection.active = mine
+    click(qtbot, w.run_panel.train_btn)
+    wait_run(qtbot, w)
+    assert viewer.layers.selection.active.name == mine.name
+    preview, seg = viewer.layers[lc.PSEUDO_LABELS], viewer.layers[lc.SEGMENTATION]
+    assert not preview.editable and seg.editable
+    assert not any(preview._overlays[k].visible for k in lc.PAINT_OVERLAYS)
+    assert not any(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS)
+    seg.mode = "paint"  # the user picks the brush
+    qtbot.waitUntil(lambda: all(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS), timeout=5000)

@@ -69,8 +69,8 @@ def test_widget_discoverable(plugin, make_napari_viewer):
     _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
     assert isinstance(widget, M3HLWidget)
     viewer.add_image(np.zeros((3, 8, 8), np.float32), name="vol")
-    assert widget.image_combo.currentText() == "vol"
-    assert widget.preset_combo.count() >= 1
+    assert widget.data_panel.image_combo.currentText() == "vol"
+    assert widget.model_panel.preset_combo.count() >= 1
 
 
 # ------------------------------------------------------------------ reader

@@ -5,6 +5,7 @@ of a few iterations takes about a second on a 2-core CPU.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -24,38 +25,38 @@ from gui_helpers import ROOT, WAIT_MS, train_and_wait as _train_and_wait, wait_i
 
 def test_defaults_and_info_line(make_widget):
     viewer, w = make_widget()
-    assert w.image_combo.currentText() == "phantom image"
-    assert w.labels_combo.currentText() == "phantom labels"  # not the hidden ground truth
-    assert w.info_label.text() == "2 of 6 slices labeled: 1, 3; 4 unlabeled"
-    assert "acdc_unet2d" in [w.preset_combo.itemText(i) for i in range(w.preset_combo.count())]
+    assert w.data_panel.image_combo.currentText() == "phantom image"
+    assert w.data_panel.labels_combo.currentText() == "phantom labels"  # not the hidden ground truth
+    assert w.data_panel.info_label.text() == "2 of 6 slices labeled: 1, 3; 4 unlabeled"
+    assert "acdc_unet2d" in [w.model_panel.preset_combo.itemText(i) for i in range(w.model_panel.preset_combo.count())]
     # the default start fine-tunes the shipped model with the few-slice defaults (as m3hl train --labels)
     from napari_m3hl.fewslice import FewSliceOptions
 
-    adv = w.advanced_form.values()
-    assert w.uses_fewslice() and adv["iterations"] == FewSliceOptions().iterations == 100 and adv["batch_size"] == 8
+    adv = w.model_panel.advanced_form.values()
+    assert w.model_panel.uses_fewslice() and adv["iterations"] == FewSliceOptions().iterations == 100 and adv["batch_size"] == 8
     # From scratch: the M³HL run's GUI defaults on a CPU, a few hundred iterations, the preset's 256 x 256 patch
-    w.start_combo.setCurrentIndex(0)
-    adv = w.advanced_form.values()
-    assert not w.uses_fewslice() and adv["iterations"] == 300 and adv["batch_size"] == 8
-    assert w.variant_combo.currentText() == "reference"
+    w.model_panel.start_combo.setCurrentIndex(0)
+    adv = w.model_panel.advanced_form.values()
+    assert not w.model_panel.uses_fewslice() and adv["iterations"] == 300 and adv["batch_size"] == 8
+    assert w.model_panel.variant_combo.currentText() == "reference"
     assert adv["patch_size"] == (256, 256) and adv["lr"] == pytest.approx(0.01)
     # the form is made from TrainConfig's fields: every value it gives is a valid config
-    cfg = w.build_config()
+    cfg = w.model_panel.build_config()
     for key, value in adv.items():
-        assert getattr(cfg, key) == (w.config_overrides[key] if key in w.config_overrides else value), key
-    assert w.run_dir_label.text().replace("\u200b", "").endswith(str(w.runner.out_dir))
+        assert getattr(cfg, key) == (w.st.config_overrides[key] if key in w.st.config_overrides else value), key
+    assert w.run_panel.run_dir_label.text().replace("\u200b", "").endswith(str(w.runner.out_dir))
     # the line follows painting
     labels = viewer.layers["phantom labels"]
     data = labels.data.copy()
     data[4, 10:20, 10:20] = 3
     labels.data = data
-    assert w.info_label.text() == "3 of 6 slices labeled: 1, 3, 4; 3 unlabeled"
+    assert w.data_panel.info_label.text() == "3 of 6 slices labeled: 1, 3, 4; 3 unlabeled"
 
 
 def test_new_labels_layer_matches_image(make_widget):
     viewer, w = make_widget()
     image = viewer.layers["phantom image"]
-    layer = w.new_labels_layer()
+    layer = w.data_panel.new_labels_layer()
     assert layer.data.shape == image.data.shape and layer.data.dtype == np.uint8 and not layer.data.any()
     assert tuple(layer.scale) == tuple(image.scale)
     np.testing.assert_array_equal(layer.metadata["affine"], image.metadata["affine"])
@@ -64,8 +65,8 @@ def test_new_labels_layer_matches_image(make_widget):
     assert np.allclose(colors[1][:3], lc.CLASS_COLORS[1][:3])  # RV red
     assert np.allclose(colors[2][:3], lc.CLASS_COLORS[2][:3])  # Myo green
     assert np.allclose(colors[3][:3], lc.CLASS_COLORS[3][:3])  # LV blue
-    assert w.labels_combo.currentText() == layer.name
-    assert "0 of 6 slices labeled" in w.info_label.text()
+    assert w.data_panel.labels_combo.currentText() == layer.name
+    assert "0 of 6 slices labeled" in w.data_panel.info_label.text()
 
 
 # ------------------------------------------------------------------ training
@@ -73,7 +74,7 @@ def test_new_labels_layer_matches_image(make_widget):
 
 def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot, tmp_path):
     viewer, w = make_widget()
-    w.start_combo.setCurrentIndex(0)  # the M³HL run (with the mix overlays)
+    w.model_panel.start_combo.setCurrentIndex(0)  # the M³HL run (with the mix overlays)
     user = viewer.layers["phantom labels"]
     viewer.layers.selection.active = user
     before = user.data.copy()
@@ -91,8 +92,8 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     # the user's labels are byte-identical
     assert user.data.dtype == before.dtype and user.data.tobytes() == before.tobytes()
     # progress, loss plot, checkpoint
-    assert w.progress.value() == 4 and "iteration 4/4" in w.progress_label.text()
-    assert len(w.loss_plot.series["total"]) == 4
+    assert w.run_panel.progress.value() == 4 and "iteration 4/4" in w.run_panel.progress_label.text()
+    assert len(w.run_panel.loss_plot.series["total"]) == 4
     ckpt = Path(w.runner.checkpoint)
     assert ckpt.is_file() and ckpt.parent.parent == tmp_path / "runs"
     assert w.run.first_preview_s is not None
@@ -104,7 +105,7 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     edited = seg.data.copy()
     edited[0, :8, :8] = 2
     seg.data = edited
-    w.config_overrides["iterations"] = 2
+    w.st.config_overrides["iterations"] = 2
     _train_and_wait(qtbot, w)
     assert {name: viewer.layers[name].unique_id for name in run_overlays} == ids_before
     assert [lay.name for lay in viewer.layers].count(lc.SEGMENTATION) == 1
@@ -116,7 +117,7 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
 
     # export writes the segmentation with the image's geometry
     out = tmp_path / "seg.nii.gz"
-    assert w.export(str(out))
+    assert w.outputs.export(str(out))
     qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     back = nib.load(str(out))
@@ -128,37 +129,46 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
 
     # save the checkpoint elsewhere and load it back (both in workers)
     saved = tmp_path / "keep.pt"
-    assert w.save_checkpoint(str(saved))
+    assert w.outputs.save_checkpoint(str(saved))
     qtbot.waitUntil(saved.is_file, timeout=WAIT_MS)
     _wait_idle(qtbot, w)
-    assert w.load_checkpoint(str(saved))
-    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
-    assert w.runner.checkpoint == str(saved) and w.start_combo.currentIndex() == 1
+    assert w.outputs.load_checkpoint(str(saved))
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    assert w.runner.checkpoint == str(saved) and w.model_panel.start_combo.currentIndex() == 1
 
 
 def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
     viewer, w = make_widget()
-    w.config_overrides["iterations"] = 500
-    w.preview_every_s = None  # previews off: stop is what we test
-    assert w.start_training()
-    qtbot.waitUntil(lambda: w.progress.value() >= 2, timeout=WAIT_MS)
+    w.st.config_overrides["iterations"] = 500
+    w.st.preview_every_s = None  # previews off: stop is what we test
+    assert w.run_panel.start_training()
+    qtbot.waitUntil(lambda: w.run_panel.progress.value() >= 2, timeout=WAIT_MS)
     # pause holds the iteration count, resume continues
-    w.pause()
-    assert w.resume_btn.isEnabled() and not w.pause_btn.isEnabled()
-    qtbot.wait(600)
-    held = w.progress.value()
+    w.run_panel.pause()
+    assert w.run_panel.resume_btn.isEnabled() and not w.run_panel.pause_btn.isEnabled()
+    # the step in flight finishes (slowly on a loaded machine); then the count holds
+    seen = {"value": w.run_panel.progress.value(), "since": time.perf_counter()}
+
+    def settled() -> bool:
+        value = w.run_panel.progress.value()
+        if value != seen["value"]:
+            seen.update(value=value, since=time.perf_counter())
+        return time.perf_counter() - seen["since"] > 2.0
+
+    qtbot.waitUntil(settled, timeout=WAIT_MS)
+    held = w.run_panel.progress.value()
     qtbot.wait(800)
-    assert w.progress.value() == held
-    w.resume()
-    qtbot.waitUntil(lambda: w.progress.value() > held, timeout=WAIT_MS)
-    w.stop()
+    assert w.run_panel.progress.value() == held
+    w.run_panel.resume()
+    qtbot.waitUntil(lambda: w.run_panel.progress.value() > held, timeout=WAIT_MS)
+    w.run_panel.stop()
     qtbot.waitUntil(lambda: w.run.finished is not None, timeout=WAIT_MS)
     fin = w.run.finished
     assert fin.stopped and fin.iteration < 500
     ckpt = torch.load(fin.checkpoint, weights_only=True)
     assert ckpt["iteration"] == fin.iteration and "optimizer" in ckpt
     qtbot.waitUntil(lambda: not w.runner.busy and lc.SEGMENTATION in viewer.layers, timeout=WAIT_MS)
-    assert w.train_btn.isEnabled() and not w.stop_btn.isEnabled()
+    assert w.run_panel.train_btn.isEnabled() and not w.run_panel.stop_btn.isEnabled()
 
 
 def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
@@ -170,11 +180,11 @@ def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
     labels = np.zeros(image.shape, np.uint8)
     labels[1, 2] = frames[1].label[2]
     viewer.add_image(image, name="cine", scale=(1.0, 10.0, 1.5, 1.5))
-    lab_layer = w.new_labels_layer()
+    lab_layer = w.data_panel.new_labels_layer()
     lab_layer.data = labels
-    assert w.info_label.text().startswith("1 of 8 slices labeled: t1:2")
+    assert w.data_panel.info_label.text().startswith("1 of 8 slices labeled: t1:2")
     viewer.dims.set_current_step(0, 1)
-    w.config_overrides["iterations"] = 2
+    w.st.config_overrides["iterations"] = 2
     _train_and_wait(qtbot, w)
     assert w.run.preview_frame == 1
     pseudo = viewer.layers[lc.PSEUDO_LABELS].data
@@ -187,16 +197,16 @@ def test_stale_pseudo_labels_are_dropped(make_widget):
 
     viewer, w = make_widget()
     image, labels = viewer.layers["phantom image"], viewer.layers["phantom labels"]
-    token = w.versions.token([image, labels])
+    token = w.st.versions.token([image, labels])
     w.run = RunState(image=image, labels=labels, token=token, preview_frame=0,
                      class_names=("background", "RV", "Myo", "LV"), run_dir=Path("."), batch_size=4)
     pred = np.ones(image.data.shape, np.uint8)
     data = labels.data.copy()
     data[0, 0, 0] = 2
     labels.data = data  # the user edits while training
-    w._on_event(ev.VolumePreview(5, pred, token))
+    w.run_view.on_event(ev.VolumePreview(5, pred, token))
     assert lc.PSEUDO_LABELS not in viewer.layers and w.run.dropped_previews == 1
-    w._on_event(ev.VolumePreview(6, pred, w.versions.token([image, labels])))
+    w.run_view.on_event(ev.VolumePreview(6, pred, w.st.versions.token([image, labels])))
     assert lc.PSEUDO_LABELS in viewer.layers
 
 
@@ -205,39 +215,39 @@ def test_stale_pseudo_labels_are_dropped(make_widget):
 
 def test_no_image_layer(make_widget, errors):
     viewer, w = make_widget(phantom=False)
-    assert not w.start_training()
+    assert not w.run_panel.start_training()
     assert errors and "No image layer" in errors[-1]
-    assert w.status_label.text().replace("\u200b", "") == errors[-1]
-    assert w.new_labels_layer() is None
+    assert w.run_panel.status_label.text().replace("\u200b", "") == errors[-1]
+    assert w.data_panel.new_labels_layer() is None
 
 
 def test_2d_image_needs_a_volume(make_widget, errors):
     viewer, w = make_widget(phantom=False)
     viewer.add_image(np.random.default_rng(0).random((64, 64), dtype=np.float32), name="slice")
-    assert not w.start_training()
+    assert not w.run_panel.start_training()
     assert "2D" in errors[-1] and "volume" in errors[-1]
 
 
 def test_labels_shape_mismatch_names_both_shapes(make_widget, errors):
     viewer, w = make_widget()
     viewer.add_labels(np.ones((6, 32, 32), np.uint8), name="wrong grid", scale=(10.0, 1.5, 1.5))
-    w.labels_combo.setCurrentText("wrong grid")
-    assert not w.start_training()
+    w.data_panel.labels_combo.setCurrentText("wrong grid")
+    assert not w.run_panel.start_training()
     assert "(6, 32, 32)" in errors[-1] and "(6, 64, 64)" in errors[-1]
 
 
 def test_labels_scale_mismatch(make_widget, errors):
     viewer, w = make_widget()
     viewer.add_labels(viewer.layers["phantom labels"].data.copy(), name="other spacing", scale=(5.0, 1.0, 1.0))
-    w.labels_combo.setCurrentText("other spacing")
-    assert not w.start_training()
+    w.data_panel.labels_combo.setCurrentText("other spacing")
+    assert not w.run_panel.start_training()
     assert "voxel size" in errors[-1] and "(5.0, 1.0, 1.0)" in errors[-1]
 
 
 def test_no_labeled_slice(make_widget, errors):
     viewer, w = make_widget(painted=())
-    assert "0 of 6 slices labeled" in w.info_label.text()
-    assert not w.start_training()
+    assert "0 of 6 slices labeled" in w.data_panel.info_label.text()
+    assert not w.run_panel.start_training()
     assert "No labeled slice" in errors[-1]
 
 
@@ -247,7 +257,7 @@ def test_label_value_beyond_classes(make_widget, errors):
     data = lab.data.copy()
     data[1, 0, 0] = 7
     lab.data = data
-    assert not w.start_training()
+    assert not w.run_panel.start_training()
     assert "value 7" in errors[-1] and "4 classes" in errors[-1]
 
 
@@ -260,12 +270,12 @@ def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkey
     monkeypatch.setattr(_fewslice, "fewslice_job", oom_job)
     viewer, w = make_widget()
     before = viewer.layers["phantom labels"].data.copy()
-    assert w.start_training()
+    assert w.run_panel.start_training()
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     msg = errors[-1]
     assert "out of device memory" in msg and "batch size" in msg and "(now 4" in msg and "patch size" in msg
-    assert w.train_btn.isEnabled()
+    assert w.run_panel.train_btn.isEnabled()
     assert viewer.layers["phantom labels"].data.tobytes() == before.tobytes()
 
 
@@ -278,12 +288,12 @@ def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monk
     monkeypatch.setattr(_fewslice, "fewslice_job", crash_job)
     viewer, w = make_widget()
     before = {lay.name: lay.data.tobytes() for lay in viewer.layers}
-    assert w.start_training()
+    assert w.run_panel.start_training()
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     assert "Training failed: RuntimeError: segfault-like failure" in errors[-1]
     assert {name: viewer.layers[name].data.tobytes() for name in before} == before
-    assert w.train_btn.isEnabled()
+    assert w.run_panel.train_btn.isEnabled()
 
 
 def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path):
@@ -295,22 +305,22 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
     path = save_checkpoint(tmp_path / "la.pt", make_payload(cfg, build_network("unet2d", 1, 2)))
     viewer, w = make_widget()
     # Load checkpoint… checks it in a worker
-    assert w.load_checkpoint(str(path))
+    assert w.outputs.load_checkpoint(str(path))
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     assert "predicts 2 classes" in errors[-1] and "4" in errors[-1]
     assert w.runner.checkpoint is None
     # fine-tuning from it (the few-slice path) fails in the worker, which names the file and its classes
-    w.start_combo.setCurrentIndex(1)
-    w.start_path.setText(str(path))
+    w.model_panel.start_combo.setCurrentIndex(1)
+    w.model_panel.start_path.setText(str(path))
     errors.clear()
-    assert w.start_training()
+    assert w.run_panel.start_training()
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     assert "la.pt has 2 classes" in errors[-1] and "0..3" in errors[-1]
     # so does the M³HL run from it (Resume checkpoint), in the trainer
-    w.start_combo.setCurrentIndex(2)
+    w.model_panel.start_combo.setCurrentIndex(2)
     errors.clear()
-    assert w.start_training()
+    assert w.run_panel.start_training()
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     assert "predicts 2 classes" in errors[-1]
@@ -318,21 +328,21 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
 
 def test_missing_start_file(make_widget, errors):
     viewer, w = make_widget()
-    w.start_combo.setCurrentIndex(2)
-    w.start_path.setText("")
-    assert not w.start_training()
+    w.model_panel.start_combo.setCurrentIndex(2)
+    w.model_panel.start_path.setText("")
+    assert not w.run_panel.start_training()
     assert "needs a checkpoint" in errors[-1]
-    w.start_path.setText("/nonexistent/last.pt")
-    assert not w.start_training()
+    w.model_panel.start_path.setText("/nonexistent/last.pt")
+    assert not w.run_panel.start_training()
     assert "does not exist" in errors[-1]
 
 
 def test_predict_and_export_need_a_model(make_widget, errors):
     viewer, w = make_widget()
-    assert not w.predict_btn.isEnabled() and not w.export_btn.isEnabled()
-    assert not w.predict()
+    assert not w.run_panel.predict_btn.isEnabled() and not w.run_panel.export_btn.isEnabled()
+    assert not w.outputs.predict()
     assert "No model yet" in errors[-1]
-    assert not w.export("/tmp/never.nii.gz")
+    assert not w.outputs.export("/tmp/never.nii.gz")
     assert "Nothing to export" in errors[-1]
 
 
@@ -354,10 +364,10 @@ def test_error_messages_for_worker_failures():
 def test_shipped_model_loads_and_predicts(make_widget, qtbot):
     """Load checkpoint… with the shipped model, then Predict: a segmentation without training."""
     viewer, w = make_widget()
-    assert w.load_checkpoint(str(ROOT / "models" / "acdc7_m3hl_unet2d.pt"))
-    qtbot.waitUntil(lambda: "Loaded" in w.status_label.text(), timeout=WAIT_MS)
-    assert w.predict_btn.isEnabled()
-    assert w.predict()
+    assert w.outputs.load_checkpoint(str(ROOT / "models" / "acdc7_m3hl_unet2d.pt"))
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    assert w.run_panel.predict_btn.isEnabled()
+    assert w.outputs.predict()
     qtbot.waitUntil(lambda: lc.SEGMENTATION in viewer.layers and not w.runner.busy, timeout=WAIT_MS)
     seg = viewer.layers[lc.SEGMENTATION].data
     assert seg.shape == (6, 64, 64) and seg.dtype == np.uint8 and seg.max() <= 3
@@ -367,8 +377,8 @@ def test_default_start_is_fine_tuning_the_shipped_cardiac_model(make_widget):
     from napari_m3hl.config import MODELS_DIR
 
     viewer, w = make_widget()
-    assert w.start_combo.currentText() == "Fine-tune from file"
-    assert w.start_path.text() == str(MODELS_DIR / "acdc70_unet2d.pt")
+    assert w.model_panel.start_combo.currentText() == "Fine-tune from file"
+    assert w.model_panel.start_path.text() == str(MODELS_DIR / "acdc70_unet2d.pt")
 
 
 def test_preview_quality_dice_on_painted_and_change_on_unpainted():

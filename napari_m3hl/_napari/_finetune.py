@@ -1,6 +1,7 @@
 """The dock widget's few-slice fine-tune: Train from a start model, the safeguard, Train on.
 
-:class:`FineTuneMixin` adds to :class:`._widget.M3HLWidget` the path that
+:class:`FineTune` (a helper of the Run panel, on the shared
+:class:`._state.PanelState`) is the path that
 **Train** takes when **Start** is *Fine-tune from file* (by default the
 shipped cardiac model) and the image is one volume without extra unlabeled
 volumes: the engine's few-slice loop in a worker (:mod:`._fewslice`), with
@@ -29,9 +30,9 @@ from ..errors import M3HLInputError
 from ..fewslice import Check, FewSliceResult
 from . import _layers as lc
 from . import _request as rq
-from ._fewslice import FewSliceRequest, StartSegmentation, fewslice_options
+from ._fewslice import FewSliceRequest, StartSegmentation
 from ._layout import KEEP_START, START_MODES, USE_TUNED
-from ._slots import on_signal
+from ._state import PanelState
 
 FINE_TUNE = START_MODES.index("Fine-tune from file")
 SUSPECT_STYLE = "color: #ff8a65; font-weight: bold;"
@@ -49,47 +50,33 @@ class FineTuneOutcome:
     showing: str = "tuned"
 
 
-class FineTuneMixin:
-    """Few-slice Train / Train on, the safeguard's verdict and its control (mixed into the dock widget)."""
+class FineTune:
+    """Train from a start model, the verdict, the start model's segmentation (on the shared state)."""
 
-    def _init_finetune(self) -> None:
-        self.finetune: FineTuneOutcome | None = None
-        on_signal(self.keep_start_btn.clicked, self.toggle_start_segmentation)
+    def __init__(self, st: PanelState) -> None:
+        self.st = st
 
-    def uses_fewslice(self) -> bool:
-        """Whether Train runs the few-slice fine-tune: Start is *Fine-tune from
-        file*, the image is one volume (Z, Y, X) and no extra volume is ticked."""
-        image = self.image_layer()
-        return (self.start_combo.currentIndex() == FINE_TUNE and image is not None and image.ndim == 3
-                and not image.rgb and not self.extra_layers())
-
-    def fewslice_options(self, iterations: int | None = None):
-        """The run's :class:`~napari_m3hl.fewslice.FewSliceOptions` (the CLI's
-        defaults, the Advanced form's iterations / batch / lr / EMA decay, the
-        device, ``config_overrides``)."""
-        opts = fewslice_options(self.settings(), self.device_combo.currentText(), self.config_overrides)
-        if iterations is not None:
-            opts.iterations = int(iterations)
-        return opts
+    def update_buttons(self) -> None:
+        self._update_fewslice_buttons()
 
     def _make_fewslice_request(self, start: str | Path | None, iterations: int | None,
                                base: np.ndarray | None) -> tuple[FewSliceRequest, rq.RunState]:
         from ..runtime import resolve_device
 
-        image, labels = rq.check_layers(self.image_layer(), self.labels_layer())
+        image, labels = rq.check_layers(self.st.data_panel.image_layer(), self.st.data_panel.labels_layer())
         lab = np.asarray(labels.data)
-        config = self.build_config()
+        config = self.st.model_panel.build_config()
         rq.check_labels(labels.name, lab, config)
-        options = self.fewslice_options(iterations)
+        options = self.st.model_panel.fewslice_options(iterations)
         resolve_device(options.device)  # cheap; a clear error for an absent GPU
         if start is None:
-            start, _ = rq.start_files(FINE_TUNE, self.start_path.text(), None)
-        run_dir, self._n_runs = rq.next_run_dir(self.runner.out_dir, self._n_runs)
-        token = self.versions.token([image, labels])
+            start, _ = rq.start_files(FINE_TUNE, self.st.model_panel.start_path.text(), None)
+        run_dir, self.st.n_runs = rq.next_run_dir(self.st.runner.out_dir, self.st.n_runs)
+        token = self.st.versions.token([image, labels])
         names = tuple(config.class_names)
         req = FewSliceRequest(start=Path(start), image=image.data, painted=np.array(lab, copy=True), options=options,
                               class_names=names, out_dir=run_dir, token=token, base=base,
-                              autosave=self.session_snapshot(self.autosave_folder(), with_checkpoint=False))
+                              autosave=self.st.session_panel.autosave_snapshot())
         state = rq.RunState(image=image, labels=labels, token=token, preview_frame=0, class_names=names,
                             run_dir=run_dir, batch_size=options.batch_size, fewslice=True)
         return req, state
@@ -99,70 +86,82 @@ class FineTuneMixin:
         """Start the few-slice fine-tune of ``start`` (default: the Start file);
         ``continued``: Train on after a few-slice run (the current model, the
         first start model's segmentation for the safeguard)."""
-        out = self.finetune
-        base = out.result.base if continued and out is not None and out.checkpoint == self.runner.checkpoint else None
+        out = self.st.finetune
+        base = out.result.base if continued and out is not None and out.checkpoint == self.st.runner.checkpoint else None
         try:
             req, state = self._make_fewslice_request(start, iterations, base)
         except M3HLInputError as exc:
-            self._error(str(exc))
+            self.st.error(str(exc))
             return False
         if continued:
-            state.iteration_offset = self.model_iteration
-        self.finetune = self.finetune if continued else None
-        self.verdict_label.setText("")
+            state.iteration_offset = self.st.model_iteration
+        self.st.finetune = self.st.finetune if continued else None
+        self.st.run_panel.verdict_label.setText("")
         self._update_fewslice_buttons()
         how = "train on" if continued else "few-slice fine-tune"
-        self._begin_run(state, how, str(req.start), req.options.iterations, vars(req.options))
-        self._status(f"Fine-tuning {req.start.name} on the painted slices of '{state.image.name}' "
+        self.st.run_panel.begin_run(state, how, str(req.start), req.options.iterations, vars(req.options))
+        self.st.status(f"Fine-tuning {req.start.name} on the painted slices of '{state.image.name}' "
                      f"({req.options.summary()}; the model's own input size) in {state.run_dir}")
-        self.runner.start_fewslice(req, connect=self._run_handlers())
+        self.st.runner.start_fewslice(req, connect=self.st.run_panel.run_handlers())
         return True
 
-    # ---------------------------------------------------------------- events
     def _on_check(self, e: Check) -> None:
         """Show the segmentation of the whole volume at a check in the preview layer."""
-        self._show_preview(e.labels, e.iteration, None)
+        self.st.run_view.show_preview(e.labels, e.iteration, None)
 
     def _on_fewslice_result(self, r: FewSliceResult) -> None:
-        run = self.run
+        run = self.st.run
         if run is None:
             return
-        self.finetune = FineTuneOutcome(run.image, r, run.class_names, self.runner.checkpoint)
-        self.verdict_label.setText(r.verdict.message)
-        self.verdict_label.setStyleSheet(SUSPECT_STYLE if r.verdict.suspect else "")
-        if not lc.layer_in(self.viewer, run.image):
+        self.st.finetune = FineTuneOutcome(run.image, r, run.class_names, self.st.runner.checkpoint)
+        self.st.run_panel.verdict_label.setText(r.verdict.message)
+        self.st.run_panel.verdict_label.setStyleSheet(SUSPECT_STYLE if r.verdict.suspect else "")
+        built: list = []  # 'M³HL segmentation' built in one event-loop turn, added in the next
+
+        def build() -> None:
+            if lc.SEGMENTATION not in self.st.viewer.layers and lc.layer_in(self.st.viewer, run.image):
+                built.append(self.st.outputs.segmentation_layer(r.labels, run.image, run.class_names))
+
+        self.st.runner.later("show few-slice segmentation", build, lambda: self._show_fewslice_result(r, run, built))
+
+    def _show_fewslice_result(self, r: FewSliceResult, run: Any, built: list) -> None:
+        """The fine-tuned segmentation into 'M³HL segmentation' (``built``: the
+        layer, when it had to be made), the verdict's warning, the suggestions."""
+        if not lc.layer_in(self.st.viewer, run.image):
             return
-        self._show_segmentation(r.labels, run.image, run.class_names)
-        self.keep_start_btn.setText(KEEP_START)
+        self.st.outputs.show_segmentation(r.labels, run.image, run.class_names, built[0] if built else None)
+        self.st.run_panel.keep_start_btn.setText(KEEP_START)
         if r.verdict.suspect:
-            self._warn(f"{r.verdict.message} Press '{KEEP_START}' to keep it.")
-        if self.auto_suggest:
-            self.suggest(run.image)
+            self.st.warn(f"{r.verdict.message} Press '{KEEP_START}' to keep it.")
+        if self.st.auto_suggest:
+            self.st.annotate_panel.suggest(run.image)
+        self.st.update_buttons()
 
     def toggle_start_segmentation(self) -> bool:
         """Put the start model's segmentation into 'M³HL segmentation' (or the fine-tuned one back)."""
-        out = self.finetune
-        if out is None or not lc.layer_in(self.viewer, out.image):
-            self._error("No fine-tune to choose from: press Train with Start 'Fine-tune from file' first.")
+        out = self.st.finetune
+        if out is None or not lc.layer_in(self.st.viewer, out.image):
+            self.st.error("No fine-tune to choose from: press Train with Start 'Fine-tune from file' first.")
             return False
         to_start = out.showing == "tuned"
-        self._show_segmentation(out.result.base if to_start else out.result.labels, out.image, out.class_names)
+        self.st.outputs.show_segmentation(out.result.base if to_start else out.result.labels, out.image, out.class_names)
         out.showing = "start" if to_start else "tuned"
-        self.keep_start_btn.setText(USE_TUNED if to_start else KEEP_START)
+        self.st.run_panel.keep_start_btn.setText(USE_TUNED if to_start else KEEP_START)
         which = "the start model's" if to_start else "the fine-tuned"
-        self._status(f"'{lc.SEGMENTATION}' shows {which} segmentation; Export writes it with your painted slices.")
+        self.st.status(f"'{lc.SEGMENTATION}' shows {which} segmentation; Export writes it with your painted slices.")
         return True
 
     def _update_fewslice_buttons(self) -> None:
-        self.keep_start_btn.setEnabled(self.finetune is not None and not self.runner.training
-                                       and lc.layer_in(self.viewer, self.finetune.image))
+        out = self.st.finetune
+        self.st.run_panel.keep_start_btn.setEnabled(out is not None and not self.st.runner.training
+                                                    and lc.layer_in(self.st.viewer, out.image))
 
-    def _fewslice_event(self, e: Any) -> bool:
+    def fewslice_event(self, e: Any) -> bool:
         """Draw a few-slice event; False when ``e`` is not one."""
         if isinstance(e, Check):
             self._on_check(e)
         elif isinstance(e, StartSegmentation):  # the first preview: the start model's segmentation
-            self._show_preview(e.labels, 0, None)
+            self.st.run_view.show_preview(e.labels, 0, None)
         elif isinstance(e, FewSliceResult):
             self._on_fewslice_result(e)
         else:

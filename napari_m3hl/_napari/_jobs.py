@@ -336,17 +336,32 @@ def warm_up_job(arch: str = "unet2d", num_classes: int = 4, cpu_threads: int | N
     """Worker function run when the widget opens: the engine's first-use
     costs (imports of the data, trainer, inference and suggestion modules,
     building a network, torch's first forward and backward pass) are paid
-    here instead of after the first click on Train. Returns seconds taken."""
+    here instead of after the first click on Train. Returns seconds taken.
+
+    Last, the objects that exist by then (napari's, Qt's, torch's: ~400 000)
+    are moved out of the cyclic garbage collector's reach (``gc.freeze``):
+    a full collection over them takes ~200 ms and holds the GIL, so it stalls
+    the GUI thread whichever thread triggers it, and the first run's
+    allocations trigger several (see docs/benchmarks.md). Frozen objects are
+    still freed by reference counting; only cycles among them stay."""
+    import gc
     import time
 
     t0 = time.perf_counter()
     import torch
 
-    from .. import data, inference, suggest, trainer  # noqa: F401 - imported for their first-use cost
+    from .. import data, fewslice, inference, suggest, trainer  # noqa: F401 - imported for their first-use cost
     from ..networks import build_network
 
     with torch_threads(cpu_threads):
         net = build_network(arch, 1, num_classes)
         out = net(torch.zeros(2, 1, 64, 64))
         out.logits.float().mean().backward()
+    del net, out
+    if FREEZE_GC:
+        gc.freeze()
     return time.perf_counter() - t0
+
+
+#: Whether :func:`warm_up_job` freezes the garbage collector's long-lived objects.
+FREEZE_GC = True

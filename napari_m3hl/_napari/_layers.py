@@ -76,6 +76,22 @@ def geometry_kwargs(like: "Layer", ndim: int | None = None) -> dict[str, Any]:
     }
 
 
+def class_labels(
+    data: np.ndarray,
+    name: str,
+    class_names: Sequence[str],
+    like: "Layer | None" = None,
+    **kwargs: Any,
+) -> "Labels":
+    """A Labels layer (not yet in a viewer) with class colours/names and ``like``'s geometry."""
+    from napari.layers import Labels
+
+    kw: dict[str, Any] = geometry_kwargs(like, data.ndim) if like is not None else {}
+    kw.update(kwargs)
+    kw.setdefault("colormap", class_colormap(len(class_names)))
+    return Labels(data, name=name, features=class_features(class_names), **kw)
+
+
 def add_class_labels(
     viewer: "napari.Viewer",
     data: np.ndarray,
@@ -84,12 +100,61 @@ def add_class_labels(
     like: "Layer | None" = None,
     **kwargs: Any,
 ) -> "Labels":
-    """Add a Labels layer with class colours/names and ``like``'s geometry."""
-    kw: dict[str, Any] = geometry_kwargs(like, data.ndim) if like is not None else {}
-    kw.update(kwargs)
-    kw.setdefault("colormap", class_colormap(len(class_names)))
-    layer = viewer.add_labels(data, name=name, features=class_features(class_names), **kw)
+    """Add a Labels layer with class colours/names and ``like``'s geometry (it becomes the selected layer)."""
+    return viewer.add_layer(class_labels(data, name, class_names, like=like, **kwargs))
+
+
+#: The paint tools' canvas overlays of a napari Labels layer (polygon outline,
+#: brush circle). napari builds their vispy visuals when the layer is added,
+#: about 85 ms of the GUI thread's time, unless they are hidden then.
+PAINT_OVERLAYS = ("polygon", "brush_stroke")
+
+
+def add_quietly(viewer: "napari.Viewer", layer: "Layer", paint_tools: bool = False) -> "Layer":
+    """Add ``layer`` (built, not in a viewer) without selecting it, at the
+    least cost to the GUI thread (measured in docs/benchmarks.md):
+
+    * the selection stays on the user's layer (napari would select the new
+      layer, and switching the layer controls there and back costs ~45 ms);
+    * a Labels layer's paint-tool overlays are not built: never for a
+      read-only overlay (``paint_tools`` False), and for an editable one
+      (the segmentation) only when the user picks a tool (its ``mode``
+      changes), one per event-loop turn then.
+    """
+    overlays = getattr(layer, "_overlays", {})
+    hidden = [overlays[k] for k in PAINT_OVERLAYS if k in overlays and overlays[k].visible]
+    for overlay in hidden:
+        overlay.visible = False
+    layers = getattr(viewer.layers, "__wrapped__", viewer.layers)  # plugins get a PublicOnlyProxy
+    activate = getattr(layers, "_activate_on_insert", None)
+    if activate is None:  # a napari without the flag: add, then give the selection back
+        with keep_selection(viewer):
+            viewer.layers.append(layer)
+    else:
+        layers._activate_on_insert = False
+        try:
+            layers.append(layer)
+        finally:
+            layers._activate_on_insert = activate
+    if paint_tools and hidden:
+        def on_mode(event: Any = None) -> None:
+            layer.events.mode.disconnect(on_mode)
+            _show_later(hidden)
+
+        layer.events.mode.connect(on_mode)
     return layer
+
+
+def _show_later(overlays: list) -> None:
+    """Make ``overlays`` visible one per event-loop turn (napari then builds each visual)."""
+    from qtpy.QtCore import QTimer
+
+    def step() -> None:
+        overlays.pop(0).visible = True
+        if overlays:
+            QTimer.singleShot(0, step)
+
+    QTimer.singleShot(0, step)
 
 
 def new_labels_layer(
@@ -115,9 +180,12 @@ def upsert_labels(
     data: np.ndarray,
     class_names: Sequence[str],
     like: "Layer | None" = None,
+    built: "Labels | None" = None,
     **kwargs: Any,
 ) -> "Labels":
-    """Set ``data`` of the Labels layer ``name`` in place, or add it once.
+    """Set ``data`` of the Labels layer ``name`` in place, or add it once
+    (:func:`add_quietly`; ``editable=False`` for a read-only overlay;
+    ``built``: the layer to add, made beforehand with :func:`class_labels`).
 
     An existing layer keeps its identity (and the user's display settings);
     only its data, and its geometry when ``like`` is given, are replaced.
@@ -136,8 +204,15 @@ def upsert_labels(
         return layer
     if layer is not None:  # a foreign layer took our name: rename it out of the way
         layer.name = f"{name} (user)"
-    with keep_selection(viewer):
-        return add_class_labels(viewer, data, name, class_names, like=like, **kwargs)
+    editable = bool(kwargs.pop("editable", True))
+    if built is not None and built.name == name and tuple(built.data.shape) == tuple(data.shape):
+        if built.data is not data:
+            built.data = data
+        new = built
+    else:
+        new = class_labels(data, name, class_names, like=like, **kwargs)
+    new.editable = editable
+    return add_quietly(viewer, new, paint_tools=editable)
 
 
 def update_changed(layer: "Labels", values: np.ndarray, index: tuple[int, ...] = (), most: float = 0.25) -> int:
@@ -165,20 +240,6 @@ def update_changed(layer: "Labels", values: np.ndarray, index: tuple[int, ...] =
         with layer.block_history():
             layer.data_setitem(full, values[changed].astype(layer.data.dtype))
     return n
-
-
-def upsert_image(viewer: "napari.Viewer", name: str, data: np.ndarray, **kwargs: Any) -> "Image":
-    """Set ``data`` of the Image layer ``name`` in place, or add it once."""
-    from napari.layers import Image
-
-    layer = viewer.layers[name] if name in viewer.layers else None
-    if isinstance(layer, Image):
-        layer.data = data
-        return layer
-    if layer is not None:
-        layer.name = f"{name} (user)"
-    with keep_selection(viewer):
-        return viewer.add_image(data, name=name, **kwargs)
 
 
 @contextlib.contextmanager

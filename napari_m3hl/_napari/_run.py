@@ -42,17 +42,32 @@ class RunController:
         self.train_worker = None
         self.checkpoint: str | None = None  # latest usable checkpoint or model file
         self._workers: dict = {}  # running worker → its job's name
+        self._later: dict[int, str] = {}  # GUI steps queued by :meth:`later` → their names
+        self.closed = False  # the panel was closed (:meth:`close`)
 
     # ---------------------------------------------------------------- workers
     def _start(self, func: Callable, *args: Any, connect: dict[str, Handler], train: bool = False, **kwargs: Any):
         """Start job ``func`` in a worker; known as running (and as the training
         run when ``train``) before it starts, until it finished."""
+        connect = {name: self._while_open(handler) for name, handler in connect.items()}
         worker = start_worker(func, *args, connect=connect, on_finished=[self._done], start=False, **kwargs)
         self._workers[worker] = func.__name__
         if train:
             self.train_worker = worker
         job_pool().start(worker)
         return worker
+
+    def _while_open(self, handler: Handler) -> Handler:
+        """``handler``, skipped once the panel closed (:meth:`close`): its
+        controls are gone, and a job still running would draw into them."""
+        def call(*args: Any) -> Any:
+            return None if self.closed else handler(*args)
+
+        return call
+
+    def close(self) -> None:
+        """The panel is gone: the running jobs' results are not drawn any more."""
+        self.closed = True
 
     def _done(self, worker: Any) -> None:
         self._workers.pop(worker, None)
@@ -65,12 +80,40 @@ class RunController:
 
     @property
     def busy(self) -> bool:
-        """True while any job runs."""
-        return bool(self._workers)
+        """True while any job runs or a GUI step of one is queued (:meth:`later`)."""
+        return bool(self._workers) or bool(self._later)
 
     def running_jobs(self) -> list[str]:
-        """Names of the jobs running now."""
-        return sorted(self._workers.values())
+        """Names of the jobs running now and of the queued GUI steps."""
+        return sorted([*self._workers.values(), *self._later.values()])
+
+    def later(self, name: str, *steps: Callable[[], None]) -> None:
+        """Run ``steps`` in later turns of the GUI event loop, one per turn: a
+        job's events arrive in batches, and a costly step (adding a layer)
+        among them would lengthen that turn's stall. Counts as running until
+        the last step ran (a step that raises ends the chain)."""
+        from qtpy.QtCore import QTimer
+
+        key = object()
+        self._later[id(key)] = name
+        pending = list(steps)
+
+        def run() -> None:
+            if self.closed:
+                pending.clear()
+            try:
+                if pending:
+                    pending.pop(0)()
+            except BaseException:
+                pending.clear()
+                raise
+            finally:
+                if pending:
+                    QTimer.singleShot(0, run)
+                else:
+                    self._later.pop(id(key), None)
+
+        QTimer.singleShot(0, run)
 
     def start_training(self, req: _jobs.TrainRequest, connect: dict[str, Handler]):
         if self.training:
