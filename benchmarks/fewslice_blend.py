@@ -137,44 +137,46 @@ def report(cache: Path, json_path: Path, name: str) -> str:
     return f"{name}: {n['a']} volumes rule a, {n['b']} rule b\n" + "\n".join(lines)
 
 
-def _seed_row(label: str, rule: str, start: list, alone: list, shown: list) -> str:
+def _seed_row(label: str, weight: float, rule: str, start: list, alone: list, shown: list) -> str:
     d_alone = 100 * (np.array(alone) - np.array(start))
     d_shown = 100 * (np.array(shown) - np.array(start))
-    return (f"| {label} | {rule} | {len(start)} | {100 * np.mean(start):.1f} | {100 * np.mean(alone):.1f} | "
+    return (f"| {label} | {weight:g} | {rule} | {len(start)} | {100 * np.mean(start):.1f} | {100 * np.mean(alone):.1f} | "
             f"{100 * np.mean(shown):.1f} | {(d_alone < -1).sum()} / {(d_shown < -1).sum()} | {d_alone.min():+.1f} / "
             f"{d_shown.min():+.1f} | {(d_shown > 1).sum()} |")
 
 
-def seeds_table(cache_run: dict, fewslice_runs: dict[str, dict]) -> str:
-    """Start model, network alone and the default blend (0.5) per seed and rule: the cached run
-    (``blend 0.5``, ``student``) and runs of ``benchmarks/fewslice.py`` (``tuned`` = shown blend, ``network``)."""
-    lines = ["| seed (run) | rule | volumes | start | network alone | blend 0.5 (shown) | vols < −1: alone / blend | "
-             "worst Δ: alone / blend | vols > +1 (blend) |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
-    per_rule: dict[str, list[tuple[float, float, float]]] = {"a": [], "b": []}
+def seeds_table(cache_run: dict, fewslice_runs: dict[str, dict], weights: tuple[float, ...] = (0.5, 0.6)) -> str:
+    """Per seed and rule: start model, fine-tuned network alone, and the blend shown. From the
+    cached run at each of ``weights``; from runs of ``benchmarks/fewslice.py`` at their own
+    ``start_blend`` (``tuned`` is the blend shown, ``network`` the network alone). Last, per rule and
+    weight, the mean over seeds on the volumes every seed ran."""
+    lines = ["| seed (run) | start_blend | rule | volumes | start | network alone | blend shown | "
+             "vols < −1: alone / blend | worst Δ: alone / blend | vols > +1 (blend) |",
+             "|---|---:|---|---:|---:|---:|---:|---|---|---:|"]
+    series: list[tuple[str, float, dict[str, tuple[float, float, float]]]] = []  # (label, weight, case -> values)
     seed = cache_run.get("options", {}).get("seed", "?")
-    for rule in ("a", "b"):
-        rows = [v for n, v in cache_run["cases"].items() if n.endswith(f"_{rule}")]
-        start = [np.mean(v["start"]) for v in rows]
-        alone = [np.mean(v["student"]) for v in rows]
-        shown = [np.mean(v["blend 0.5"]) for v in rows]
-        per_rule[rule].append((np.mean(start), np.mean(alone), np.mean(shown)))
-        lines.append(_seed_row(f"{seed} (cache)", rule, start, alone, shown))
+    for w in weights:
+        series.append((f"{seed} (cache)", w, {n: (np.mean(v["start"]), np.mean(v["student"]), np.mean(v[f"blend {w}"]))
+                                             for n, v in cache_run["cases"].items()}))
     for name, run in fewslice_runs.items():
+        series.append((f"{run['options'].get('seed')} ({name})", float(run["options"].get("start_blend", 0.0)),
+                       {f"{r['volume']}_{r['rule']}": (np.mean(r["base"]), np.mean(r["network"]), np.mean(r["tuned"]))
+                        for r in run["rows"] if "network" in r}))
+    for label, w, cases in series:
         for rule in ("a", "b"):
-            rows = [r for r in run["rows"] if r["rule"] == rule and "network" in r]
-            if not rows:
-                continue
-            start = [np.mean(r["base"]) for r in rows]
-            alone = [np.mean(r["network"]) for r in rows]
-            shown = [np.mean(r["tuned"]) for r in rows]
-            per_rule[rule].append((np.mean(start), np.mean(alone), np.mean(shown)))
-            lines.append(_seed_row(f"{run['options'].get('seed')} ({name})", rule, start, alone, shown))
-    for rule, vals in per_rule.items():
-        if len(vals) > 1:
-            v = 100 * np.array(vals)
-            lines.append(f"| mean (range) of {len(vals)} seeds | {rule} | | {v[:, 0].mean():.1f} | "
-                         f"{v[:, 1].mean():.1f} ({v[:, 1].min():.1f}–{v[:, 1].max():.1f}) | "
-                         f"{v[:, 2].mean():.1f} ({v[:, 2].min():.1f}–{v[:, 2].max():.1f}) | | | |")
+            vals = [v for n, v in cases.items() if n.endswith(f"_{rule}")]
+            if vals:
+                lines.append(_seed_row(label, w, rule, *zip(*vals)))
+    common = set.intersection(*(set(c) for _, _, c in series)) if series else set()
+    for w in sorted({w for _, w, _ in series}):
+        for rule in ("a", "b"):
+            names = sorted(n for n in common if n.endswith(f"_{rule}"))
+            per_seed = [100 * np.mean([c[n] for n in names], axis=0) for _, ws, c in series if ws == w and names]
+            if len(per_seed) > 1:
+                v = np.array(per_seed)
+                lines.append(f"| mean (range) of {len(v)} seeds, the {len(names)} volumes all ran | {w:g} | {rule} | "
+                             f"{len(names)} | {v[:, 0].mean():.1f} | {v[:, 1].mean():.1f} ({v[:, 1].min():.1f}–"
+                             f"{v[:, 1].max():.1f}) | {v[:, 2].mean():.1f} ({v[:, 2].min():.1f}–{v[:, 2].max():.1f}) | | | |")
     return "\n".join(lines)
 
 
