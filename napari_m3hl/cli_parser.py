@@ -97,7 +97,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True,
                    help="folder for <name>.nii.gz label maps, or a .nii.gz file name for a single input")
     p.add_argument("--overwrite", action="store_true", help="replace existing label maps (never an input)")
-    p.add_argument("--which", choices=["student", "teacher"], default="student")
+    p.add_argument("--which", choices=["student", "teacher"], default="student",
+                   help="student (default; a few-slice fine-tune's student segments blended with its start model, "
+                        "as the loop showed) or the EMA teacher")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_positive, default=8)
 
@@ -106,7 +108,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on validation volumes (Dice, Jaccard, HD95, ASD)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="an ACDC folder (val.list + volumes/), an LA folder, or 'phantom'")
-    p.add_argument("--which", choices=["student", "teacher"], default="student")
+    p.add_argument("--which", choices=["student", "teacher"], default="student",
+                   help="student (default; a few-slice fine-tune's student segments blended with its start model, "
+                        "as the loop showed) or the EMA teacher")
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=_positive, default=None, help="score only the first N volumes")
     p.add_argument("--list", default=None, dest="names_file",

@@ -221,9 +221,12 @@ def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
     options = options or FewSliceOptions()
     if options.segment_with not in ("teacher", "student"):
         raise M3HLInputError(f"segment_with must be 'teacher' or 'student', got {options.segment_with!r}")
-    if not 0.0 <= options.start_blend <= 1.0 or (options.start_blend > 0 and options.segment_with != "student"):
-        raise M3HLInputError(f"start_blend must lie in [0, 1] and blends the student only; got {options.start_blend} "
-                             f"with segment_with={options.segment_with!r}")
+    if not 0.0 <= options.start_blend <= 1.0:
+        raise M3HLInputError(f"start_blend (--start-blend) is the start model's share of the segmentation and must "
+                             f"lie in [0, 1]; got {options.start_blend}")
+    if options.start_blend > 0 and options.segment_with != "student":
+        raise M3HLInputError(f"start_blend blends the student only; got segment_with={options.segment_with!r} "
+                             "(set start_blend=0 to segment with the teacher)")
     ckpt = load_checkpoint(start)
     if len(ckpt["patch_size"]) != 2:
         raise M3HLInputError(f"start model {start} is a 3D network; the few-slice loop fine-tunes 2D (slice-wise) models")

@@ -64,6 +64,9 @@ def test_start_blend_zero_keeps_the_fine_tuned_network_alone(painted_volume, tmp
     assert main(["train", "--data", str(img), "--labels", str(painted_path), "--iterations", "2", "--start-blend", "0.5",
                  "--patch-size", "32,32", "--quiet", "--out", str(tmp_path / "preset")]) == 2
     assert "--start-blend belongs to the few-slice loop" in capsys.readouterr().err
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--start-blend", "1.5", "--quiet",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "must lie in [0, 1]; got 1.5" in capsys.readouterr().err
 
 
 def test_preset_options_keep_the_data_set_path(painted_volume, tmp_path):
