@@ -128,16 +128,15 @@ def method_config(method: str, budget: str, ablation_variant: str, extra: dict, 
 
 # ----------------------------------------------------------------- one method (child process)
 def run_one(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from napari_m3hl import events as ev
-    from napari_m3hl.checkpoint import load_checkpoint
+    from napari_m3hl.training import events as ev
+    from napari_m3hl.io.checkpoint import load_checkpoint
     from napari_m3hl.data import load_train_data, load_val_volumes
-    from napari_m3hl.metrics import format_table
-    from napari_m3hl.predictor import Predictor
+    from napari_m3hl.metrics.labelmaps import format_table
+    from napari_m3hl.inference.predictor import Predictor
     from napari_m3hl.runtime import resolve_device, tune_malloc
-    from napari_m3hl.trainer import TrainControl, train
+    from napari_m3hl.training.trainer import TrainControl, train
 
     tune_malloc()
     if args.threads:
@@ -227,9 +226,9 @@ def run_one(args: argparse.Namespace) -> int:
 
 def score_checkpoint(path: str | Path, which: str, data: str) -> dict:
     """``summarize`` of one checkpoint's student or teacher on all validation volumes."""
-    from napari_m3hl.checkpoint import load_checkpoint
+    from napari_m3hl.io.checkpoint import load_checkpoint
     from napari_m3hl.data import load_val_volumes
-    from napari_m3hl.predictor import Predictor
+    from napari_m3hl.inference.predictor import Predictor
 
     ckpt = load_checkpoint(path)
     summary, _ = Predictor.from_checkpoint(ckpt, which, "cpu").score(load_val_volumes(data), empty_convention="paper")
@@ -274,7 +273,7 @@ def salvage(key: str, args: argparse.Namespace) -> int:
     best = Path(args.out) / stem / "best.pt"
     sc = score_checkpoint(best, "student", args.data)
     date = _dt.datetime.fromtimestamp(best.stat().st_mtime).astimezone().isoformat(timespec="seconds")
-    from napari_m3hl.data import acdc_split
+    from napari_m3hl.data.acdc import acdc_split
 
     lab, unl = acdc_split(args.data, labeled_patients=labeled)
     result = {

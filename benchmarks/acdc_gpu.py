@@ -111,7 +111,7 @@ def collect(keys: list[str], runs: Path, out: Path, elapsed: dict) -> None:
     """Copy results, logs and each group's best seed's checkpoints (half precision) to ``out``."""
     import torch
 
-    from napari_m3hl.checkpoint import save_checkpoint
+    from napari_m3hl.io.checkpoint import save_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     results = {k: json.loads((PER_METHOD / f"{k}.json").read_text()) for k in keys if (PER_METHOD / f"{k}.json").is_file()}

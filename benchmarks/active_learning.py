@@ -13,7 +13,7 @@ Strategies: ``entropy``, ``margin`` (of the student), ``teacher-entropy``
 (entropy of the EMA teacher), ``teacher-entropy-spread`` (the same × distance
 to the nearest labeled slice), ``teacher-total-entropy`` (the teacher's
 entropy summed over its heart region) and ``disagreement`` (our suggestion scores,
-``napari_m3hl.suggest``), ``random`` (seeded), ``even`` (the slice farthest
+``napari_m3hl.fewslice.suggest``), ``random`` (seeded), ``even`` (the slice farthest
 from every labeled slice). Writes ``benchmarks/results/active_learning.json``
 and ``docs/images/active_learning.svg``; prints a markdown table.
 
@@ -40,14 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_m3hl.checkpoint import trained_models
+from napari_m3hl.io.checkpoint import trained_models
 from napari_m3hl.config import load_preset
-from napari_m3hl.data import ACDC_CLASSES, PartlyLabeledVolume, acdc_val_volumes
-from napari_m3hl.metrics import dice
-from napari_m3hl.predictor import Predictor
+from napari_m3hl.labels import ACDC_CLASSES
+from napari_m3hl.data.volumes import PartlyLabeledVolume
+from napari_m3hl.data.acdc import acdc_val_volumes
+from napari_m3hl.metrics.binary import dice
+from napari_m3hl.inference.predictor import Predictor
 from napari_m3hl.runtime import tune_malloc
-from napari_m3hl.suggest import rank_slices, slice_scores
-from napari_m3hl.trainer import train
+from napari_m3hl.fewslice.suggest import rank_slices, slice_scores
+from napari_m3hl.training.trainer import train
 
 STRATEGIES = ("entropy", "teacher-entropy", "teacher-entropy-spread", "teacher-total-entropy", "disagreement", "margin",
               "random", "even")

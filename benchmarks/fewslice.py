@@ -2,10 +2,10 @@
 
 For each validation volume (its labels play the clinician) two slices are
 "painted" by a rule, the start model is fine-tuned on them with
-:mod:`napari_m3hl.fewslice` (``prepare`` + ``run``, the code path of
+:mod:`napari_m3hl.fewslice.loop` (``prepare`` + ``run``, the code path of
 ``m3hl train --data IMG --labels PAINTED`` and of the widget's Train), and the start
 model's and the fine-tuned model's segmentations are scored on the slices
-that were NOT painted (3D Dice per class, ``napari_m3hl.metrics.dice``,
+that were NOT painted (3D Dice per class, ``napari_m3hl.metrics.labelmaps.dice``,
 medpy conventions) and on the painted ones.
 
 Painting rules:
@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_m3hl import fewslice as fs
-from napari_m3hl.data import read_list
-from napari_m3hl.io import load_h5_volume
-from napari_m3hl.metrics import dice
-from napari_m3hl.safeguard import check_finetune
+from napari_m3hl.fewslice import loop as fs
+from napari_m3hl.data.cached import read_list
+from napari_m3hl.io.h5 import load_h5_volume
+from napari_m3hl.metrics.binary import dice
+from napari_m3hl.fewslice.safeguard import check_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("RV", "Myo", "LV")

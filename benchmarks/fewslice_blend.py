@@ -1,7 +1,7 @@
 """What to show after a few-slice fine-tune: the network alone, its EMA teacher, a
 shorter budget, or a blend with the start model? Computed from cached probabilities.
 
-``--cache`` runs the few-slice loop (``napari_m3hl.fewslice.prepare`` + ``run``,
+``--cache`` runs the few-slice loop (``napari_m3hl.fewslice.loop.prepare`` + ``run``,
 the product's path, with the options given by ``--set``) on the ACDC validation
 volumes under both painting rules of ``benchmarks/fewslice.py``, and stores per
 volume and rule, as uint8 (probability × 255) NumPy files under ``--cache-dir``
@@ -42,13 +42,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fewslice import painted_for  # noqa: E402
 
-from napari_m3hl import fewslice as fs  # noqa: E402
-from napari_m3hl.checkpoint import load_checkpoint  # noqa: E402
-from napari_m3hl.components import largest_component_per_class  # noqa: E402
-from napari_m3hl.data import read_list  # noqa: E402
-from napari_m3hl.io import load_h5_volume  # noqa: E402
-from napari_m3hl.metrics import dice  # noqa: E402
-from napari_m3hl.predictor import Predictor  # noqa: E402
+from napari_m3hl.fewslice import loop as fs  # noqa: E402
+from napari_m3hl.io.checkpoint import load_checkpoint  # noqa: E402
+from napari_m3hl.method.components import largest_component_per_class  # noqa: E402
+from napari_m3hl.data.cached import read_list  # noqa: E402
+from napari_m3hl.io.h5 import load_h5_volume  # noqa: E402
+from napari_m3hl.metrics.binary import dice  # noqa: E402
+from napari_m3hl.inference.predictor import Predictor  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
 WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)

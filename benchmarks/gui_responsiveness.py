@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from qtpy.QtWidgets import QApplication
 
-    from napari_m3hl._napari import _jobs
-    from napari_m3hl._napari import _layers as lc
-    from napari_m3hl._napari._jobs import gui_cpu_threads
+    from napari_m3hl._napari.run import jobs as _jobs
+    from napari_m3hl._napari.layers import control as lc
+    from napari_m3hl._napari.run.jobs import gui_cpu_threads
     from napari_m3hl._napari._widget import M3HLWidget
-    from napari_m3hl.events import Progress
+    from napari_m3hl.training.events import Progress
 
     from npe2 import PluginManager, PluginManifest
     from qtpy.QtCore import Qt

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_m3hl.inference import predict_volume_2d
-from napari_m3hl.metrics import dice
-from napari_m3hl.networks import build_network
-from napari_m3hl.phantom import make_phantom
-from napari_m3hl.predictor import Predictor
+from napari_m3hl.inference.slices2d import predict_volume_2d
+from napari_m3hl.metrics.binary import dice
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.data.phantom import make_phantom
+from napari_m3hl.inference.predictor import Predictor
 from napari_m3hl.runtime import resolve_precision, set_threads, tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ seed, same budget):
 Scoring follows the LA protocol of ``shared/docs/reference-protocol.md``:
 sliding window of the training patch, foreground probability > 0.5, largest
 3D connected component, Dice / Jaccard / HD95 / ASD in voxels (medpy
-conventions, :mod:`napari_m3hl.metrics`). The CPU budget uses a smaller
+conventions, :mod:`napari_m3hl.metrics.labelmaps`). The CPU budget uses a smaller
 patch, so its stride is scaled too (half the patch), which the JSON records.
 
 Budgets:
@@ -87,7 +87,7 @@ def machine_info() -> dict:
 
 
 def split_names(data: Path) -> dict[str, list[str]]:
-    from napari_m3hl.data import read_list
+    from napari_m3hl.data.cached import read_list
 
     names = read_list(data / "train.list")
     if len(names) < SPLIT["scored"][1]:
@@ -102,11 +102,13 @@ def run_method(method: str, budget: str, data: Path, out: Path, seed: int, devic
     import torch
 
     from napari_m3hl.config import load_preset
-    from napari_m3hl.data import LA_CLASSES, LACases, TrainData
-    from napari_m3hl.metrics import evaluate_case, summarize
-    from napari_m3hl.predictor import Predictor
-    from napari_m3hl.checkpoint import trained_models
-    from napari_m3hl.trainer import train
+    from napari_m3hl.labels import LA_CLASSES
+    from napari_m3hl.data.la import LACases
+    from napari_m3hl.data.types import TrainData
+    from napari_m3hl.metrics.labelmaps import evaluate_case, summarize
+    from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.io.checkpoint import trained_models
+    from napari_m3hl.training.trainer import train
 
     b = dict(BUDGETS[budget])
     stride = b.pop("stride")

@@ -38,9 +38,9 @@ PATHS = {
 def run_one(path: str, seed: int, iterations: int, data_root: str) -> dict:
     import torch
 
-    from napari_m3hl import events as ev
-    from napari_m3hl import trainer
-    from napari_m3hl.checkpoint import trained_models
+    from napari_m3hl.training import events as ev
+    from napari_m3hl.training import trainer
+    from napari_m3hl.io.checkpoint import trained_models
     from napari_m3hl.config import load_preset
     from napari_m3hl.data import load_train_data, load_val_volumes
     from napari_m3hl.runtime import resolve_precision

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from napari_m3hl import events as ev
+from napari_m3hl.training import events as ev
 from napari_m3hl.config import load_preset
-from napari_m3hl.data import phantom_train_data, phantom_val_volumes
-from napari_m3hl.predictor import Predictor
-from napari_m3hl.trainer import train
+from napari_m3hl.data.phantom_source import phantom_train_data, phantom_val_volumes
+from napari_m3hl.inference.predictor import Predictor
+from napari_m3hl.training.trainer import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_bn.json"
 MODES = ("ema", "copy", "own")

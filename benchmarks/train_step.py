@@ -46,12 +46,13 @@ import numpy as np
 import torch
 
 from napari_m3hl.config import load_preset
-from napari_m3hl.losses import high_level_loss, low_level_loss, mix_loss, seg_loss
-from napari_m3hl.mixing import block_masks, mix
-from napari_m3hl.networks import build_network
+from napari_m3hl.method.losses import high_level_loss, low_level_loss, mix_loss, seg_loss
+from napari_m3hl.method.mixing import block_masks, mix
+from napari_m3hl.method.networks import build_network
 from napari_m3hl.runtime import resolve_device, resolve_precision, set_threads, tune_malloc
-from napari_m3hl.teacher import ema_update, init_teacher
-from napari_m3hl.trainer import StepSetup, _make_batch, m3hl_losses, supervised_losses
+from napari_m3hl.method.teacher import ema_update, init_teacher
+from napari_m3hl.method.step import StepSetup, m3hl_losses, supervised_losses
+from napari_m3hl.training.trainer import _make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_ITERATIONS = 30000

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args: argparse.Namespace) -> int:
     import torch
 
-    from napari_m3hl import events as ev
+    from napari_m3hl.training import events as ev
     from napari_m3hl.config import load_preset
-    from napari_m3hl.data import phantom_train_data
-    from napari_m3hl.distributed import init_distributed, shutdown
-    from napari_m3hl.trainer import train
+    from napari_m3hl.data.phantom_source import phantom_train_data
+    from napari_m3hl.training.distributed import init_distributed, shutdown
+    from napari_m3hl.training.trainer import train
 
     torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)

@@ -1,4 +1,4 @@
 """``python -m napari_m3hl`` = the ``m3hl`` command."""
-from .cli import main
+from napari_m3hl.cli.main import main
 
 raise SystemExit(main())

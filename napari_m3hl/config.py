@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import M3HLInputError
-from .labels import ACDC_CLASSES
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.labels import ACDC_CLASSES
 
 def _models_dir() -> Path:
     """Presets and shipped weights: the repository's ``models/`` folder (source
@@ -109,7 +109,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`M3HLInputError` naming the bad setting."""
         _check_types(self)
-        from .networks import ARCHITECTURES, network_ndim
+        from napari_m3hl.method.networks import ARCHITECTURES, network_ndim
 
         if self.arch not in ARCHITECTURES:
             raise M3HLInputError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")

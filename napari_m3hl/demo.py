@@ -4,7 +4,7 @@
 plays the clinician with a fully labeled volume: it keeps the truth on two
 slices (a third and two thirds of the way through the slices that show every
 class) as the "painted" label file, fine-tunes the start model on them with
-the few-slice defaults (:mod:`napari_m3hl.fewslice`, the path of ``m3hl train --labels``),
+the few-slice defaults (:mod:`napari_m3hl.fewslice.loop`, the path of ``m3hl train --labels``),
 prints the start model's and the fine-tuned model's Dice on the slices that
 were not painted and the time taken, and writes NIfTI files to ``DIR``:
 ``painted.nii.gz`` (the two painted slices), ``segmentation.nii.gz`` (the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MODELS_DIR
+from napari_m3hl.config import MODELS_DIR
 
 
 def two_slices(label: np.ndarray) -> list[int]:
@@ -40,11 +40,11 @@ def two_slices(label: np.ndarray) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from . import fewslice as fs
-    from .errors import M3HLInputError
-    from .io import load_nifti, save_nifti_labels
-    from .metrics import dice
-    from .safeguard import merge_painted
+    from napari_m3hl.fewslice import loop as fs
+    from napari_m3hl.errors import M3HLInputError
+    from napari_m3hl.io.nifti import load_nifti, save_nifti_labels
+    from napari_m3hl.metrics.binary import dice
+    from napari_m3hl.fewslice.safeguard import merge_painted
 
     ap = argparse.ArgumentParser(prog="python -m napari_m3hl.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", required=True, help="a 3D NIfTI image")

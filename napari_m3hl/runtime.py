@@ -34,7 +34,7 @@ def tune_malloc() -> bool:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → cuda, then mps, then cpu; an explicit name is checked."""
-    from .errors import M3HLInputError
+    from napari_m3hl.errors import M3HLInputError
 
     if name == "auto":
         if torch.cuda.is_available():
@@ -83,7 +83,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     else fp32; ``bf16``: bf16 wherever autocast supports it (CUDA, CPU;
     slow on CPUs without native bf16); ``fp32``: no autocast.
     """
-    from .errors import M3HLInputError
+    from napari_m3hl.errors import M3HLInputError
 
     if precision not in PRECISIONS:
         raise M3HLInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")

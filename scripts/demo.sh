@@ -2,7 +2,7 @@
 # The main job on a synthetic cardiac phantom: two slices of a new volume are
 # "painted" (the phantom's truth on those slices), the shipped 70-patient ACDC
 # model is fine-tuned on them with the few-slice defaults (the engine path of
-# `m3hl train --data IMG --labels PAINTED`, napari_m3hl.fewslice), and the start model's and the fine-tuned
+# `m3hl train --data IMG --labels PAINTED`, napari_m3hl.fewslice.loop), and the start model's and the fine-tuned
 # model's Dice on the unpainted slices are printed with the time taken.
 # Outputs (NIfTI) go to $OUT: the input volume and its truth, painted.nii.gz,
 # segmentation.nii.gz (painted slices kept as painted) and prediction.nii.gz.

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from napari.settings import get_settings
 
-    from napari_m3hl._napari import _layers as lc
+    from napari_m3hl._napari.layers import control as lc
     from napari_m3hl._napari._sample import phantom_layers
     from napari_m3hl._napari._widget import M3HLWidget
 

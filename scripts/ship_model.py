@@ -62,11 +62,11 @@ def ship(key: str, name: str, data: str, description: str, which: str = "student
     import numpy as np
     import yaml
 
-    from napari_m3hl.checkpoint import load_model, make_payload, save_checkpoint
+    from napari_m3hl.io.checkpoint import load_model, make_payload, save_checkpoint
     from napari_m3hl.config import TrainConfig
     from napari_m3hl.data import load_val_volumes
-    from napari_m3hl.metrics import dice
-    from napari_m3hl.predictor import Predictor
+    from napari_m3hl.metrics.binary import dice
+    from napari_m3hl.inference.predictor import Predictor
 
     r = json.loads((PER_METHOD / f"{key.replace('@', '_')}.json").read_text())
     src = r["best_checkpoint"] if which == "student" else str(Path(r["best_checkpoint"]).with_name("last.pt"))
@@ -144,7 +144,7 @@ def ship(key: str, name: str, data: str, description: str, which: str = "student
     dest.chmod(0o644)  # save_checkpoint's temporary file is private (0600); a shipped model is not
     card["size_mb"] = round(dest.stat().st_size / 2**20, 2)
     card["sha256"] = hashlib.sha256(dest.read_bytes()).hexdigest()
-    header = (f"# Model card for {rel} (loads with napari_m3hl.checkpoint.load_model).\n"
+    header = (f"# Model card for {rel} (loads with napari_m3hl.io.checkpoint.load_model).\n"
               "# Not a training preset: no 'variants' key on purpose.\n")
     (ROOT / "models" / f"{name}.yaml").write_text(header + yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
     print(f"shipped {rel} ({card['size_mb']} MB): validation mean Dice {100 * metrics['mean']['dice']:.2f}; "

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from napari_m3hl import trainer
+from napari_m3hl.training import trainer
 from napari_m3hl.config import load_preset
-from napari_m3hl.data import phantom_train_data
-from napari_m3hl.distributed import explain_failure, init_distributed, shutdown
+from napari_m3hl.data.phantom_source import phantom_train_data
+from napari_m3hl.training.distributed import explain_failure, init_distributed, shutdown
 
 
 class Recording:

@@ -37,7 +37,7 @@ def wait_idle(qtbot, widget, timeout: int = WAIT_MS) -> None:
 
 def wait_run(qtbot, widget, timeout: int = WAIT_MS) -> None:
     """Until the run ended and its segmentation (and suggestions) are shown."""
-    from napari_m3hl._napari import _layers as lc
+    from napari_m3hl._napari.layers import control as lc
 
     qtbot.waitUntil(lambda: widget.run is not None and widget.run.finished is not None, timeout=timeout)
     qtbot.waitUntil(lambda: not widget.runner.busy and lc.SEGMENTATION in widget.viewer.layers, timeout=timeout)

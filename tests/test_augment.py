@@ -1,11 +1,11 @@
-"""Tests for napari_m3hl.augment."""
+"""Tests for napari_m3hl.method.augment."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from napari_m3hl.augment import augment_2d, prepare_batch_2d, prepare_batch_3d, resize_2d
+from napari_m3hl.method.augment import augment_2d, prepare_batch_2d, prepare_batch_3d, resize_2d
 
 
 def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:

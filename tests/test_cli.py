@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_m3hl.checkpoint import make_payload, save_checkpoint
-from napari_m3hl.cli import main
+from napari_m3hl.io.checkpoint import make_payload, save_checkpoint
+from napari_m3hl.cli.main import main
 from napari_m3hl.config import load_preset
-from napari_m3hl.networks import build_network
-from napari_m3hl.suggest import rank_slices
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.fewslice.suggest import rank_slices
 
 TINY = ["--iterations", "2", "--batch-size", "4", "--patch-size", "64,64", "--set", "block_size=[16,16]", "--quiet"]
 

@@ -8,10 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_m3hl.checkpoint import load_checkpoint
-from napari_m3hl.cli import main
-from napari_m3hl.cli_fewslice import default_start
-from napari_m3hl.fewslice import FewSliceOptions
+from napari_m3hl.io.checkpoint import load_checkpoint
+from napari_m3hl.cli.main import main
+from napari_m3hl.cli.fewslice import default_start
+from napari_m3hl.fewslice.loop import FewSliceOptions
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from napari_m3hl.checkpoint import check_compatible, load_checkpoint, load_model, make_payload, save_checkpoint
+from napari_m3hl.io.checkpoint import check_compatible, load_checkpoint, load_model, make_payload, save_checkpoint
 from napari_m3hl.config import TrainConfig, list_presets, load_preset
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.networks import UNet2D
+from napari_m3hl.method.networks import UNet2D
 
 
 def test_presets_and_variants():

@@ -4,24 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_m3hl.data import (
-    ACDC_CLASSES,
-    ACDCSlices,
-    LACases,
-    PartlyLabeledVolume,
-    TrainData,
-    acdc_split,
-    acdc_val_volumes,
-    la_split,
-    load_train_data,
-    patient_slice_counts,
-    phantom_train_data,
-    phantom_val_volumes,
-    slices_for_patients,
-)
+from napari_m3hl.labels import ACDC_CLASSES
+from napari_m3hl.data.acdc import ACDCSlices, acdc_split, acdc_val_volumes, patient_slice_counts, slices_for_patients
+from napari_m3hl.data.la import LACases, la_split
+from napari_m3hl.data.volumes import PartlyLabeledVolume
+from napari_m3hl.data.types import TrainData
+from napari_m3hl.data import load_train_data
+from napari_m3hl.data.phantom_source import phantom_train_data, phantom_val_volumes
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io import affine_from_spacing, save_nifti_image, save_nifti_labels
-from napari_m3hl.phantom import make_phantom
+from napari_m3hl.io.nifti import affine_from_spacing, save_nifti_image, save_nifti_labels
+from napari_m3hl.data.phantom import make_phantom
 
 SMALL = (6, 64, 64)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from napari_m3hl.distributed import DistContext, ShardedCycler, rank_rng_state, rank_seed
+from napari_m3hl.training.distributed import DistContext, ShardedCycler, rank_rng_state, rank_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
@@ -174,7 +174,7 @@ def test_train_help_says_how_to_launch_on_several_gpus():
 
 
 def test_sync_bn_outside_torchrun_is_a_clear_error(monkeypatch):
-    from napari_m3hl.distributed import explain_failure, init_distributed
+    from napari_m3hl.training.distributed import explain_failure, init_distributed
     from napari_m3hl.errors import M3HLInputError
 
     for var in ("RANK", "WORLD_SIZE"):

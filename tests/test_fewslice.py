@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from napari_m3hl import events as ev
-from napari_m3hl import fewslice as fs
-from napari_m3hl.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from napari_m3hl.training import events as ev
+from napari_m3hl.fewslice import loop as fs
+from napari_m3hl.io.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from napari_m3hl.config import TrainConfig, load_preset
-from napari_m3hl.data import phantom_train_data
+from napari_m3hl.data.phantom_source import phantom_train_data
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.networks import build_network
-from napari_m3hl.phantom import make_phantom
-from napari_m3hl.safeguard import check_finetune, merge_painted
-from napari_m3hl.trainer import train
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.data.phantom import make_phantom
+from napari_m3hl.fewslice.safeguard import check_finetune, merge_painted
+from napari_m3hl.training.trainer import train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "acdc70_unet2d.pt"
 SHAPE = (6, 64, 64)
@@ -176,7 +176,7 @@ def test_trainer_hook_keeps_batchnorm_statistics(tmp_path):
 def test_freeze_bn_leaves_a_high_gain_batchnorm_training(tmp_path):
     """A frozen BatchNorm with a near-zero running variance multiplies every change of its input
     (the shipped model's first one by 58): SGD diverged. Such a layer keeps its batch statistics."""
-    from napari_m3hl.trainer import MAX_FROZEN_BN_GAIN
+    from napari_m3hl.training.trainer import MAX_FROZEN_BN_GAIN
 
     data = phantom_train_data(n_volumes=1, labeled_slices_per_volume=2, seed=0, shape=SHAPE)
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def test_freeze_bn_leaves_a_high_gain_batchnorm_training(tmp_path):
 def test_fine_tune_checkpoint_segments_with_the_start_blend(tmp_path):
     """What the loop shows is what its checkpoint predicts (`m3hl predict`, the widget): the
     average of the start model's and the fine-tuned student's probabilities."""
-    from napari_m3hl.predictor import Predictor
+    from napari_m3hl.inference.predictor import Predictor
 
     start = _start_model(tmp_path / "start.pt")
     ph = make_phantom(3, shape=SHAPE)
@@ -231,7 +231,7 @@ def test_no_blend_shows_the_fine_tuned_network_alone(tmp_path):
 
 
 def test_probability_blend_checks_its_weights():
-    from napari_m3hl.blend import ProbabilityBlend
+    from napari_m3hl.inference.blend import ProbabilityBlend
 
     torch.manual_seed(0)
     net = build_network("unet2d", 1, 4).eval()

@@ -1,4 +1,4 @@
-"""Tests of napari_m3hl.inference with tiny dummy models."""
+"""Tests of napari_m3hl.inference.slices2d with tiny dummy models."""
 from __future__ import annotations
 
 import math
@@ -10,12 +10,9 @@ import torch
 from scipy.ndimage import zoom
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.inference import (
-    largest_component,
-    predict_volume_2d,
-    predict_volume_3d,
-    sliding_window_starts,
-)
+from napari_m3hl.method.components import largest_component
+from napari_m3hl.inference.slices2d import predict_volume_2d
+from napari_m3hl.inference.window3d import predict_volume_3d, sliding_window_starts
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests for napari_m3hl.io: NIfTI/h5 reading and writing, input checks."""
+"""Tests for napari_m3hl.io.nifti: NIfTI/h5 reading and writing, input checks."""
 from __future__ import annotations
 
 
@@ -8,18 +8,10 @@ import numpy as np
 import pytest
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io import (
-    affine_from_spacing,
-    load_h5_slice,
-    load_h5_volume,
-    load_la_case,
-    load_nifti,
-    normalize_intensity,
-    save_nifti_image,
-    save_nifti_labels,
-    validate_image,
-    validate_label,
-)
+from napari_m3hl.io.nifti import affine_from_spacing, load_nifti, save_nifti_image, save_nifti_labels
+from napari_m3hl.io.h5 import load_h5_slice, load_h5_volume, load_la_case
+from napari_m3hl.io.intensity import normalize_intensity
+from napari_m3hl.io.checks import validate_image, validate_label
 
 # an oblique affine whose entries are exact float32 values (NIfTI stores float32)
 AFFINE = np.array(

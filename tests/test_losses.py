@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from napari_m3hl.losses import high_level_loss, low_level_loss, masked_ce, masked_dice, mix_loss, seg_loss
+from napari_m3hl.method.losses import high_level_loss, low_level_loss, masked_ce, masked_dice, mix_loss, seg_loss
 
 
 def test_masked_ce_is_mean_over_region():

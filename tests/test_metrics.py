@@ -1,4 +1,4 @@
-"""Tests of napari_m3hl.metrics against medpy and hand-made cases."""
+"""Tests of napari_m3hl.metrics.labelmaps against medpy and hand-made cases."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_m3hl import metrics as M
+from napari_m3hl.metrics import labelmaps as M
 from napari_m3hl.errors import M3HLInputError
 
 binary = pytest.importorskip("medpy.metric.binary")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from napari_m3hl.mixing import block_grid, block_masks, mix
+from napari_m3hl.method.mixing import block_grid, block_masks, mix
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from gui_helpers import WAIT_MS, train_and_wait, wait_idle
 
-from napari_m3hl._napari import _layers as lc
-from napari_m3hl.suggest import DEFAULT_METHOD
+from napari_m3hl._napari.layers import control as lc
+from napari_m3hl.fewslice.suggest import DEFAULT_METHOD
 
 
 def _wait_suggestions(qtbot, w):
@@ -127,8 +127,8 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     orig = w.run_view.on_event
     w.run_view.on_event = lambda e: (started.append(e), orig(e))  # type: ignore[method-assign]
     train_and_wait(qtbot, w, "Train on")
-    from napari_m3hl import events as ev
-    from napari_m3hl._napari._jobs import DataReady
+    from napari_m3hl.training import events as ev
+    from napari_m3hl._napari.run.jobs import DataReady
 
     ready = next(e for e in started if isinstance(e, DataReady))
     begin = next(e for e in started if isinstance(e, ev.TrainStarted))
@@ -147,7 +147,7 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     # each Train autosaved the labels (with the accepted slice) and the run's checkpoint
     folder = w.session_panel.autosave_folder()
     qtbot.waitUntil(lambda: (folder / "checkpoint.pt").is_file(), timeout=WAIT_MS)
-    from napari_m3hl.session import load_session
+    from napari_m3hl.io.session import load_session
 
     sess = load_session(folder)
     np.testing.assert_array_equal(sess.labels, labels.data)
@@ -222,7 +222,7 @@ def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp
 
 
 def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypatch):
-    from napari_m3hl._napari import _jobs
+    from napari_m3hl._napari.run import jobs as _jobs
 
     def disk_full(snap):
         raise OSError(28, "No space left on device")
@@ -237,7 +237,7 @@ def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypa
 
 
 def test_cine_suggests_and_accepts_in_the_frame_in_view(make_widget, qtbot):
-    from napari_m3hl.phantom import make_phantom
+    from napari_m3hl.data.phantom import make_phantom
 
     viewer, w = make_widget(phantom=False)
     frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2)]

@@ -12,7 +12,7 @@ import numpy as np
 from gui_helpers import ROOT, WAIT_MS, button, click, toggle, train_and_wait, wait_idle, wait_run
 from qtpy.QtWidgets import QCheckBox, QPushButton
 
-from napari_m3hl._napari import _layers as lc
+from napari_m3hl._napari.layers import control as lc
 
 #: Qt signals that send a value with them (it must not reach an action's parameters).
 VALUE_SIGNALS = {"clicked", "toggled", "currentIndexChanged", "currentTextChanged", "textChanged", "valueChanged",

@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 from gui_helpers import WAIT_MS, button, click, toggle, train_and_wait, wait_idle
 
-from napari_m3hl._napari import _layers as lc
-from napari_m3hl.fewslice import FewSliceOptions
-from napari_m3hl.safeguard import merge_painted
+from napari_m3hl._napari.layers import control as lc
+from napari_m3hl.fewslice.loop import FewSliceOptions
+from napari_m3hl.fewslice.safeguard import merge_painted
 
 
 def _export(qtbot, w, monkeypatch, path):

@@ -219,7 +219,7 @@ def test_napari_open_and_save_through_plugin(plugin, make_napari_viewer, tmp_pat
 
 
 def test_sample_data_ready_to_train():
-    from napari_m3hl._napari._layers import labeled_slices
+    from napari_m3hl._napari.layers.control import labeled_slices
     from napari_m3hl._napari._sample import SAMPLE_SLICES, make_phantom_sample
 
     layers = make_phantom_sample()

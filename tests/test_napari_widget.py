@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_m3hl import events as ev
-from napari_m3hl._napari import _layers as lc
-from napari_m3hl._napari import _fewslice, _jobs, _workers
+from napari_m3hl.training import events as ev
+from napari_m3hl._napari.layers import control as lc
+from napari_m3hl._napari.run import fewslice as _fewslice
+from napari_m3hl._napari.run import jobs as _jobs
+from napari_m3hl._napari.run import workers as _workers
 
 from gui_helpers import ROOT, WAIT_MS, train_and_wait as _train_and_wait, wait_idle as _wait_idle
 
@@ -30,7 +32,7 @@ def test_defaults_and_info_line(make_widget):
     assert w.data_panel.info_label.text() == "2 of 6 slices labeled: 1, 3; 4 unlabeled"
     assert "acdc_unet2d" in [w.model_panel.preset_combo.itemText(i) for i in range(w.model_panel.preset_combo.count())]
     # the default start fine-tunes the shipped model with the few-slice defaults (as m3hl train --labels)
-    from napari_m3hl.fewslice import FewSliceOptions
+    from napari_m3hl.fewslice.loop import FewSliceOptions
 
     adv = w.model_panel.advanced_form.values()
     assert w.model_panel.uses_fewslice() and adv["iterations"] == FewSliceOptions().iterations == 100 and adv["batch_size"] == 8
@@ -122,7 +124,7 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     _wait_idle(qtbot, w)
     back = nib.load(str(out))
     np.testing.assert_array_equal(back.affine, viewer.layers["phantom image"].metadata["affine"])
-    from napari_m3hl.safeguard import merge_painted
+    from napari_m3hl.fewslice.safeguard import merge_painted
 
     np.testing.assert_array_equal(np.transpose(np.asarray(back.dataobj), (2, 1, 0)),
                                   merge_painted(seg.data, user.data))  # the painted slices as painted
@@ -172,7 +174,7 @@ def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
 
 
 def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
-    from napari_m3hl.phantom import make_phantom
+    from napari_m3hl.data.phantom import make_phantom
 
     viewer, w = make_widget(phantom=False)
     frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2)]
@@ -193,7 +195,7 @@ def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
 
 
 def test_stale_pseudo_labels_are_dropped(make_widget):
-    from napari_m3hl._napari._widget import RunState
+    from napari_m3hl._napari.run.request import RunState
 
     viewer, w = make_widget()
     image, labels = viewer.layers["phantom image"], viewer.layers["phantom labels"]
@@ -297,9 +299,9 @@ def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monk
 
 
 def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path):
-    from napari_m3hl.checkpoint import make_payload, save_checkpoint
+    from napari_m3hl.io.checkpoint import make_payload, save_checkpoint
     from napari_m3hl.config import TrainConfig
-    from napari_m3hl.networks import build_network
+    from napari_m3hl.method.networks import build_network
 
     cfg = TrainConfig(num_classes=2, class_names=("background", "LA"), patch_size=(64, 64), block_size=(16, 16))
     path = save_checkpoint(tmp_path / "la.pt", make_payload(cfg, build_network("unet2d", 1, 2)))
@@ -383,7 +385,7 @@ def test_default_start_is_fine_tuning_the_shipped_cardiac_model(make_widget):
 
 def test_preview_quality_dice_on_painted_and_change_on_unpainted():
     """Dice against the painted slices; change counted over the heart pixels of the unpainted ones."""
-    from napari_m3hl._napari._jobs import preview_quality
+    from napari_m3hl._napari.run.jobs import preview_quality
 
     names = ("background", "RV", "Myo", "LV")
     labels = np.zeros((3, 4, 4), np.uint8)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from napari_m3hl.networks import UNet2D, VNet3D, build_network
+from napari_m3hl.method.networks import UNet2D, VNet3D, build_network
 
 
 def test_unet_shapes_and_taps():

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from napari_m3hl.checkpoint import make_payload, save_checkpoint
-from napari_m3hl.cli import main
+from napari_m3hl.io.checkpoint import make_payload, save_checkpoint
+from napari_m3hl.cli.main import main
 from napari_m3hl.config import TrainConfig
-from napari_m3hl.networks import build_network
+from napari_m3hl.method.networks import build_network
 
 
 def _nibabel_test_images() -> list[Path]:
@@ -102,7 +102,7 @@ def test_reader_writer_round_trip(source, tmp_path):
     stored = np.asanyarray(nib.load(out).dataobj)
     np.testing.assert_array_equal(stored, np.transpose(labels, tuple(range(labels.ndim - 1, -1, -1))))
     # the session folder keeps the geometry too
-    from napari_m3hl.session import load_session, save_labels
+    from napari_m3hl.io.session import load_session, save_labels
 
     if labels.ndim == 3:
         save_labels(tmp_path / "s", labels, meta["metadata"]["affine"], meta["metadata"]["header"])

@@ -1,7 +1,10 @@
-"""Packaging guards: the engine stays free of Qt and napari, the manifest is
-found where an installed package looks for it, and the version has one source."""
+"""Packaging guards: the engine stays free of Qt and napari, the package is
+subpackages with a small face, no module imports itself round a circle, the
+manifest is found where an installed package looks for it, and the version
+has one source."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -17,14 +20,15 @@ def test_importing_every_engine_module_pulls_in_no_qt_or_napari():
     code = """
 import json, pkgutil, sys
 import napari_m3hl
-mods = sorted(m.name for m in pkgutil.iter_modules(napari_m3hl.__path__, "napari_m3hl.") if not m.name.endswith(("._napari", ".__main__")))
+mods = sorted(m.name for m in pkgutil.walk_packages(napari_m3hl.__path__, "napari_m3hl.")
+              if not m.name.startswith("napari_m3hl._napari") and not m.name.endswith(".__main__"))
 for m in mods:
     __import__(m)
 print(json.dumps({"engine": mods, "loaded": sorted({k.split(".")[0] for k in sys.modules})}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"napari_m3hl.trainer", "napari_m3hl.cli", "napari_m3hl.predictor"} <= set(res["engine"])
+    assert {"napari_m3hl.training.trainer", "napari_m3hl.cli.main", "napari_m3hl.inference.predictor"} <= set(res["engine"])
     leaked = sorted(set(res["loaded"]) & set(GUI_TOPS))
     assert not leaked, f"engine modules import GUI packages: {leaked}"
 
@@ -48,3 +52,65 @@ def test_version_has_one_source():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in text and 'path = "napari_m3hl/__init__.py"' in text
     assert version("napari-m3hl") == napari_m3hl.__version__
+
+
+PACKAGE = ROOT / "napari_m3hl"
+FACE = {"__init__", "__main__", "config", "errors", "labels", "runtime", "demo"}
+
+
+def test_the_package_face_is_small_and_the_rest_lives_in_subpackages():
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == FACE, f"modules directly under napari_m3hl/ besides its face: {sorted(top - FACE)}"
+    for sub in (p for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"):
+        assert (sub / "__init__.py").is_file() or not any(sub.glob("*.py")), f"{sub} is not a package"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Package modules that ``path`` imports at run time (module level or inside a function);
+    imports under ``if TYPE_CHECKING:`` are for annotations only and do not count."""
+    tree = ast.parse(path.read_text())
+    typing_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only.update(id(n) for n in ast.walk(node))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m in modules}
+
+
+def test_no_module_imports_itself_round_a_circle():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    rel = [p for p in files.values() if any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(ast.parse(p.read_text())))]
+    assert not rel, f"relative imports (the package imports absolutely): {sorted(map(str, rel))}"
+    graph = {m: _imports(p, modules) - {m} for m, p in files.items()}
+    # a package's __init__ imported by its own modules is a cycle only when it imports them back
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

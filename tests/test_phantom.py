@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io import load_nifti
-from napari_m3hl.phantom import make_phantom, make_phantom_cohort, save_phantom_nifti
+from napari_m3hl.io.nifti import load_nifti
+from napari_m3hl.data.phantom import make_phantom, make_phantom_cohort, save_phantom_nifti
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_m3hl import events as ev
+from napari_m3hl.training import events as ev
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.networks import build_network
-from napari_m3hl.pl_quality import pick_reference, reference_batch, score_pseudo_labels
-from napari_m3hl.trainer import alpha_at, train
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.training.pl_quality import pick_reference, reference_batch, score_pseudo_labels
+from napari_m3hl.method.step import alpha_at
+from napari_m3hl.training.trainer import train
 
 from test_trainer import _cfg, tiny_data  # noqa: F401  (the same tiny phantom set-up)
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_m3hl.checkpoint import make_payload, save_checkpoint
-from napari_m3hl.cli import main
+from napari_m3hl.io.checkpoint import make_payload, save_checkpoint
+from napari_m3hl.cli.main import main
 from napari_m3hl.config import TrainConfig
-from napari_m3hl.networks import build_network
-from napari_m3hl.phantom import make_phantom_cohort
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.data.phantom import make_phantom_cohort
 
 TINY = ["--iterations", "2", "--batch-size", "4", "--patch-size", "32,32", "--quiet"]
 AFFINE = np.array([[1.4, 0, 0, -40.0], [0, 1.4, 0, 12.0], [0, 0, 8.0, 3.5], [0, 0, 0, 1]])
@@ -345,7 +345,7 @@ def test_predict_nan_voxels_warn_and_become_background(env, tmp_path, capsys):
 
 
 def test_old_checkpoint_without_checksum_loads(env, tmp_path, capsys):
-    from napari_m3hl.checkpoint import load_checkpoint
+    from napari_m3hl.io.checkpoint import load_checkpoint
 
     ck = torch.load(env["ck"], weights_only=True)
     ck.pop("weights_sha256")
@@ -453,7 +453,7 @@ def test_out_of_memory_is_not_called_corrupt(env, tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize("value", [-1, 300, 1.5])
 def test_session_labels_out_of_range_are_refused(tmp_path, value):
     from napari_m3hl.errors import M3HLInputError
-    from napari_m3hl.session import load_session, save_session
+    from napari_m3hl.io.session import load_session, save_session
 
     labels = np.zeros((3, 8, 8), np.float32)
     labels[1, 2:4, 2:4] = value
@@ -477,7 +477,7 @@ def test_session_labels_out_of_range_are_refused(tmp_path, value):
 ])
 def test_damaged_session_files_are_named(tmp_path, name, text, fragment):
     from napari_m3hl.errors import M3HLInputError
-    from napari_m3hl.session import load_session, save_session
+    from napari_m3hl.io.session import load_session, save_session
 
     labels = np.zeros((3, 8, 8), np.uint8)
     labels[1, 2:4, 2:4] = 2
@@ -488,7 +488,7 @@ def test_damaged_session_files_are_named(tmp_path, name, text, fragment):
 
 
 def test_session_files_share_one_mode(tmp_path):
-    from napari_m3hl.session import save_session
+    from napari_m3hl.io.session import save_session
 
     labels = np.zeros((3, 8, 8), np.uint8)
     ck = _tiny_ckpt(tmp_path / "net.pt")
@@ -498,7 +498,7 @@ def test_session_files_share_one_mode(tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
-    from napari_m3hl import checkpoint as ckmod
+    from napari_m3hl.io import checkpoint as ckmod
 
     path = _tiny_ckpt(tmp_path / "last.pt")
     before = path.read_bytes()
@@ -513,7 +513,7 @@ def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_cine_session_labels_round_trip(tmp_path):
-    from napari_m3hl.session import load_session, save_session
+    from napari_m3hl.io.session import load_session, save_session
 
     labels = np.zeros((2, 3, 8, 8), np.uint8)
     labels[1, 2, 2:4, 2:4] = 3

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_m3hl.checkpoint import make_payload, save_checkpoint
+from napari_m3hl.io.checkpoint import make_payload, save_checkpoint
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io import affine_from_spacing
-from napari_m3hl.networks import UNet2D
-from napari_m3hl.session import load_session, save_session
+from napari_m3hl.io.nifti import affine_from_spacing
+from napari_m3hl.method.networks import UNet2D
+from napari_m3hl.io.session import load_session, save_session
 
 
 def test_session_roundtrip(tmp_path):
@@ -37,7 +37,7 @@ def test_session_errors(tmp_path):
 
 
 def test_checkpoint_copy_merges_facts(tmp_path):
-    from napari_m3hl.session import load_session, save_checkpoint_copy, save_session
+    from napari_m3hl.io.session import load_session, save_checkpoint_copy, save_session
 
     labels = np.zeros((3, 8, 8), np.uint8)
     labels[1, 2:4, 2:4] = 2

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import yaml
 
-from napari_m3hl.checkpoint import load_model
-from napari_m3hl.cli import main
+from napari_m3hl.io.checkpoint import load_model
+from napari_m3hl.cli.main import main
 from napari_m3hl.data import load_val_volumes
-from napari_m3hl.inference import predict_volume_2d
-from napari_m3hl.metrics import dice
+from napari_m3hl.inference.slices2d import predict_volume_2d
+from napari_m3hl.metrics.binary import dice
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 

@@ -10,22 +10,22 @@ import pytest
 import torch
 from scipy import ndimage
 
-from napari_m3hl import events as ev
+from napari_m3hl.training import events as ev
 from napari_m3hl import runtime
-from napari_m3hl.checkpoint import load_model
+from napari_m3hl.io.checkpoint import load_model
 from napari_m3hl.config import load_preset
-from napari_m3hl.data import phantom_train_data, phantom_val_volumes
+from napari_m3hl.data.phantom_source import phantom_train_data, phantom_val_volumes
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.inference import predict_volume_2d, predict_volume_3d
-from napari_m3hl.metrics import dice
-from napari_m3hl.networks import build_network
-from napari_m3hl.teacher import (
-    connected_components_torch,
-    largest_component_per_class,
-    largest_component_per_class_torch,
-    pseudo_labels,
+from napari_m3hl.inference.slices2d import predict_volume_2d
+from napari_m3hl.inference.window3d import predict_volume_3d
+from napari_m3hl.metrics.binary import dice
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.method.components import (
+    connected_components_torch, largest_component_per_class, largest_component_per_class_torch,
 )
-from napari_m3hl.trainer import StepSetup, train
+from napari_m3hl.method.teacher import pseudo_labels
+from napari_m3hl.method.step import StepSetup
+from napari_m3hl.training.trainer import train
 
 SHAPE = (8, 64, 64)
 PATHS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_m3hl.suggest import disagreement_map, rank_slices, slice_scores
+from napari_m3hl.fewslice.suggest import disagreement_map, rank_slices, slice_scores
 
 
 def _probs(d=3, h=8, w=8):
@@ -69,8 +69,8 @@ def test_bad_method():
 def test_analyse_volume_with_real_networks():
     import torch
 
-    from napari_m3hl.networks import build_network
-    from napari_m3hl.suggest import analyse_volume
+    from napari_m3hl.method.networks import build_network
+    from napari_m3hl.fewslice.suggest import analyse_volume
 
     torch.manual_seed(0)
     student, teacher = build_network("unet2d", 1, 4), build_network("unet2d", 1, 4)
@@ -98,7 +98,7 @@ def test_analyse_volume_with_real_networks():
 
 
 def test_spread_ranking_prefers_uncertain_slices_away_from_labels():
-    from napari_m3hl.suggest import distance_to_labeled
+    from napari_m3hl.fewslice.suggest import distance_to_labeled
 
     np.testing.assert_array_equal(distance_to_labeled(6, [1, 4]), [1, 0, 1, 1, 0, 1])
     np.testing.assert_array_equal(distance_to_labeled(3, []), [3, 3, 3])

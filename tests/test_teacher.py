@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from napari_m3hl.networks import UNet2D
-from napari_m3hl.teacher import ema_decay_at, ema_update, init_teacher, largest_component_per_class, pseudo_labels
+from napari_m3hl.method.networks import UNet2D
+from napari_m3hl.method.teacher import ema_decay_at, ema_update, init_teacher, pseudo_labels
+from napari_m3hl.method.components import largest_component_per_class
 
 
 def _net():
@@ -107,7 +108,7 @@ def test_own_statistics_teacher_labels_with_batch_statistics_and_keeps_its_own()
     """teacher_bn='own': labelling runs BatchNorm on the batch's statistics with
     dropout off, updates the teacher's running statistics from its own
     activations, and the EMA step leaves those statistics alone."""
-    from napari_m3hl.teacher import set_labelling_mode
+    from napari_m3hl.method.teacher import set_labelling_mode
 
     torch.manual_seed(0)
     s, t = UNet2D(), UNet2D()

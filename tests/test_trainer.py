@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from napari_m3hl import events as ev
-from napari_m3hl.checkpoint import load_checkpoint, load_model, make_payload, save_checkpoint
+from napari_m3hl.training import events as ev
+from napari_m3hl.io.checkpoint import load_checkpoint, load_model, make_payload, save_checkpoint
 from napari_m3hl.config import load_preset
-from napari_m3hl.data import TrainData, phantom_train_data, phantom_val_volumes
+from napari_m3hl.data.types import TrainData
+from napari_m3hl.data.phantom_source import phantom_train_data, phantom_val_volumes
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.inference import predict_volume_2d
-from napari_m3hl.metrics import dice
-from napari_m3hl.networks import build_network
-from napari_m3hl.trainer import TrainControl, learning_rate, train
+from napari_m3hl.inference.slices2d import predict_volume_2d
+from napari_m3hl.metrics.binary import dice
+from napari_m3hl.method.networks import build_network
+from napari_m3hl.training.trainer import TrainControl, train
+from napari_m3hl.method.step import learning_rate
 
 SMALL = dict(patch_size=(64, 64), block_size=(16, 16), batch_size=4, lr=0.01, device="cpu")
 SHAPE = (6, 64, 64)

@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..files import is_nifti_name, stem
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.files import is_nifti_name, stem
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
@@ -73,7 +73,7 @@ def label_class_names(n_values: int) -> tuple[str, ...] | None:
     """Class names for a label map whose largest value is ``n_values - 1``:
     ACDC (background, RV, Myo, LV) up to 4 values, background/foreground for a
     binary map, ``class k`` up to 16 classes, None (napari's colours) beyond."""
-    from ..data import ACDC_CLASSES, default_class_names
+    from napari_m3hl.labels import ACDC_CLASSES, default_class_names
 
     if n_values <= 2:
         return default_class_names(2)
@@ -89,7 +89,7 @@ def read_nifti(path: str | Sequence[str]) -> list[LayerData]:
 
 
 def _read_one(path: Path) -> LayerData:
-    from ..io import load_nifti
+    from napari_m3hl.io.nifti import load_nifti
 
     vol = load_nifti(path)  # raises M3HLInputError with a clear message
     data = vol.data
@@ -99,7 +99,7 @@ def _read_one(path: Path) -> LayerData:
         "metadata": {"affine": vol.affine, "header": vol.header, "source_path": str(vol.path)},
     }
     if looks_like_labels(path, data, vol.header):
-        from ._layers import class_colormap, class_features
+        from napari_m3hl._napari.layers.control import class_colormap, class_features
 
         labels = data.astype(_label_dtype(data))
         names = label_class_names(int(labels.max()) + 1 if labels.size else 2)

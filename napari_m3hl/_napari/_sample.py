@@ -22,10 +22,10 @@ def phantom_layers(
     painted: tuple[int, ...] = SAMPLE_SLICES,
 ) -> list[tuple[np.ndarray, dict[str, Any], str]]:
     """Layer-data tuples: image, (hidden) ground truth, partly painted labels."""
-    from ..data import ACDC_CLASSES
-    from ..io import affine_from_spacing
-    from ..phantom import make_phantom
-    from ._layers import class_colormap, class_features
+    from napari_m3hl.labels import ACDC_CLASSES
+    from napari_m3hl.io.nifti import affine_from_spacing
+    from napari_m3hl.data.phantom import make_phantom
+    from napari_m3hl._napari.layers.control import class_colormap, class_features
 
     ph = make_phantom(seed, shape=shape)
     geometry = {"affine": affine_from_spacing(ph.spacing), "header": None, "source_path": f"phantom seed {seed}"}

@@ -3,22 +3,22 @@
 The widget is composed, not inherited: one small panel per group, each a
 ``QGroupBox`` that builds its own controls and holds their behaviour,
 
-* :class:`._data.DataPanel`: layer pickers (magicgui), New labels layer, extra volumes, info line;
-* :class:`._model.ModelPanel`: preset, Start, device, Advanced (generated from ``TrainConfig``);
-* :class:`._runpanel.RunPanel`: Train / Pause / Resume / Stop, progress, results, status line,
-  with the Run group's helpers :class:`._runview.RunView` (the run's events drawn),
-  :class:`._outputs.Outputs` (Predict, segmentation layer, Export, checkpoints) and
-  :class:`._finetune.FineTune` (the few-slice fine-tune and its safeguard);
-* :class:`._assist.AnnotatePanel`: suggest, next, accept, disagreement, Train on;
-* :class:`._sessions.SessionPanel`: save, open, autosave session folders;
+* :class:`napari_m3hl._napari.panels.data.DataPanel`: layer pickers (magicgui), New labels layer, extra volumes, info line;
+* :class:`napari_m3hl._napari.panels.model.ModelPanel`: preset, Start, device, Advanced (generated from ``TrainConfig``);
+* :class:`napari_m3hl._napari.panels.run.RunPanel`: Train / Pause / Resume / Stop, progress, results, status line,
+  with the Run group's helpers :class:`napari_m3hl._napari.run.view.RunView` (the run's events drawn),
+  :class:`napari_m3hl._napari.run.outputs.Outputs` (Predict, segmentation layer, Export, checkpoints) and
+  :class:`napari_m3hl._napari.run.finetune.FineTune` (the few-slice fine-tune and its safeguard);
+* :class:`napari_m3hl._napari.panels.annotate.AnnotatePanel`: suggest, next, accept, disagreement, Train on;
+* :class:`napari_m3hl._napari.panels.session.SessionPanel`: save, open, autosave session folders;
 
-over one :class:`._state.PanelState` (viewer, run controller, run and model
+over one :class:`napari_m3hl._napari.panels.state.PanelState` (viewer, run controller, run and model
 bookkeeping, messages, a reference to each part). Every Qt signal is
-connected through :func:`._slots.on_signal`, so no signal's value (``clicked``'s
+connected through :func:`napari_m3hl._napari.panels.slots.on_signal`, so no signal's value (``clicked``'s
 ``checked`` flag) reaches an action's parameters.
 
 Everything here runs in the GUI thread: the panels validate the input, take
-copies of the layer data, start workers (:class:`._run.RunController`) and
+copies of the layer data, start workers (:class:`napari_m3hl._napari.run.controller.RunController`) and
 draw the events the workers yield. The user's own layers are only read,
 never written (Accept slice aside: one undoable edit).
 """
@@ -29,22 +29,24 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
 
-from ._assist import AnnotatePanel
-from ._data import DataPanel
-from ._finetune import FineTune
-from ._model import ModelPanel
-from ._outputs import Outputs
-from ._request import RunState
-from ._run import RunController
-from ._runpanel import RunPanel
-from ._runview import RunView
-from ._sessions import SessionPanel
-from ._state import PanelState
+from napari_m3hl._napari.panels.annotate import AnnotatePanel
+from napari_m3hl._napari.panels.data import DataPanel
+from napari_m3hl._napari.run.finetune import FineTune
+from napari_m3hl._napari.panels.model import ModelPanel
+from napari_m3hl._napari.run.outputs import Outputs
+from napari_m3hl._napari.run.request import RunState
+from napari_m3hl._napari.run.controller import RunController
+from napari_m3hl._napari.panels.run import RunPanel
+from napari_m3hl._napari.run.view import RunView
+from napari_m3hl._napari.panels.session import SessionPanel
+from napari_m3hl._napari.panels.state import PanelState
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["M3HLWidget", "RunState"]
+__all__ = [
+    "M3HLWidget",
+]
 
 
 class M3HLWidget(QWidget):
@@ -53,7 +55,7 @@ class M3HLWidget(QWidget):
     Its parts: ``data_panel``, ``model_panel``, ``run_panel``,
     ``annotate_panel``, ``session_panel`` (the groups, top to bottom) and
     ``run_view``, ``outputs``, ``fine_tune`` (the Run group's helpers), all
-    on the shared state ``st`` (:class:`._state.PanelState`: e.g.
+    on the shared state ``st`` (:class:`napari_m3hl._napari.panels.state.PanelState`: e.g.
     ``st.config_overrides``, ``st.preview_every_s``, ``st.auto_predict``).
     """
 

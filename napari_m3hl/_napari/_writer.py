@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..files import is_nifti_name
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.files import is_nifti_name
 
 
 def nifti_path(path: str | Path) -> Path:
@@ -31,7 +31,7 @@ def geometry_from_meta(meta: dict[str, Any], ndim: int) -> tuple[np.ndarray, Any
     ``exact`` is False when no source affine was stored and one was derived
     from ``scale`` / ``translate`` (the last three axes, ``(Z, Y, X)`` order).
     """
-    from ..io import affine_from_spacing
+    from napari_m3hl.io.nifti import affine_from_spacing
 
     metadata = meta.get("metadata") or {}
     affine = metadata.get("affine")
@@ -56,8 +56,8 @@ def _refuse_source_image(target: Path, meta: dict[str, Any]) -> None:
         same = False
     if not same:
         return
-    from ..io import load_nifti
-    from ._reader import looks_like_labels
+    from napari_m3hl.io.nifti import load_nifti
+    from napari_m3hl._napari._reader import looks_like_labels
 
     vol = load_nifti(target)
     if not looks_like_labels(target, vol.data, vol.header):
@@ -75,7 +75,7 @@ def save_labels_nifti(path: str | Path, data: Any, meta: dict[str, Any]) -> Path
     labels were drawn on (the metadata's ``source_path``). Warns (napari notification) when the
     affine had to be derived from the layer scale.
     """
-    from ..io import save_nifti_labels
+    from napari_m3hl.io.nifti import save_nifti_labels
 
     labels = np.asarray(data)
     if labels.ndim not in (3, 4):

@@ -3,12 +3,13 @@
 ========================  ===========================================================
 module                    holds
 ========================  ===========================================================
-:mod:`.types`             :class:`TrainData`, :class:`VolumeSlices`, class names
+:mod:`.types`             :class:`TrainData`, :class:`VolumeSlices`
 :mod:`.cached`            :class:`CachedH5Set` (one HDF5 file per sample, LRU cache), ``.list`` files
 :mod:`.acdc`              ACDC slices, split by patients, validation volumes
 :mod:`.la`                LA cases and split
 :mod:`.volumes`           :class:`PartlyLabeledVolume`, NIfTI image + painted labels
 :mod:`.phantom_source`    the synthetic phantom as training / validation data
+:mod:`napari_m3hl.data.phantom`           the seeded synthetic cardiac short-axis phantom
 this package              :func:`load_train_data`, :func:`load_val_volumes`
 ========================  ===========================================================
 
@@ -23,24 +24,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..files import is_nifti_name
-from .acdc import (ACDCSlices, acdc_split, acdc_train_data, acdc_val_volumes, patient_of, patient_slice_counts,
-                   slices_for_patients)
-from .cached import CachedH5Set, read_list
-from .la import LACases, la_split, la_train_data
-from .phantom_source import phantom_train_data, phantom_val_volumes
-from .types import ACDC_CLASSES, LA_CLASSES, PathLike, TrainData, VolumeSlices, default_class_names
-from .volumes import PartlyLabeledVolume, nifti_train_data
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.files import is_nifti_name
+from napari_m3hl.data.acdc import acdc_train_data, acdc_val_volumes
+from napari_m3hl.data.cached import read_list
+from napari_m3hl.data.la import LACases, la_split, la_train_data
+from napari_m3hl.data.phantom_source import phantom_train_data, phantom_val_volumes
+from napari_m3hl.data.types import PathLike, TrainData
+from napari_m3hl.data.volumes import nifti_train_data
 
 __all__ = [
-    "ACDC_CLASSES", "LA_CLASSES",
-    "read_list", "patient_of", "patient_slice_counts", "slices_for_patients",
-    "CachedH5Set", "ACDCSlices", "acdc_split", "acdc_val_volumes", "acdc_train_data",
-    "LACases", "la_split", "la_train_data",
-    "VolumeSlices", "PartlyLabeledVolume", "nifti_train_data",
-    "phantom_train_data", "phantom_val_volumes",
-    "TrainData", "load_train_data", "load_val_volumes", "default_class_names",
+    "load_train_data",
+    "load_val_volumes",
 ]
 
 

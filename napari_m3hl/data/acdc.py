@@ -9,10 +9,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..io import load_h5_slice, load_h5_volume
-from .cached import CachedH5Set, read_list
-from .types import ACDC_CLASSES, PathLike, TrainData
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.h5 import load_h5_slice, load_h5_volume
+from napari_m3hl.data.cached import CachedH5Set, read_list
+from napari_m3hl.labels import ACDC_CLASSES
+from napari_m3hl.data.types import PathLike, TrainData
 
 
 def patient_of(slice_name: str) -> str:

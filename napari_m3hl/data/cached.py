@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from .types import PathLike
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.data.types import PathLike
 
 
 def read_list(path: PathLike) -> list[str]:

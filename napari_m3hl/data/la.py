@@ -7,10 +7,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..io import load_la_case
-from .cached import CachedH5Set, read_list
-from .types import LA_CLASSES, PathLike, TrainData
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.h5 import load_la_case
+from napari_m3hl.data.cached import CachedH5Set, read_list
+from napari_m3hl.labels import LA_CLASSES
+from napari_m3hl.data.types import PathLike, TrainData
 
 
 class LACases(CachedH5Set):

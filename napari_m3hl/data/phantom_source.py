@@ -1,12 +1,13 @@
-"""The synthetic phantom (:mod:`napari_m3hl.phantom`) as a data source:
+"""The synthetic phantom (:mod:`napari_m3hl.data.phantom`) as a data source:
 partly labeled training volumes and fully labeled validation volumes."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from .types import ACDC_CLASSES, TrainData, VolumeSlices
-from .volumes import PartlyLabeledVolume
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.labels import ACDC_CLASSES
+from napari_m3hl.data.types import TrainData, VolumeSlices
+from napari_m3hl.data.volumes import PartlyLabeledVolume
 
 
 def phantom_train_data(
@@ -21,7 +22,7 @@ def phantom_train_data(
     slices, evenly spread between base and apex (ends excluded when possible),
     keep their labels; all other slices are unlabeled.
     """
-    from ..phantom import make_phantom_cohort
+    from napari_m3hl.data.phantom import make_phantom_cohort
 
     if n_volumes < 1:
         raise M3HLInputError(f"n_volumes={n_volumes} must be >= 1.")
@@ -53,6 +54,6 @@ def phantom_val_volumes(n: int = 2, seed: int = 1000,
                         shape: tuple[int, int, int] = (10, 216, 256)) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``n`` fully labeled phantom volumes ``(name, image (D, H, W), label (D, H, W))``
     (same format as :func:`acdc_val_volumes`); use a ``seed`` unlike the training one."""
-    from ..phantom import make_phantom_cohort
+    from napari_m3hl.data.phantom import make_phantom_cohort
 
     return [(f"phantom_{p.seed}", p.image, p.label) for p in make_phantom_cohort(n, seed=seed, shape=shape)]

@@ -14,8 +14,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..labels import ACDC_CLASSES, LA_CLASSES, default_class_names  # noqa: F401 - re-exported
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.labels import default_class_names
 
 PathLike = Union[str, Path]
 

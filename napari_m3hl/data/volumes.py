@@ -7,10 +7,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import M3HLInputError
-from ..io import load_nifti, normalize_intensity, validate_image, validate_label
-from ..labels import labeled_slices
-from .types import PathLike, TrainData, VolumeSlices, default_class_names
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.nifti import load_nifti
+from napari_m3hl.io.intensity import normalize_intensity
+from napari_m3hl.io.checks import validate_image, validate_label
+from napari_m3hl.labels import labeled_slices
+from napari_m3hl.data.types import PathLike, TrainData, VolumeSlices
+from napari_m3hl.labels import default_class_names
 
 
 class PartlyLabeledVolume:
@@ -30,7 +33,7 @@ class PartlyLabeledVolume:
         Number of classes including background.
     normalize:
         Scale each volume to [0, 1] with
-        :func:`napari_m3hl.io.normalize_intensity`.
+        :func:`napari_m3hl.io.nifti.normalize_intensity`.
     name:
         Used in error messages (e.g. the napari layer name).
 

@@ -1,0 +1,1 @@
+"""napari layer control: overlay names, in-place updates, quiet adds."""

@@ -1,0 +1,1 @@
+"""The dock widget's panels, one QGroupBox each, over one PanelState."""

@@ -1,0 +1,116 @@
+"""Worker jobs that read and write files: session folders, checkpoints,
+NIfTI export (plain data in, plain data out; no Qt object, no layer).
+:mod:`napari_m3hl._napari.run.jobs` re-exports them beside the training and prediction jobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from napari_m3hl.errors import M3HLInputError
+
+
+@dataclass
+class SessionSnapshot:
+    """A session folder's content, as plain data taken in the GUI thread.
+
+    ``labels``: copy of the user's whole Labels layer; ``geometry``: its
+    ``scale``/``translate``/``metadata`` (NIfTI affine and header);
+    ``checkpoint``: a checkpoint file to copy in (None: keep the folder's).
+    """
+
+    folder: Path
+    labels: np.ndarray
+    geometry: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class AutosaveFailed:
+    """Yielded by a training job whose autosave failed; training goes on."""
+
+    folder: str
+    error: str
+
+
+@dataclass
+class SessionOpened:
+    """What :func:`open_session_job` hands back: the session and, when the
+    session's image was not open, that image read from its source file."""
+
+    session: Any  # napari_m3hl.io.session.Session
+    image: tuple | None = None  # (data, kwargs, "image") from the NIfTI reader
+
+
+
+def save_session_job(snap: SessionSnapshot) -> str:
+    """Worker function: write the session folder (labels, settings, facts, checkpoint)."""
+    from napari_m3hl.io.session import save_session
+    from napari_m3hl._napari._writer import geometry_from_meta
+
+    affine, header, _ = geometry_from_meta(snap.geometry, np.ndim(snap.labels))
+    folder = save_session(snap.folder, snap.labels, affine, header, checkpoint=snap.checkpoint,
+                          settings=snap.settings, meta=snap.meta)
+    return str(folder)
+
+
+def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> SessionOpened:
+    """Worker function: read a session folder; read its image file too when
+    it is not among ``open_sources`` (source paths of the open layers) and exists."""
+    from napari_m3hl.io.session import load_session
+
+    sess = load_session(folder)
+    src = sess.meta.get("image_source")
+    image = None
+    if src and str(src) not in set(map(str, open_sources)) and Path(src).is_file():
+        from napari_m3hl._napari._reader import read_nifti
+
+        data, kwargs, kind = read_nifti(str(src))[0]
+        if kind == "image":
+            kwargs["name"] = sess.meta.get("image_name", kwargs.get("name"))
+            image = (data, kwargs, kind)
+    return SessionOpened(sess, image)
+
+
+def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channels: int = 1) -> dict[str, Any]:
+    """Worker function: read a checkpoint and check it fits the data; returns a summary."""
+    from napari_m3hl.io.checkpoint import check_compatible, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, arch, num_classes, in_channels, source=str(path))
+    return {
+        "path": str(path),
+        "iteration": int(ckpt.get("iteration", 0)),
+        "class_names": list(ckpt.get("class_names", [])),
+        "patch_size": list(ckpt.get("patch_size", [])),
+        "resumable": "optimizer" in ckpt,
+        "config": ckpt.get("config", {}),
+    }
+
+
+def copy_file_job(src: str | Path, dst: str | Path) -> str:
+    """Worker function: copy a checkpoint file (atomic rename at the end)."""
+    from napari_m3hl.io.files import atomic_copy
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise M3HLInputError(f"no checkpoint to save yet ({src} does not exist); train first")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_copy(src, dst)
+    return str(dst)
+
+
+def export_job(path: str | Path, labels: np.ndarray, meta: dict[str, Any], painted: np.ndarray | None = None) -> str:
+    """Worker function: write labels as NIfTI with the geometry in ``meta``;
+    with ``painted`` (the user's labels, same shape), the slices painted there
+    are written exactly as painted (:func:`napari_m3hl.fewslice.safeguard.merge_frames`)."""
+    from napari_m3hl.io.nifti import save_nifti_labels
+    from napari_m3hl.fewslice.safeguard import merge_frames
+    from napari_m3hl._napari._writer import geometry_from_meta, nifti_path
+
+    affine, header, _ = geometry_from_meta(meta, np.ndim(labels))
+    return str(save_nifti_labels(merge_frames(labels, painted), nifti_path(path), affine, header))

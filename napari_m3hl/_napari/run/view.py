@@ -1,0 +1,172 @@
+"""The dock widget's view of a training run: the events a worker yields, drawn.
+
+:class:`RunView` (a helper of the Run panel, on the shared
+:class:`napari_m3hl._napari.panels.state.PanelState`) draws each event of the training worker in the GUI thread: progress and the loss plot,
+the preview overlay (updated in place, dropped when the layers changed since
+Train), the quality numbers beside the plot, the mix preview, the end of the
+run; few-slice events go to :class:`napari_m3hl._napari.run.finetune.FineTune`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from napari.layers import Labels
+
+from napari_m3hl.training import events as ev
+from napari_m3hl._napari.layers import control as lc
+from napari_m3hl._napari.layers import overlays as ov
+from napari_m3hl._napari.run.file_jobs import AutosaveFailed
+from napari_m3hl._napari.run.jobs import DataReady, PreviewQuality
+from napari_m3hl._napari.panels.plot import quality_text
+from napari_m3hl._napari.panels.state import PanelState
+from napari_m3hl._napari.run.workers import describe_error
+
+
+def _fmt_time(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class RunView:
+    """Draws the training worker's events (GUI thread), on the shared state."""
+
+    def __init__(self, st: PanelState) -> None:
+        self.st = st
+
+    def on_event(self, e: Any) -> None:
+        """Draw one event from the training worker (GUI thread)."""
+        if isinstance(e, ev.Progress):
+            self._on_progress(e)
+        elif isinstance(e, ev.VolumePreview):
+            self._on_volume_preview(e)
+        elif isinstance(e, ev.MixPreview):
+            self._on_mix_preview(e)
+        elif isinstance(e, PreviewQuality):
+            self._on_quality(e)
+        elif isinstance(e, DataReady):
+            self.st.status(
+                f"Start model loaded; its segmentation is in '{lc.PSEUDO_LABELS}'. Fine-tuning on {e.n_labeled} "
+                f"painted slices ({e.n_unlabeled} not painted)…" if self.st.run is not None and self.st.run.fewslice else
+                f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
+            )
+        elif isinstance(e, ev.TrainStarted):
+            self.st.run_panel.show_progress(e.start_iteration, e.total_iterations, "%v / %m")
+            fewslice = self.st.run is not None and self.st.run.fewslice
+            self.st.status(
+                f"Training on {e.device}: {e.n_labeled} labeled, {e.n_unlabeled} unlabeled slices "
+                f"({e.mode}); " + ("the preview follows each check." if fewslice else
+                                   f"previews every {self.st.preview_every_s or '-'} s.")
+            )
+        elif isinstance(e, AutosaveFailed):
+            self.st.warn(f"Could not autosave the session to {e.folder} ({e.error}); training goes on and your "
+                       "layers are unchanged. Save session… to another folder to keep the work.")
+        elif isinstance(e, ev.CheckpointSaved):
+            self.st.runner.checkpoint = e.path
+            self.st.update_buttons()
+        elif isinstance(e, ev.TrainFinished):
+            self._on_finished_event(e)
+        else:
+            self.st.fine_tune.fewslice_event(e)
+
+    def _on_progress(self, e: ev.Progress) -> None:
+        fmt = None
+        if not (self.st.runner.control and self.st.runner.control.stop_requested):
+            fmt = "%v / %m" if not self.st.runner.paused else "paused at %v / %m"
+        self.st.run_panel.show_progress(e.iteration, e.total_iterations, fmt)
+        terms = " · ".join(f"{k} {v:.3f}" for k, v in e.losses.items())
+        self.st.run_panel.progress_label.setText(
+            f"iteration {e.iteration}/{e.total_iterations} · {e.images_per_s:.1f} img/s · "
+            f"elapsed {_fmt_time(e.elapsed_s)} · ETA {_fmt_time(e.eta_s)}\n{terms}"
+        )
+        self.st.run_panel.loss_plot.add(e.iteration, e.losses)
+
+    def current_token(self) -> tuple | None:
+        """Token of the run's image/labels now; None when a layer was removed."""
+        run = self.st.run
+        if run is None or not lc.layer_in(self.st.viewer, run.image) or not lc.layer_in(self.st.viewer, run.labels):
+            return None
+        return self.st.versions.token([run.image, run.labels])
+
+    def _on_volume_preview(self, e: ev.VolumePreview) -> None:
+        self.show_preview(e.labels, e.iteration, e.token)
+
+    def show_preview(self, labels: np.ndarray, iteration: int, token: Any) -> None:
+        """Draw a preview (one frame, (D, H, W)) in the preview layer, in place;
+        dropped when the image or labels changed since Train (``token`` None:
+        the run's own)."""
+        run = self.st.run
+        if run is None:
+            return
+        if (run.token if token is None else token) != self.current_token():
+            run.dropped_previews += 1
+            self.st.run_panel.progress_label.setText(
+                self.st.run_panel.progress_label.text().split("\n")[0]
+                + "\npseudo-label preview skipped: the image or labels changed since Train"
+            )
+            return
+        index = (run.preview_frame,) if run.image.ndim == 4 else ()
+        layer = self.st.viewer.layers[lc.PSEUDO_LABELS] if lc.PSEUDO_LABELS in self.st.viewer.layers else None
+        if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(run.image.data.shape):
+            lc.update_changed(layer, labels, index)  # in place: only the changed pixels are redrawn
+        else:
+            data = labels
+            if index:
+                data = np.zeros(run.image.data.shape, np.uint8)
+                data[index] = labels
+            layer = lc.upsert_labels(self.st.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
+                                     opacity=0.45, editable=False)
+        layer.editable = False
+        run.preview_iteration = iteration
+        if run.first_preview_s is None:
+            run.first_preview_s = time.perf_counter() - run.started
+
+    def _on_quality(self, e: PreviewQuality) -> None:
+        """Dice against the painted slices and the change of the unpainted ones, beside the loss plot."""
+        text, tip = quality_text(e)
+        self.st.run_panel.quality_label.setText(text)
+        self.st.run_panel.quality_label.setToolTip(tip)
+
+    def _on_mix_preview(self, e: ev.MixPreview) -> None:
+        """Show the two mixed images side by side, to the right of the volume."""
+        run = self.st.run
+        if run is None:
+            return
+        montage, targets = ov.mix_montage(e.images, e.targets)
+        ov.show_mix(self.st.viewer, run.image, montage, targets, e.images.shape[-2:], run.class_names)
+        run.mix_shown = True
+
+    def _on_finished_event(self, e: ev.TrainFinished) -> None:
+        run = self.st.run
+        if run is not None:
+            run.finished = e
+        if e.checkpoint:
+            self.st.runner.checkpoint = e.checkpoint
+            self.st.model_iteration = int(e.iteration) + (run.iteration_offset if run is not None else 0)
+            self.st.model_resumable = True
+            self.st.model_is_fewslice = bool(run is not None and run.fewslice)
+        if self.st.run_history:
+            self.st.run_history[-1].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": int(e.iteration),
+                                         "stopped": bool(e.stopped), "checkpoint": e.checkpoint})
+        how = "Stopped" if e.stopped else "Finished"
+        self.st.status(f"{how} at iteration {e.iteration}; checkpoint {e.checkpoint or '(not saved)'}")
+        self.st.run_panel.progress.setFormat(f"{how.lower()} at %v / %m")
+        if run is not None and run.fewslice:
+            return  # the few-slice result follows, with its segmentation (_on_fewslice_result)
+        if self.st.auto_predict and e.checkpoint and run is not None and lc.layer_in(self.st.viewer, run.image):
+            self.st.outputs.analyse_run(run.image, run.preview_frame if run.image.ndim == 4 else 0)
+
+    def on_train_error(self, exc: BaseException) -> None:
+        run = self.st.run
+        self.st.error(describe_error(exc, "Training", run.batch_size if run else None, self.st.runner.checkpoint))
+        self.st.run_panel.progress.setFormat("failed at %v / %m")
+
+    def on_train_aborted(self) -> None:
+        self.st.status(f"Training cancelled; last checkpoint: {self.st.runner.checkpoint or 'none'}")
+
+    def on_train_finished(self) -> None:
+        self.st.set_running(False)
+        self.st.update_buttons()

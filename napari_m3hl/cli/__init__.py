@@ -1,0 +1,1 @@
+"""The ``m3hl`` command line."""

@@ -1,0 +1,221 @@
+"""Checks the command line runs before it reads, trains or writes anything.
+
+Each function raises :class:`~napari_m3hl.errors.M3HLInputError` with one line
+naming the option or file and what to do (the CLI prints it and exits with
+status 2). They exist so that no command destroys a file, returns a silently
+wrong result or fails half-way: outputs are planned and checked before the
+first inference, the run folder before the first training step. The list of
+what each command refuses is in ``docs/refusals.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.files import NIFTI_SUFFIXES, atomic_write_text, is_nifti_name, stem
+
+INPUT_SUFFIXES = NIFTI_SUFFIXES + (".h5",)
+#: Files a training run writes into its folder (``--overwrite`` removes them first).
+RUN_FILES = ("run.json", "last.pt", "best.pt", "diverged.pt")
+
+
+# --------------------------------------------------------------------- writing
+
+
+def check_writable_dir(folder: Path, option: str) -> None:
+    """``folder`` exists or can be created, and a file can be written in it.
+
+    Creates the folder (as the command would) and probes it with a temporary
+    file, which is removed again."""
+    if folder.exists() and not folder.is_dir():
+        raise M3HLInputError(f"{option} {folder} is a file, not a folder; give a folder name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".m3hl-write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise M3HLInputError(
+            f"{option} {folder} is not writable ({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """A file the command will write at the end (e.g. ``--json``): checked
+    before the (long) run, so its results are not lost at the last step.
+    A missing parent folder is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise M3HLInputError(f"{option} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), f"{option} folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise M3HLInputError(f"{option} {path} exists and is not writable; choose another file")
+    return path
+
+
+def write_json(path: str | Path, obj: Any, option: str) -> None:
+    """Write ``obj`` as JSON (temporary file + rename); one clear line on failure."""
+    path = Path(path)
+    try:
+        atomic_write_text(path, json.dumps(obj, indent=2, default=float))
+    except OSError as exc:
+        raise M3HLInputError(f"cannot write {option} {path} ({exc.strerror or exc})") from None
+
+
+# --------------------------------------------------------------------- predict
+
+
+def input_files(path: Path) -> list[Path]:
+    """The volumes ``--input`` names: one file or the NIfTI/h5 files of a folder."""
+    if not path.exists():
+        raise M3HLInputError(f"--input {path} does not exist")
+    if path.is_file():
+        if not path.name.lower().endswith(INPUT_SUFFIXES):
+            raise M3HLInputError(f"--input {path} is not a .nii, .nii.gz or .h5 file")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES))
+    if not files:
+        raise M3HLInputError(f"--input folder {path} holds no .nii, .nii.gz or .h5 file")
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def plan_outputs(inputs: Sequence[Path], output: Path, overwrite: bool) -> list[tuple[Path, Path]]:
+    """``(input, label file)`` pairs for ``m3hl predict``, checked before any inference.
+
+    ``output`` is a folder (``<name>.nii.gz`` per input) or, for a single
+    input, a ``.nii``/``.nii.gz`` file name. Refused: an output that is an
+    existing non-NIfTI file, a file name for several inputs, two inputs
+    mapping to one output (``a.nii`` and ``a.nii.gz``), an output that is one
+    of the inputs (even with ``--overwrite``), and existing outputs unless
+    ``overwrite``.
+    """
+    if is_nifti_name(output) and not output.is_dir():
+        if len(inputs) != 1:
+            raise M3HLInputError(
+                f"--output {output} names one file but --input holds {len(inputs)} volumes; give a folder"
+            )
+        pairs = [(inputs[0], output)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise M3HLInputError(
+                f"--output {output} is an existing file, not a folder; give a folder (or, for one input, "
+                "a .nii.gz file name)"
+            )
+        pairs = [(f, output / f"{stem(f)}.nii.gz") for f in inputs]
+    seen: dict[Path, Path] = {}
+    for src, dest in pairs:
+        key = dest.resolve()
+        if key in seen:
+            raise M3HLInputError(
+                f"{seen[key].name} and {src.name} would both be written to {dest}; move one of them to another "
+                "folder or predict them separately"
+            )
+        seen[key] = src
+    for src, dest in pairs:
+        hit = next((f for f in inputs if _same_file(f, dest)), None)
+        if hit is not None:
+            raise M3HLInputError(
+                f"--output {dest} is the input scan {hit}; writing labels there would destroy it. "
+                "Choose another --output folder"
+            )
+        if dest.is_dir():
+            raise M3HLInputError(f"{dest} is a folder; remove it or choose another --output")
+    existing = [dest for _, dest in pairs if dest.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise M3HLInputError(
+            f"{existing[0]}{more} already exist(s); pass --overwrite to replace them or choose another --output"
+        )
+    return pairs
+
+
+# --------------------------------------------------------------------- train
+
+
+def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A run folder must be new or empty, unless resuming a run or ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise M3HLInputError(f"--out {out} is a file, not a folder; give a folder for the run")
+    if resume or overwrite or not out.is_dir():
+        return
+    found = sorted(p.name for p in out.iterdir())
+    if found:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise M3HLInputError(
+            f"--out {out} is not empty ({shown}); a new run would replace its files. Choose a new folder, "
+            "continue that run with --resume, or pass --overwrite"
+        )
+
+
+def clear_run_files(out: Path) -> list[str]:
+    """With ``--overwrite``: remove an earlier run's files (``RUN_FILES``) so none is mistaken for this run's."""
+    removed = []
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_file():
+            p.unlink()
+            removed.append(name)
+    return removed
+
+
+def resume_settings(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
+    """The training settings a checkpoint was written with (unknown keys dropped),
+    the base of a resumed run's config."""
+    from napari_m3hl.config import TrainConfig
+
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict) or not stored or "optimizer" not in ckpt:
+        raise M3HLInputError(
+            f"--resume {path} is a model file or weights-only checkpoint (no optimizer state to continue from); "
+            f"use --init {path} to fine-tune it, or resume from a run's last.pt"
+        )
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in stored.items() if k in known}
+
+
+def explicit_differences(settings: dict[str, Any], given: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """``key old→new`` for each of ``keys`` given on the command line with a new value."""
+    out = []
+    for k in keys:
+        if given.get(k) is None or k not in settings:
+            continue
+        old, new = settings[k], given[k]
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
+            out.append(f"{k} {old}→{new}")
+    return out
+
+
+# --------------------------------------------------------------------- evaluate
+
+
+def data_kind(source: str | Path) -> tuple[int, int] | None:
+    """(ndim, num_classes) of an evaluation source without reading it:
+    phantom and ACDC 2D/4, LA 3D/2; None when unknown."""
+    if isinstance(source, str) and source.strip().lower() == "phantom":
+        return 2, 4
+    path = Path(source)
+    if (path / "volumes").is_dir() or (path / "train_slices.list").is_file():
+        return 2, 4
+    if (path / "cases").is_dir():
+        return 3, 2
+    return None
+
+
+def check_teacher(ckpt: dict[str, Any], which: str | None, path: str) -> None:
+    if which == "teacher" and "teacher" not in ckpt:
+        raise M3HLInputError(
+            f"--which teacher: {path} has no teacher network (a model file holds the student only); "
+            "use --which student"
+        )

@@ -1,0 +1,162 @@
+"""The ``m3hl`` argument parser: one ``_add_<command>`` per command and :func:`build_parser`.
+
+What each command does lives in :mod:`napari_m3hl.cli.train` (``train``),
+:mod:`napari_m3hl.cli.fewslice` (``train --data IMAGE --labels PAINTED``) and
+:mod:`napari_m3hl.cli.commands` (``predict``, ``evaluate``, ``suggest``, ``phantom``);
+:mod:`napari_m3hl.cli.main` runs them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from napari_m3hl import __version__
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 256,256 or 112,112,80, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _fewslice_summary() -> str:
+    from napari_m3hl.fewslice.loop import FewSliceOptions
+
+    return FewSliceOptions().summary()
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model with M³HL (or the supervised baseline)",
+        epilog="Several GPUs or machines: launch the same command with torchrun, e.g. "
+               "'torchrun --nproc_per_node 4 -m napari_m3hl train --preset la_vnet3d --data /data/LA' "
+               "(one process per GPU; --batch-size is per process, the global batch is batch × processes; "
+               "several nodes: --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400). See docs/cluster.md.")
+    p.add_argument("--preset", default=None, help="preset name in models/ or a YAML path (default acdc_unet2d)")
+    p.add_argument("--variant", default=None, help="preset variant: paper, reference or (acdc_unet2d) fast (default: the preset's default; fast for acdc_unet2d)")
+    p.add_argument("--data", default="phantom",
+                   help="'phantom', an ACDC folder (with train_slices.list), an LA folder (with cases/), or a NIfTI image")
+    p.add_argument("--labels", default=None,
+                   help="with a NIfTI image: its partly painted label map (NIfTI). Alone, this fine-tunes --init (default: "
+                        f"the shipped 70-patient ACDC model) with the few-slice defaults ({_fewslice_summary()}; the "
+                        "model's own input size; --iterations/--lr/--batch-size/--mode/--start-blend override) and writes "
+                        "segmentation.nii.gz with the painted slices kept; with --preset/--variant/--patch-size/"
+                        "--block-size/--set it trains with the preset's schedule instead")
+    p.add_argument("--labeled", type=int, default=None,
+                   help="labeled patients (ACDC, default 7) or cases (LA, default 8) or slices per phantom volume (default 2)")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=_ints, default=None, help="e.g. 256,256 or 112,112,80")
+    p.add_argument("--block-size", type=_ints, default=None, help="mask block size, e.g. 64,64")
+    p.add_argument("--mask-ratio", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lam", type=float, default=None, help="λ, weight of the high-low feature loss")
+    p.add_argument("--alpha", type=float, default=None, help="α, weight of pseudo-labelled regions")
+    p.add_argument("--mode", choices=["m3hl", "supervised"], default=None)
+    p.add_argument("--start-blend", type=float, default=None, metavar="W",
+                   help="few-slice loop (--labels): weight of the start model's probabilities in the segmentation "
+                        "(default: FewSliceOptions.start_blend; 0 = the fine-tuned network alone)")
+    p.add_argument("--no-hl", action="store_true", help="ablation: M³ only (no feature consistency)")
+    p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="autocast: auto (default) = bf16 on GPUs and on CPUs with native bf16, else fp32")
+    p.add_argument("--val", action="store_true", help="validate on the data set's validation volumes and keep best.pt")
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig field, e.g. --set teacher_mode=train (YAML value syntax)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint (last.pt) with its settings (patch, block, ...)")
+    p.add_argument("--init", default=None, help="start from this checkpoint's or model file's weights (fine-tuning)")
+    p.add_argument("--out", default="runs/m3hl", help="output folder (checkpoints, run.json); must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = p.add_argument_group("distributed (under torchrun, see docs/cluster.md)")
+    d.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only); default: per process")
+    d.add_argument("--scale-lr", action="store_true", help="multiply the learning rate by the number of processes")
+    d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long a process waits for a missing one before the job fails (default 1800)")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment NIfTI or h5 volumes with a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="a .nii/.nii.gz/.h5 file or a folder of them")
+    p.add_argument("--output", required=True,
+                   help="folder for <name>.nii.gz label maps, or a .nii.gz file name for a single input")
+    p.add_argument("--overwrite", action="store_true", help="replace existing label maps (never an input)")
+    p.add_argument("--which", choices=["student", "teacher"], default="student",
+                   help="student (default; a few-slice fine-tune's student segments blended with its start model, "
+                        "as the loop showed) or the EMA teacher")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive, default=8)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint on validation volumes (Dice, Jaccard, HD95, ASD)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="an ACDC folder (val.list + volumes/), an LA folder, or 'phantom'")
+    p.add_argument("--which", choices=["student", "teacher"], default="student",
+                   help="student (default; a few-slice fine-tune's student segments blended with its start model, "
+                        "as the loop showed) or the EMA teacher")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=_positive, default=None, help="score only the first N volumes")
+    p.add_argument("--list", default=None, dest="names_file",
+                   help="a file of volume names to score instead of val.list (e.g. test.list)")
+    p.add_argument("--spacing", type=float, nargs="+", default=None,
+                   help="voxel spacing in mm (D H W) for distances in mm; default: pixels, as the papers")
+    p.add_argument("--empty", choices=["paper", "strict"], default="paper",
+                   help="how a class missing from the prediction scores: paper (0 on all four metrics, as the published numbers) or strict (NaN distances); see docs/method.md")
+    p.add_argument("--json", default=None, help="write the per-case and summary metrics here")
+
+
+def _add_suggest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("suggest", help="rank the unlabeled slices of a NIfTI volume: which to label next")
+    p.add_argument("--checkpoint", required=True, help="a 2D checkpoint (with its EMA teacher for 'disagreement')")
+    p.add_argument("--image", required=True, help="a 3D .nii/.nii.gz volume")
+    p.add_argument("--labels", default=None, help="its partial labels (.nii/.nii.gz); labeled slices are left out")
+    from napari_m3hl.fewslice.suggest import METHODS  # numpy only: cheap at parser build
+
+    p.add_argument("--score", choices=METHODS, default=None,
+                   help="uncertainty score (default: the measured default, see docs/benchmarks.md; entropy "
+                        "for a model file without a teacher)")
+    p.add_argument("--which", choices=["student", "teacher"], default=None,
+                   help="whose uncertainty entropy and margin measure: the network you segment with "
+                        "(default: suggest.DEFAULT_NETWORK)")
+    p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank by score × distance to the nearest labeled slice (default: suggest.DEFAULT_SPREAD)")
+    p.add_argument("--top", type=_positive, default=5, help="how many slices to list")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write every slice's score and the ranking here")
+
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="write synthetic cardiac MR phantom volumes (+ full labels) as NIfTI")
+    p.add_argument("--output", required=True, help="folder for phantom_<seed>.nii.gz and phantom_<seed>_labels.nii.gz")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=_positive, default=1, help="volumes with seeds seed, seed+1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace phantom files already in --output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3hl", description="M³HL semi-supervised cardiac MR segmentation")
+    parser.add_argument("--version", action="version", version=f"napari-m3hl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_suggest(sub)
+    _add_phantom(sub)
+    return parser
