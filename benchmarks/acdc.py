@@ -191,11 +191,11 @@ def run_one(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(best_path)
     # the one prediction path `m3hl evaluate` uses (input resizing as the checkpoint was trained)
     device = str(resolve_device(cfg.device))
-    summary, per_case = Predictor.from_checkpoint(ckpt, "student", device).score(val, empty_convention="paper")
+    summary, per_case = Predictor.from_checkpoint(ckpt, "student", device, clean=False).score(val, empty_convention="paper")
     teacher_last = None
     last = Path(best_path).with_name("last.pt")
     if last.is_file():
-        t_summary, _ = Predictor.from_checkpoint(load_checkpoint(last), "teacher", device).score(
+        t_summary, _ = Predictor.from_checkpoint(load_checkpoint(last), "teacher", device, clean=False).score(
             val, empty_convention="paper")
         teacher_last = {"iteration": int(finished.iteration), "which": "teacher", "summary": t_summary}
     score_s = time.perf_counter() - t1
@@ -231,7 +231,7 @@ def score_checkpoint(path: str | Path, which: str, data: str) -> dict:
     from napari_m3hl.inference.predictor import Predictor
 
     ckpt = load_checkpoint(path)
-    summary, _ = Predictor.from_checkpoint(ckpt, which, "cpu").score(load_val_volumes(data), empty_convention="paper")
+    summary, _ = Predictor.from_checkpoint(ckpt, which, "cpu", clean=False).score(load_val_volumes(data), empty_convention="paper")
     return {"iteration": int(ckpt["iteration"]), "which": which, "summary": summary}
 
 

@@ -81,7 +81,7 @@ def agreement(data_root: Path, limit: int | None) -> list[dict]:
     for model_path in sorted((ROOT / "models").glob("acdc*.pt")):
         results = {}
         for which in ("fp32", "default"):  # a fresh network each: channels_last converts in place
-            predictor = Predictor.from_checkpoint(model_path)
+            predictor = Predictor.from_checkpoint(model_path, clean=False)
             if which == "fp32":
                 predictor = replace(predictor, precision="fp32", channels_last=False)
             preds = [predictor.predict(img) for _, img, _ in vols]

@@ -141,7 +141,7 @@ def run_method(method: str, budget: str, data: Path, out: Path, seed: int, devic
     networks = (("student", student),) if method == "sup" else (("student", student), ("teacher", teacher))
     for which, model in networks:  # the supervised run's EMA teacher is not a method of its own
         predictor = replace(Predictor.from_network(model, config, which, device=device), stride=tuple(stride),
-                            keep_largest=True)
+                            clean=True)
         cases, per_case = [], {}
         for i, name in enumerate(scored.names):
             image, label = scored[i]

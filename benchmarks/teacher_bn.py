@@ -43,7 +43,7 @@ def main() -> None:
             fin = [e for e in train(cfg, data, out) if isinstance(e, ev.TrainFinished)][-1]
             r = {"seed": seed, "teacher_bn": bn, "seconds": round(time.time() - t0, 1), "load": os.getloadavg()[0]}
             for which in ("student", "teacher"):
-                r[which] = Predictor.from_checkpoint(fin.checkpoint, which).score(val)[0]["mean"]["dice"]
+                r[which] = Predictor.from_checkpoint(fin.checkpoint, which, clean=False).score(val)[0]["mean"]["dice"]
             runs.append(r)
             print(json.dumps(r), flush=True)
     RESULTS.write_text(json.dumps({

@@ -75,7 +75,7 @@ def ship(key: str, name: str, data: str, description: str, which: str = "student
     dest = ROOT / "models" / f"{name}.pt"
     rel = dest.relative_to(ROOT)
     data_rel = os.path.relpath(data, ROOT)
-    eval_cmd = f"m3hl evaluate --checkpoint {rel} --data {data_rel}"
+    eval_cmd = f"m3hl evaluate --checkpoint {rel} --data {data_rel} --no-clean"  # the papers' protocol
     ship_cmd = f"python scripts/ship_model.py {key} --name {name}" + (" --which teacher" if which == "teacher" else "")
     weights = ("best student by validation mean Dice (best.pt, as the papers select)" if which == "student" else
                "EMA teacher at the last iteration (last.pt), chosen over the best student on validation (see selection)")
@@ -83,14 +83,14 @@ def ship(key: str, name: str, data: str, description: str, which: str = "student
     save_checkpoint(dest, make_payload(cfg, model, iteration=int(ckpt["iteration"]), half=True, metrics={}, card=base))
     js = Path("/tmp") / f"{name}_eval.json"
     subprocess.run([sys.executable, "-m", "napari_m3hl", "evaluate", "--checkpoint", str(dest), "--data", data,
-                    "--device", "cpu", "--json", str(js)], check=True, cwd=ROOT)
+                    "--device", "cpu", "--no-clean", "--json", str(js)], check=True, cwd=ROOT)
     ev_res = json.loads(js.read_text())
     summary = ev_res["summary"]
     metrics = {"mean": {k: round(float(v), 4) for k, v in summary["mean"].items()},
                "per_class": {c["name"]: {m: round(float(c[m]["mean"]), 4) for m in ("dice", "jaccard", "hd95", "asd")}
                              for c in summary["classes"]}}
     # the two volumes the regression test uses
-    shipped = Predictor.from_checkpoint(dest)
+    shipped = Predictor.from_checkpoint(dest, clean=False)
     two = []
     for _, image, label in load_val_volumes(data, limit=2):
         pred = shipped.predict(image)

@@ -54,7 +54,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     checks.check_teacher(ckpt, args.which, args.checkpoint)
     pairs = checks.plan_outputs(checks.input_files(Path(args.input)), Path(args.output), args.overwrite)
     checks.check_writable_dir(pairs[0][1].parent, "--output")
-    predictor = Predictor.from_checkpoint(ckpt, args.which, device, batch_size=args.batch_size)
+    predictor = Predictor.from_checkpoint(ckpt, args.which, device, batch_size=args.batch_size, clean=args.clean,
+                                          tta=args.tta)
     patch = predictor.patch
     predict = _predict_fn(predictor)
     for f, dest in pairs:
@@ -101,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.names_file and kind is not None and str(args.data).strip().lower() == "phantom":
         raise M3HLInputError("--list names volumes of an ACDC or LA folder; the phantom has none (use --limit)")
-    predictor = Predictor.from_checkpoint(ckpt, args.which, device)
+    predictor = Predictor.from_checkpoint(ckpt, args.which, device, clean=args.clean, tta=args.tta)
     volumes = load_val_volumes(args.data, ndim=len(patch), limit=args.limit, names_file=args.names_file)
     if not volumes:
         raise M3HLInputError(f"no validation volume found in {args.data}")
@@ -111,6 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(summary, distance_unit=unit))
     if args.json:
         checks.write_json(args.json, {"checkpoint": str(args.checkpoint), "data": str(args.data), "which": args.which,
+                                      "clean": args.clean, "tta": args.tta,
                                       "unit": unit, "empty_convention": args.empty, "summary": summary,
                                       "cases": per_case}, "--json")
     return 0

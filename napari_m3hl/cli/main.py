@@ -1,4 +1,4 @@
-"""Command line: ``m3hl train | predict | evaluate | suggest | phantom`` (also
+"""Command line: ``m3hl train | predict | evaluate | suggest | phantom | measure`` (also
 ``python -m napari_m3hl``): :func:`main` runs one command and turns every
 failure into one line.
 
@@ -9,6 +9,7 @@ module                   holds
 :mod:`napari_m3hl.cli.train`        ``m3hl train`` on a data set, the progress bar
 :mod:`napari_m3hl.cli.fewslice`     ``m3hl train --data IMAGE --labels PAINTED``
 :mod:`napari_m3hl.cli.commands`     ``m3hl predict | evaluate | suggest | phantom``
+:mod:`napari_m3hl.cli.measure`      ``m3hl measure`` (volumes, EF, LV mass)
 :mod:`napari_m3hl.cli.checks`       checks before anything is read or written
 =======================  ===============================================
 """
@@ -18,6 +19,7 @@ import sys
 from typing import Sequence
 
 from napari_m3hl.cli.commands import cmd_evaluate, cmd_phantom, cmd_predict, cmd_suggest
+from napari_m3hl.cli.measure import cmd_measure
 from napari_m3hl.cli.parser import build_parser
 from napari_m3hl.cli.train import cmd_train
 from napari_m3hl.errors import M3HLInputError
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"m3hl {args.command}"
     try:
         return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "suggest": cmd_suggest,
-                "phantom": cmd_phantom}[args.command](args)
+                "phantom": cmd_phantom, "measure": cmd_measure}[args.command](args)
     except M3HLInputError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2

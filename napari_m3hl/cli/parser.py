@@ -2,7 +2,8 @@
 
 What each command does lives in :mod:`napari_m3hl.cli.train` (``train``),
 :mod:`napari_m3hl.cli.fewslice` (``train --data IMAGE --labels PAINTED``) and
-:mod:`napari_m3hl.cli.commands` (``predict``, ``evaluate``, ``suggest``, ``phantom``);
+:mod:`napari_m3hl.cli.commands` (``predict``, ``evaluate``, ``suggest``, ``phantom``),
+:mod:`napari_m3hl.cli.measure` (``measure``);
 :mod:`napari_m3hl.cli.main` runs them.
 """
 from __future__ import annotations
@@ -90,6 +91,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="how long a process waits for a missing one before the job fails (default 1800)")
 
 
+def _add_cleaning(p: argparse.ArgumentParser) -> None:
+    """``--no-clean`` and ``--tta`` (predict, evaluate): see :class:`napari_m3hl.inference.predictor.Predictor`."""
+    p.add_argument("--no-clean", dest="clean", action="store_false",
+                   help="keep every blob the network segments (the papers' protocol); default: each structure's "
+                        "largest 3D connected component only")
+    p.add_argument("--tta", action="store_true",
+                   help="flip test-time augmentation: average the network over the image and its in-plane mirror "
+                        "images (about 3.5x the time; see docs/benchmarks.md)")
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment NIfTI or h5 volumes with a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -102,6 +113,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "as the loop showed) or the EMA teacher")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_positive, default=8)
+    _add_cleaning(p)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +132,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--empty", choices=["paper", "strict"], default="paper",
                    help="how a class missing from the prediction scores: paper (0 on all four metrics, as the published numbers) or strict (NaN distances); see docs/method.md")
     p.add_argument("--json", default=None, help="write the per-case and summary metrics here")
+    _add_cleaning(p)
 
 
 def _add_suggest(sub: argparse._SubParsersAction) -> None:
@@ -150,6 +163,22 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace phantom files already in --output")
 
 
+def _add_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="clinical measures of a segmentation: LV/RV volumes, EF, LV mass")
+    p.add_argument("segmentation", metavar="SEG",
+                   help="a .nii/.nii.gz label map (1 RV, 2 Myo, 3 LV): one 3D frame (with SEG_ES: end-diastole), "
+                        "or a 4D cine (ED and ES: the frames of the largest and smallest LV volume)")
+    p.add_argument("es_segmentation", metavar="SEG_ES", nargs="?", default=None,
+                   help="the end-systolic frame's segmentation (3D, same scan)")
+    p.add_argument("--ed", type=int, default=None, metavar="T", help="a 4D cine's end-diastolic frame (from 0)")
+    p.add_argument("--es", type=int, default=None, metavar="T", help="a 4D cine's end-systolic frame (from 0)")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="voxel size in mm (slice spacing, then the in-plane pixel size) for a file whose header "
+                        "has none; default: the header's")
+    p.add_argument("--json", default=None, help="write the measurements here (JSON)")
+    p.add_argument("--csv", default=None, help="write the measurements here (CSV)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3hl", description="M³HL semi-supervised cardiac MR segmentation")
     parser.add_argument("--version", action="version", version=f"napari-m3hl {__version__}")
@@ -159,4 +188,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_suggest(sub)
     _add_phantom(sub)
+    _add_measure(sub)
     return parser

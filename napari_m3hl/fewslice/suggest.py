@@ -236,6 +236,7 @@ def _predictor_factory(patch: Sequence[int], resize_input: str, device: Any, bat
     def as_predictor(net: Any) -> Predictor:
         if isinstance(net, Predictor):
             return replace(net, batch_size=batch_size)
-        return Predictor(net, tuple(int(p) for p in patch), 0, (), resize_input, device=device, batch_size=batch_size)
+        return Predictor(net, tuple(int(p) for p in patch), 0, (), resize_input, device=device, batch_size=batch_size,
+                         clean=False)  # a bare network: no class count to clean by
 
     return as_predictor

@@ -46,7 +46,18 @@ class Predictor:
         batch_size: slices per forward pass (2D).
         stride: sliding-window step, voxels (3D; ``None``: the default of
             :func:`inference.predict_volume_3d`).
-        keep_largest: keep only the largest connected component per class (3D).
+        clean: keep only each class's largest connected component, over the
+            whole volume (full connectivity: 26 neighbours,
+            :func:`napari_m3hl.method.components.largest_component_per_class`),
+            in the labels :meth:`predict` returns (:meth:`finish`). The
+            default for every segmentation a user gets (``m3hl predict`` and
+            ``evaluate``, the widget, the few-slice loop); off for a live
+            network (:meth:`from_network`: training's validation and previews)
+            and for the papers' 2D protocol (``--no-clean``). Probabilities
+            are never changed.
+        tta: flip test-time augmentation (:class:`napari_m3hl.inference.tta.FlipAverage`:
+            four passes, the class probabilities of the input and its in-plane
+            mirror images averaged). Off by default; measured in docs/benchmarks.md.
         intensity: how :meth:`scale` maps a raw image to [0, 1] (``"percentile"``
             or ``"minmax"``), as the network's training scaled its images.
         start_blend: weight of the start model's probabilities blended into
@@ -64,7 +75,8 @@ class Predictor:
     channels_last: bool = True
     batch_size: int = 16
     stride: tuple[int, ...] | None = None
-    keep_largest: bool = False
+    clean: bool = True
+    tta: bool = False
     intensity: str = "percentile"
     start_blend: float = 0.0
 
@@ -81,6 +93,8 @@ class Predictor:
         fallback_to_student: bool = False,
         batch_size: int = 16,
         blend: bool = True,
+        clean: bool = True,
+        tta: bool = False,
     ) -> "Predictor":
         """Load a checkpoint or model file (a path, or an already loaded dict).
 
@@ -89,6 +103,7 @@ class Predictor:
         student is used and ``self.which`` says so). The student of a
         few-slice fine-tune's checkpoint segments blended with its start model
         (:mod:`napari_m3hl.inference.blend`) unless ``blend=False``.
+        ``clean`` and ``tta``: see the class attributes.
         """
         from napari_m3hl.inference.blend import ProbabilityBlend, start_blend
         from napari_m3hl.io.checkpoint import image_interp, load_checkpoint, model_from_checkpoint
@@ -112,7 +127,8 @@ class Predictor:
         names = tuple(ckpt.get("class_names") or [f"class {c}" for c in range(int(ckpt["num_classes"]))])
         return cls(model, tuple(int(p) for p in ckpt["patch_size"]), int(ckpt["num_classes"]), names,
                    image_interp(ckpt), which, dev, batch_size=batch_size,
-                   intensity=(ckpt.get("config") or {}).get("intensity", "percentile"), start_blend=w)
+                   intensity=(ckpt.get("config") or {}).get("intensity", "percentile"), start_blend=w,
+                   clean=clean, tta=tta)
 
     @classmethod
     def from_network(
@@ -125,11 +141,12 @@ class Predictor:
         channels_last: bool = True,
     ) -> "Predictor":
         """Wrap a live network (e.g. during training) with its ``TrainConfig``;
-        ``device`` defaults to where the network's parameters are."""
+        ``device`` defaults to where the network's parameters are. Not cleaned
+        (``clean=False``): training validates as the papers do."""
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         return cls(model, tuple(int(p) for p in config.patch_size), int(config.num_classes),
                    tuple(config.class_names), config.image_interp, which, dev, precision, channels_last,
-                   intensity=getattr(config, "intensity", "percentile"))
+                   intensity=getattr(config, "intensity", "percentile"), clean=False)
 
     def scale(self, image: np.ndarray) -> np.ndarray:
         """A raw 2D-network input volume (NIfTI, a layer) scaled to [0, 1] as this
@@ -139,22 +156,38 @@ class Predictor:
         return scale_intensity(image, self.intensity)
 
     def predict(self, volume: np.ndarray, return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Labels ``uint8`` of the volume's shape (and probabilities ``(C, *shape)``
-        float32 when ``return_probs``)."""
+        """Labels ``uint8`` of the volume's shape, cleaned when ``self.clean``
+        (and probabilities ``(C, *shape)`` float32 when ``return_probs``)."""
         from napari_m3hl.inference.slices2d import predict_volume_2d
+        from napari_m3hl.inference.tta import FlipAverage
         from napari_m3hl.inference.window3d import predict_volume_3d
 
         vol = np.asarray(volume)
+        model = FlipAverage(self.model) if self.tta else self.model
         if self.ndim == 2:
             if vol.ndim != 3:
                 raise M3HLInputError(f"a 2D network segments (D, H, W) volumes; got an array of shape {vol.shape}")
-            return predict_volume_2d(self.model, vol, patch=self.patch, device=self.device,
-                                     batch_size=self.batch_size, return_probs=return_probs,
-                                     resize_input=self.image_interp, precision=self.precision,
-                                     channels_last=self.channels_last)
+            out = predict_volume_2d(model, vol, patch=self.patch, device=self.device,
+                                    batch_size=self.batch_size, return_probs=return_probs,
+                                    resize_input=self.image_interp, precision=self.precision,
+                                    channels_last=self.channels_last)
+            if return_probs:
+                return self.finish(out[0]), out[1]
+            return self.finish(out)
         extra = {} if self.stride is None else {"stride": tuple(self.stride)}
-        return predict_volume_3d(self.model, vol, patch=self.patch, device=self.device, num_classes=self.num_classes,
-                                 keep_largest=self.keep_largest, return_probs=return_probs, **extra)
+        return predict_volume_3d(model, vol, patch=self.patch, device=self.device, num_classes=self.num_classes,
+                                 keep_largest=self.clean, return_probs=return_probs, **extra)
+
+    def finish(self, labels: np.ndarray) -> np.ndarray:
+        """A label volume as this predictor hands labels out: with ``clean``, each
+        class's largest 3D connected component kept (a new array), else ``labels``
+        itself. For labels made outside :meth:`predict` from its probabilities
+        (the few-slice loop's blend), so they are cleaned the same way."""
+        from napari_m3hl.method.components import largest_component_per_class
+
+        if not self.clean or self.num_classes < 2:
+            return labels
+        return largest_component_per_class(np.asarray(labels)[None], self.num_classes)[0]
 
     def score(
         self,

@@ -4,8 +4,10 @@ One connectivity everywhere: full (8 neighbours in 2D, 26 in 3D), the default
 of ``skimage.measure.label`` that the reference code's ``getLargestCC`` uses.
 Ties go to the component met first in raster (C) order. Users: the teacher's
 pseudo-labels (:func:`napari_m3hl.method.teacher.pseudo_labels`: scipy on the CPU,
-the torch version on CUDA/MPS) and the 3D sliding window's ``keep_largest``
-(:func:`napari_m3hl.inference.slices2d.predict_volume_3d`).
+the torch version on CUDA/MPS), the 3D sliding window's ``keep_largest``
+(:func:`napari_m3hl.inference.window3d.predict_volume_3d`) and every
+segmentation a :class:`napari_m3hl.inference.predictor.Predictor` hands out
+(``clean``, the default: each class's largest 3D component of the volume).
 """
 from __future__ import annotations
 
