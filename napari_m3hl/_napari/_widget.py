@@ -1,4 +1,4 @@
-"""The "Train M³HL" dock widget: five panels over one shared state.
+"""The "Train M³HL" dock widget: six panels over one shared state.
 
 The widget is composed, not inherited: one small panel per group, each a
 ``QGroupBox`` that builds its own controls and holds their behaviour,
@@ -9,6 +9,7 @@ The widget is composed, not inherited: one small panel per group, each a
   with the Run group's helpers :class:`napari_m3hl._napari.run.view.RunView` (the run's events drawn),
   :class:`napari_m3hl._napari.run.outputs.Outputs` (Predict, segmentation layer, Export, checkpoints) and
   :class:`napari_m3hl._napari.run.finetune.FineTune` (the few-slice fine-tune and its safeguard);
+* :class:`napari_m3hl._napari.panels.measure.MeasurePanel`: volumes, EF and LV mass of each segmentation;
 * :class:`napari_m3hl._napari.panels.annotate.AnnotatePanel`: suggest, next, accept, disagreement, Train on;
 * :class:`napari_m3hl._napari.panels.session.SessionPanel`: save, open, autosave session folders;
 
@@ -31,6 +32,7 @@ from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_m3hl._napari.panels.annotate import AnnotatePanel
 from napari_m3hl._napari.panels.data import DataPanel
+from napari_m3hl._napari.panels.measure import MeasurePanel
 from napari_m3hl._napari.run.finetune import FineTune
 from napari_m3hl._napari.panels.model import ModelPanel
 from napari_m3hl._napari.run.outputs import Outputs
@@ -52,7 +54,7 @@ __all__ = [
 class M3HLWidget(QWidget):
     """Dock widget: paint a few slices, train M³HL, watch, predict, export.
 
-    Its parts: ``data_panel``, ``model_panel``, ``run_panel``,
+    Its parts: ``data_panel``, ``model_panel``, ``run_panel``, ``measure_panel``,
     ``annotate_panel``, ``session_panel`` (the groups, top to bottom) and
     ``run_view``, ``outputs``, ``fine_tune`` (the Run group's helpers), all
     on the shared state ``st`` (:class:`napari_m3hl._napari.panels.state.PanelState`: e.g.
@@ -69,6 +71,7 @@ class M3HLWidget(QWidget):
         self.run_panel = st.run_panel = RunPanel(st)
         self.data_panel = st.data_panel = DataPanel(st)
         self.model_panel = st.model_panel = ModelPanel(st)
+        self.measure_panel = st.measure_panel = MeasurePanel(st)
         self.annotate_panel = st.annotate_panel = AnnotatePanel(st)
         self.session_panel = st.session_panel = SessionPanel(st)
         self.run_view = st.run_view = RunView(st)

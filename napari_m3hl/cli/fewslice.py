@@ -70,7 +70,8 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     painted = np.asarray(lab.data)
     if not np.all(np.isfinite(painted)) or np.any(painted != np.rint(painted)):
         raise M3HLInputError(f"--labels {args.labels} holds non-integer values; a label map holds class numbers")
-    given = {k: getattr(args, k) for k in ("iterations", "lr", "batch_size", "mode", "seed", "device", "start_blend")}
+    given = {k: getattr(args, k) for k in ("iterations", "lr", "batch_size", "mode", "seed", "device", "start_blend",
+                                          "clean")}
     options = fs.FewSliceOptions(**{k: v for k, v in given.items() if v is not None})
     job = fs.prepare(start, img.data, np.rint(painted).astype(np.int64), options)
     checks.check_writable_dir(out, "--out")

@@ -67,6 +67,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-blend", type=float, default=None, metavar="W",
                    help="few-slice loop (--labels): weight of the start model's probabilities in the segmentation "
                         "(default: FewSliceOptions.start_blend; 0 = the fine-tuned network alone)")
+    p.add_argument("--no-clean", dest="clean", action="store_const", const=False, default=None,
+                   help="few-slice loop (--labels): keep every blob of the segmentation (default: each structure's "
+                        "largest 3D connected component)")
     p.add_argument("--no-hl", action="store_true", help="ablation: M³ only (no feature consistency)")
     p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
     p.add_argument("--seed", type=int, default=None)

@@ -167,9 +167,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if wants_fewslice(args):  # one painted volume: the few-slice loop, not a preset's 30,000 iterations
         return cmd_train_fewslice(args, ProgressBar(not args.quiet))
-    if getattr(args, "start_blend", None) is not None:
-        raise M3HLInputError("--start-blend belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "
-                             "--preset/--variant/--set/--val); this run trains with a preset's schedule")
+    for flag, key in (("--start-blend", "start_blend"), ("--no-clean", "clean")):
+        if getattr(args, key, None) is not None:
+            raise M3HLInputError(f"{flag} belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "
+                                 "--preset/--variant/--set/--val); this run trains with a preset's schedule")
     config = _train_config(args)
     _check_start(args, config)
     run = _train_on

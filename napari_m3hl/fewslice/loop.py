@@ -80,6 +80,9 @@ class FewSliceOptions:
             (0: the fine-tuned student alone). Needs ``segment_with="student"``;
             the fine-tune's checkpoint keeps the start weights and this weight,
             so ``m3hl predict`` segments the same way (:mod:`napari_m3hl.inference.blend`).
+        clean: keep each class's largest 3D connected component in the
+            segmentations shown (the start model's and each check's), as
+            :class:`napari_m3hl.inference.predictor.Predictor` does by default.
         seed: random seed.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
     """
@@ -97,6 +100,7 @@ class FewSliceOptions:
     stop_change: float = 0.005
     intensity: str = "minmax"
     start_blend: float = 0.6
+    clean: bool = True
     seed: int = 1337
     device: str = "auto"
 
@@ -108,7 +112,7 @@ class FewSliceOptions:
         if self.start_blend > 0:
             net = f"{net} blended with the start model ({self.start_blend:g} of its probabilities)"
         return (f"{self.iterations} iterations at lr {self.lr:g}, batch {self.batch_size}, {self.mode}{extra}, "
-                f"segmenting with {net}")
+                f"segmenting with {net}" + ("" if self.clean else ", not cleaned"))
 
 
 @dataclass
@@ -243,7 +247,7 @@ def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
                                            names=["volume"])
     data = plv.train_data(cfg.class_names)
     base = Predictor.from_checkpoint(blend_partner(ckpt), "student", "cpu" if options.device == "auto" else options.device,
-                                     blend=False)
+                                     blend=False, clean=options.clean)
     base_labels, base_probs = base.predict(scaled, return_probs=True)
     return FewSliceJob(cfg, data, Path(start), scaled, lab.astype(np.uint8), labeled_slices(lab), base_labels, options,
                        base_probs)
@@ -314,10 +318,12 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
         ckpt = load_checkpoint(path)
         labels, out = None, {}
         for which in ("teacher", "student"):
-            lab, probs = Predictor.from_checkpoint(ckpt, which, "cpu").predict(job.image, return_probs=True)
+            net = Predictor.from_checkpoint(ckpt, which, "cpu", clean=opts.clean)
+            lab, probs = net.predict(job.image, return_probs=True)
             out[which] = lab
             if which == opts.segment_with:
-                labels = blend_labels(job.base_probs, probs, opts.start_blend) if opts.start_blend > 0 else lab
+                labels = net.finish(blend_labels(job.base_probs, probs, opts.start_blend)) if opts.start_blend > 0 \
+                    else lab
         return labels, out
 
     try:

@@ -42,16 +42,21 @@ THROUGH_PLANE_MM = (1.5, 30.0)
 UNIT_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 
 
-def check_voxel_size(spacing: Sequence[float] | None, source: str = "the segmentation") -> tuple[float, float, float]:
+#: What a refusal of the voxel size tells a command-line user to do.
+FIX_CLI = "give the real voxel size with --spacing D H W (mm)"
+
+
+def check_voxel_size(spacing: Sequence[float] | None, source: str = "the segmentation",
+                     fix: str = FIX_CLI) -> tuple[float, float, float]:
     """The ``(D, H, W)`` voxel size in mm (through-plane first), checked.
 
-    Raises :class:`M3HLInputError` naming ``source`` when it is missing, not
-    three positive finite numbers, or outside the plausible range of a
-    short-axis cine (:data:`IN_PLANE_MM`, :data:`THROUGH_PLANE_MM`).
+    Raises :class:`M3HLInputError` naming ``source`` and ending with ``fix``
+    (what to do) when it is missing, not three positive finite numbers, or
+    outside the plausible range of a short-axis cine (:data:`IN_PLANE_MM`,
+    :data:`THROUGH_PLANE_MM`).
     """
     if spacing is None:
-        raise M3HLInputError(f"{source} has no voxel size; volumes need one (give a NIfTI file with its "
-                             "header's voxel size, or --spacing D H W in mm)")
+        raise M3HLInputError(f"{source} has no voxel size, and volumes need one; {fix}")
     try:
         vals = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
@@ -59,20 +64,20 @@ def check_voxel_size(spacing: Sequence[float] | None, source: str = "the segment
     if len(vals) != 3:
         raise M3HLInputError(f"{source}: voxel size {vals} must give 3 sizes (through-plane, then in-plane), mm")
     if not all(math.isfinite(v) and v > 0 for v in vals):
-        raise M3HLInputError(f"{source} has no usable voxel size ({_fmt(vals)} mm): the file's header does not "
-                             "say how large a voxel is; give --spacing D H W in mm")
+        raise M3HLInputError(f"{source} has no usable voxel size ({_fmt(vals)} mm): its header does not say how "
+                             f"large a voxel is; {fix}")
     dz, dy, dx = vals
     lo, hi = THROUGH_PLANE_MM
     if not lo <= dz <= hi:
         hint = (" (1 × 1 × 1 mm is what a file saved without a voxel size reports, e.g. from an array or an .h5 "
                 "volume)" if vals == (1.0, 1.0, 1.0) else "")
         raise M3HLInputError(f"{source}: slice spacing {dz:g} mm is implausible for a short-axis cine stack "
-                             f"(expected {lo:g}-{hi:g} mm){hint}; give the real voxel size with --spacing D H W")
+                             f"(expected {lo:g}-{hi:g} mm){hint}; {fix}")
     lo, hi = IN_PLANE_MM
     for v in (dy, dx):
         if not lo <= v <= hi:
             raise M3HLInputError(f"{source}: in-plane pixel size {v:g} mm is implausible (expected {lo:g}-{hi:g} "
-                                 "mm); give the real voxel size with --spacing D H W")
+                                 f"mm); {fix}")
     return vals
 
 
@@ -157,7 +162,7 @@ class Measurements:
                        lv=asdict(self.lv), rv=asdict(self.rv),
                        lv_myo_mass_ed_g=self.frames[self.ed].myo_g)
         out["notes"] = list(self.notes)
-        return out
+        return _finite_or_none(out)
 
     def to_csv(self) -> str:
         """Two sections as one CSV table: one row per frame (volumes), then one
@@ -233,8 +238,9 @@ def check_labels(labels: np.ndarray, source: str = "the segmentation") -> np.nda
     return lab
 
 
-def measure(labels: np.ndarray, spacing: Sequence[float], es_labels: np.ndarray | None = None,
-            ed: int | None = None, es: int | None = None, source: str = "the segmentation") -> Measurements:
+def measure(labels: np.ndarray, spacing: Sequence[float] | None, es_labels: np.ndarray | None = None,
+            ed: int | None = None, es: int | None = None, source: str = "the segmentation",
+            fix: str = FIX_CLI) -> Measurements:
     """Volumes and, with two or more frames, systolic function.
 
     Args:
@@ -246,11 +252,13 @@ def measure(labels: np.ndarray, spacing: Sequence[float], es_labels: np.ndarray 
             (``labels`` is then the end-diastolic one).
         ed, es: frame indices of a cine to use as ED / ES; default: the frames
             of the largest and the smallest non-zero LV volume.
+        source, fix: the segmentation's name and what to do about a bad
+            voxel size, for the messages.
 
     Raises:
         M3HLInputError: bad voxel size, labels or frame choice (one line).
     """
-    vox = check_voxel_size(spacing, source)
+    vox = check_voxel_size(spacing, source, fix)
     lab = check_labels(labels, source)
     if es_labels is not None:
         es_lab = check_labels(es_labels, "the end-systolic segmentation")
@@ -281,6 +289,17 @@ def measure(labels: np.ndarray, spacing: Sequence[float], es_labels: np.ndarray 
             m.notes.append(f"the {name} is larger at end-systole than at end-diastole (EF {fn.ef_pct:.1f} %): "
                            "are the two frames swapped?")
     return m
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _r(v: float) -> str:

@@ -70,6 +70,12 @@ class RunPanel(QGroupBox):
         self.export_btn = QPushButton("Export…")
         self.export_btn.setToolTip("Save 'M³HL segmentation' as NIfTI with the image's affine and header; the "
                                    "slices you painted are written exactly as painted")
+        self.clean_check = QCheckBox("Clean: each structure's largest 3D part")
+        self.clean_check.setChecked(True)
+        self.clean_check.setToolTip(
+            "Keep only the largest connected piece of the RV, myocardium and LV in every segmentation (Predict, the "
+            "end of a run, the few-slice fine-tune): stray blobs away from the heart go. Your painted slices are "
+            "exported as painted either way. Untick to see everything the network segments.")
         self.prediction_only_check = QCheckBox("Export the network's segmentation only")
         self.prediction_only_check.setToolTip(
             "Export 'M³HL segmentation' as it is, without putting your painted slices over it")
@@ -95,6 +101,7 @@ class RunPanel(QGroupBox):
         lay.addWidget(self.verdict_label)
         lay.addWidget(self.keep_start_btn)
         lay.addWidget(row(QLabel("Network"), self.which_combo, self.predict_btn, self.export_btn))
+        lay.addWidget(self.clean_check)
         lay.addWidget(self.prediction_only_check)
         lay.addWidget(row(self.save_ckpt_btn, self.load_ckpt_btn))
         lay.addWidget(self.status_label)

@@ -1,7 +1,7 @@
 """The state the dock widget's panels share.
 
 The "Train M³HL" widget is composed of one panel per group (Data, Model,
-Run, Annotate, Session) and three helpers of the Run group (the run's events
+Run, Measurements, Annotate, Session) and three helpers of the Run group (the run's events
 drawn, the outputs, the few-slice fine-tune). They share one
 :class:`PanelState`: the viewer, the :class:`napari_m3hl._napari.run.controller.RunController`, the layer
 data versions, the model and run bookkeeping, and a reference to each part,
@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_m3hl._napari.panels.annotate import AnnotatePanel, Suggestions
     from napari_m3hl._napari.panels.data import DataPanel
     from napari_m3hl._napari.run.finetune import FineTune, FineTuneOutcome
+    from napari_m3hl._napari.panels.measure import MeasurePanel
     from napari_m3hl._napari.panels.model import ModelPanel
     from napari_m3hl._napari.run.outputs import Outputs
     from napari_m3hl._napari.run.request import RunState
@@ -83,11 +84,12 @@ class PanelState:
     run_view: "RunView | None" = None
     outputs: "Outputs | None" = None
     fine_tune: "FineTune | None" = None
+    measure_panel: "MeasurePanel | None" = None
 
     def panels(self) -> list[Any]:
-        """The five group panels, in the order shown (those built so far)."""
-        return [p for p in (self.data_panel, self.model_panel, self.run_panel, self.annotate_panel,
-                            self.session_panel) if p is not None]
+        """The six group panels, in the order shown (those built so far)."""
+        return [p for p in (self.data_panel, self.model_panel, self.run_panel, self.measure_panel,
+                            self.annotate_panel, self.session_panel) if p is not None]
 
     # ---------------------------------------------------------------- messages
     def error(self, message: str) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.training.trainer import TrainControl
+from napari_m3hl._napari.run import file_jobs as _file_jobs
 from napari_m3hl._napari.run import jobs as _jobs
 from napari_m3hl._napari.run.workers import Handler, await_workers, job_pool, start_worker
 
@@ -151,9 +152,9 @@ class RunController:
         return self.checkpoint
 
     def predict(self, volumes: Sequence[np.ndarray], connect: dict[str, Handler], which: str = "student",
-                device: str = "auto", batch_size: int = 8):
+                device: str = "auto", batch_size: int = 8, clean: bool = True):
         return self._start(_jobs.predict_job, self._need_model(), list(volumes), which, device, batch_size,
-                           _jobs.gui_cpu_threads(), connect=connect)
+                           _jobs.gui_cpu_threads(), clean, connect=connect)
 
     def analyse(self, volume: np.ndarray, method: str, connect: dict[str, Handler], device: str = "auto",
                 which: str = "student"):
@@ -161,10 +162,26 @@ class RunController:
                            which, connect=connect)
 
     def analyse_run(self, volumes: Sequence[np.ndarray], frame: int, method: str | None, which: str,
-                    connect: dict[str, Handler], device: str = "auto"):
+                    connect: dict[str, Handler], device: str = "auto", clean: bool = True):
         """The end-of-run job: segment every frame and score frame ``frame`` from one checkpoint load."""
         return self._start(_jobs.run_analysis_job, self._need_model(), list(volumes), frame, method, which, device,
-                           8, _jobs.gui_cpu_threads(), connect=connect)
+                           8, _jobs.gui_cpu_threads(), clean, connect=connect)
+
+    def measure(self, labels: np.ndarray, spacing: Sequence[float] | None, source: str,
+                connect: dict[str, Handler]):
+        """Clinical measures of a segmentation (:mod:`napari_m3hl._napari.run.measure`)."""
+        from napari_m3hl._napari.run.measure import measure_job
+
+        return self._start(measure_job, labels, spacing, source, connect=connect)
+
+    def save_measurements(self, csv_path: str | Path, result: Any, labels: np.ndarray | None,
+                          painted: np.ndarray | None, spacing: Sequence[float] | None, source: str,
+                          connect: dict[str, Handler]):
+        """Write measurements as CSV + JSON (re-measuring ``labels`` with ``painted`` over them when given)."""
+        from napari_m3hl._napari.run.measure import save_measurements_job
+
+        return self._start(save_measurements_job, str(csv_path), result, labels, painted, spacing, source,
+                           connect=connect)
 
     def warm_up(self, arch: str = "unet2d", num_classes: int = 4):
         """Pay the engine's first-use costs in a worker now (see :func:`napari_m3hl._napari.run.jobs.warm_up_job`)."""
@@ -174,20 +191,20 @@ class RunController:
         return self._start(_jobs.save_session_job, snap, connect=connect)
 
     def open_session(self, folder: str | Path, open_sources: Sequence[str], connect: dict[str, Handler]):
-        return self._start(_jobs.open_session_job, str(folder), list(open_sources), connect=connect)
+        return self._start(_file_jobs.open_session_job, str(folder), list(open_sources), connect=connect)
 
     def load_checkpoint(self, path: str | Path, arch: str, num_classes: int, connect: dict[str, Handler]):
-        return self._start(_jobs.load_checkpoint_job, str(path), arch, num_classes, connect=connect)
+        return self._start(_file_jobs.load_checkpoint_job, str(path), arch, num_classes, connect=connect)
 
     def save_checkpoint(self, dst: str | Path, connect: dict[str, Handler]):
         if not self.checkpoint:
             raise M3HLInputError("no checkpoint to save yet: train first (or stop a run)")
-        return self._start(_jobs.copy_file_job, self.checkpoint, dst, connect=connect)
+        return self._start(_file_jobs.copy_file_job, self.checkpoint, dst, connect=connect)
 
     def export(self, path: str | Path, labels: np.ndarray, meta: dict[str, Any], connect: dict[str, Handler],
                painted: np.ndarray | None = None):
         """Write ``labels`` (the user's ``painted`` slices win where given) as NIfTI."""
-        return self._start(_jobs.export_job, str(path), labels, meta, painted, connect=connect)
+        return self._start(_file_jobs.export_job, str(path), labels, meta, painted, connect=connect)
 
     def start_fewslice(self, req: "FewSliceRequest", connect: dict[str, Handler]):
         """Start the few-slice fine-tune of :mod:`napari_m3hl._napari.run.fewslice` as the training run."""

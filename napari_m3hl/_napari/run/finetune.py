@@ -19,7 +19,7 @@ Everything here runs in the GUI thread and only starts workers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,8 @@ class FineTune:
         lab = np.asarray(labels.data)
         config = self.st.model_panel.build_config()
         rq.check_labels(labels.name, lab, config)
-        options = self.st.model_panel.fewslice_options(iterations)
+        options = replace(self.st.model_panel.fewslice_options(iterations),
+                          clean=self.st.run_panel.clean_check.isChecked())
         resolve_device(options.device)  # cheap; a clear error for an absent GPU
         if start is None:
             start, _ = rq.start_files(FINE_TUNE, self.st.model_panel.start_path.text(), None)

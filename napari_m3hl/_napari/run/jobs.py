@@ -208,8 +208,10 @@ class Networks:
         return self.teacher if which == "teacher" and self.teacher is not None else self.student
 
 
-def load_networks(checkpoint: str | Path, device: str = "auto", with_teacher: bool = True) -> Networks:
-    """Read ``checkpoint`` once and build its 2D student (and teacher) predictors."""
+def load_networks(checkpoint: str | Path, device: str = "auto", with_teacher: bool = True,
+                  clean: bool = True) -> Networks:
+    """Read ``checkpoint`` once and build its 2D student (and teacher) predictors
+    (``clean``: their segmentations keep each class's largest 3D component)."""
     from napari_m3hl.io.checkpoint import load_checkpoint
     from napari_m3hl.inference.predictor import Predictor
     from napari_m3hl.runtime import resolve_device, tune_malloc
@@ -220,8 +222,9 @@ def load_networks(checkpoint: str | Path, device: str = "auto", with_teacher: bo
     patch = tuple(ckpt["patch_size"])
     if len(patch) != 2:
         raise M3HLInputError(f"checkpoint {checkpoint} holds a {len(patch)}D model; the widget works with 2D models")
-    student = Predictor.from_checkpoint(ckpt, "student", dev)
-    teacher = Predictor.from_checkpoint(ckpt, "teacher", dev) if with_teacher and "teacher" in ckpt else None
+    student = Predictor.from_checkpoint(ckpt, "student", dev, clean=clean)
+    teacher = Predictor.from_checkpoint(ckpt, "teacher", dev, clean=clean) if with_teacher and "teacher" in ckpt \
+        else None
     return Networks(student, teacher)
 
 
@@ -248,10 +251,12 @@ def predict_job(
     device: str = "auto",
     batch_size: int = 8,
     cpu_threads: int | None = None,
+    clean: bool = True,
 ) -> Iterator[tuple[int, int]]:
-    """Worker generator: segment each ``(D, H, W)`` frame; yields (done, total),
-    returns uint8 labels stacked like the input (3D for one frame, else 4D)."""
-    nets = load_networks(checkpoint, device, with_teacher=which == "teacher")
+    """Worker generator: segment each ``(D, H, W)`` frame (``clean``: see
+    :func:`load_networks`); yields (done, total), returns uint8 labels stacked
+    like the input (3D for one frame, else 4D)."""
+    nets = load_networks(checkpoint, device, with_teacher=which == "teacher", clean=clean)
     out = []
     for i, vol in enumerate(volumes):
         yield (i, len(volumes))
@@ -306,12 +311,13 @@ def run_analysis_job(
     device: str = "auto",
     batch_size: int = 8,
     cpu_threads: int | None = None,
+    clean: bool = True,
 ) -> RunAnalysis:
     """Worker function for the end of a run: load the checkpoint once, segment
-    every ``(D, H, W)`` frame with ``which`` and, when ``method`` is given,
-    score the slices of frame ``frame`` (whose segmentation then comes from
-    the same forward passes)."""
-    nets = load_networks(checkpoint, device, with_teacher=method is not None or which == "teacher")
+    every ``(D, H, W)`` frame with ``which`` (``clean``: see :func:`load_networks`)
+    and, when ``method`` is given, score the slices of frame ``frame`` (whose
+    segmentation then comes from the same forward passes)."""
+    nets = load_networks(checkpoint, device, with_teacher=method is not None or which == "teacher", clean=clean)
     out: list[np.ndarray] = []
     analysis = None
     with torch_threads(cpu_threads):

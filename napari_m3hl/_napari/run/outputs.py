@@ -54,6 +54,7 @@ class Outputs:
             self.show_segmentation(labels, image, names)
 
         self.st.runner.predict(volumes, which=self.st.run_panel.which_combo.currentText(), device=self._device(),
+                               clean=self.st.run_panel.clean_check.isChecked(),
                                connect={"returned": done, "errored": self._on_predict_error,
                                         "finished": self.st.update_buttons})
         return True
@@ -75,7 +76,8 @@ class Outputs:
                 self.st.annotate_panel.on_analysis(
                     Suggestions(image, frame if image.ndim == 4 else None, result.analysis, ckpt))
 
-        self.st.runner.analyse_run(volumes, frame, method, which, device=self._device(), connect={
+        self.st.runner.analyse_run(volumes, frame, method, which, device=self._device(),
+                                   clean=self.st.run_panel.clean_check.isChecked(), connect={
             "returned": done, "errored": self._on_predict_error, "finished": self.st.update_buttons})
         return True
 
@@ -98,6 +100,8 @@ class Outputs:
         counts = ", ".join(f"{n} {int((labels == c).sum())} vox" for c, n in enumerate(class_names) if c)
         self.st.status(f"Segmentation of '{image.name}' in layer '{lc.SEGMENTATION}' (editable): {counts}")
         self.st.update_buttons()
+        if self.st.measure_panel is not None:
+            self.st.measure_panel.measure(labels, image)
 
     def _keep_user_edits(self) -> None:
         """Before a new segmentation replaces 'M³HL segmentation' in place, copy
@@ -135,8 +139,15 @@ class Outputs:
         if meta["metadata"].get("affine") is None:
             self.st.warn("The image has no NIfTI geometry; exporting with a diagonal affine from the voxel size.")
         painted, what = self._painted_for_export(layer)
-        self.st.runner.export(path, np.array(layer.data, copy=True), meta, painted=painted, connect={
-            "returned": lambda p: self.st.status(f"Saved {p} ({what})"),
+        labels = np.array(layer.data, copy=True)
+
+        def saved(p: str) -> None:
+            self.st.status(f"Saved {p} ({what})")
+            if self.st.measure_panel is not None:  # the measurements of what was written, beside it
+                self.st.measure_panel.export_next_to(p, labels, painted)
+
+        self.st.runner.export(path, labels, meta, painted=painted, connect={
+            "returned": saved,
             "errored": lambda exc: self.st.error(describe_error(exc, "Export")),
         })
         return True
