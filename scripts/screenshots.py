@@ -20,7 +20,12 @@ shipped ACDC model, the widget's default start):
 * ``08-accepted.png``: that slice accepted into the user's labels;
 * ``09-session.png``: the widget after Train on and Save session;
 * ``10-fewslice-verdict.png``: the panel after the few-slice fine-tune, with
-  the safeguard's verdict and the control to use the start model's segmentation.
+  the safeguard's verdict and the control to use the start model's segmentation;
+
+and (``--part measure``: the shipped 70-patient model loaded, Predict on the
+sample, no training):
+
+* ``11-measurements.png``: the panel with the Measurements group filled.
 
 01-03 and 05-10 use the default start, the few-slice fine-tune of the
 shipped model; 04 (the mix preview) a short M³HL run from scratch, stopped
@@ -101,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--preview-at", type=int, default=200,
                         help="screenshot the pseudo-labels of this iteration or later")
-    parser.add_argument("--part", choices=("basics", "panel", "loop", "all"), default="all",
-                        help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09")
+    parser.add_argument("--part", choices=("basics", "panel", "loop", "measure", "all"), default="all",
+                        help="basics: 01-06 (trains); panel: only 02 (no training); loop: 07-09; "
+                             "measure: only 11 (no training)")
     parser.add_argument("--loop-iterations", type=int, default=100,
                         help="fine-tuning iterations before the loop screenshots (Train on adds half)")
     args = parser.parse_args(argv)
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
         if args.part == "panel":
             _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget)
+        if args.part in ("measure", "all"):
+            _shoot_measure(napari, QApplication)
         if args.part in ("loop", "all"):
             _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget)
     finally:
@@ -211,6 +219,20 @@ def _shoot_panel(napari, QApplication, phantom_layers, M3HLWidget) -> None:
     widget.model_panel.advanced.expand(animate=False)
     wait_until(app, lambda: False, 1.0)
     save(viewer, app, "02-advanced.png", widget=widget.content)
+    widget.cleanup()
+    viewer.close()
+
+
+def _shoot_measure(napari, QApplication) -> None:
+    """The shipped 70-patient model loaded, Predict clicked, the Measurements group
+    filled (11-measurements.png)."""
+    viewer, app, widget = open_viewer(napari, QApplication)
+    assert widget.outputs.load_checkpoint(str(ROOT / "models" / "acdc70_unet2d.pt"))
+    wait_until(app, lambda: "Loaded" in widget.run_panel.status_label.text(), 120)
+    click(app, widget.run_panel.predict_btn)
+    wait_until(app, lambda: widget.measure_panel.result is not None and not widget.runner.busy, 300)
+    viewer.dims.set_current_step(0, 5)
+    save(viewer, app, "11-measurements.png", widget=widget.content)
     widget.cleanup()
     viewer.close()
 
