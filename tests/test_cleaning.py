@@ -118,3 +118,23 @@ def test_m3hl_evaluate_records_cleaning(scan_and_model):
         assert main(shlex.split(f"evaluate --checkpoint {model} --data phantom --limit 1 --json {out} {flag}")) == 0
         r = json.loads(out.read_text())
         assert r["clean"] is clean and r["tta"] is False
+
+
+def test_fewslice_start_segmentation_cleaned_unless_told_not_to(scan_and_model):
+    from napari_m3hl.fewslice.loop import FewSliceOptions, prepare
+    from napari_m3hl.io.nifti import load_nifti
+
+    _, scan, model = scan_and_model  # two bright blobs, the Threshold4 network
+    image = load_nifti(scan).data
+    painted = np.zeros(image.shape, np.uint8)
+    painted[0, :2, :2] = 1
+    raw = prepare(model, image, painted, FewSliceOptions(clean=False)).base
+    clean = prepare(model, image, painted, FewSliceOptions()).base
+    assert (raw == 1).sum() == 48 and (clean == 1).sum() == 40
+    np.testing.assert_array_equal(clean, largest_component_per_class(raw[None], 4)[0])
+    assert "not cleaned" in FewSliceOptions(clean=False).summary() and "clean" not in FewSliceOptions().summary()
+
+
+def test_no_clean_on_a_training_run_is_refused(tmp_path, capsys):
+    assert main(shlex.split(f"train --data phantom --iterations 1 --no-clean --out {tmp_path / 'r'}")) == 2
+    assert "--no-clean belongs to the few-slice loop" in capsys.readouterr().err
