@@ -111,7 +111,6 @@ class MeasurePanel(QGroupBox):
         self.st = st
         self.result: Any = None  # the latest napari_m3hl.metrics.clinical.Measurements
         self.source: str = ""
-        self._labels: np.ndarray | None = None
         self._spacing: tuple[float, float, float] | None = None
         lay = QVBoxLayout(self)
         self.text = QLabel("Segment an image to measure its ventricles.")
@@ -134,14 +133,16 @@ class MeasurePanel(QGroupBox):
     def measure(self, labels: np.ndarray, image: Image) -> bool:
         """Measure ``labels`` (the segmentation of ``image``, 3D or a 4D cine) in a worker."""
         spacing = voxel_size(image)
-        self._labels, self._spacing = labels, spacing
+        self._spacing = spacing
         self.source = image.name
         self.text.setText(f"Measuring '{image.name}'…")
-        self.st.runner.measure(labels, spacing, f"the image '{image.name}'", connect={
-            "returned": self.show, "errored": self._on_error})
+        # a copy: the user may paint into the segmentation layer while the job reads
+        self.st.runner.measure(np.array(labels, copy=True), spacing, f"the image '{image.name}'", connect={
+            "returned": self.show_result, "errored": self._on_error})
         return True
 
-    def show(self, result: Any) -> None:
+    def show_result(self, result: Any) -> None:
+        """Draw ``result`` (:class:`napari_m3hl.metrics.clinical.Measurements`): numbers with units, a cine's plot."""
         self.result = result
         self.text.setText("\n".join(result.summary_lines()))
         cine = len(result.frames) > 2
@@ -172,8 +173,9 @@ class MeasurePanel(QGroupBox):
     def export_next_to(self, nifti: str | Path, labels: np.ndarray, painted: np.ndarray | None) -> bool:
         """After Export: measure what was exported (``labels`` with the ``painted``
         slices over them, as written) and write ``<name>_measurements.csv/.json``
-        beside ``nifti``. Nothing is written without a usable voxel size."""
-        if self._spacing is None and self.result is None:
+        beside ``nifti``. Nothing is written while the group shows no numbers
+        (no usable voxel size)."""
+        if self.result is None:
             return False
         stem = Path(nifti).name.split(".nii")[0]
         return self._write(Path(nifti).with_name(f"{stem}_measurements.csv"), (labels, painted))
