@@ -48,10 +48,12 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
 
     # the file dialogs answer as a user would
     saved_ckpt, seg_file, folder = tmp_path / "mine.pt", tmp_path / "seg.nii.gz", tmp_path / "session"
+    measured = tmp_path / "measured.csv"
     shipped = str(ROOT / "models" / "acdc70_unet2d.pt")
     monkeypatch.setattr(w.model_panel, "ask_open_path", lambda caption: str(saved_ckpt) if "Load" in caption else shipped)
     monkeypatch.setattr(w.run_panel, "ask_save_path",
-                        lambda caption, default, filters: str(seg_file if "segmentation" in caption else saved_ckpt))
+                        lambda caption, default, filters: str(seg_file if "segmentation" in caption else
+                                                              measured if "measurements" in caption else saved_ckpt))
     monkeypatch.setattr(w.session_panel, "_ask_folder", lambda caption, start: str(folder))
 
     collapsible = [b for b in w.model_panel.advanced.findChildren(QPushButton)]
@@ -87,12 +89,17 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     press("Use the fine-tuned segmentation")
     np.testing.assert_array_equal(viewer.layers[lc.SEGMENTATION].data, tuned)
     flip(w.run_panel.prediction_only_check)
+    flip(w.run_panel.clean_check)
     w.st.config_overrides["iterations"] = 4
 
     press("Predict")
     wait_idle(qtbot, w)
     press("Export…")
     qtbot.waitUntil(seg_file.is_file, timeout=WAIT_MS)
+    qtbot.waitUntil((tmp_path / "seg_measurements.json").is_file, timeout=WAIT_MS)  # beside the export
+    press("Save measurements…")
+    qtbot.waitUntil(measured.with_suffix(".json").is_file, timeout=WAIT_MS)
+    assert measured.is_file()
     press("Save checkpoint…")
     qtbot.waitUntil(saved_ckpt.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)
