@@ -245,11 +245,22 @@ def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp
     assert errors == [] and w.run is None and w.st.suggestions is None and w.annotate_panel.suggest_list.count() == 0
     assert lc.SEGMENTATION not in viewer.layers and labels.data.tobytes() == before.tobytes()
     # Open session… on a folder that holds no session: read in a worker, which says so
-    asked = answer_file_dialogs(monkeypatch, folder=tmp_path)
+    from gui_helpers import ROOT
+
+    asked = answer_file_dialogs(monkeypatch, folder=tmp_path, open_file=ROOT / "models" / "acdc70_unet2d.pt")
     click(qtbot, button(w, "Open session…"))
     assert asked == ["Open session folder"]
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     assert "not an M³HL session folder" in errors[-1]
+    # with a model but a single 2D image picked, Suggest slices says what it needs
+    click(qtbot, button(w, "Load checkpoint…"))
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    viewer.add_image(np.zeros((64, 64), np.float32), name="one slice")
+    w.data_panel.image_combo.setCurrentText("one slice")
+    n = len(errors)
+    click(qtbot, button(w, "Suggest slices"))
+    assert len(errors) == n + 1 and "needs an image volume" in errors[-1] and w.st.suggestions is None
 
 
 def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypatch):
