@@ -11,10 +11,10 @@ import pytest
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl.metrics.clinical import measure
 
-from gui_helpers import WAIT_MS, click, toggle, train_and_wait, wait_idle
+from gui_helpers import WAIT_MS, answer_file_dialogs, click, toggle, train_and_wait, wait_idle
 
 
-def test_measurements_fill_after_train_and_export_beside_the_nifti(make_widget, qtbot, tmp_path):
+def test_measurements_fill_after_train_and_export_beside_the_nifti(make_widget, qtbot, tmp_path, monkeypatch):
     viewer, w = make_widget()
     panel = w.measure_panel
     assert panel.title() == "Measurements" and not panel.save_btn.isEnabled()
@@ -30,7 +30,8 @@ def test_measurements_fill_after_train_and_export_beside_the_nifti(make_widget, 
     assert panel.save_btn.isEnabled() and not panel.plot.isVisible()
 
     out = tmp_path / "seg.nii.gz"
-    assert w.outputs.export(str(out))
+    answer_file_dialogs(monkeypatch, save_as=out)
+    click(qtbot, w.run_panel.export_btn)
     csv_path, json_path = tmp_path / "seg_measurements.csv", tmp_path / "seg_measurements.json"
     qtbot.waitUntil(lambda: json_path.is_file(), timeout=WAIT_MS)
     wait_idle(qtbot, w)
@@ -43,25 +44,38 @@ def test_measurements_fill_after_train_and_export_beside_the_nifti(make_widget, 
     assert csv_path.read_text().startswith("frame,lv_ml,rv_ml,myo_ml,myo_g,phase")
 
 
-def test_cine_plot_and_no_voxel_size(make_widget, qtbot):
+def test_cine_plot_after_predict_and_no_voxel_size(make_widget, qtbot, monkeypatch):
+    """Predict on a cine: every frame measured, the volume curve drawn; on an
+    image without a voxel size the group says so and shows no numbers."""
+    from gui_helpers import ROOT
     from napari_m3hl.data.phantom import make_phantom
 
+    model = ROOT / "models" / "acdc70_unet2d.pt"
+    if not model.is_file():
+        pytest.skip("no shipped model file")
     viewer, w = make_widget(phantom=False)
     frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2, 3)]
     image = np.stack([f.image for f in frames])
-    layer = viewer.add_image(image, name="cine", scale=(1.0, 10.0, 1.5, 1.5))
-    cine = np.stack([f.label for f in frames])
-    w.measure_panel.measure(cine, layer)
-    qtbot.waitUntil(lambda: w.measure_panel.result is not None, timeout=WAIT_MS)
+    viewer.add_image(image, name="cine", scale=(1.0, 10.0, 1.5, 1.5))
+    answer_file_dialogs(monkeypatch, open_file=model)
+    click(qtbot, w.run_panel.load_ckpt_btn)
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    click(qtbot, w.run_panel.predict_btn)
+    qtbot.waitUntil(lambda: w.measure_panel.result is not None and not w.runner.busy, timeout=WAIT_MS)
+    seg = viewer.layers[lc.SEGMENTATION].data
     r = w.measure_panel.result
-    assert len(r.frames) == 3 and r.lv is not None and "EF" in w.measure_panel.text.text()
+    want = measure(seg, (10.0, 1.5, 1.5))  # the layer's scale: no NIfTI geometry
+    assert len(r.frames) == 3 and (r.ed, r.es) == (want.ed, want.es)
+    assert r.lv.ef_pct == pytest.approx(want.lv.ef_pct) and "EF" in w.measure_panel.text.text()
     assert w.measure_panel.plot.isVisibleTo(w.measure_panel)
-    assert w.measure_panel.plot.curves["LV"] == pytest.approx([f.lv_ml for f in r.frames])
-    # an image without a voxel size: the panel says so, nothing is guessed
-    bare = viewer.add_image(image[0], name="bare")
-    w.measure_panel.measure(cine[0], bare)
+    assert w.measure_panel.plot.curves["LV"] == pytest.approx([f.lv_ml for f in want.frames])
+    # an image without a voxel size (scale 1, no geometry): nothing is guessed
+    viewer.add_image(image[0], name="bare")
+    w.data_panel.image_combo.setCurrentText("bare")
+    click(qtbot, w.run_panel.predict_btn)
     qtbot.waitUntil(lambda: "No measurements" in w.measure_panel.text.text(), timeout=WAIT_MS)
     assert w.measure_panel.result is None and "voxel size" in w.measure_panel.text.text()
+    assert not w.measure_panel.save_btn.isEnabled()
 
 
 def test_clean_checkbox_reaches_predict_and_measurements_follow(make_widget, qtbot, monkeypatch):
@@ -83,7 +97,8 @@ def test_clean_checkbox_reaches_predict_and_measurements_follow(make_widget, qtb
     monkeypatch.setattr(jobs, "load_networks", spy)
     viewer, w = make_widget()
     assert w.run_panel.clean_check.isChecked()  # clean by default
-    assert w.outputs.load_checkpoint(str(model))
+    answer_file_dialogs(monkeypatch, open_file=model)
+    click(qtbot, w.run_panel.load_ckpt_btn)
     qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     for expect in (True, False):
         w.measure_panel.result = None
