@@ -106,3 +106,24 @@ def test_python_dash_m_measure(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "LV blood pool 3.8 mL" in r.stdout
+
+
+def test_real_acdc_patient_ed_es(shared_data, tmp_path, capsys):
+    """One ACDC validation patient's ground truth (ED = frame01, ES = frame02)
+    written as NIfTI with a stated voxel size: ``m3hl measure`` gives the EF of
+    the voxel counts and volumes of counts x voxel volume."""
+    from napari_m3hl.io.h5 import load_h5_volume
+
+    vols = shared_data / "acdc" / "volumes"
+    if not (vols / "patient002_frame01.h5").is_file():
+        pytest.skip(f"no ACDC validation volumes under {vols}")
+    ed = load_h5_volume(vols / "patient002_frame01.h5")[1]
+    es = load_h5_volume(vols / "patient002_frame02.h5")[1]
+    zooms = (1.5, 1.5, 10.0)  # 22.5 mm³ per voxel
+    a, b = _save(tmp_path / "ed.nii.gz", ed, zooms), _save(tmp_path / "es.nii.gz", es, zooms)
+    assert m3hl(f"measure {a} {b} --json {tmp_path / 'm.json'}") == 0
+    d = json.loads((tmp_path / "m.json").read_text())
+    lv_ed, lv_es = int((ed == 3).sum()), int((es == 3).sum())
+    assert d["lv"]["edv_ml"] == pytest.approx(lv_ed * 0.0225) and d["lv"]["esv_ml"] == pytest.approx(lv_es * 0.0225)
+    assert d["lv"]["ef_pct"] == pytest.approx(100 * (lv_ed - lv_es) / lv_ed)
+    assert 10 < d["lv"]["ef_pct"] < 90 and d["lv_myo_mass_ed_g"] == pytest.approx((ed == 2).sum() * 0.0225 * 1.05)
