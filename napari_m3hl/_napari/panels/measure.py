@@ -168,7 +168,7 @@ class MeasurePanel(QGroupBox):
         path = path or self.st.run_panel.ask_save_path("Save measurements", default, "CSV (*.csv)")
         if not path:
             return False
-        return self._write(Path(path), None)
+        return self._write(Path(path), None, "Measurements saved: ")
 
     def export_next_to(self, nifti: str | Path, labels: np.ndarray, painted: np.ndarray | None) -> bool:
         """After Export: measure what was exported (``labels`` with the ``painted``
@@ -178,13 +178,14 @@ class MeasurePanel(QGroupBox):
         if self.result is None:
             return False
         stem = Path(nifti).name.split(".nii")[0]
-        return self._write(Path(nifti).with_name(f"{stem}_measurements.csv"), (labels, painted))
+        return self._write(Path(nifti).with_name(f"{stem}_measurements.csv"), (labels, painted),
+                           f"Saved {nifti} and its measurements: ")
 
-    def _write(self, csv_path: Path, exported: tuple[np.ndarray, np.ndarray | None] | None) -> bool:
+    def _write(self, csv_path: Path, exported: tuple[np.ndarray, np.ndarray | None] | None, said: str) -> bool:
         labels, painted = exported if exported is not None else (None, None)
         self.st.runner.save_measurements(
             csv_path, self.result, labels, painted, self._spacing, self.source, connect={
-                "returned": lambda paths: self.st.status("Measurements saved: " + ", ".join(map(str, paths))),
+                "returned": lambda paths: self.st.status(said + ", ".join(map(str, paths))),
                 "errored": lambda exc: self.st.warn(describe_error(exc, "Saving the measurements"))})
         return True
 
