@@ -7,6 +7,8 @@
 # (tests/test_napari_*.py) are left out: a GPU machine usually has no napari/Qt. Writes a
 # junit XML (default: $OUT/junit-gpu.xml when $OUT is set, else runs/junit-gpu.xml) and
 # prints the slowest tests. Uses pytest-xdist when installed (-n WORKERS, default 8).
+# Needs torch with CUDA and the engine's dependencies (pip install -e . pytest; the GPU machine of
+# docs/reproducing.md lacked nibabel: bring its wheel); it stops first, naming what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -18,6 +20,10 @@ import sys, torch
 if not torch.cuda.is_available():
     sys.exit("scripts/test_gpu.sh: no CUDA device visible to torch " + torch.__version__
              + "; on a CPU machine run bash scripts/test.sh")
+import importlib.util
+missing = [m for m in ("nibabel", "h5py", "scipy", "skimage", "yaml", "pytest") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit("scripts/test_gpu.sh: missing Python packages: " + ", ".join(missing) + " (pip install them first)")
 print("torch", torch.__version__, "on", torch.cuda.get_device_name(), flush=True)
 PYCHECK
 mkdir -p "$(dirname "$XML")"

@@ -370,3 +370,12 @@ def test_captured_training_on_cuda_follows_eager(phantom):
     np.testing.assert_allclose(graph[:3], eager[:3], rtol=1e-3)
     # later steps draw dropout differently inside the graph; the losses stay alike
     assert abs(np.mean(graph[-4:]) - np.mean(eager[-4:])) < 0.3 * np.mean(eager[-4:])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_gpu_suite_script_refuses_without_cuda(tmp_path):
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "test_gpu.sh"), str(tmp_path / "junit.xml")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert out.returncode != 0 and "no CUDA device" in out.stderr and "scripts/test.sh" in out.stderr
+    assert not (tmp_path / "junit.xml").exists()
