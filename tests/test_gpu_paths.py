@@ -26,7 +26,7 @@ from napari_m3hl.method.networks import build_network
 from napari_m3hl.method.step import StepSetup, m3hl_losses
 from napari_m3hl.method.teacher import ema_update, init_teacher
 from napari_m3hl.training import events as ev
-from napari_m3hl.training.capture import (GraphStep, ensure_momentum_buffers, graph_autocast, resolve_capture,
+from napari_m3hl.training.capture import (GraphStep, ensure_momentum_buffers, resolve_capture,
                                           sgd_step_, step_function)
 from napari_m3hl.training.trainer import train
 
