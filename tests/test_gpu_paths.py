@@ -142,6 +142,9 @@ def test_data_on_device_choice():
     assert not use and "host loader on cpu" in why
     with pytest.raises(M3HLInputError, match="data_on_device"):
         load_preset("acdc_unet2d", "paper", data_on_device="gpu")
+    # YAML (presets, --set KEY=VALUE) reads on / off as booleans: they mean the words
+    cfg = load_preset("acdc_unet2d", "paper", data_on_device=True, capture=False)
+    assert (cfg.data_on_device, cfg.capture) == ("on", "off")
 
 
 def test_device_data_trains_exactly_as_the_host_loader(phantom, caplog):
