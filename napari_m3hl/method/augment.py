@@ -19,6 +19,7 @@ device, then moved to the CPU), so a seeded generator gives identical batches.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -87,7 +88,7 @@ def _rotate(image: torch.Tensor, label: Optional[torch.Tensor], angles_deg: torc
     theta[:, 0, 1] = -sin * (h - 1) / max(w - 1, 1)
     theta[:, 1, 0] = sin * (w - 1) / max(h - 1, 1)
     theta[:, 1, 1] = cos
-    theta = theta.to(device=image.device, dtype=torch.float32)
+    theta = theta.to(dtype=torch.float32).to(image.device, non_blocking=True)  # not waiting for queued device work
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=True)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if label is not None:
@@ -168,9 +169,11 @@ def augment_2d(
     return out_img, out_lab
 
 
+@functools.lru_cache(maxsize=8)
 def _dihedral_index(size: int, device: torch.device) -> torch.Tensor:
     """(8, size²) int64: for code ``2k + axis``, the flat source pixel of each
-    output pixel of ``flip(rot90(x, k), axis)`` on a square ``size × size`` image."""
+    output pixel of ``flip(rot90(x, k), axis)`` on a square ``size × size`` image
+    (built once per size and device; callers only read it)."""
     base = torch.arange(size * size, device=device).reshape(size, size)
     return torch.stack([torch.flip(torch.rot90(base, k, dims=(0, 1)), dims=(axis,)).reshape(-1)
                         for k in range(4) for axis in range(2)])

@@ -345,10 +345,11 @@ def train(
                 graph_phase = (m3, bn)
                 graph = GraphStep(step_function(config, student, teacher, optimizer, graph_autocast(setup), m3, bn,
                                                 anchor), lambda: optimizer.zero_grad(set_to_none=True))
-            x = {"img_l": img_l, "lab_l": lab_l, "lr": torch.tensor(lr, device=device),
-                 "decay": torch.tensor(decay, device=device)}
+            # one non-blocking upload of the step's numbers (a blocking one would wait for the queued replays)
+            lr_t, decay_t, alpha_t = torch.tensor([lr, decay, alpha_at(config, it)]).to(device, non_blocking=True)
+            x = {"img_l": img_l, "lab_l": lab_l, "lr": lr_t, "decay": decay_t}
             if m3:
-                x.update(img_u=img_u, alpha=torch.tensor(alpha_at(config, it), device=device),
+                x.update(img_u=img_u, alpha=alpha_t,
                          mask=block_masks(half // 2, tuple(img_l.shape[2:]), config.block_size, config.mask_ratio,
                                           generator=gen, device=device))
             out = graph(x)
