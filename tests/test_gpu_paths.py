@@ -96,9 +96,11 @@ def test_batched_augmentation_keeps_image_and_label_aligned():
         if any(torch.equal(out_img[i, 0], v) for v in variants) or torch.equal(out_img[i, 0], img[0, 0]):
             exact += 1
             assert torch.equal(out_lab[i], (out_img[i, 0] * 4).long().clamp(max=3))
-        else:  # a small rotation: zero padding in the corners, labels still classes of the image
-            inside = out_lab[i] > 0
-            assert set(out_lab[i].unique().tolist()) <= {0, 1, 2, 3} and inside.any()
+        else:  # a small rotation (bilinear image, nearest label): aligned up to one quantisation step
+            inside = out_img[i, 0] > 0
+            quant = (out_img[i, 0] * 4).long().clamp(max=3)
+            assert ((quant - out_lab[i]).abs()[inside] <= 1).float().mean() > 0.98
+            assert (quant == out_lab[i])[inside].float().mean() > 0.9
     assert 0.6 * b <= exact < b  # rot90/flip (p 0.5) and unchanged (p 0.25) are exact; rotations are not
 
 
