@@ -114,12 +114,18 @@ def _restore_rng(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.
 
 def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: torch.device) -> tuple[float, dict[str, float]]:
     """Mean Dice (and per class) of ``model`` on the volumes; fp32 inference,
-    so the best checkpoint is chosen by the same numbers whatever the precision."""
+    so the best checkpoint is chosen by the same numbers whatever the precision.
+    On a GPU each 2D volume goes through the network in one batch of all its slices."""
+    import dataclasses
+
     from napari_m3hl.metrics.binary import dice
     from napari_m3hl.inference.predictor import Predictor
 
     predictor = Predictor.from_network(model, config, device=device, precision="fp32",
                                        channels_last=config.channels_last)
+    if device.type == "cuda" and config.ndim == 2 and volumes:
+        predictor = dataclasses.replace(predictor, batch_size=max(predictor.batch_size,
+                                                                  max(int(v[1].shape[0]) for v in volumes)))
     scores = np.zeros((len(volumes), config.num_classes - 1))
     for i, (_, image, label) in enumerate(volumes):
         pred = predictor.predict(image)
