@@ -165,8 +165,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     checks.check_run_folder(Path(args.out), args.resume, args.overwrite)
     from napari_m3hl.cli.fewslice import cmd_train_fewslice, wants_fewslice
 
-    if wants_fewslice(args):  # one painted volume: the few-slice loop, not a preset's 30,000 iterations
+    if wants_fewslice(args):  # painted volumes: the few-slice loop, not a preset's 30,000 iterations
         return cmd_train_fewslice(args, ProgressBar(not args.quiet))
+    if len(args.data or []) > 1 or len(args.labels or []) > 1 or args.unlabeled:
+        raise M3HLInputError("several --data/--labels and --unlabeled belong to the few-slice loop (--data IMAGE "
+                             "--labels PAINTED ..., without --preset/--variant/--patch-size/--block-size/--set/--val); "
+                             "a preset's run takes one --data")
+    args.data = (args.data or ["phantom"])[0]
+    args.labels = (args.labels or [None])[0]
     if getattr(args, "start_blend", None) is not None:
         raise M3HLInputError("--start-blend belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "
                              "--preset/--variant/--set/--val); this run trains with a preset's schedule")
