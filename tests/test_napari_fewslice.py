@@ -35,7 +35,8 @@ def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, q
     np.testing.assert_array_equal(seg.data, res.labels)  # the fine-tuned network's segmentation is shown
     assert res.base.shape == seg.data.shape and res.labels.dtype == np.uint8
     # the preview layer showed the whole volume's segmentation at the check, with its Dice beside the plot
-    np.testing.assert_array_equal(viewer.layers[lc.PSEUDO_LABELS].data, res.labels)
+    np.testing.assert_array_equal(viewer.layers[lc.PREVIEW].data, res.labels)
+    assert lc.PSEUDO_LABELS not in viewer.layers  # a supervised fine-tune teaches no pseudo-labels
     assert "Dice, painted\n" in w.run_panel.quality_label.text() and "–" not in w.run_panel.quality_label.text().split("\n")[1]
     assert w.run_panel.verdict_label.text() == res.verdict.message and not res.verdict.suspect
     assert lc.MIX_PREVIEW not in viewer.layers  # no mixing in the few-slice fine-tune
@@ -117,7 +118,7 @@ def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, q
     click(qtbot, w.run_panel.train_btn)
     wait_run(qtbot, w)
     assert viewer.layers.selection.active.name == mine.name
-    preview, seg = viewer.layers[lc.PSEUDO_LABELS], viewer.layers[lc.SEGMENTATION]
+    preview, seg = viewer.layers[lc.PREVIEW], viewer.layers[lc.SEGMENTATION]
     assert not preview.editable and seg.editable
     assert not any(preview._overlays[k].visible for k in lc.PAINT_OVERLAYS)
     assert not any(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS)
