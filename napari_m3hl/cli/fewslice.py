@@ -31,20 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_m3hl.app.plan import PRESET_SETTINGS, RunInputs, StartMode
 from napari_m3hl.cli import checks
 from napari_m3hl.errors import M3HLInputError
 
-#: Options that ask for the preset (data set) path rather than the few-slice loop.
-PRESET_OPTIONS = ("preset", "variant", "patch_size", "block_size", "mask_ratio", "lam", "alpha")
 
-
-def wants_fewslice(args: argparse.Namespace) -> bool:
-    """True for ``--data IMAGE --labels PAINTED`` without options of the preset path."""
-    if not args.labels or args.resume:
-        return False
-    if any(getattr(args, k, None) is not None for k in PRESET_OPTIONS):
-        return False
-    return not (args.set or args.no_hl or args.no_mix or args.val)
+def run_inputs(args: argparse.Namespace) -> RunInputs:
+    """``m3hl train``'s arguments in the terms :func:`~napari_m3hl.app.plan.plan_run` decides on:
+    ``--labels`` are painted volumes fine-tuned from ``--init`` or the shipped model."""
+    start = (StartMode.RESUME if args.resume else StartMode.FINE_TUNE if (args.labels or args.init)
+             else StartMode.SCRATCH)
+    asked = [f"--{k.replace('_', '-')}" for k in PRESET_SETTINGS if getattr(args, k, None) is not None]
+    asked += [flag for flag, on in (("--set", args.set), ("--no-hl", args.no_hl), ("--no-mix", args.no_mix),
+                                    ("--val", args.val)) if on]
+    return RunInputs(start=start, painted_volume=bool(args.labels), preset_settings=tuple(asked))
 
 
 def default_start() -> Path:

@@ -163,9 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_threads("cli")  # an OMP_NUM_THREADS set by torchrun wins
     # every check before the process group forms: all ranks see the folder before rank 0 writes into it
     checks.check_run_folder(Path(args.out), args.resume, args.overwrite)
-    from napari_m3hl.cli.fewslice import cmd_train_fewslice, wants_fewslice
+    from napari_m3hl.app.plan import plan_run
+    from napari_m3hl.cli.fewslice import cmd_train_fewslice, run_inputs
 
-    if wants_fewslice(args):  # painted volumes: the few-slice loop, not a preset's 30,000 iterations
+    if plan_run(run_inputs(args)).fewslice:  # painted volumes: the few-slice loop, not a preset's 30,000 iterations
         return cmd_train_fewslice(args, ProgressBar(not args.quiet))
     if len(args.data or []) > 1 or len(args.labels or []) > 1 or args.unlabeled:
         raise M3HLInputError("several --data/--labels and --unlabeled belong to the few-slice loop (--data IMAGE "

@@ -62,13 +62,6 @@ from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.fewslice.safeguard import Verdict, check_finetune
 from napari_m3hl.labels import labeled_slices
 
-#: For ``m3hl train --help`` (the integrator copies it there and into the user guide).
-HELP = (
-    "With --data IMAGE --labels PAINTED and --init MODEL, train fine-tunes MODEL on the painted slices with the "
-    "few-slice defaults (napari_m3hl.fewslice.loop.FewSliceOptions: {summary}); the network keeps MODEL's own input "
-    "size and resizing. The preset's 30,000-iteration schedule is for data sets, not one volume."
-)
-
 #: The paper's mask block is a quarter of the input on each axis (64×64 on 256×256 for ACDC, 28×28×20 on
 #: 112×112×80 for LA); a start model without a block size of its own gets that share of its input size.
 PAPER_BLOCK_SHARE = 0.25
