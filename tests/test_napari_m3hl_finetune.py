@@ -26,7 +26,8 @@ def _add_phantom(viewer, seed: int, painted: tuple[int, ...] | None, prefix: str
     return image, labels
 
 
-def test_m3hl_fine_tune_over_two_labeled_volumes_and_one_unlabeled(make_widget, qtbot, errors):
+def test_m3hl_fine_tune_over_two_labeled_volumes_and_one_unlabeled(make_widget, qtbot, errors, monkeypatch,
+                                                                    tmp_path):
     viewer, w = make_widget()  # the phantom (6 x 64 x 64) painted on slices 1 and 3, picked under Data
     image, user_labels = viewer.layers["phantom image"], viewer.layers["phantom labels"]
     second, second_labels = _add_phantom(viewer, 5, (2,), "second")
@@ -90,4 +91,17 @@ def test_m3hl_fine_tune_over_two_labeled_volumes_and_one_unlabeled(make_widget, 
     assert lc.is_overlay(viewer.layers[f"{lc.SEGMENTATION_OF}third image"])  # not offered as a layer to train on
     click(qtbot, button(w, "Use the start model's segmentation"))
     np.testing.assert_array_equal(seg.data, res.volumes[0].base)
+    click(qtbot, button(w, "Use the fine-tuned segmentation"))
+
+    # Export writes every volume's segmentation, each with its painted slices as painted
+    path = tmp_path / "seg.nii.gz"
+    monkeypatch.setattr(w.run_panel, "ask_save_path", lambda caption, default, filters: str(path))
+    click(qtbot, button(w, "Export…"))
+    files = [path, tmp_path / "seg_second_image.nii.gz", tmp_path / "seg_third_image.nii.gz"]
+    qtbot.waitUntil(lambda: all(f.is_file() for f in files), timeout=WAIT_MS)
     qtbot.waitUntil(lambda: not w.runner.busy, timeout=WAIT_MS)
+    written = [viewer.open(str(f), plugin="napari-m3hl")[0].data for f in files]
+    np.testing.assert_array_equal(written[1][2], second_labels.data[2])
+    np.testing.assert_array_equal(written[1][[0, 1, 3, 4]], res.volumes[1].labels[[0, 1, 3, 4]])
+    np.testing.assert_array_equal(written[2], res.volumes[2].labels)
+    assert written[0].shape == image.data.shape

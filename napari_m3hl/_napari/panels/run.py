@@ -69,7 +69,9 @@ class RunPanel(QGroupBox):
         self.predict_btn.setToolTip("Segment the whole image with the latest model into 'M³HL segmentation'")
         self.export_btn = QPushButton("Export…")
         self.export_btn.setToolTip("Save 'M³HL segmentation' as NIfTI with the image's affine and header; the "
-                                   "slices you painted are written exactly as painted")
+                                   "slices you painted are written exactly as painted. After a fine-tune over "
+                                   "More volumes, each one's segmentation is written beside it as "
+                                   "<name>_<its layer>.nii.gz")
         self.prediction_only_check = QCheckBox("Export the network's segmentation only")
         self.prediction_only_check.setToolTip(
             "Export 'M³HL segmentation' as it is, without putting your painted slices over it")
