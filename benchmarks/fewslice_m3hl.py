@@ -55,6 +55,24 @@ def table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def curves(runs: dict) -> str:
+    """Mean Dice on the unpainted slices at each check: the teacher alone / the student alone / shown (blended)."""
+    lines = ["| run | rule | iteration: teacher / student / shown |", "|---|---|---|"]
+    for name, run in runs.items():
+        for rule in ("a", "b"):
+            rows = [r for r in run["rows"] if r["rule"] == rule and r.get("checks")]
+            if not rows:
+                continue
+            its = sorted({c["iteration"] for r in rows for c in r["checks"]})
+            cells = []
+            for it in its:
+                at = [c for r in rows for c in r["checks"] if c["iteration"] == it]
+                cells.append(f"{it}: " + " / ".join(f"{np.mean([_mean(c[k]) for c in at]):.1f}"
+                                                   for k in ("teacher", "student", "shown")))
+            lines.append(f"| {name} | {rule} ({len(rows)} vol.) | {', '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--merge", nargs="*", default=None, help="JSON files of benchmarks/fewslice.py to copy runs from")
@@ -73,6 +91,8 @@ def main() -> None:
                 "rows": [r for r in record["rows"] if r["volume"] in volumes]}
         OUT.write_text(json.dumps(results, indent=1))
     print(table(results["runs"]))
+    print()
+    print(curves(results["runs"]))
 
 
 if __name__ == "__main__":
