@@ -11,8 +11,9 @@ The runs (5 ACDC validation volumes, painting rules a and b, one thread each):
 first volumes of the earlier record run ``blend0.6_s2`` of
 ``benchmarks/results/fewslice.json``: the same default options at seed 2)
 into ``benchmarks/results/fewslice_m3hl.json``; without it the table is
-printed from that file. Only (volume, rule) pairs present in every run are
-compared, so a run cut short is compared on the volumes it finished.
+printed from that file. Only (volume, rule) pairs present in every run of a
+table are compared; a run cut short gets a table of its own with the others
+on the volumes it finished.
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--merge", nargs="*", default=None, help="JSON files of benchmarks/fewslice.py to copy runs from")
     ap.add_argument("--supervised-s2", type=int, default=0, metavar="N",
                     help="also take the first N volumes of the record run blend0.6_s2 (supervised, seed 2)")
+    ap.add_argument("--min-rows", type=int, default=8,
+                    help="runs with fewer (volume, rule) rows are compared separately, on the rows they have")
     args = ap.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"runs": {}}
     if args.merge is not None:
@@ -90,9 +93,15 @@ def main() -> None:
                 **{k: v for k, v in record.items() if k != "rows"},
                 "rows": [r for r in record["rows"] if r["volume"] in volumes]}
         OUT.write_text(json.dumps(results, indent=1))
-    print(table(results["runs"]))
+    runs = results["runs"]
+    full = {k: v for k, v in runs.items() if len(v["rows"]) >= args.min_rows}
+    print(table(full))
+    for name, run in runs.items():  # a run cut short: compared with the others on the volumes it finished
+        if name not in full:
+            print(f"\n{name}, cut short: on its {len(run['rows'])} (volume, rule) rows\n")
+            print(table({**full, name: run}))
     print()
-    print(curves(results["runs"]))
+    print(curves(runs))
 
 
 if __name__ == "__main__":
