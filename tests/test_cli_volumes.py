@@ -58,6 +58,16 @@ def test_counts_that_do_not_pair_up_are_refused(volumes, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 --data but 1 --labels" in err and "--unlabeled" in err
     assert not (tmp_path / "r" / "run.json").exists()
+    bp = volumes[8][1]
+    assert main(["train", "--data", str(a), "--labels", str(ap), "--data", str(b), "--labels", str(bp),
+                 "--patch-size", "32,32", "--out", str(tmp_path / "r")]) == 2
+    assert "a preset's run takes one --data" in capsys.readouterr().err
+    src = nib.load(str(ap))
+    nib.save(nib.Nifti1Image(np.zeros(src.shape, np.uint8), src.affine, src.header), tmp_path / "empty.nii.gz")
+    assert main(["train", "--data", str(a), "--labels", str(tmp_path / "empty.nii.gz"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "has no painted slice" in err and "--unlabeled" in err
+    assert not (tmp_path / "r" / "run.json").exists()
 
 
 def test_the_same_file_twice_gets_unique_output_names(volumes, tmp_path):
