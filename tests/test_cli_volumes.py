@@ -79,7 +79,7 @@ def test_the_same_file_twice_gets_unique_output_names(volumes, tmp_path):
 
 
 def test_a_cine_trains_with_its_unpainted_frames_as_unlabeled_data(volumes, tmp_path):
-    (a, ap, apaint), (b, _, _) = volumes[7], volumes[8]
+    (a, _, apaint), (b, _, _) = volumes[7], volumes[8]
     img_a, img_b = nib.load(str(a)), nib.load(str(b))
     cine = np.stack([np.asarray(img_b.dataobj), np.asarray(img_a.dataobj)], axis=-1)  # (X, Y, Z, T): t1 painted
     paint = np.stack([np.zeros_like(apaint), apaint], axis=-1)

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGridLayout, QGroupBox, QLabel, QPushButton, QWidget
 
 from napari_m3hl._napari.layers import control as lc
