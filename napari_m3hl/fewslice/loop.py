@@ -359,6 +359,7 @@ def prepare_volumes(start: str | Path, labeled: Sequence[tuple[np.ndarray, np.nd
     from napari_m3hl.data.volumes import PartlyLabeledVolume
     from napari_m3hl.inference.predictor import Predictor
     from napari_m3hl.io.checkpoint import load_checkpoint
+    from napari_m3hl.runtime import resolve_device
 
     options = options or FewSliceOptions()
     _check_options(options)
@@ -393,7 +394,7 @@ def prepare_volumes(start: str | Path, labeled: Sequence[tuple[np.ndarray, np.nd
     plv = PartlyLabeledVolume.from_volumes(images, paints, extra, num_classes=cfg.num_classes, normalize=False,
                                            names=names[:len(labeled)])
     data = plv.train_data(cfg.class_names)
-    base = Predictor.from_checkpoint(blend_partner(ckpt), "student", "cpu" if options.device == "auto" else options.device,
+    base = Predictor.from_checkpoint(blend_partner(ckpt), "student", resolve_device(options.device),
                                      blend=False)
     volumes = []
     for img, lab, name in zip(images + extra, paints + [None] * len(extra), names):
@@ -469,6 +470,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
     teacher's :class:`PseudoLabels`, and last a :class:`FewSliceResult`."""
     from napari_m3hl.inference.predictor import Predictor
     from napari_m3hl.io.checkpoint import load_checkpoint
+    from napari_m3hl.runtime import resolve_device
     from napari_m3hl.training import events as ev
     from napari_m3hl.training.trainer import TrainControl, train
 
@@ -488,9 +490,14 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
     iterations = 0
     checked = -1
 
+    device = resolve_device(cfg.device)  # the training device: the checks segment where the networks train
+    depth = max(int(v.image.shape[0]) for v in job.volumes)
+
     def segment(path: str) -> _Segmented:
         ckpt = load_checkpoint(path)
-        predictors = {which: Predictor.from_checkpoint(ckpt, which, "cpu") for which in ("teacher", "student")}
+        # each network segments a volume in one batch of all its slices
+        predictors = {which: Predictor.from_checkpoint(ckpt, which, device, batch_size=max(16, depth))
+                      for which in ("teacher", "student")}
         out = _Segmented([], [], [])
         for v in job.volumes:
             nets: dict[str, np.ndarray] = {}
