@@ -14,7 +14,9 @@ module                   holds
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from napari_m3hl.cli.commands import cmd_evaluate, cmd_phantom, cmd_predict, cmd_suggest
@@ -35,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     name = f"m3hl {args.command}"
+    previous = _catch_sigterm()
     try:
         return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "suggest": cmd_suggest,
                 "phantom": cmd_phantom}[args.command](args)
@@ -44,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM); files being written were removed, finished ones kept", file=sys.stderr)
+        return 143
     except MemoryError:
         print(f"{name}: error: out of memory; use smaller inputs, a smaller --batch-size or --patch-size, "
               "or close other programs", file=sys.stderr)
@@ -58,3 +64,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: internal error: {exc.__class__.__name__}: {exc} (set M3HL_DEBUG=1 for the traceback and "
               "please report it)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so ``finally`` blocks remove
+    temporary files (:func:`napari_m3hl.files.atomic_path`) before the exit."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into :class:`Terminated` (main thread only); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)

@@ -28,6 +28,7 @@ from napari.layers import Image
 
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.fewslice.loop import Check, FewSliceResult
+from napari_m3hl.labels import painting_warnings
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl._napari.run import request as rq
 from napari_m3hl._napari.run.fewslice import FewSliceRequest, StartSegmentation
@@ -67,6 +68,9 @@ class FineTune:
         lab = np.asarray(labels.data)
         config = self.st.model_panel.build_config()
         rq.check_labels(labels.name, lab, config)
+        if lab.ndim == 3:  # a slice painted in part teaches the rest of it as background: say which
+            for text in painting_warnings(lab, tuple(config.class_names)):
+                self.st.warn(f"'{labels.name}': {text}")
         options = self.st.model_panel.fewslice_options(iterations)
         resolve_device(options.device)  # cheap; a clear error for an absent GPU
         if start is None:
