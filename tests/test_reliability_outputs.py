@@ -186,3 +186,17 @@ def test_fewslice_overwrite_keeps_labels_painted_in_the_run_folder(inputs, tmp_p
     code, text = _run([*argv[:3], "--labels", seg, *argv[5:]], capsys)
     assert code == 2 and "--labels" in text and "segmentation.nii.gz this run writes" in text, text
     assert _digest(run) == before
+
+
+def test_a_session_folder_never_replaces_its_image(inputs, tmp_path):
+    """A session folder whose labels.nii.gz is (a link to) the image the session was made on is refused."""
+    from napari_m3hl.errors import M3HLInputError
+    from napari_m3hl.io.session import save_session
+
+    folder = tmp_path / "session"
+    folder.mkdir()
+    os.link(inputs["scan"], folder / "labels.nii.gz")  # the scan, under the session's labels name
+    before = _digest(inputs["dir"])
+    with pytest.raises(M3HLInputError, match="would replace the image"):
+        save_session(folder, inputs["truth"], np.eye(4), meta={"image_source": str(inputs["scan"])})
+    assert _digest(inputs["dir"]) == before
