@@ -222,6 +222,8 @@ CASES = [
     ("a folder as --checkpoint", lambda e, t: ["predict", "--checkpoint", e["dir"], "--input", e["scan"], "--output", t],
      "is a folder"),
     ("a folder as --image", lambda e, t: ["suggest", "--checkpoint", e["ck"], "--image", e["dir"]], "is a folder"),
+    ("a folder as the few-slice --init", lambda e, t: ["train", "--data", e["scan"], "--labels", e["labels"], "--init",
+                                                       e["dir"], "--out", t / "r"], "is a folder"),
     ("a folder as --labels", lambda e, t: ["train", "--data", e["scan"], "--labels", e["dir"], "--init", e["ck"], *FEW,
                                            "--out", t / "r"], "is a folder"),
     ("a symbolic link loop as --checkpoint",

@@ -25,6 +25,7 @@ import numpy as np
 
 from napari_m3hl.cli import checks
 from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.files import why_not_a_file
 
 #: Options that ask for the preset (data set) path rather than the few-slice loop.
 PRESET_OPTIONS = ("preset", "variant", "patch_size", "block_size", "mask_ratio", "lam", "alpha")
@@ -114,9 +115,10 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
 
     out = Path(args.out)
     start = Path(args.init) if args.init else default_start()
-    if not start.is_file():
-        raise M3HLInputError(f"start model {start} not found" + ("" if args.init else " (the shipped model is missing "
-                             "from this install)") + "; give a model file with --init MODEL.pt")
+    problem = why_not_a_file(start, "--init" if args.init else "the shipped start model",
+                             "give a model file with --init MODEL.pt")
+    if problem:
+        raise M3HLInputError(problem)
     _check_device(args.device or "auto")
     checks.check_run_inputs(out, FEWSLICE_FILES, {"--data": args.data, "--labels": args.labels})
     img = load_nifti(args.data)
@@ -166,7 +168,8 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
         "kind": "few-slice fine-tune", "start_model": str(start), "image": str(args.data), "labels": str(args.labels),
         "painted_slices": job.painted_slices.tolist(), "options": vars(options), "config": job.config.to_dict(),
         "seconds": round(time.perf_counter() - t0, 1), "iterations_done": result.iterations,
-        "checkpoint": result.checkpoint and str(out / Path(result.checkpoint).name), "verdict": {"suspect": result.verdict.suspect, "message": result.verdict.message},
+        "checkpoint": result.checkpoint and str(out / Path(result.checkpoint).name),
+        "verdict": {"suspect": result.verdict.suspect, "message": result.verdict.message},
         "segmentation": str(seg), "prediction": str(pred),
     }
     checks.write_json(work / "run.json", manifest, "--out")
