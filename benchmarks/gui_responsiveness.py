@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         "platform": platform.platform(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "start": widget.model_panel.start_combo.currentText(),
-        "fewslice": bool(widget.model_panel.uses_fewslice()),
+        "fewslice": bool(widget.model_panel.plan().fewslice),
         "start_file": widget.model_panel.start_path.text() if widget.model_panel.start_combo.currentIndex() else None,
         "variant": widget.model_panel.variant_combo.currentText(),
         "gc_freeze": _jobs.FREEZE_GC,

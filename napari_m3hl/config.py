@@ -67,14 +67,14 @@ class TrainConfig:
     teacher_mode: str = "eval"  # eval | train (dropout + batch-stat BN when labelling)
     teacher_bn: str = "own"  # eval-mode teacher's BatchNorm: own (batch stats when labelling, own running stats) | copy (the student's) | ema (averaged; reference code)
     pseudo_lcc: bool = True
-    # recipe for short budgets (issue 10; 0 = off, the paper's recipe)
+    # recipe for short budgets (0 = off, the paper's recipe)
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
     warm_frac: float = 0.0  # the same as a fraction of `iterations` (used when warm_start is 0; the `fast` variant)
     alpha_rampup: int = 0  # α ramps linearly from 0 over this many M³HL iterations
     # diagnostics
     pl_eval_every: int = 0  # score pseudo-labels against the hidden labels of unlabeled data every N iterations
     pl_eval_samples: int = 64  # unlabeled samples (fixed, seeded) in that score
-    # fine-tuning from a start model (issue 16; 0 / "" = off)
+    # fine-tuning from a start model (0 / "" = off)
     l2_to_start: float = 0.0  # weight of sum((θ - θ_start)²) added to the loss (L2-SP)
     freeze: str = ""  # "encoder" (encoder weights) and/or "bn" (BatchNorm running stats) stay at their start values, e.g. "encoder,bn"
     # data

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from napari_m3hl.metrics import binary as B
 from napari_m3hl.metrics import labelmaps as M
 from napari_m3hl.errors import M3HLInputError
 
@@ -64,12 +65,12 @@ def _close(x: float, y: float) -> bool:
 @pytest.mark.parametrize("idx", range(len(CASES)))
 def test_matches_medpy(idx: int) -> None:
     a, b, spacing, conn = CASES[idx]
-    assert _close(M.dice(a, b), binary.dc(a, b))
-    assert _close(M.jaccard(a, b), binary.jc(a, b))
-    assert _close(M.hd95(a, b, spacing, conn), binary.hd95(a, b, voxelspacing=spacing, connectivity=conn))
-    assert _close(M.asd(a, b, spacing, conn), binary.asd(a, b, voxelspacing=spacing, connectivity=conn))
+    assert _close(B.dice(a, b), binary.dc(a, b))
+    assert _close(B.jaccard(a, b), binary.jc(a, b))
+    assert _close(B.hd95(a, b, spacing, conn), binary.hd95(a, b, voxelspacing=spacing, connectivity=conn))
+    assert _close(B.asd(a, b, spacing, conn), binary.asd(a, b, voxelspacing=spacing, connectivity=conn))
     # and in the other order (asd is directed)
-    assert _close(M.asd(b, a, spacing, conn), binary.asd(b, a, voxelspacing=spacing, connectivity=conn))
+    assert _close(B.asd(b, a, spacing, conn), binary.asd(b, a, voxelspacing=spacing, connectivity=conn))
 
 
 def test_objects_touching_edges_and_small_objects() -> None:
@@ -82,15 +83,15 @@ def test_objects_touching_edges_and_small_objects() -> None:
         a[0, :, :] = True
         b[:, -1, :] = True
         for conn in (1, 2, 3):
-            assert _close(M.hd95(a, b, connectivity=conn), binary.hd95(a, b, connectivity=conn))
-            assert _close(M.asd(a, b, (1, 2, 3), conn), binary.asd(a, b, (1, 2, 3), conn))
+            assert _close(B.hd95(a, b, connectivity=conn), binary.hd95(a, b, connectivity=conn))
+            assert _close(B.asd(a, b, (1, 2, 3), conn), binary.asd(a, b, (1, 2, 3), conn))
     # single voxels, 1-D, far apart in a big array
     a = np.zeros(200, bool)
     b = np.zeros(200, bool)
     a[3] = True
     b[150] = True
-    assert M.hd95(a, b) == binary.hd95(a, b) == 147.0
-    assert M.asd(a, b, spacing=0.5) == pytest.approx(73.5)
+    assert B.hd95(a, b) == binary.hd95(a, b) == 147.0
+    assert B.asd(a, b, spacing=0.5) == pytest.approx(73.5)
 
 
 def test_two_squares_known_offset() -> None:
@@ -99,26 +100,26 @@ def test_two_squares_known_offset() -> None:
     pred[10:20, 10:20] = True  # 10x10
     ref[10:20, 13:23] = True  # shifted 3 px along axis 1
     # overlap 10x7 = 70
-    assert M.dice(pred, ref) == pytest.approx(2 * 70 / 200)
-    assert M.jaccard(pred, ref) == pytest.approx(70 / 130)
+    assert B.dice(pred, ref) == pytest.approx(2 * 70 / 200)
+    assert B.jaccard(pred, ref) == pytest.approx(70 / 130)
     # every border pixel moves by at most 3 columns; the left/right edges are
     # exactly 3 away from the nearest border of the other square
-    h = M.hd95(pred, ref)
+    h = B.hd95(pred, ref)
     assert 0 < h <= 3.0
     assert h == pytest.approx(binary.hd95(pred, ref))
     # spacing scales distances along axis 1 only
-    assert M.hd95(pred, ref, spacing=(1.0, 2.0)) == pytest.approx(binary.hd95(pred, ref, voxelspacing=(1.0, 2.0)))
+    assert B.hd95(pred, ref, spacing=(1.0, 2.0)) == pytest.approx(binary.hd95(pred, ref, voxelspacing=(1.0, 2.0)))
     # identical squares
-    assert M.dice(pred, pred) == 1.0
-    assert M.hd95(pred, pred) == 0.0
-    assert M.asd(pred, pred) == 0.0
+    assert B.dice(pred, pred) == 1.0
+    assert B.hd95(pred, pred) == 0.0
+    assert B.asd(pred, pred) == 0.0
     # disjoint squares, far apart: HD95 equals the distances of the offsets
     far = np.zeros((40, 40), bool)
     far[10:20, 30:40] = True  # 20 px to the right of pred
-    assert M.dice(pred, far) == 0.0
-    assert M.hd95(pred, far) == pytest.approx(binary.hd95(pred, far))
-    assert M.asd(pred, far) == pytest.approx(binary.asd(pred, far))
-    assert M.hd95(pred, far) >= 11.0
+    assert B.dice(pred, far) == 0.0
+    assert B.hd95(pred, far) == pytest.approx(binary.hd95(pred, far))
+    assert B.asd(pred, far) == pytest.approx(binary.asd(pred, far))
+    assert B.hd95(pred, far) >= 11.0
 
 
 def test_empty_edge_cases() -> None:
@@ -127,12 +128,12 @@ def test_empty_edge_cases() -> None:
     x[2, 2] = True
     # medpy's intended value (its ZeroDivisionError branch); medpy 0.5.2 on
     # numpy 2 returns NaN with a warning instead, so it is not compared here.
-    assert M.dice(e, e) == 1.0
-    assert M.jaccard(e, e) == binary.jc(e, e) == 1.0
-    assert M.dice(x, e) == binary.dc(x, e) == 0.0
-    assert M.jaccard(e, x) == binary.jc(e, x) == 0.0
-    for fn in (M.hd95, M.asd):
-        with pytest.raises(M.EmptyObjectError, match="pred"):
+    assert B.dice(e, e) == 1.0
+    assert B.jaccard(e, e) == binary.jc(e, e) == 1.0
+    assert B.dice(x, e) == binary.dc(x, e) == 0.0
+    assert B.jaccard(e, x) == binary.jc(e, x) == 0.0
+    for fn in (B.hd95, B.asd):
+        with pytest.raises(B.EmptyObjectError, match="pred"):
             fn(e, x)
         with pytest.raises(ValueError, match="ref"):
             fn(x, e)
@@ -141,15 +142,15 @@ def test_empty_edge_cases() -> None:
 def test_bad_inputs() -> None:
     a = np.ones((4, 4), bool)
     with pytest.raises(M3HLInputError, match="shape"):
-        M.dice(a, np.ones((4, 5), bool))
+        B.dice(a, np.ones((4, 5), bool))
     with pytest.raises(M3HLInputError, match="spacing"):
-        M.hd95(a, a, spacing=(1, 2, 3))
+        B.hd95(a, a, spacing=(1, 2, 3))
     with pytest.raises(M3HLInputError, match="spacing"):
-        M.hd95(a, a, spacing=(1, -2))
+        B.hd95(a, a, spacing=(1, -2))
     with pytest.raises(M3HLInputError, match="connectivity"):
-        M.asd(a, a, connectivity=0)
+        B.asd(a, a, connectivity=0)
     with pytest.raises(M3HLInputError, match="NaN"):
-        M.dice(np.full((2, 2), np.nan), a[:2, :2])
+        B.dice(np.full((2, 2), np.nan), a[:2, :2])
 
 
 def _label_case():
@@ -271,5 +272,5 @@ def test_volume_crop_speed_path_equivalent() -> None:
     ref = vol.copy()
     vol[18:22, 50:60, 50:62] = True
     ref[19:23, 52:61, 49:60] = True
-    assert _close(M.hd95(vol, ref, (10, 1.25, 1.25)), binary.hd95(vol, ref, (10, 1.25, 1.25)))
-    assert _close(M.asd(vol, ref), binary.asd(vol, ref))
+    assert _close(B.hd95(vol, ref, (10, 1.25, 1.25)), binary.hd95(vol, ref, (10, 1.25, 1.25)))
+    assert _close(B.asd(vol, ref), binary.asd(vol, ref))

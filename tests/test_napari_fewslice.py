@@ -50,7 +50,7 @@ def _wrecking_step(real):
 
 def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, qtbot, errors):
     viewer, w = make_widget()
-    assert w.model_panel.uses_fewslice()  # the default start: the shipped cardiac model
+    assert w.model_panel.plan().fewslice  # the default start: the shipped cardiac model
     defaults = FewSliceOptions()
     adv = w.model_panel.advanced_form.values()
     assert (adv["iterations"], adv["batch_size"], adv["lr"]) == (defaults.iterations, defaults.batch_size, defaults.lr)
@@ -117,7 +117,7 @@ def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget
 def test_other_start_modes_keep_the_m3hl_run(make_widget, qtbot):
     viewer, w = make_widget()
     w.model_panel.start_combo.setCurrentIndex(0)  # From scratch
-    assert not w.model_panel.uses_fewslice() and w.model_panel.advanced_form.values()["iterations"] == 300
+    assert not w.model_panel.plan().fewslice and w.model_panel.advanced_form.values()["iterations"] == 300
     train_and_wait(qtbot, w)
     assert not w.run.fewslice and w.st.finetune is None and lc.MIX_PREVIEW in viewer.layers
     assert not w.run_panel.keep_start_btn.isEnabled()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def test_manifest_lives_in_the_package_and_validates():
     manifest = npe2.PluginManifest.from_file(inside)
     assert manifest.name == "napari-m3hl"
     assert "Annotation" in [str(getattr(c, "value", c)) for c in manifest.categories]
+    segment = manifest.contributions.menus["napari/layers/segment"]
+    assert [m.command for m in segment] == ["napari-m3hl.train_widget"], "the widget belongs under Layers > Segment"
     root = ROOT / "napari.yaml"  # the design card's root path: a link (or, without symlinks, a copy)
     assert root.read_text() == inside.read_text()
 
@@ -114,3 +117,12 @@ def test_no_module_imports_itself_round_a_circle():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_default_qt_binding_is_qt6():
+    """napari deprecated PyQt5 (0.8) and greets a PyQt5 user with a notification;
+    setup installs PyQt6 and scripts/test.sh selects it unless QT_API says otherwise."""
+    if os.environ.get("QT_API", "").lower() == "pyqt5":
+        pytest.skip("this is the PyQt5 pass (QT_API=pyqt5)")
+    qtpy = pytest.importorskip("qtpy")
+    assert qtpy.API_NAME == "PyQt6"

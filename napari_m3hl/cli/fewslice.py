@@ -23,21 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_m3hl.app.plan import PRESET_SETTINGS, RunInputs, StartMode
 from napari_m3hl.cli import checks
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.io.files import why_not_a_file
 
-#: Options that ask for the preset (data set) path rather than the few-slice loop.
-PRESET_OPTIONS = ("preset", "variant", "patch_size", "block_size", "mask_ratio", "lam", "alpha")
-
-
-def wants_fewslice(args: argparse.Namespace) -> bool:
-    """True for ``--data IMAGE --labels PAINTED`` without options of the preset path."""
-    if not args.labels or args.resume:
-        return False
-    if any(getattr(args, k, None) is not None for k in PRESET_OPTIONS):
-        return False
-    return not (args.set or args.no_hl or args.no_mix or args.val)
+def run_inputs(args: argparse.Namespace) -> RunInputs:
+    """``m3hl train``'s arguments in the terms :func:`~napari_m3hl.app.plan.plan_run` decides on:
+    ``--labels`` is a painted volume fine-tuned from ``--init`` or the shipped model."""
+    start = (StartMode.RESUME if args.resume else StartMode.FINE_TUNE if (args.labels or args.init)
+             else StartMode.SCRATCH)
+    asked = [f"--{k.replace('_', '-')}" for k in PRESET_SETTINGS if getattr(args, k, None) is not None]
+    asked += [flag for flag, on in (("--set", args.set), ("--no-hl", args.no_hl), ("--no-mix", args.no_mix),
+                                    ("--val", args.val)) if on]
+    return RunInputs(start=start, painted_volume=bool(args.labels), preset_settings=tuple(asked))
 
 
 def check_ablation(args: argparse.Namespace) -> None:
@@ -47,7 +46,7 @@ def check_ablation(args: argparse.Namespace) -> None:
     flag = "--no-hl" if args.no_hl else "--no-mix" if args.no_mix else None
     if flag is None or not args.labels or args.resume or args.set or args.val:
         return
-    if any(getattr(args, k, None) is not None for k in PRESET_OPTIONS):
+    if any(getattr(args, k, None) is not None for k in PRESET_SETTINGS):
         return
     raise M3HLInputError(
         f"{flag} is an ablation of M³HL's preset training; with --data IMAGE --labels PAINTED it would switch from "

@@ -163,10 +163,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_threads("cli")  # an OMP_NUM_THREADS set by torchrun wins
     # every check before the process group forms: all ranks see the folder before rank 0 writes into it
     checks.check_run_folder(Path(args.out), args.resume, args.overwrite)
-    from napari_m3hl.cli.fewslice import check_ablation, cmd_train_fewslice, wants_fewslice
+    from napari_m3hl.app.plan import plan_run
+    from napari_m3hl.cli.fewslice import check_ablation, cmd_train_fewslice, run_inputs
 
     check_ablation(args)
-    if wants_fewslice(args):  # one painted volume: the few-slice loop, not a preset's 30,000 iterations
+    if plan_run(run_inputs(args)).fewslice:  # one painted volume: the few-slice loop, not a preset's 30,000 iterations
         return cmd_train_fewslice(args, ProgressBar(not args.quiet))
     if getattr(args, "start_blend", None) is not None:
         raise M3HLInputError("--start-blend belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "

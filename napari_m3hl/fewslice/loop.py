@@ -46,14 +46,6 @@ from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.labels import labeled_slices
 from napari_m3hl.fewslice.safeguard import Verdict, check_finetune
 
-#: For ``m3hl train --help`` (the integrator copies it there and into the user guide).
-HELP = (
-    "With --data IMAGE --labels PAINTED and --init MODEL, train fine-tunes MODEL on the painted slices with the "
-    "few-slice defaults (napari_m3hl.fewslice.loop.FewSliceOptions: {summary}); the network keeps MODEL's own input "
-    "size and resizing. The preset's 30,000-iteration schedule is for data sets, not one volume."
-)
-
-
 @dataclass
 class FewSliceOptions:
     """Few-slice fine-tuning settings (the measured defaults; see the module docstring).

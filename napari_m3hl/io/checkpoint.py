@@ -291,3 +291,10 @@ def trained_models(path: str | Path, device: str | torch.device = "cpu") -> tupl
     """(student, teacher) of a checkpoint file, float32 in eval mode on ``device``."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, "student", device), model_from_checkpoint(ckpt, "teacher", device)
+
+
+def run_kind(ckpt: dict[str, Any]) -> str:
+    """What made a checkpoint: ``"fewslice"`` (the few-slice loop, whose config
+    is recorded with preset ``fewslice``) or ``"preset"`` (a preset's run).
+    Train on, Load checkpoint and Open session all read it from here."""
+    return "fewslice" if (ckpt.get("config") or {}).get("preset") == "fewslice" else "preset"

@@ -17,8 +17,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-FEATURE_KEYS = ("low_enc", "low_dec", "high")
-
 
 @dataclass
 class NetOutput:

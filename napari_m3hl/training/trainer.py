@@ -136,7 +136,7 @@ def bn_gain(m: nn.Module) -> float:
 
 
 def _finetune_hooks(config: TrainConfig, student: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
-    """Fine-tuning knobs (issue 16), applied to the student as it starts:
+    """Fine-tuning knobs, applied to the student as it starts:
     ``freeze`` holds ``encoder`` (no gradients into ``enc.*``) and/or ``bn``
     (every BatchNorm layer runs as in eval mode, in training too: it
     normalises with the start model's running statistics and never updates

@@ -141,14 +141,6 @@ def prepare_mix(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int], c
     _place(layer, geo)
 
 
-def prepare_overlays(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int],
-                     class_names: Sequence[str]) -> None:
-    """All of :func:`prepare_preview` and :func:`prepare_mix` at once (scripts; the widget queues them)."""
-    prepare_preview(viewer, image, class_names)
-    prepare_mix(viewer, image, patch, class_names, targets=False)
-    prepare_mix(viewer, image, patch, class_names, targets=True)
-
-
 def show_disagreement(viewer: "napari.Viewer", image: "Layer", data: np.ndarray) -> "Labels":
     """Update (or add once) the 'M³HL disagreement' overlay (1 = student and teacher differ)."""
     from napari.utils.colormaps import DirectLabelColormap

@@ -13,9 +13,11 @@ from typing import Any
 
 from qtpy.QtWidgets import QAbstractSpinBox, QHBoxLayout, QSpinBox, QWidget
 
+from napari_m3hl.app.plan import StartMode
 from napari_m3hl.fewslice.suggest import METHODS
 
-START_MODES = ("From scratch", "Fine-tune from file", "Resume checkpoint")
+#: The Start combo's items, in :class:`~napari_m3hl.app.plan.StartMode` order.
+START_MODES = tuple(m.value for m in StartMode)
 DEVICES = ("auto", "cuda", "mps", "cpu")
 VARIANTS = ("paper", "reference", "fast")
 #: Slice suggestion scores (napari_m3hl.fewslice.suggest.METHODS); the default is ``suggest.DEFAULT_METHOD``.

@@ -19,6 +19,7 @@ from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.labels import ACDC_CLASSES
 from napari_m3hl._napari.panels.advanced import AdvancedForm
 from napari_m3hl._napari.run.fewslice import fewslice_options
+from napari_m3hl.app.plan import PRESET_SETTINGS, RunInputs, RunPlan, StartMode, plan_run
 from napari_m3hl._napari.panels.layout import DEVICES, START_MODES, VARIANTS, default_cardiac_model, row
 from napari_m3hl._napari.panels.slots import on_signal
 from napari_m3hl._napari.panels.state import PanelState
@@ -36,7 +37,8 @@ GUI_CPU_BATCH = 8
 GUI_LR = 0.01
 GUI_VARIANT = "reference"
 CHECKPOINT_EVERY = 100
-FINE_TUNE = START_MODES.index("Fine-tune from file")
+#: The preset the panel starts with when the user picks none (the shipped start model's).
+DEFAULT_PRESET = "acdc_unet2d"
 
 
 def presets_2d() -> list[str]:
@@ -73,7 +75,7 @@ class ModelPanel(QGroupBox):
         self.start_path.setPlaceholderText("checkpoint or model file (.pt)")
         default_model = default_cardiac_model()
         if default_model is not None:  # cardiac MR: fine-tune the shipped 70-patient ACDC model by default
-            self.start_combo.setCurrentIndex(FINE_TUNE)
+            self.set_start_mode(StartMode.FINE_TUNE)
             self.start_path.setText(str(default_model))
         self.browse_btn = QPushButton("Browse…")
         self.device_combo = QComboBox()
@@ -111,7 +113,7 @@ class ModelPanel(QGroupBox):
         self._apply_preset()
 
     def update_buttons(self) -> None:
-        needs_file = self.start_combo.currentIndex() > 0
+        needs_file = self.start_mode() is not StartMode.SCRATCH
         self.start_path.setVisible(needs_file)
         self.browse_btn.setVisible(needs_file)
 
@@ -147,7 +149,7 @@ class ModelPanel(QGroupBox):
         *Fine-tune from file*, the panel's M³HL defaults otherwise."""
         from napari_m3hl.fewslice.loop import FewSliceOptions
 
-        if self.start_combo.currentIndex() == START_MODES.index("Fine-tune from file"):
+        if self.start_mode() is StartMode.FINE_TUNE:
             fs = FewSliceOptions()
             self.show_settings({"iterations": fs.iterations, "batch_size": fs.batch_size, "lr": fs.lr,
                                 "ema_decay": fs.ema_decay})
@@ -183,8 +185,8 @@ class ModelPanel(QGroupBox):
         path = self.ask_open_path("Checkpoint or model file")
         if path:
             self.start_path.setText(path)
-            if self.start_combo.currentIndex() == 0:
-                self.start_combo.setCurrentIndex(1)
+            if self.start_mode() is StartMode.SCRATCH:
+                self.set_start_mode(StartMode.FINE_TUNE)
 
     def ask_open_path(self, caption: str) -> str:
         from napari_m3hl.config import MODELS_DIR
@@ -213,12 +215,39 @@ class ModelPanel(QGroupBox):
         """Fill the advanced section (TrainConfig field names; others are skipped)."""
         self.advanced_form.set_values(values)
 
-    def uses_fewslice(self) -> bool:
-        """Whether Train runs the few-slice fine-tune: Start is *Fine-tune from
-        file*, the image is one volume (Z, Y, X) and no extra volume is ticked."""
+    def start_mode(self) -> StartMode:
+        return StartMode(self.start_combo.currentText())
+
+    def set_start_mode(self, mode: StartMode) -> None:
+        self.start_combo.setCurrentIndex(START_MODES.index(mode.value))
+
+    def preset_settings(self) -> tuple[str, ...]:
+        """The preset-only settings (:data:`~napari_m3hl.app.plan.PRESET_SETTINGS`) the
+        user changed from what the panel filled in: another preset or variant, or
+        an Advanced value that differs from the preset's."""
+        name = self.preset_combo.currentText() or DEFAULT_PRESET
+        changed = ["preset"] if name != DEFAULT_PRESET else []
+        if self.variant_combo.currentText() != GUI_VARIANT:
+            changed.append("variant")
+        try:
+            preset = load_preset(name, self.variant_combo.currentText()).to_dict()
+        except M3HLInputError:
+            return tuple(changed)
+        values = self.settings()
+        changed += [k for k in PRESET_SETTINGS if k in values and k in preset
+                    and tuple(_flat(values[k])) != tuple(_flat(preset[k]))]
+        return tuple(changed)
+
+    def run_inputs(self) -> RunInputs:
+        """What the user gave, in the terms :func:`~napari_m3hl.app.plan.plan_run` decides on."""
         image = self.st.data_panel.image_layer()
-        return (self.start_combo.currentIndex() == FINE_TUNE and image is not None and image.ndim == 3
-                and not image.rgb and not self.st.data_panel.extra_layers())
+        painted_volume = image is not None and image.ndim == 3 and not image.rgb
+        return RunInputs(start=self.start_mode(), painted_volume=painted_volume,
+                         volumes=1 + len(self.st.data_panel.extra_layers()), preset_settings=self.preset_settings())
+
+    def plan(self) -> RunPlan:
+        """The run Train starts: the few-slice fine-tune or the preset's run."""
+        return plan_run(self.run_inputs())
 
     def fewslice_options(self, iterations: int | None = None):
         """The run's :class:`~napari_m3hl.fewslice.loop.FewSliceOptions` (the CLI's
@@ -228,3 +257,8 @@ class ModelPanel(QGroupBox):
         if iterations is not None:
             opts.iterations = int(iterations)
         return opts
+
+
+def _flat(value: Any) -> list[float]:
+    """A setting as a list of numbers (a 2D size is a pair), for comparing values."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]

@@ -25,7 +25,7 @@ from napari_m3hl._napari.layers import control as lc
 from napari_m3hl._napari.layers import overlays as ov
 from napari_m3hl._napari.run import request as rq
 from napari_m3hl._napari.run.jobs import TrainRequest
-from napari_m3hl._napari.panels.layout import KEEP_START, START_MODES, row
+from napari_m3hl._napari.panels.layout import KEEP_START, row
 from napari_m3hl._napari.panels.plot import LossPlot, quality_text
 from napari_m3hl._napari.run.request import RunState
 from napari_m3hl._napari.panels.slots import on_signal
@@ -166,7 +166,7 @@ class RunPanel(QGroupBox):
         resolve_device(config.device)  # cheap; raises a clear error for an absent GPU
         rq.check_labels(labels.name, lab, config)
         model = self.st.model_panel
-        init_from, resume_from = rq.start_files(model.start_combo.currentIndex(), model.start_path.text(), resume_from)
+        init_from, resume_from = rq.start_files(model.start_mode(), model.start_path.text(), resume_from)
         images, labels_copy, extra, names = rq.copy_frames(image, lab, self.st.data_panel.extra_layers())
         preview_frame = rq.frame_in_view(self.st.viewer, image)
         run_dir, self.st.n_runs = rq.next_run_dir(self.st.runner.out_dir, self.st.n_runs)
@@ -193,19 +193,20 @@ class RunPanel(QGroupBox):
             self.st.error("A training run is going: stop it before starting another.")
             return False
         model = self.st.model_panel
-        if resume_from is None and model.uses_fewslice():
+        plan = model.plan()
+        if resume_from is None and plan.fewslice:
             return self.st.fine_tune.start_fewslice()
         try:
             req, state = self._make_request(resume_from, iterations)
         except M3HLInputError as exc:
             self.st.error(str(exc))
             return False
-        how = "train on" if resume_from is not None else START_MODES[model.start_combo.currentIndex()].lower()
+        how = "train on" if resume_from is not None else model.start_mode().value.lower()
         self.st.finetune = None
         self.verdict_label.setText("")
         self.begin_run(state, how, str(req.resume_from or req.init_from or ""), req.config.iterations,
                        req.config.to_dict(), patch=req.config.patch_size)
-        self.st.status(f"Training in {state.run_dir}")
+        self.st.status(f"Training in {state.run_dir}" + ("" if resume_from is not None else f" ({plan.reason})"))
         self.st.runner.start_training(req, connect=self.run_handlers())
         return True
 

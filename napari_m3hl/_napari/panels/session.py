@@ -22,7 +22,8 @@ from napari_m3hl import __version__
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl._napari.run.file_jobs import SessionOpened, SessionSnapshot
-from napari_m3hl._napari.panels.layout import START_MODES, row
+from napari_m3hl.app.plan import StartMode
+from napari_m3hl._napari.panels.layout import row
 from napari_m3hl._napari.panels.slots import on_signal
 from napari_m3hl._napari.panels.state import PanelState, breakable
 from napari_m3hl._napari.run.workers import describe_error
@@ -204,9 +205,9 @@ class SessionPanel(QGroupBox):
             self.st.runner.checkpoint = str(sess.checkpoint)
             self.st.model_iteration = int(meta.get("iteration", 0))
             self.st.model_resumable = bool(meta.get("resumable", False))
-            self.st.model_is_fewslice = bool(self.st.run_history) and self.st.run_history[-1].get("kind") == "few-slice"
+            self.st.model_is_fewslice = opened.kind == "fewslice"
             self.st.model_panel.start_path.setText(str(sess.checkpoint))
-            self.st.model_panel.start_combo.setCurrentIndex(START_MODES.index("Fine-tune from file"))
+            self.st.model_panel.set_start_mode(StartMode.FINE_TUNE)
         self.st.viewer.layers.selection.active = labels
         self.st.data_panel.update_info()
         self.st.update_buttons()

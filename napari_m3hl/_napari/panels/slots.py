@@ -3,7 +3,7 @@
 Qt signals send values with them (``clicked`` its ``checked`` flag,
 ``currentIndexChanged`` an index, ``itemClicked`` the item). Connected
 straight to a method with optional parameters, such a value lands in the
-first one: ``train_btn.clicked`` once called ``start_training(resume_from=False)``.
+first one (``train_btn.clicked`` would call ``start_training(resume_from=False)``).
 So every Qt signal of the dock widget is connected through :func:`on_signal`,
 which calls its action with no argument at all; an action that needs the
 widget's state reads it from the widget. (``tests/test_napari_controls.py``

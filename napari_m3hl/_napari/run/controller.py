@@ -18,6 +18,7 @@ import numpy as np
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.training.trainer import TrainControl
 from napari_m3hl._napari.run import jobs as _jobs
+from napari_m3hl._napari.run import file_jobs
 from napari_m3hl._napari.run.workers import Handler, await_workers, job_pool, start_worker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,20 +175,20 @@ class RunController:
         return self._start(_jobs.save_session_job, snap, connect=connect)
 
     def open_session(self, folder: str | Path, open_sources: Sequence[str], connect: dict[str, Handler]):
-        return self._start(_jobs.open_session_job, str(folder), list(open_sources), connect=connect)
+        return self._start(file_jobs.open_session_job, str(folder), list(open_sources), connect=connect)
 
     def load_checkpoint(self, path: str | Path, arch: str, num_classes: int, connect: dict[str, Handler]):
-        return self._start(_jobs.load_checkpoint_job, str(path), arch, num_classes, connect=connect)
+        return self._start(file_jobs.load_checkpoint_job, str(path), arch, num_classes, connect=connect)
 
     def save_checkpoint(self, dst: str | Path, connect: dict[str, Handler]):
         if not self.checkpoint:
             raise M3HLInputError("no checkpoint to save yet: train first (or stop a run)")
-        return self._start(_jobs.copy_file_job, self.checkpoint, dst, connect=connect)
+        return self._start(file_jobs.copy_file_job, self.checkpoint, dst, connect=connect)
 
     def export(self, path: str | Path, labels: np.ndarray, meta: dict[str, Any], connect: dict[str, Handler],
                painted: np.ndarray | None = None):
         """Write ``labels`` (the user's ``painted`` slices win where given) as NIfTI."""
-        return self._start(_jobs.export_job, str(path), labels, meta, painted, connect=connect)
+        return self._start(file_jobs.export_job, str(path), labels, meta, painted, connect=connect)
 
     def start_fewslice(self, req: "FewSliceRequest", connect: dict[str, Handler]):
         """Start the few-slice fine-tune of :mod:`napari_m3hl._napari.run.fewslice` as the training run."""

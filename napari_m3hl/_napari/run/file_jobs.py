@@ -44,6 +44,7 @@ class SessionOpened:
 
     session: Any  # napari_m3hl.io.session.Session
     image: tuple | None = None  # (data, kwargs, "image") from the NIfTI reader
+    kind: str | None = None  # the session checkpoint's napari_m3hl.io.checkpoint.run_kind (None: no checkpoint)
 
 
 
@@ -61,9 +62,11 @@ def save_session_job(snap: SessionSnapshot) -> str:
 def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> SessionOpened:
     """Worker function: read a session folder; read its image file too when
     it is not among ``open_sources`` (source paths of the open layers) and exists."""
+    from napari_m3hl.io.checkpoint import load_checkpoint, run_kind
     from napari_m3hl.io.session import load_session
 
     sess = load_session(folder)
+    kind = run_kind(load_checkpoint(sess.checkpoint)) if sess.checkpoint is not None else None
     src = sess.meta.get("image_source")
     image = None
     if src and str(src) not in set(map(str, open_sources)) and Path(src).is_file():
@@ -73,12 +76,12 @@ def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> Se
         if kind == "image":
             kwargs["name"] = sess.meta.get("image_name", kwargs.get("name"))
             image = (data, kwargs, kind)
-    return SessionOpened(sess, image)
+    return SessionOpened(sess, image, kind)
 
 
 def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channels: int = 1) -> dict[str, Any]:
     """Worker function: read a checkpoint and check it fits the data; returns a summary."""
-    from napari_m3hl.io.checkpoint import check_compatible, load_checkpoint
+    from napari_m3hl.io.checkpoint import check_compatible, load_checkpoint, run_kind
 
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, arch, num_classes, in_channels, source=str(path))
@@ -89,6 +92,7 @@ def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channe
         "patch_size": list(ckpt.get("patch_size", [])),
         "resumable": "optimizer" in ckpt,
         "config": ckpt.get("config", {}),
+        "kind": run_kind(ckpt),
     }
 
 

@@ -32,10 +32,10 @@ from napari_m3hl.labels import painting_warnings
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl._napari.run import request as rq
 from napari_m3hl._napari.run.fewslice import FewSliceRequest, StartSegmentation
-from napari_m3hl._napari.panels.layout import KEEP_START, START_MODES, USE_TUNED
+from napari_m3hl.app.plan import StartMode
+from napari_m3hl._napari.panels.layout import KEEP_START, USE_TUNED
 from napari_m3hl._napari.panels.state import PanelState
 
-FINE_TUNE = START_MODES.index("Fine-tune from file")
 SUSPECT_STYLE = "color: #ff8a65; font-weight: bold;"
 
 
@@ -74,7 +74,7 @@ class FineTune:
         options = self.st.model_panel.fewslice_options(iterations)
         resolve_device(options.device)  # cheap; a clear error for an absent GPU
         if start is None:
-            start, _ = rq.start_files(FINE_TUNE, self.st.model_panel.start_path.text(), None)
+            start, _ = rq.start_files(StartMode.FINE_TUNE, self.st.model_panel.start_path.text(), None)
         run_dir, self.st.n_runs = rq.next_run_dir(self.st.runner.out_dir, self.st.n_runs)
         token = self.st.versions.token([image, labels])
         names = tuple(config.class_names)

@@ -21,6 +21,7 @@ from napari_m3hl._napari.panels.annotate import Suggestions
 from napari_m3hl._napari.run.jobs import RunAnalysis
 from napari_m3hl._napari.panels.state import PanelState
 from napari_m3hl._napari.run.workers import describe_error
+from napari_m3hl.app.plan import StartMode
 from napari_m3hl.errors import M3HLInputError
 
 
@@ -187,10 +188,10 @@ class Outputs:
         self.st.runner.checkpoint = info["path"]
         self.st.model_iteration = int(info["iteration"])
         self.st.model_resumable = bool(info["resumable"])
-        self.st.model_is_fewslice = (info.get("config") or {}).get("preset") == "fewslice"
+        self.st.model_is_fewslice = info["kind"] == "fewslice"
         self.st.finetune = None
         self.st.model_panel.start_path.setText(info["path"])
-        self.st.model_panel.start_combo.setCurrentIndex(1)
+        self.st.model_panel.set_start_mode(StartMode.FINE_TUNE)
         self.st.update_buttons()
         self.st.status(
             f"Loaded {info['path']} (iteration {info['iteration']}, classes {', '.join(info['class_names'])}): "

@@ -21,7 +21,7 @@ from napari_m3hl.training import events as ev
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl._napari.layers import control as lc
-from napari_m3hl._napari.panels.layout import START_MODES
+from napari_m3hl.app.plan import StartMode
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -121,8 +121,8 @@ def check_labels(name: str, lab: np.ndarray, config: TrainConfig) -> None:
         )
 
 
-def start_files(mode: int, start_file: str, resume_from: str | Path | None) -> tuple[Path | None, Path | None]:
-    """(init_from, resume_from) for Start mode ``mode`` (index into START_MODES)
+def start_files(mode: StartMode, start_file: str, resume_from: str | Path | None) -> tuple[Path | None, Path | None]:
+    """(init_from, resume_from) for Start mode ``mode``
     with ``start_file``, or for continuing ``resume_from`` (Train on)."""
     start_file = start_file.strip()
     if resume_from is not None:
@@ -130,13 +130,13 @@ def start_files(mode: int, start_file: str, resume_from: str | Path | None) -> t
         if not resume_from.is_file():
             raise M3HLInputError(f"The checkpoint to continue, '{resume_from}', no longer exists; press Train.")
         return None, resume_from
-    if mode == 0:
+    if mode is StartMode.SCRATCH:
         return None, None
     if not start_file:
-        raise M3HLInputError(f"'{START_MODES[mode]}' needs a checkpoint or model file: click Browse….")
+        raise M3HLInputError(f"'{mode.value}' needs a checkpoint or model file: click Browse….")
     if not Path(start_file).is_file():
         raise M3HLInputError(f"Checkpoint file '{start_file}' does not exist.")
-    return (Path(start_file), None) if mode == 1 else (None, Path(start_file))
+    return (Path(start_file), None) if mode is StartMode.FINE_TUNE else (None, Path(start_file))
 
 
 def copy_frames(image: Image, lab: np.ndarray, extra_layers: Sequence[Image]
