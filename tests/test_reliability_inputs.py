@@ -311,3 +311,20 @@ def test_sigterm_during_predict_leaves_no_partial_file(refusal_env, tmp_path, ca
     _nifti(out / "next.nii.gz", refusal_env["image"])
     code, text = _run(["predict", "--checkpoint", refusal_env["ck"], "--input", out, "--output", tmp_path / "o2"], capsys)
     assert code == 0 and "leftover" not in text, text
+
+
+def test_a_folder_whose_later_file_is_corrupt_says_what_was_written(env, tmp_path, capsys):
+    """A file whose header reads but whose voxels do not (a cut-off .nii.gz) is met
+    after the outputs of the files before it were written: status 1 (not 2,
+    "nothing written"), naming the bad file and the written label maps."""
+    import gzip
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _nifti(folder / "a_good.nii.gz", env["image"])
+    whole = gzip.decompress((folder / "a_good.nii.gz").read_bytes())
+    (folder / "b_cut.nii.gz").write_bytes(gzip.compress(whole[: len(whole) // 2]))
+    code, text = _run(["predict", "--checkpoint", env["ck"], "--input", folder, "--output", tmp_path / "o"], capsys)
+    assert code == 1 and "b_cut.nii.gz" in text and "a_good.nii.gz" in text and "were written" in text, text
+    assert len([ln for ln in text.splitlines() if "error" in ln]) == 1 and "Traceback" not in text, text
+    assert (tmp_path / "o" / "a_good.nii.gz").is_file() and not (tmp_path / "o" / "b_cut.nii.gz").exists()

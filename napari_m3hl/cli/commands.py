@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_m3hl.cli import checks
-from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.errors import M3HLInputError, PartlyWrittenError
 
 
 def _predict_fn(predictor):
@@ -61,6 +61,18 @@ def _volume_warnings(vol, path: Path, ndim: int) -> list[str]:
     return [t for t in (slice_axis_warning(shape, spacing, str(path)), in_plane_warning(shape, str(path))) if t]
 
 
+def _read_input(load, path: Path, done: list[Path]):
+    """``load(path)``; a file that cannot be read once other outputs were
+    written ends the command naming it and them (:class:`PartlyWrittenError`)."""
+    try:
+        return load(path)
+    except M3HLInputError as exc:
+        if not done:
+            raise
+        raise PartlyWrittenError(f"{exc} The label maps of the {len(done)} input(s) before it were written "
+                                 f"({', '.join(map(str, done))}); the inputs after it were not predicted") from None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from napari_m3hl.io.nifti import affine_from_spacing, check_nifti_file, load_nifti, save_nifti_labels
     from napari_m3hl.io.checks import fill_non_finite, warn_if_constant
@@ -80,6 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(ckpt, args.which, device, batch_size=args.batch_size)
     patch = predictor.patch
     predict = _predict_fn(predictor)
+    done: list[Path] = []  # label maps written so far
     for f, dest in pairs:
         t0 = time.perf_counter()
         if f.name.lower().endswith(".h5"):  # already normalised as the training data
@@ -90,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             labels = predict(image, normalized=True)
             affine, header = affine_from_spacing((1.0, 1.0, 1.0)), None
         else:
-            vol = load_nifti(f)
+            vol = _read_input(load_nifti, f, done)
             data, bad, warning = fill_non_finite(vol.data, f)
             for text in (warning, warn_if_constant(data, f), *_volume_warnings(vol, f, len(patch))):
                 if text:
@@ -103,6 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 labels[bad] = 0
             affine, header = vol.affine, vol.header
         dest = save_nifti_labels(labels, dest, affine, header, replace=args.overwrite)
+        done.append(dest)
         counts = ", ".join(f"{n}: {int((labels == c).sum())} vox" for c, n in enumerate(ckpt["class_names"]) if c)
         print(f"{f} -> {dest} ({time.perf_counter() - t0:.1f} s; {counts})")
     return 0

@@ -22,7 +22,7 @@ from typing import Sequence
 from napari_m3hl.cli.commands import cmd_evaluate, cmd_phantom, cmd_predict, cmd_suggest
 from napari_m3hl.cli.parser import build_parser
 from napari_m3hl.cli.train import cmd_train
-from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.errors import M3HLInputError, PartlyWrittenError
 
 __all__ = [
     "main",
@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except M3HLInputError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    except PartlyWrittenError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
