@@ -200,3 +200,20 @@ def test_a_session_folder_never_replaces_its_image(inputs, tmp_path):
     with pytest.raises(M3HLInputError, match="would replace the image"):
         save_session(folder, inputs["truth"], np.eye(4), meta={"image_source": str(inputs["scan"])})
     assert _digest(inputs["dir"]) == before
+
+
+def test_a_full_disk_while_training_is_one_line_and_keeps_the_earlier_run(run_a, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from napari_m3hl.io import checkpoint
+
+    run = _copy_run(run_a, tmp_path / "run")
+    before = _digest(run)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    code, text = _run(["train", "--data", "phantom", *TINY, "--out", run, "--overwrite"], capsys)
+    assert code == 1 and "disk is full" in text and "Traceback" not in text, text
+    assert _digest(run) == before and [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -14,6 +14,7 @@ module                   holds
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -59,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        if exc.errno == errno.ENOSPC:
+            print(f"{name}: error: the disk is full (writing{where or ' an output'}); free some space or choose an "
+                  "output on another disk. Files are written whole or not at all, so earlier ones are intact",
+                  file=sys.stderr)
+            return 1
         print(f"{name}: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
