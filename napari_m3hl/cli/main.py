@@ -32,7 +32,7 @@ __all__ = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends as one line on stderr (status 2: bad
-    input, 1: the command failed, 130: interrupted). ``M3HL_DEBUG=1`` shows
+    input, 1: the command failed, 130: interrupted, 143: SIGTERM). ``M3HL_DEBUG=1`` shows
     the traceback of an unexpected error."""
     import os
 
