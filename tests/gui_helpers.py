@@ -60,3 +60,46 @@ def toggle(qtbot, box) -> None:
     before = box.isChecked()
     qtbot.mouseClick(box, Qt.LeftButton, pos=QPoint(6, box.height() // 2))
     assert box.isChecked() != before, f"checkbox '{box.text()}' did not toggle"
+
+
+def answer_file_dialogs(monkeypatch, save_as=None, open_file=None, folder=None) -> list[str]:
+    """Make Qt's file dialogs answer as a user would, without showing them.
+
+    ``save_as`` answers ``QFileDialog.getSaveFileName``, ``open_file``
+    ``getOpenFileName`` and ``folder`` ``getExistingDirectory``: a path, or a
+    function of the dialog's caption giving one; None (or "") is Cancel.
+    Returns the captions of the dialogs shown, in order (to check that a
+    click opened one, or none).
+    """
+    from qtpy.QtWidgets import QFileDialog
+
+    asked: list[str] = []
+
+    def answer(reply, caption: str) -> str:
+        asked.append(caption)
+        path = reply(caption) if callable(reply) else reply
+        return str(path) if path else ""
+
+    def save_dialog(parent=None, caption="", *args, **kwargs):
+        return answer(save_as, caption), ""
+
+    def open_dialog(parent=None, caption="", *args, **kwargs):
+        return answer(open_file, caption), ""
+
+    def folder_dialog(parent=None, caption="", *args, **kwargs):
+        return answer(folder, caption)
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(save_dialog))
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(open_dialog))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(folder_dialog))
+    return asked
+
+
+def click_list_item(qtbot, list_widget, row: int) -> None:
+    """Click row ``row`` of a QListWidget with the mouse, as a user does."""
+    from qtpy.QtCore import Qt
+
+    item = list_widget.item(row)
+    assert item is not None, f"no row {row} in a list of {list_widget.count()}"
+    list_widget.scrollToItem(item)
+    qtbot.mouseClick(list_widget.viewport(), Qt.LeftButton, pos=list_widget.visualItemRect(item).center())

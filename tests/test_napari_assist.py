@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from gui_helpers import WAIT_MS, train_and_wait, wait_idle
+from gui_helpers import WAIT_MS, answer_file_dialogs, button, click, click_list_item, toggle, train_and_wait, wait_idle
 
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl.fewslice.suggest import DEFAULT_METHOD
@@ -21,6 +21,11 @@ def _slice_in_view(viewer, layer) -> int:
     return lc.slice_in_view(viewer, layer)[-1]
 
 
+def _go_to(viewer, z: int) -> None:
+    """Scroll the viewer to slice ``z`` (axis 0 of a 3D image), as a user does with the slider."""
+    viewer.dims.set_current_step(0, z)
+
+
 def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     viewer, w = make_widget()
     image = viewer.layers["phantom image"]
@@ -29,42 +34,44 @@ def test_suggest_next_and_disagreement_overlay(make_widget, qtbot):
     _wait_suggestions(qtbot, w)  # suggestions follow every run
     a = w.st.suggestions.analysis
     assert a.method == DEFAULT_METHOD and a.scores.shape == (6,)
-    w.annotate_panel.spread_check.setChecked(False)  # plain ranking: most uncertain first
+    assert not w.annotate_panel.spread_check.isChecked()  # plain ranking: most uncertain first
     ranked = w.annotate_panel.ranked_slices()
     assert sorted(ranked) == [0, 2, 4, 5]  # slices 1 and 3 are painted
     assert list(np.argsort(-a.scores[ranked], kind="stable")) == [0, 1, 2, 3]  # most uncertain first
     assert w.annotate_panel.suggest_list.count() == 4 and w.annotate_panel.suggest_list.item(0).text().startswith(f"slice {ranked[0]} ")
 
     # Next goes to the top suggestion, pressed again to the second
-    assert w.annotate_panel.next_suggested() == ranked[0] and _slice_in_view(viewer, image) == ranked[0]
-    assert w.annotate_panel.next_suggested() == ranked[1] and _slice_in_view(viewer, image) == ranked[1]
+    click(qtbot, button(w, "Next suggested slice"))
+    assert _slice_in_view(viewer, image) == ranked[0]
+    click(qtbot, button(w, "Next suggested slice"))
+    assert _slice_in_view(viewer, image) == ranked[1]
     # a click in the list goes to that slice
-    w.annotate_panel.suggest_list.setCurrentRow(2)
-    w.annotate_panel._on_suggestion_clicked()
+    click_list_item(qtbot, w.annotate_panel.suggest_list, 2)
     assert _slice_in_view(viewer, image) == ranked[2]
     # "Away from labeled slices" re-ranks by score × distance to slices 1 and 3, list included
-    w.annotate_panel.spread_check.setChecked(True)
+    toggle(qtbot, w.annotate_panel.spread_check)
     assert w.annotate_panel.ranked_slices() == a.ranking([1, 3], spread=True)
     assert w.annotate_panel.suggest_list.item(0).text().startswith(f"slice {w.annotate_panel.ranked_slices()[0]} ")
-    w.annotate_panel.spread_check.setChecked(False)
+    toggle(qtbot, w.annotate_panel.spread_check)
     assert w.annotate_panel.ranked_slices() == ranked
 
     # disagreement overlay: its own read-only layer, 1 where student and teacher differ
     w.annotate_panel.score_combo.setCurrentText("disagreement")
-    assert w.annotate_panel.suggest()
+    click(qtbot, button(w, "Suggest slices"))
     qtbot.waitUntil(lambda: w.st.suggestions.analysis.method == "disagreement" and not w.runner.busy, timeout=WAIT_MS)
-    w.annotate_panel.disagree_check.setChecked(True)
+    assert not w.annotate_panel.disagree_check.isChecked()
+    toggle(qtbot, w.annotate_panel.disagree_check)
     layer = viewer.layers[lc.DISAGREEMENT]
     a = w.st.suggestions.analysis
     np.testing.assert_array_equal(layer.data, (a.student != a.teacher).astype(np.uint8))
     assert layer.data.shape == image.data.shape and not layer.editable and layer.visible
     assert tuple(layer.scale) == tuple(image.scale)
-    w.annotate_panel.disagree_check.setChecked(False)
+    toggle(qtbot, w.annotate_panel.disagree_check)
     assert not layer.visible
     # entropy is measured on the network that segments
     w.annotate_panel.score_combo.setCurrentText("entropy")
     w.run_panel.which_combo.setCurrentText("teacher")
-    assert w.annotate_panel.suggest()
+    click(qtbot, button(w, "Suggest slices"))
     qtbot.waitUntil(lambda: w.st.suggestions.analysis.network == "teacher" and not w.runner.busy, timeout=WAIT_MS)
     assert w.st.suggestions.analysis.method == "entropy"
     # the user's labels were never written
@@ -78,12 +85,15 @@ def test_accept_slice_is_one_undoable_edit(make_widget, qtbot, errors):
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
     before = labels.data.copy()
-    z = w.annotate_panel.next_suggested()
+    top = w.annotate_panel.ranked_slices()[0]
+    click(qtbot, button(w, "Next suggested slice"))
+    z = _slice_in_view(viewer, labels)
+    assert z == top
     seg = viewer.layers[lc.SEGMENTATION]
     fixed = seg.data.copy()
     fixed[z] = truth[z]  # the clinician fixes the segmentation of this slice
     seg.data = fixed
-    assert w.annotate_panel.accept_slice()
+    click(qtbot, button(w, "Accept slice"))
     np.testing.assert_array_equal(labels.data[z], truth[z])
     others = [k for k in range(6) if k != z]
     np.testing.assert_array_equal(labels.data[others], before[others])
@@ -101,7 +111,9 @@ def test_accept_slice_is_one_undoable_edit(make_widget, qtbot, errors):
     empty[0] = 0
     seg.data = empty
     n_errors, kept = len(errors), labels.data.copy()
-    assert not w.annotate_panel.accept_slice(index=(0,))
+    _go_to(viewer, 0)
+    assert _slice_in_view(viewer, labels) == 0
+    click(qtbot, button(w, "Accept slice"))
     assert len(errors) == n_errors + 1 and "slice 0 is empty" in errors[-1]
     np.testing.assert_array_equal(labels.data, kept)  # refused: nothing written
 
@@ -121,7 +133,10 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     fixed = seg.data.copy()
     fixed[5] = truth[5]
     seg.data = fixed
-    assert w.annotate_panel.accept_slice(index=(5,))
+    _go_to(viewer, 5)
+    assert _slice_in_view(viewer, labels) == 5
+    click(qtbot, button(w, "Accept slice"))
+    np.testing.assert_array_equal(labels.data[5], truth[5])
     w.annotate_panel.train_on_spin.setValue(3)
     started = []
     orig = w.run_view.on_event
@@ -137,10 +152,10 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     assert second["iteration"] == 7 and w.st.model_iteration == 7
     assert not torch.equal(second["optimizer"]["state"][0]["momentum_buffer"],
                            first["optimizer"]["state"][0]["momentum_buffer"])
-    # the Train on button does the same
+    # Train on again: 3 more
     w.run_view.on_event = orig  # type: ignore[method-assign]
     w.st.suggestions = None
-    w.annotate_panel.train_on_btn.click()
+    click(qtbot, button(w, "Train on"))
     qtbot.waitUntil(lambda: w.run.finished is not None and w.run.finished.iteration == 10, timeout=WAIT_MS)
     _wait_suggestions(qtbot, w)
     assert [r["how"] for r in w.st.run_history] == ["from scratch", "train on", "train on"]
@@ -154,7 +169,7 @@ def test_train_on_continues_weights_teacher_and_optimiser(make_widget, qtbot):
     assert sess.meta["labeled_slices"] == [1, 3, 5] and torch.load(sess.checkpoint, weights_only=True)["iteration"] == 10
 
 
-def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors):
+def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors, monkeypatch):
     from napari_m3hl._napari._sample import phantom_layers
 
     # a NIfTI image, opened through the plugin's reader as a clinician would
@@ -164,14 +179,18 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
     nib.save(nib.Nifti1Image(np.transpose(img, (2, 1, 0)).astype(np.float32), affine), str(path))
     viewer, w = make_widget(phantom=False)
     viewer.open(str(path), plugin="napari-m3hl")
-    labels = w.data_panel.new_labels_layer()
+    click(qtbot, button(w, "New labels layer"))
+    labels = viewer.layers["heart labels"]
     labels.data = np.where(np.isin(np.arange(6), [1, 4])[:, None, None], truth, 0).astype(np.uint8)
     train_and_wait(qtbot, w)
     _wait_suggestions(qtbot, w)
     w.annotate_panel.score_combo.setCurrentText("margin")
     w.annotate_panel.train_on_spin.setValue(7)
     folder = tmp_path / "my session"
-    assert w.session_panel.save_session(folder)
+    folder.mkdir()  # made with the folder dialog's New Folder
+    asked = answer_file_dialogs(monkeypatch, folder=folder)
+    click(qtbot, button(w, "Save session…"))
+    assert asked == ["Save session to folder"]
     qtbot.waitUntil(lambda: "Session saved" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     wait_idle(qtbot, w)
     assert {p.name for p in folder.iterdir()} >= {"labels.nii.gz", "checkpoint.pt", "settings.json", "session.json"}
@@ -181,7 +200,8 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
 
     # a new napari: nothing open; the session brings back image, labels, model, settings
     viewer2, w2 = make_widget(phantom=False)
-    assert w2.session_panel.open_session(folder)
+    click(qtbot, button(w2, "Open session…"))
+    assert asked[-1] == "Open session folder"
     qtbot.waitUntil(lambda: "opened" in w2.run_panel.status_label.text() or bool(w2.last_error), timeout=WAIT_MS)
     assert w2.last_error == ""
     wait_idle(qtbot, w2)
@@ -193,7 +213,9 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
     assert w2.annotate_panel.train_on_btn.isEnabled() and lc.SEGMENTATION in viewer2.layers  # predicted on open
     # and the loop goes on: Train on from the reopened session
     w2.annotate_panel.train_on_spin.setValue(2)
-    assert w2.annotate_panel.train_on()
+    w2.run = None
+    click(qtbot, button(w2, "Train on"))
+    assert w2.run is not None, w2.last_error
     qtbot.waitUntil(lambda: w2.run.finished is not None, timeout=WAIT_MS)
     assert w2.run.fewslice and w2.run.finished.iteration == 2 and w2.st.model_iteration == 6
     wait_idle(qtbot, w2)
@@ -203,22 +225,42 @@ def test_session_save_and_reopen_from_nifti(make_widget, qtbot, tmp_path, errors
     viewer3, w3 = make_widget(phantom=False)
     path.unlink()
     n = len(errors)
-    assert w3.session_panel.open_session(folder)
+    click(qtbot, button(w3, "Open session…"))
     qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
     assert "heart" in errors[-1] and "(6, 64, 64)" in errors[-1] and "Open session" in errors[-1]
     assert not [lay for lay in viewer3.layers]
 
 
-def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp_path):
+def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp_path, monkeypatch):
+    from qtpy.QtCore import Qt
+
     viewer, w = make_widget()
-    assert not w.annotate_panel.suggest() and "train first" in errors[-1]
-    assert w.annotate_panel.next_suggested() is None and "Suggest slices" in errors[-1]
-    assert not w.annotate_panel.accept_slice() and "Predict" in errors[-1]
-    assert not w.annotate_panel.train_on() and "Press Train first" in errors[-1]
-    n = len(errors)
-    assert w.session_panel.open_session(tmp_path)  # read in a worker, which reports the error
-    qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
+    labels = viewer.layers["phantom labels"]
+    before = labels.data.copy()
+    # before a model, the controls that need one cannot be pressed: a click does nothing
+    for text in ("Suggest slices", "Next suggested slice", "Accept slice", "Train on"):
+        b = button(w, text)
+        assert not b.isEnabled(), text
+        qtbot.mouseClick(b, Qt.LeftButton)
+    assert errors == [] and w.run is None and w.st.suggestions is None and w.annotate_panel.suggest_list.count() == 0
+    assert lc.SEGMENTATION not in viewer.layers and labels.data.tobytes() == before.tobytes()
+    # Open session… on a folder that holds no session: read in a worker, which says so
+    from gui_helpers import ROOT
+
+    asked = answer_file_dialogs(monkeypatch, folder=tmp_path, open_file=ROOT / "models" / "acdc70_unet2d.pt")
+    click(qtbot, button(w, "Open session…"))
+    assert asked == ["Open session folder"]
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     assert "not an M³HL session folder" in errors[-1]
+    # with a model but a single 2D image picked, Suggest slices says what it needs
+    click(qtbot, button(w, "Load checkpoint…"))
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    viewer.add_image(np.zeros((64, 64), np.float32), name="one slice")
+    w.data_panel.image_combo.setCurrentText("one slice")
+    n = len(errors)
+    click(qtbot, button(w, "Suggest slices"))
+    assert len(errors) == n + 1 and "needs an image volume" in errors[-1] and w.st.suggestions is None
 
 
 def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypatch):
@@ -242,7 +284,8 @@ def test_cine_suggests_and_accepts_in_the_frame_in_view(make_widget, qtbot):
     viewer, w = make_widget(phantom=False)
     frames = [make_phantom(s, shape=(4, 64, 64)) for s in (1, 2)]
     image = viewer.add_image(np.stack([f.image for f in frames]), name="cine", scale=(1.0, 10.0, 1.5, 1.5))
-    labels = w.data_panel.new_labels_layer()
+    click(qtbot, button(w, "New labels layer"))
+    labels = viewer.layers["cine labels"]
     labels.data = np.zeros(image.data.shape, np.uint8)
     labels.data[1, 2] = frames[1].label[2]
     labels.refresh()
@@ -252,14 +295,16 @@ def test_cine_suggests_and_accepts_in_the_frame_in_view(make_widget, qtbot):
     _wait_suggestions(qtbot, w)
     assert w.st.suggestions.frame == 1 and sorted(w.annotate_panel.ranked_slices()) == [0, 1, 3]
     assert w.annotate_panel.suggest_list.item(0).text().startswith("t1 slice ")
-    z = w.annotate_panel.next_suggested()
-    assert lc.slice_in_view(viewer, image) == (1, z)
+    top = w.annotate_panel.ranked_slices()[0]
+    click(qtbot, button(w, "Next suggested slice"))
+    t, z = lc.slice_in_view(viewer, image)
+    assert (t, z) == (1, top)
     seg = viewer.layers[lc.SEGMENTATION]
     fixed = seg.data.copy()
     fixed[1, z] = frames[1].label[z]
     seg.data = fixed
     before = labels.data.copy()
-    assert w.annotate_panel.accept_slice()
+    click(qtbot, button(w, "Accept slice"))
     np.testing.assert_array_equal(labels.data[1, z], frames[1].label[z])
     changed = np.argwhere((labels.data != before).any(axis=(2, 3)))
     assert changed.tolist() == [[1, z]]  # only that slice of that frame
@@ -272,11 +317,12 @@ def test_model_file_without_teacher_ranks_by_entropy(make_widget, qtbot, monkeyp
     viewer, w = make_widget()
     warned: list[str] = []
     monkeypatch.setattr(w.st, "warn", warned.append)
-    assert w.outputs.load_checkpoint(str(ROOT / "models" / "acdc70_unet2d.pt"))
+    answer_file_dialogs(monkeypatch, open_file=ROOT / "models" / "acdc70_unet2d.pt")
+    click(qtbot, button(w, "Load checkpoint…"))
     qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     assert w.annotate_panel.suggest_btn.isEnabled() and not w.annotate_panel.train_on_btn.isEnabled()  # a model file has no optimiser state
     w.annotate_panel.score_combo.setCurrentText("disagreement")
-    assert w.annotate_panel.suggest()
+    click(qtbot, button(w, "Suggest slices"))
     _wait_suggestions(qtbot, w)
     assert w.st.suggestions.analysis.method == "entropy" and w.st.suggestions.analysis.disagreement is None
     assert any("no teacher" in m for m in warned)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import ast
 import re
+
 import nibabel as nib
 import numpy as np
-from gui_helpers import ROOT, WAIT_MS, button, click, toggle, train_and_wait, wait_idle, wait_run
+from gui_helpers import ROOT, WAIT_MS, answer_file_dialogs, button, click, toggle, train_and_wait, wait_idle, wait_run
 from qtpy.QtWidgets import QCheckBox, QPushButton
 
 from napari_m3hl._napari.layers import control as lc
@@ -21,13 +22,73 @@ VALUE_SIGNALS = {"clicked", "toggled", "currentIndexChanged", "currentTextChange
 
 def test_qt_signals_connect_only_through_on_signal():
     """No module of the plugin connects a value-sending Qt signal to a slot directly."""
+    paths = sorted((ROOT / "napari_m3hl" / "_napari").rglob("*.py"))
+    assert {"panels", "run", "layers"} <= {p.parent.name for p in paths}  # the subpackages are scanned too
     offenders = []
-    for path in sorted((ROOT / "napari_m3hl" / "_napari").glob("*.py")):
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
                     and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in VALUE_SIGNALS):
-                offenders.append(f"{path.name}:{node.lineno}")
-    assert not offenders, f"connect these through _slots.on_signal: {offenders}"
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"connect these through panels.slots.on_signal: {offenders}"
+
+
+#: Qt signals of a user's click on a control.
+CLICK_SIGNALS = {"clicked", "toggled", "itemClicked", "triggered"}
+#: The widget's parts (and their shared state) that hold its actions; any ``*_panel`` too.
+WIDGET_PARTS = {"outputs", "fine_tune", "run_view", "st"}
+
+
+def _clicked_actions() -> set[str]:
+    """The methods the widget connects to a click (``on_signal(btn.clicked, self.train_on)``),
+    and the Train button's few-slice path."""
+    actions = {"start_fewslice"}
+    for path in (ROOT / "napari_m3hl" / "_napari").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "on_signal" and len(node.args) == 2
+                    and getattr(node.args[0], "attr", "") in CLICK_SIGNALS and isinstance(node.args[1], ast.Attribute)):
+                actions.add(node.args[1].attr)
+    return actions
+
+
+def _direct_user_actions(source: str, actions: set[str]) -> list[str]:
+    """Calls in ``source`` that do what a click does without clicking: one of
+    ``actions`` (or a private ``_on_*`` slot) called on a part of the widget
+    (``w.run_panel.start_training()``), a button's programmatic ``click()``
+    and a checkbox's ``setChecked``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        name, owner = node.func.attr, node.func.value
+        owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+        part = owner_name in WIDGET_PARTS or owner_name.endswith("_panel")
+        if ((part and (name in actions or name.startswith("_on_")))
+                or (name == "click" and owner_name.endswith("_btn"))
+                or (name == "setChecked" and owner_name.endswith("_check"))):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_gui_tests_click_rather_than_call():
+    """Every GUI test drives the widget as a user does: buttons and list rows
+    clicked with the mouse, checkboxes toggled, file dialogs answered
+    (gui_helpers.answer_file_dialogs) — never the panels' action methods called."""
+    actions = _clicked_actions()
+    assert {"start_training", "start_fewslice", "pause", "stop", "predict", "export", "save_checkpoint",
+            "load_checkpoint", "new_labels_layer", "suggest", "next_suggested", "accept_slice", "train_on",
+            "save_session", "open_session", "toggle_start_segmentation"} <= actions, actions
+    assert _direct_user_actions("w.run_panel.start_training()\nw.st.annotate_panel.accept_slice(index=(5,))\n"
+                                "w.annotate_panel._on_suggestion_clicked()\nw.annotate_panel.train_on_btn.click()\n"
+                                "w.outputs.export('x.nii.gz')\nw.annotate_panel.spread_check.setChecked(True)\n"
+                                "w.runner.checkpoint.split()\nw.model_panel.plan()\n", actions) == [
+        "1: w.run_panel.start_training()", "2: w.st.annotate_panel.accept_slice(index=(5,))",
+        "3: w.annotate_panel._on_suggestion_clicked()", "4: w.annotate_panel.train_on_btn.click()",
+        "5: w.outputs.export('x.nii.gz')", "6: w.annotate_panel.spread_check.setChecked(True)"]
+    files = sorted((ROOT / "tests").glob("test_napari_*.py"))
+    assert len(files) >= 5
+    offenders = {f.name: calls for f in files if (calls := _direct_user_actions(f.read_text(), actions))}
+    assert not offenders, f"click the control instead (gui_helpers.click / toggle / click_list_item): {offenders}"
 
 
 def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors, monkeypatch):
@@ -48,11 +109,11 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
 
     # the file dialogs answer as a user would
     saved_ckpt, seg_file, folder = tmp_path / "mine.pt", tmp_path / "seg.nii.gz", tmp_path / "session"
+    folder.mkdir()
     shipped = str(ROOT / "models" / "acdc70_unet2d.pt")
-    monkeypatch.setattr(w.model_panel, "ask_open_path", lambda caption: str(saved_ckpt) if "Load" in caption else shipped)
-    monkeypatch.setattr(w.run_panel, "ask_save_path",
-                        lambda caption, default, filters: str(seg_file if "segmentation" in caption else saved_ckpt))
-    monkeypatch.setattr(w.session_panel, "_ask_folder", lambda caption, start: str(folder))
+    asked = answer_file_dialogs(monkeypatch, open_file=lambda caption: saved_ckpt if "Load" in caption else shipped,
+                                save_as=lambda caption: seg_file if "segmentation" in caption else saved_ckpt,
+                                folder=folder)
 
     collapsible = [b for b in w.model_panel.advanced.findChildren(QPushButton)]
     for b in collapsible:  # Advanced opens and closes
@@ -120,6 +181,8 @@ def test_every_button_and_checkbox_by_mouse(user_viewer, qtbot, tmp_path, errors
     wait_idle(qtbot, w)
 
     assert errors == [] and w.last_error == ""
+    assert asked == ["Checkpoint or model file", "Export segmentation as NIfTI", "Save checkpoint",
+                     "Load checkpoint or model file", "Save session to folder", "Open session folder"]
     missed = [b.text() for b in w.findChildren(QPushButton) if id(b) not in clicked]
     assert not missed, f"buttons never clicked: {missed}"
     assert {id(b) for b in w.findChildren(QCheckBox)} == toggled
@@ -176,7 +239,7 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
     assert [r["how"] for r in w.st.run_history] == ["few-slice fine-tune", "train on"]
 
     out = tmp_path / "heart_m3hl_seg.nii.gz"
-    monkeypatch.setattr(w.run_panel, "ask_save_path", lambda caption, default, filters: str(out))
+    answer_file_dialogs(monkeypatch, save_as=out)
     click(qtbot, button(w, "Export…"))
     qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)

@@ -19,7 +19,25 @@ from napari_m3hl._napari.run import fewslice as _fewslice
 from napari_m3hl._napari.run import jobs as _jobs
 from napari_m3hl._napari.run import workers as _workers
 
-from gui_helpers import ROOT, WAIT_MS, train_and_wait as _train_and_wait, wait_idle as _wait_idle
+from gui_helpers import ROOT, WAIT_MS, answer_file_dialogs, button, click, train_and_wait as _train_and_wait, \
+    wait_idle as _wait_idle
+
+
+def _click_refused(qtbot, w, errors, text: str = "Train") -> str:
+    """Click ``text`` on bad input: one error is shown, no run starts and the
+    button stays enabled (the user fixes the input and clicks again). Returns the error."""
+    n = len(errors)
+    click(qtbot, button(w, text))
+    assert len(errors) == n + 1, errors[n:]
+    assert w.run is None and not w.runner.training and button(w, text).isEnabled()
+    return errors[-1]
+
+
+def _click_started(qtbot, w, text: str = "Train") -> None:
+    """Click ``text`` and check that a run started (:attr:`M3HLWidget.run` set)."""
+    w.run = None
+    click(qtbot, button(w, text))
+    assert w.run is not None, w.last_error
 
 
 # ------------------------------------------------------------------ layout / layers
@@ -55,10 +73,12 @@ def test_defaults_and_info_line(make_widget):
     assert w.data_panel.info_label.text() == "3 of 6 slices labeled: 1, 3, 4; 3 unlabeled"
 
 
-def test_new_labels_layer_matches_image(make_widget):
+def test_new_labels_layer_matches_image(make_widget, qtbot):
     viewer, w = make_widget()
     image = viewer.layers["phantom image"]
-    layer = w.data_panel.new_labels_layer()
+    click(qtbot, button(w, "New labels layer"))
+    layer = viewer.layers["phantom image labels"]
+    assert viewer.layers.selection.active is layer  # ready to paint
     assert layer.data.shape == image.data.shape and layer.data.dtype == np.uint8 and not layer.data.any()
     assert tuple(layer.scale) == tuple(image.scale)
     np.testing.assert_array_equal(layer.metadata["affine"], image.metadata["affine"])
@@ -74,7 +94,7 @@ def test_new_labels_layer_matches_image(make_widget):
 # ------------------------------------------------------------------ training
 
 
-def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot, tmp_path):
+def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot, tmp_path, monkeypatch):
     viewer, w = make_widget()
     w.model_panel.start_combo.setCurrentIndex(0)  # the M³HL run (with the mix overlays)
     user = viewer.layers["phantom labels"]
@@ -117,9 +137,12 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     # overlays never take the selection from the layer being painted
     assert viewer.layers.selection.active.name == "phantom labels"
 
-    # export writes the segmentation with the image's geometry
-    out = tmp_path / "seg.nii.gz"
-    assert w.outputs.export(str(out))
+    # Export… writes the segmentation with the image's geometry to the file picked in the dialog
+    out, saved = tmp_path / "seg.nii.gz", tmp_path / "keep.pt"
+    asked = answer_file_dialogs(monkeypatch, save_as=lambda caption: out if "segmentation" in caption else saved,
+                                open_file=saved)
+    click(qtbot, button(w, "Export…"))
+    assert asked == ["Export segmentation as NIfTI"]
     qtbot.waitUntil(out.is_file, timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     back = nib.load(str(out))
@@ -129,12 +152,12 @@ def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot,
     np.testing.assert_array_equal(np.transpose(np.asarray(back.dataobj), (2, 1, 0)),
                                   merge_painted(seg.data, user.data))  # the painted slices as painted
 
-    # save the checkpoint elsewhere and load it back (both in workers)
-    saved = tmp_path / "keep.pt"
-    assert w.outputs.save_checkpoint(str(saved))
+    # Save checkpoint… elsewhere and Load checkpoint… back (both in workers)
+    click(qtbot, button(w, "Save checkpoint…"))
     qtbot.waitUntil(saved.is_file, timeout=WAIT_MS)
     _wait_idle(qtbot, w)
-    assert w.outputs.load_checkpoint(str(saved))
+    click(qtbot, button(w, "Load checkpoint…"))
+    assert asked[1:] == ["Save checkpoint", "Load checkpoint or model file"]
     qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     assert w.runner.checkpoint == str(saved) and w.model_panel.start_combo.currentIndex() == 1
 
@@ -143,10 +166,10 @@ def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
     viewer, w = make_widget()
     w.st.config_overrides["iterations"] = 500
     w.st.preview_every_s = None  # previews off: stop is what we test
-    assert w.run_panel.start_training()
+    _click_started(qtbot, w)
     qtbot.waitUntil(lambda: w.run_panel.progress.value() >= 2, timeout=WAIT_MS)
-    # pause holds the iteration count, resume continues
-    w.run_panel.pause()
+    # Pause holds the iteration count, Resume continues
+    click(qtbot, w.run_panel.pause_btn)
     assert w.run_panel.resume_btn.isEnabled() and not w.run_panel.pause_btn.isEnabled()
     # the step in flight finishes (slowly on a loaded machine); then the count holds
     seen = {"value": w.run_panel.progress.value(), "since": time.perf_counter()}
@@ -161,9 +184,9 @@ def test_stop_mid_run_keeps_checkpoint_and_segmentation(make_widget, qtbot):
     held = w.run_panel.progress.value()
     qtbot.wait(800)
     assert w.run_panel.progress.value() == held
-    w.run_panel.resume()
+    click(qtbot, w.run_panel.resume_btn)
     qtbot.waitUntil(lambda: w.run_panel.progress.value() > held, timeout=WAIT_MS)
-    w.run_panel.stop()
+    click(qtbot, w.run_panel.stop_btn)
     qtbot.waitUntil(lambda: w.run.finished is not None, timeout=WAIT_MS)
     fin = w.run.finished
     assert fin.stopped and fin.iteration < 500
@@ -182,7 +205,8 @@ def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
     labels = np.zeros(image.shape, np.uint8)
     labels[1, 2] = frames[1].label[2]
     viewer.add_image(image, name="cine", scale=(1.0, 10.0, 1.5, 1.5))
-    lab_layer = w.data_panel.new_labels_layer()
+    click(qtbot, button(w, "New labels layer"))
+    lab_layer = viewer.layers["cine labels"]
     lab_layer.data = labels
     assert w.data_panel.info_label.text().startswith("1 of 8 slices labeled: t1:2")
     viewer.dims.set_current_step(0, 1)
@@ -215,51 +239,51 @@ def test_stale_pseudo_labels_are_dropped(make_widget):
 # ------------------------------------------------------------------ bad input
 
 
-def test_no_image_layer(make_widget, errors):
+def test_no_image_layer(make_widget, qtbot, errors):
     viewer, w = make_widget(phantom=False)
-    assert not w.run_panel.start_training()
-    assert errors and "No image layer" in errors[-1]
+    assert "No image layer" in _click_refused(qtbot, w, errors)
     assert w.run_panel.status_label.text().replace("\u200b", "") == errors[-1]
-    assert w.data_panel.new_labels_layer() is None
+    assert "No image layer" in _click_refused(qtbot, w, errors, "New labels layer")
+    assert len(viewer.layers) == 0  # no labels layer made
 
 
-def test_2d_image_needs_a_volume(make_widget, errors):
+def test_2d_image_needs_a_volume(make_widget, qtbot, errors):
     viewer, w = make_widget(phantom=False)
     viewer.add_image(np.random.default_rng(0).random((64, 64), dtype=np.float32), name="slice")
-    assert not w.run_panel.start_training()
+    _click_refused(qtbot, w, errors)
     assert "2D" in errors[-1] and "volume" in errors[-1]
 
 
-def test_labels_shape_mismatch_names_both_shapes(make_widget, errors):
+def test_labels_shape_mismatch_names_both_shapes(make_widget, qtbot, errors):
     viewer, w = make_widget()
     viewer.add_labels(np.ones((6, 32, 32), np.uint8), name="wrong grid", scale=(10.0, 1.5, 1.5))
     w.data_panel.labels_combo.setCurrentText("wrong grid")
-    assert not w.run_panel.start_training()
+    _click_refused(qtbot, w, errors)
     assert "(6, 32, 32)" in errors[-1] and "(6, 64, 64)" in errors[-1]
 
 
-def test_labels_scale_mismatch(make_widget, errors):
+def test_labels_scale_mismatch(make_widget, qtbot, errors):
     viewer, w = make_widget()
     viewer.add_labels(viewer.layers["phantom labels"].data.copy(), name="other spacing", scale=(5.0, 1.0, 1.0))
     w.data_panel.labels_combo.setCurrentText("other spacing")
-    assert not w.run_panel.start_training()
+    _click_refused(qtbot, w, errors)
     assert "voxel size" in errors[-1] and "(5.0, 1.0, 1.0)" in errors[-1]
 
 
-def test_no_labeled_slice(make_widget, errors):
+def test_no_labeled_slice(make_widget, qtbot, errors):
     viewer, w = make_widget(painted=())
     assert "0 of 6 slices labeled" in w.data_panel.info_label.text()
-    assert not w.run_panel.start_training()
+    _click_refused(qtbot, w, errors)
     assert "No labeled slice" in errors[-1]
 
 
-def test_label_value_beyond_classes(make_widget, errors):
+def test_label_value_beyond_classes(make_widget, qtbot, errors):
     viewer, w = make_widget()
     lab = viewer.layers["phantom labels"]
     data = lab.data.copy()
     data[1, 0, 0] = 7
     lab.data = data
-    assert not w.run_panel.start_training()
+    _click_refused(qtbot, w, errors)
     assert "value 7" in errors[-1] and "4 classes" in errors[-1]
 
 
@@ -272,7 +296,7 @@ def test_out_of_memory_suggests_smaller_batch(make_widget, qtbot, errors, monkey
     monkeypatch.setattr(_fewslice, "fewslice_job", oom_job)
     viewer, w = make_widget()
     before = viewer.layers["phantom labels"].data.copy()
-    assert w.run_panel.start_training()
+    _click_started(qtbot, w)
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     msg = errors[-1]
@@ -290,7 +314,7 @@ def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monk
     monkeypatch.setattr(_fewslice, "fewslice_job", crash_job)
     viewer, w = make_widget()
     before = {lay.name: lay.data.tobytes() for lay in viewer.layers}
-    assert w.run_panel.start_training()
+    _click_started(qtbot, w)
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     assert "Training failed: RuntimeError: segfault-like failure" in errors[-1]
@@ -298,7 +322,7 @@ def test_worker_crash_is_reported_and_data_kept(make_widget, qtbot, errors, monk
     assert w.run_panel.train_btn.isEnabled()
 
 
-def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path):
+def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path, monkeypatch):
     from napari_m3hl.io.checkpoint import make_payload, save_checkpoint
     from napari_m3hl.config import TrainConfig
     from napari_m3hl.method.networks import build_network
@@ -306,8 +330,10 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
     cfg = TrainConfig(num_classes=2, class_names=("background", "LA"), patch_size=(64, 64), block_size=(16, 16))
     path = save_checkpoint(tmp_path / "la.pt", make_payload(cfg, build_network("unet2d", 1, 2)))
     viewer, w = make_widget()
-    # Load checkpoint… checks it in a worker
-    assert w.outputs.load_checkpoint(str(path))
+    # Load checkpoint… checks the file picked in a worker
+    asked = answer_file_dialogs(monkeypatch, open_file=path)
+    click(qtbot, button(w, "Load checkpoint…"))
+    assert asked == ["Load checkpoint or model file"]
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     assert "predicts 2 classes" in errors[-1] and "4" in errors[-1]
     assert w.runner.checkpoint is None
@@ -315,37 +341,43 @@ def test_checkpoint_with_other_class_count(make_widget, qtbot, errors, tmp_path)
     w.model_panel.start_combo.setCurrentIndex(1)
     w.model_panel.start_path.setText(str(path))
     errors.clear()
-    assert w.run_panel.start_training()
+    _click_started(qtbot, w)
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     assert "la.pt has 2 classes" in errors[-1] and "0..3" in errors[-1]
     # so does the M³HL run from it (Resume checkpoint), in the trainer
     w.model_panel.start_combo.setCurrentIndex(2)
     errors.clear()
-    assert w.run_panel.start_training()
+    _click_started(qtbot, w)
     qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
     _wait_idle(qtbot, w)
     assert "predicts 2 classes" in errors[-1]
 
 
-def test_missing_start_file(make_widget, errors):
+def test_missing_start_file(make_widget, qtbot, errors):
     viewer, w = make_widget()
     w.model_panel.start_combo.setCurrentIndex(2)
     w.model_panel.start_path.setText("")
-    assert not w.run_panel.start_training()
-    assert "needs a checkpoint" in errors[-1]
+    assert "needs a checkpoint" in _click_refused(qtbot, w, errors)
     w.model_panel.start_path.setText("/nonexistent/last.pt")
-    assert not w.run_panel.start_training()
-    assert "does not exist" in errors[-1]
+    assert "does not exist" in _click_refused(qtbot, w, errors)
 
 
-def test_predict_and_export_need_a_model(make_widget, errors):
+def test_predict_and_export_need_a_model(make_widget, qtbot, errors, monkeypatch, tmp_path):
+    """Before a model and a segmentation exist, Predict, Export… and Save
+    checkpoint… cannot be pressed: a click does nothing (no dialog, no job, no file)."""
+    from qtpy.QtCore import Qt
+
     viewer, w = make_widget()
-    assert not w.run_panel.predict_btn.isEnabled() and not w.run_panel.export_btn.isEnabled()
-    assert not w.outputs.predict()
-    assert "No model yet" in errors[-1]
-    assert not w.outputs.export("/tmp/never.nii.gz")
-    assert "Nothing to export" in errors[-1]
+    out = tmp_path / "never.nii.gz"
+    asked = answer_file_dialogs(monkeypatch, save_as=out)
+    layers, status = [lay.name for lay in viewer.layers], w.run_panel.status_label.text()
+    for text in ("Predict", "Export…", "Save checkpoint…"):
+        b = button(w, text)
+        assert not b.isEnabled(), text
+        qtbot.mouseClick(b, Qt.LeftButton)
+    assert asked == [] and errors == [] and w.run_panel.status_label.text() == status and not out.exists()
+    assert [lay.name for lay in viewer.layers] == layers
 
 
 def test_error_messages_for_worker_failures():
@@ -363,13 +395,14 @@ def test_error_messages_for_worker_failures():
 
 
 @pytest.mark.skipif(not (ROOT / "models" / "acdc7_m3hl_unet2d.pt").is_file(), reason="no shipped model file")
-def test_shipped_model_loads_and_predicts(make_widget, qtbot):
+def test_shipped_model_loads_and_predicts(make_widget, qtbot, monkeypatch):
     """Load checkpoint… with the shipped model, then Predict: a segmentation without training."""
     viewer, w = make_widget()
-    assert w.outputs.load_checkpoint(str(ROOT / "models" / "acdc7_m3hl_unet2d.pt"))
+    answer_file_dialogs(monkeypatch, open_file=ROOT / "models" / "acdc7_m3hl_unet2d.pt")
+    click(qtbot, button(w, "Load checkpoint…"))
     qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
     assert w.run_panel.predict_btn.isEnabled()
-    assert w.outputs.predict()
+    click(qtbot, button(w, "Predict"))
     qtbot.waitUntil(lambda: lc.SEGMENTATION in viewer.layers and not w.runner.busy, timeout=WAIT_MS)
     seg = viewer.layers[lc.SEGMENTATION].data
     assert seg.shape == (6, 64, 64) and seg.dtype == np.uint8 and seg.max() <= 3

@@ -72,10 +72,10 @@ def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> Se
     if src and str(src) not in set(map(str, open_sources)) and Path(src).is_file():
         from napari_m3hl._napari._reader import read_nifti
 
-        data, kwargs, kind = read_nifti(str(src))[0]
-        if kind == "image":
+        data, kwargs, layer_type = read_nifti(str(src))[0]
+        if layer_type == "image":
             kwargs["name"] = sess.meta.get("image_name", kwargs.get("name"))
-            image = (data, kwargs, kind)
+            image = (data, kwargs, layer_type)
     return SessionOpened(sess, image, kind)
 
 
