@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from gui_helpers import WAIT_MS, button, click, wait_idle
+from gui_helpers import WAIT_MS, answer_file_dialogs, button, click, wait_idle
 from test_reliability import _digest, _nifti
 
 from napari_m3hl._napari.layers import control as lc
@@ -37,7 +37,7 @@ def test_export_onto_the_image_file_is_refused(make_widget, qtbot, monkeypatch, 
     scan, truth = _scan(tmp_path)
     _with_segmentation(viewer, scan, truth)
     before = _digest(scan.parent)
-    monkeypatch.setattr(w.run_panel, "ask_save_path", lambda caption, default, filters: str(scan))
+    answer_file_dialogs(monkeypatch, save_as=str(scan))
     click(qtbot, button(w, "Export…"))
     wait_idle(qtbot, w)
     qtbot.waitUntil(lambda: bool(w.last_error), timeout=WAIT_MS)
@@ -59,7 +59,7 @@ def test_export_into_a_read_only_folder_is_refused(make_widget, qtbot, monkeypat
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", no_write)
-    monkeypatch.setattr(w.run_panel, "ask_save_path", lambda caption, default, filters: str(ro / "seg.nii.gz"))
+    answer_file_dialogs(monkeypatch, save_as=str(ro / "seg.nii.gz"))
     click(qtbot, button(w, "Export…"))
     wait_idle(qtbot, w)
     qtbot.waitUntil(lambda: bool(w.last_error), timeout=WAIT_MS)
