@@ -7,7 +7,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from gui_helpers import WAIT_MS, answer_file_dialogs, button, click, wait_idle
 from test_reliability import _digest, _nifti

@@ -14,8 +14,7 @@ import torch
 from test_reliability import AFFINE, _digest, _nifti, _run, _tiny_ckpt
 
 from napari_m3hl.data.phantom import make_phantom_cohort
-from napari_m3hl.io.checkpoint import load_checkpoint, make_payload, save_checkpoint
-from napari_m3hl.method.networks import build_network
+from napari_m3hl.io.checkpoint import load_checkpoint, save_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "acdc70_unet2d.pt"
 FEW = ["--iterations", "2", "--batch-size", "4", "--device", "cpu", "--quiet"]

@@ -88,7 +88,6 @@ def check_not_input(path: str | Path, option: str, inputs: dict[str, str | Path 
                 "file name")
 
 
-
 # --------------------------------------------------------------------- predict
 
 
