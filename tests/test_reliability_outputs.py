@@ -14,6 +14,7 @@ import pytest
 from test_reliability import TINY, _digest, _nifti, _run, _tiny_ckpt
 
 from napari_m3hl.data.phantom import make_phantom_cohort
+from napari_m3hl.io.checkpoint import load_checkpoint
 
 
 @pytest.fixture
@@ -134,6 +135,7 @@ def test_train_on_in_place_reads_the_start_checkpoint_first(run_a, tmp_path, cap
     assert (run / "last.pt").is_file() and (run / "last.pt").read_bytes() != old
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["checkpoint"] == str(run / "last.pt") and manifest["iterations_done"] == 2
+    assert load_checkpoint(run / "last.pt")["completed"] is True
     assert (run / "notes.txt").read_text() == "mine"  # files that are not the run's stay
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging folder left beside it
 
@@ -165,6 +167,7 @@ def test_interrupted_overwrite_keeps_the_earlier_run(run_a, tmp_path, capsys, mo
         assert code == 0
         kept = [p for p in tmp_path.iterdir() if p.name != "run"]
         assert len(kept) == 1 and (kept[0] / "last.pt").is_file() and str(kept[0]) in text
+        assert load_checkpoint(kept[0] / "last.pt")["completed"] is False  # stopped before its last iteration
 
 
 def test_fewslice_overwrite_keeps_labels_painted_in_the_run_folder(inputs, tmp_path, capsys):

@@ -19,10 +19,12 @@ whose weights were damaged on disk is refused instead of segmenting wrongly.
 Checkpoints written before the checksum existed load without the check.
 
 ``weights_finite`` maps the same names to whether every weight is finite,
-and ``diverged`` (True) marks the weights a run saved when its loss became
-NaN or infinite (``diverged.pt``). :func:`load_checkpoint` refuses both
-kinds of broken weights (it checks finiteness itself, so older files are
-covered too): they would segment garbage.
+``diverged`` (True) marks the weights a run saved when its loss became
+NaN or infinite (``diverged.pt``), and ``completed`` whether the run had
+reached its last iteration when the file was written (False for a run
+stopped early or a checkpoint written on the way). :func:`load_checkpoint`
+refuses non-finite and diverged weights (it checks finiteness itself, so
+older files are covered too): they would segment garbage.
 """
 from __future__ import annotations
 
