@@ -27,6 +27,15 @@ per-row JSONs, the logs, the step timing and, for each group, the best
 seed's ``best.pt``/``last.pt`` (half precision) are copied there for
 ``scripts/ship_model.py``.
 
+``--plan`` prints the plan (groups, seeds, iterations, the serial-time
+estimate and every row's command) as one ``PLAN {json}`` line and runs
+nothing; the step costs then come from ``--cost`` (a ``train_step.py`` JSON,
+by default the H200 measurement in ``benchmarks/results/train_step_gpu.json``)
+instead of a calibration on the device. ``--capture`` and
+``--data-on-device`` pass the ``TrainConfig`` fields of the same names to
+every row (docs/benchmarks.md, "GPU path").
+
+    python benchmarks/acdc_gpu.py --plan --window 300                      # what a window would run (any machine)
     python benchmarks/acdc_gpu.py --pack .gpu_data --window 300 --out $OUT
     python benchmarks/acdc_gpu.py --data ../shared/data/acdc --iterations 4 --groups sup7 --device cpu   # smoke test
 """
@@ -54,16 +63,29 @@ GROUPS = {  # name -> (acdc.py method, extra --set, labeled patients)
 PRIORITY = ["sup7", "m3hl_fast", "sup70", "m3hl_reference"]
 
 
-def calibrate(data: str, device: str, out: Path) -> dict:
+def cost_from_json(path: Path, capture: str = "off", data_on_device: str = "auto") -> dict:
+    """Seconds per step (supervised, M³HL) and per batch from a ``train_step.py``
+    JSON (its batch-24 row): the ``captured`` M³HL step when ``capture`` is on
+    and the JSON has it, the batch from the device-held set when
+    ``data_on_device`` is not ``off`` and the JSON has it."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    row = next((r for r in rows if r.get("batch") == 24), rows[0])
+    med = row["median_s"]
+    m3hl = med["captured"] if capture != "off" and "captured" in med else med["fast"]
+    batch = row.get("data_batch_s") or 0.0
+    if data_on_device != "off" and row.get("data_batch_device_s") is not None:
+        batch = row["data_batch_device_s"]
+    return {"m3hl": m3hl, "sup": med["supervised_fast"], "batch": batch}
+
+
+def calibrate(data: str, device: str, out: Path, capture: str = "off", data_on_device: str = "auto") -> dict:
     """Seconds per step (supervised, M³HL) and per batch, from train_step.py on ``device``."""
     dest = out / "train_step_gpu.json"
     cmd = [sys.executable, str(BENCH / "train_step.py"), "--device", device, "--batches", "24", "--repeats", "10",
            "--no-compile", "--data", data, "--out", str(dest), "--variant", "reference"]
     print("calibrate:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=240)
-    row = json.loads(dest.read_text())["rows"][0]
-    return {"m3hl": row["median_s"]["fast"], "sup": row["median_s"]["supervised_fast"],
-            "batch": row.get("data_batch_s") or 0.0}
+    return cost_from_json(dest, capture, data_on_device)
 
 
 def plan(cost: dict, window: float, ratio70: float, min_it: int, seeds: dict[str, int], groups: list[str],
@@ -87,7 +109,15 @@ def plan(cost: dict, window: float, ratio70: float, min_it: int, seeds: dict[str
     return max(50, min(n_for(chosen) // 50 * 50, 30000)), chosen
 
 
-def launch(group: str, seed: int, iterations: int, args: argparse.Namespace, runs: Path) -> tuple[str, subprocess.Popen]:
+def serial_seconds(cost: dict, n7: int, n70: int, groups: list[str], seeds: dict[str, int]) -> float:
+    """Training seconds of the chosen rows if the device ran their steps one after another."""
+    c_sup, c_m3 = cost["sup"] + cost["batch"] / 2, cost["m3hl"] + cost["batch"]
+    per_it = {"sup7": c_sup, "m3hl_fast": 0.25 * c_sup + 0.75 * c_m3, "m3hl_reference": c_m3, "sup70": c_sup}
+    return sum(seeds[g] * per_it[g] * (n70 if GROUPS[g][2] == 70 else n7) for g in groups)
+
+
+def command(group: str, seed: int, iterations: int, args: argparse.Namespace, runs: Path) -> tuple[str, list[str]]:
+    """(row key, the ``benchmarks/acdc.py --run-one`` command of one row)."""
     method, sets, _ = GROUPS[group]
     suffix = f"gpu_s{seed}"
     cmd = [sys.executable, str(BENCH / "acdc.py"), "--run-one", method, "--budget", "gpu", "--data", args.data,
@@ -97,9 +127,15 @@ def launch(group: str, seed: int, iterations: int, args: argparse.Namespace, run
         cmd += ["--set", s]
     if args.device != "auto":
         cmd += ["--set", f"device={args.device}"]
-    log = runs / f"{method}_{suffix}.log"
+    cmd += ["--set", f"capture={args.capture}", "--set", f"data_on_device={args.data_on_device}"]
+    return f"{method}_{suffix}", cmd
+
+
+def launch(group: str, seed: int, iterations: int, args: argparse.Namespace, runs: Path) -> tuple[str, subprocess.Popen]:
+    key, cmd = command(group, seed, iterations, args, runs)
+    log = runs / f"{key}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return f"{method}_{suffix}", subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return key, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def _score(r: dict) -> float:
@@ -203,29 +239,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=75.0, help="seconds kept after the soft deadline to score and collect")
     ap.add_argument("--out", default=None, help="copy results and the picked checkpoints here")
     ap.add_argument("--report", action="store_true", help="only print the table of the results present")
+    ap.add_argument("--plan", "--dry-run", dest="plan", action="store_true",
+                    help="print the plan (PLAN {json}) from --cost and run nothing")
+    ap.add_argument("--cost", default=str(BENCH / "results" / "train_step_gpu.json"),
+                    help="train_step.py JSON whose step costs --plan uses (no calibration)")
+    ap.add_argument("--capture", default="off", choices=["off", "auto", "cuda-graph", "compile"],
+                    help="TrainConfig.capture of every row (whole-step capture; not yet measured on a GPU)")
+    ap.add_argument("--data-on-device", default="auto", choices=["auto", "on", "off"],
+                    help="TrainConfig.data_on_device of every row (auto: the training set on the GPU)")
     args = ap.parse_args(argv)
     if args.report:
         print(report())
         return 0
     t0 = time.time()
-    if args.pack:
+    if args.pack and not args.plan:
         sys.path.insert(0, str(BENCH))
         from acdc_transfer import unpack
 
         args.data = "/tmp/acdc_gpu"
         unpack(Path(args.pack), Path(args.data))
     out = Path(args.out) if args.out else ROOT / "runs" / "acdc_gpu_out"
-    out.mkdir(parents=True, exist_ok=True)
+    runs = ROOT / "runs" / "acdc_gpu"
     seeds = {g: (args.seeds70 or args.seeds) if GROUPS[g][2] == 70 else args.seeds for g in GROUPS}
     if args.iterations:
         n7, groups = args.iterations, list(args.groups)
-        cost = None
+        cost = (cost_from_json(Path(args.cost), args.capture, args.data_on_device)
+                if args.plan and Path(args.cost).is_file() else None)
     else:
-        cost = calibrate(args.data, args.device, out)
+        if args.plan:
+            cost = cost_from_json(Path(args.cost), args.capture, args.data_on_device)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            cost = calibrate(args.data, args.device, out, args.capture, args.data_on_device)
         n7, groups = plan(cost, args.window, args.ratio70, args.min_iterations, seeds, list(args.groups))
     n70 = min(30000, int(n7 * args.ratio70) // 50 * 50 or n7)
+    if args.plan:
+        cmds = [command(g, s, n70 if GROUPS[g][2] == 70 else n7, args, runs)[1]
+                for g in groups for s in range(1, seeds[g] + 1)]
+        summary = {"cost_s": cost, "cost_from": None if cost is None else args.cost, "window_s": args.window,
+                   "n7": n7, "n70": n70, "groups": groups, "seeds": {g: seeds[g] for g in groups},
+                   "processes": len(cmds),
+                   "serial_s": None if cost is None else round(serial_seconds(cost, n7, n70, groups, seeds), 1),
+                   "soft_deadline_s": round(args.grace * args.window, 1),
+                   "commands": [" ".join(c) for c in cmds]}
+        print("PLAN " + json.dumps(summary, indent=2), flush=True)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     print(f"plan: cost {cost}, N7 {n7}, N70 {n70}, groups {groups}, seeds {args.seeds}", flush=True)
-    runs = ROOT / "runs" / "acdc_gpu"
     runs.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
     procs = [launch(g, s, n70 if GROUPS[g][2] == 70 else n7, args, runs) for g in groups for s in range(1, seeds[g] + 1)]

@@ -23,6 +23,11 @@ markdown table and ``docs/images/fewslice.svg`` from the JSON only.
 
     python benchmarks/fewslice.py --name sup_lr0.01 --volumes 4 --iterations 100
     python benchmarks/fewslice.py --report
+    python benchmarks/fewslice.py --name gpu --volumes 20 --device cuda   # on a GPU: seconds per volume there
+
+``--device`` sets the loop's device (``FewSliceOptions.device``; default its
+own ``auto``); the run records the device and, on CUDA, the seconds of CUDA's
+initialisation (process start), apart from each volume's seconds.
 """
 from __future__ import annotations
 
@@ -242,6 +247,7 @@ def main() -> None:
     ap.add_argument("--plot", default=str(ROOT / "docs" / "images" / "fewslice.svg"))
     ap.add_argument("--plot-run", default=None, help="the run drawn in the plot (default: the last one)")
     ap.add_argument("--report", action="store_true", help="tables and plot from the JSON, no training")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: FewSliceOptions.device)")
     args = ap.parse_args()
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
@@ -250,10 +256,20 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         options = fs.FewSliceOptions(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+        if args.device:
+            options.device = args.device
+        from napari_m3hl.runtime import resolve_device
+
+        device = resolve_device(options.device)
+        t_init = time.perf_counter()
+        torch.zeros(1, device=device).sum().item()  # CUDA's initialisation, timed apart from the volumes
+        init_s = time.perf_counter() - t_init
         names = read_list(Path(args.data) / "val.list")[args.skip:args.skip + args.volumes]
         run = results["runs"].setdefault(args.name, {"rows": []})
         run.update(options=vars(options), start=Path(args.start).name, threads=args.threads, cpu_count=os.cpu_count(),
-                   platform=platform.platform(), torch=torch.__version__)
+                   platform=platform.platform(), torch=torch.__version__, device=str(device),
+                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+                   device_init_s=round(init_s, 3))
         for n in names:
             image, label = load_h5_volume(Path(args.data) / "volumes" / f"{n}.h5")
             done: dict[tuple, dict] = {}

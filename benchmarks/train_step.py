@@ -8,7 +8,7 @@ authors' script). All rows are timed round-robin in one process (one step of
 each row in turn, ``--repeats`` rounds, median per row), so the machine's
 load falls alike on every row and the ratios hold even on a shared machine.
 
-Rows (``--device cpu``; on CUDA the same plus ``compiled``):
+Rows (``--device cpu``; on CUDA the same plus ``compiled`` and ``captured``):
 
 - ``fp32``: fp32, contiguous (NCHW) networks and batches: the plain step;
 - ``channels_last``: fp32, NHWC networks and batches;
@@ -22,12 +22,17 @@ Rows (``--device cpu``; on CUDA the same plus ``compiled``):
   teacher and student run once per half, pseudo-labels' largest components
   with scikit-image on the CPU per slice and class, EMA by rebuilding the
   teacher's state_dict); same losses, so it does the same maths;
-- ``supervised_fp32`` / ``supervised_fast``: a supervised step (B/2 labeled).
+- ``supervised_fp32`` / ``supervised_fast``: a supervised step (B/2 labeled);
+- ``captured`` (CUDA only): the ``fast`` step captured whole in one CUDA graph
+  (``TrainConfig.capture="cuda-graph"``: teacher, pseudo-labels with their
+  components in fixed rounds, mixing, student, losses, backward, SGD, EMA).
 
 Batches come from random tensors already on the device. Separately, the time
 to make one real batch (ACDC slices from disk through the augmentation, what
 the training loop waits for each step) is measured when ``--data`` exists,
-and with it the projected time of the paper budget (30,000 iterations).
+and with it the projected time of the paper budget (30,000 iterations); so is
+the time with the set held on the device (``data_on_device``: the upload
+once, then each step's two batches gathered and augmented there).
 Writes ``benchmarks/results/train_step.json`` (``--out``).
 
     python benchmarks/train_step.py [--device auto] [--repeats 5] [--batches 24 8]
@@ -140,6 +145,8 @@ def make_rows(cfg, batch: int, device: torch.device, with_compile: bool) -> dict
         fns[f"passes_{name}"] = passes
         fns[f"supervised_{name}"] = sup
     fns["authors"] = authors_step(cfg.replace(precision="fp32", channels_last=False), batch, device)
+    if device.type == "cuda":
+        fns["captured"] = captured_row(cfg, batch, device)
     return fns
 
 
@@ -199,6 +206,58 @@ def authors_step(cfg, batch: int, device: torch.device):
         _state_dict_ema(m.teacher, m.student, cfg.ema_decay)
 
     return step
+
+
+def captured_row(cfg, batch: int, device: torch.device):
+    """The ``captured`` row (CUDA only): the fast step as one CUDA graph
+    (:class:`napari_m3hl.training.capture.GraphStep` over ``step_function``;
+    the block mask, learning rate, α and EMA decay enter as tensors)."""
+    from napari_m3hl.training.capture import GraphStep, ensure_momentum_buffers, graph_autocast, step_function
+
+    rcfg = cfg.replace(precision="auto", channels_last=True, capture="cuda-graph")
+    setup = StepSetup.from_config(rcfg, device)
+    m = _Models(rcfg, device, setup.memory_format)
+    ensure_momentum_buffers(m.opt)
+    img_l, lab_l, img_u = _inputs(batch, rcfg.patch_size[0], device, setup.memory_format)
+    fn = step_function(rcfg, m.student, m.teacher, m.opt, graph_autocast(setup), m3hl=True, ema_buffers=rcfg.teacher_bn)
+    graph = GraphStep(fn, lambda: m.opt.zero_grad(set_to_none=True))
+    gen = torch.Generator().manual_seed(0)
+    n = batch // 4
+    scalars = {k: torch.tensor(v, device=device) for k, v in (("lr", rcfg.lr), ("alpha", rcfg.alpha),
+                                                                ("decay", rcfg.ema_decay))}
+
+    def step():
+        mask = block_masks(n, tuple(rcfg.patch_size), rcfg.block_size, rcfg.mask_ratio, generator=gen, device=device)
+        graph({"img_l": img_l, "lab_l": lab_l, "img_u": img_u, "mask": mask, **scalars})
+
+    return step
+
+
+def data_batch_device_time(cfg, data_root: Path, device: torch.device, repeats: int) -> tuple[float, float] | None:
+    """(seconds to upload the 7-patient training set once, median seconds to
+    make one step's two batches from it): :mod:`napari_m3hl.data.device`, the
+    set held on ``device`` and each batch gathered and augmented there."""
+    if not (data_root / "train_slices.list").is_file():
+        return None
+    from napari_m3hl.data import load_train_data
+    from napari_m3hl.data.device import device_sets
+
+    data = load_train_data(str(data_root), labeled_patients=7)
+    t = time.perf_counter()
+    sets = device_sets(data.labeled, data.unlabeled, cfg.replace(data_on_device="on"), device)
+    _sync(device)
+    upload = time.perf_counter() - t
+    half = cfg.batch_size // 2
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        sets[0].batch(rng.integers(0, len(sets[0]), half).tolist(), gen)
+        sets[1].batch(rng.integers(0, len(sets[1]), half).tolist(), gen)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return upload, statistics.median(times[1:])
 
 
 def time_rows(fns: dict, device: torch.device, repeats: int, warmup: int = 2):
@@ -269,13 +328,20 @@ def bench(batch: int, device: torch.device, repeats: int, variant: str, data_roo
     ratios["fp32_over_authors"] = round(med["fp32"] / med["authors"], 3)
     if "compiled" in med:
         ratios["compiled_over_fast"] = round(med["compiled"] / med["fast"], 3)
+    if "captured" in med:
+        ratios["captured_over_fast"] = round(med["captured"] / med["fast"], 3)
+        ratios["captured_over_passes_fast"] = round(med["captured"] / med["passes_fast"], 3)
     row["ratios"] = ratios
-    best = min(wall["fast"], wall.get("compiled", float("inf")))
+    best = min(wall["fast"], wall.get("compiled", float("inf")), wall.get("captured", float("inf")))
     d = data_batch_time(cfg, data_root, device, max(repeats, 5))
     if d is not None:
         row["data_batch_s"] = round(d, 4)
         row["data_wait_share"] = round(d / (d + best), 4)  # synchronous loader: the step waits this long
         row["data_wait_share_cpu"] = round(d / (d + med["fast"]), 4) if device.type == "cpu" else None
+    on_device = data_batch_device_time(cfg, data_root, device, max(repeats, 5))
+    if on_device is not None:
+        row["data_upload_s"], row["data_batch_device_s"] = (round(v, 4) for v in on_device)
+        d = min(d, on_device[1]) if device.type == "cuda" else d  # the trainer's choice (data_on_device=auto)
     if batch == 24 and tuple(cfg.patch_size) == (256, 256):
         row["paper_budget_projected_min"] = round((best + (d or 0.0)) * PAPER_ITERATIONS / 60, 1)
     return row
@@ -315,6 +381,7 @@ def main() -> None:
         print(f"| {r['batch']} cpu | " + " | ".join(f"{r['cpu_s'][k]:.3f}" for k in names) + " |")
     for r in rows:
         print(r["batch"], json.dumps(r["ratios"]), "data", r.get("data_batch_s"), r.get("data_wait_share"),
+              "data on device", r.get("data_batch_device_s"), "upload", r.get("data_upload_s"),
               "paper budget min", r.get("paper_budget_projected_min"), "load", r["load_average_1min"])
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     preset: str = ""
     variant: str = ""
+    # GPU pace (issue 22; docs/benchmarks.md, "GPU path"); neither changes the method
+    data_on_device: str = "auto"  # auto | on | off: the training set held and augmented on the device (auto: on CUDA when it fits)
+    capture: str = "off"  # off | auto | cuda-graph | compile: the whole step captured (CUDA only; elsewhere the eager step, logged)
 
     @property
     def ndim(self) -> int:
@@ -182,6 +185,10 @@ class TrainConfig:
             raise M3HLInputError(f"intensity must be 'percentile' or 'minmax', got {self.intensity!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise M3HLInputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.data_on_device not in ("auto", "on", "off"):
+            raise M3HLInputError(f"data_on_device must be auto, on or off, got {self.data_on_device!r}")
+        if self.capture not in ("off", "auto", "cuda-graph", "compile"):
+            raise M3HLInputError(f"capture must be off, auto, cuda-graph or compile, got {self.capture!r}")
         if self.readback_every < 0:
             raise M3HLInputError(f"readback_every must be 0 (automatic) or positive, got {self.readback_every}")
         if len(self.class_names) != self.num_classes:
@@ -204,11 +211,17 @@ class TrainConfig:
             default = names[k].default
             if isinstance(default, tuple) and isinstance(v, (list, tuple)):
                 v = tuple(v)
+            if k in _ON_OFF and isinstance(v, bool):  # YAML (presets, --set) reads on / off as booleans
+                v = "on" if v else "off"
             kw[k] = v
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+#: Text settings whose values include ``on`` / ``off``, which YAML reads as booleans.
+_ON_OFF = ("data_on_device", "capture")
 
 
 def derive_block(patch_size: tuple[int, ...]) -> tuple[int, ...]:

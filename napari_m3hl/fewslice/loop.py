@@ -209,6 +209,7 @@ def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
     from napari_m3hl.io.checkpoint import load_checkpoint
     from napari_m3hl.data.volumes import PartlyLabeledVolume
     from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.runtime import resolve_device
 
     options = options or FewSliceOptions()
     if options.segment_with not in ("teacher", "student"):
@@ -234,7 +235,7 @@ def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
     plv = PartlyLabeledVolume.from_volumes([scaled], [lab], num_classes=cfg.num_classes, normalize=False,
                                            names=["volume"])
     data = plv.train_data(cfg.class_names)
-    base = Predictor.from_checkpoint(blend_partner(ckpt), "student", "cpu" if options.device == "auto" else options.device,
+    base = Predictor.from_checkpoint(blend_partner(ckpt), "student", resolve_device(options.device),
                                      blend=False)
     base_labels, base_probs = base.predict(scaled, return_probs=True)
     return FewSliceJob(cfg, data, Path(start), scaled, lab.astype(np.uint8), labeled_slices(lab), base_labels, options,
@@ -283,6 +284,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
     ``options.check_every`` iterations, and last a :class:`FewSliceResult`."""
     from napari_m3hl.io.checkpoint import load_checkpoint
     from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.runtime import resolve_device
     from napari_m3hl.training.trainer import TrainControl, train
     from napari_m3hl.training import events as ev
 
@@ -302,11 +304,15 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
     iterations = 0
     checked = -1
 
+    device = resolve_device(cfg.device)  # the training device: the checks segment where the networks train
+    depth = int(job.image.shape[0])
+
     def segment(path: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         ckpt = load_checkpoint(path)
         labels, out = None, {}
-        for which in ("teacher", "student"):
-            lab, probs = Predictor.from_checkpoint(ckpt, which, "cpu").predict(job.image, return_probs=True)
+        for which in ("teacher", "student"):  # each network segments the volume in one batch of all its slices
+            lab, probs = Predictor.from_checkpoint(ckpt, which, device, batch_size=max(16, depth)).predict(
+                job.image, return_probs=True)
             out[which] = lab
             if which == opts.segment_with:
                 labels = blend_labels(job.base_probs, probs, opts.start_blend) if opts.start_blend > 0 else lab

@@ -19,6 +19,7 @@ device, then moved to the CPU), so a seeded generator gives identical batches.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["augment_2d", "prepare_batch_2d", "prepare_batch_3d", "resize_2d"]
+__all__ = ["augment_2d", "augment_2d_batched", "draws_3d", "prepare_batch_2d", "prepare_batch_3d", "resize_2d"]
 
 Device = Union[str, torch.device]
 Sample = tuple[np.ndarray, Optional[np.ndarray]]
@@ -87,7 +88,7 @@ def _rotate(image: torch.Tensor, label: Optional[torch.Tensor], angles_deg: torc
     theta[:, 0, 1] = -sin * (h - 1) / max(w - 1, 1)
     theta[:, 1, 0] = sin * (w - 1) / max(h - 1, 1)
     theta[:, 1, 1] = cos
-    theta = theta.to(device=image.device, dtype=torch.float32)
+    theta = theta.to(dtype=torch.float32).to(image.device, non_blocking=True)  # not waiting for queued device work
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=True)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if label is not None:
@@ -168,6 +169,62 @@ def augment_2d(
     return out_img, out_lab
 
 
+@functools.lru_cache(maxsize=8)
+def _dihedral_index(size: int, device: torch.device) -> torch.Tensor:
+    """(8, size²) int64: for code ``2k + axis``, the flat source pixel of each
+    output pixel of ``flip(rot90(x, k), axis)`` on a square ``size × size`` image
+    (built once per size and device; callers only read it)."""
+    base = torch.arange(size * size, device=device).reshape(size, size)
+    return torch.stack([torch.flip(torch.rot90(base, k, dims=(0, 1)), dims=(axis,)).reshape(-1)
+                        for k in range(4) for axis in range(2)])
+
+
+def augment_2d_batched(
+    image: torch.Tensor,
+    label: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`augment_2d` of a batch already at its square output size, with
+    no host synchronisation: the same random draws in the same order, so the
+    same generator state gives the same batch, but every sample goes through
+    every branch as one batched op (rot90/flip by an index gather, the small
+    rotation by ``grid_sample``) and ``torch.where`` picks each sample's
+    branch; no data-dependent host branching, at the price of computing the
+    branches a sample does not take (cheap on a GPU; the CPU trainer keeps
+    :func:`prepare_batch_2d`).
+
+    Args:
+        image: float ``(B, C, s, s)``; label: integer ``(B, s, s)`` or None.
+        generator: CPU or device generator (the draws move to ``image``'s device).
+
+    Returns ``(image (B, C, s, s) float32, label (B, s, s) int64 or None)``.
+    """
+    if image.ndim != 4 or image.shape[2] != image.shape[3]:
+        raise ValueError(f"augment_2d_batched needs a square (B, C, s, s) batch, got shape {tuple(image.shape)}")
+    image = image.float()
+    if label is not None:
+        label = label.to(image.device).long()
+        if label.shape != (image.shape[0], *image.shape[2:]):
+            raise ValueError(f"label shape {tuple(label.shape)} does not match image {tuple(image.shape)}")
+    b, c, s, _ = image.shape
+    u1, u2 = _rand(b, generator), _rand(b, generator)
+    ks, axes = _randint(4, b, generator), _randint(2, b, generator)
+    angles = _rand(b, generator) * 40.0 - 20.0
+    dev = image.device
+    rotflip = (u1 < 0.5).to(dev, non_blocking=True)
+    rotate = (~(u1 < 0.5) & (u2 < 0.5)).to(dev, non_blocking=True)
+    src = _dihedral_index(s, dev)[(2 * ks + axes).to(dev, non_blocking=True)]  # (B, s²)
+    flipped = image.reshape(b, c, s * s).gather(2, src[:, None].expand(b, c, s * s)).reshape(b, c, s, s)
+    turned, turned_lab = _rotate(image, label, angles)
+    pick_rf, pick_rot = rotflip.reshape(b, 1, 1, 1), rotate.reshape(b, 1, 1, 1)
+    out_img = torch.where(pick_rf, flipped, torch.where(pick_rot, turned, image))
+    out_lab = None
+    if label is not None:
+        flipped_lab = label.reshape(b, s * s).gather(1, src).reshape(b, s, s)
+        out_lab = torch.where(pick_rf[:, 0], flipped_lab, torch.where(pick_rot[:, 0], turned_lab, label))
+    return out_img, out_lab
+
+
 def prepare_batch_2d(
     samples: Sequence[Sample],
     size: tuple[int, int] = (256, 256),
@@ -211,6 +268,15 @@ def prepare_batch_2d(
     return augment_2d(image, label, size=size, generator=generator, image_interp=image_interp)
 
 
+def draws_3d(b: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of a 3D batch of ``b`` samples, in the order
+    :func:`prepare_batch_3d` (and :class:`napari_m3hl.data.device.DeviceVolumes`)
+    makes them: quarter turns ``k`` (b,), flip axes (b,), crop offsets in
+    [0, 1) (b, 3); CPU tensors."""
+    ks, axes = _randint(4, b, generator), _randint(2, b, generator)
+    return ks, axes, _rand(3 * b, generator).reshape(b, 3)
+
+
 def prepare_batch_3d(
     samples: Sequence[Sample],
     patch: tuple[int, int, int] = (112, 112, 80),
@@ -236,9 +302,7 @@ def prepare_batch_3d(
     patch = tuple(int(p) for p in patch)  # type: ignore[assignment]
     if len(patch) != 3:
         raise ValueError(f"patch must have 3 sizes, got {patch}")
-    b = len(samples)
-    ks, axes = _randint(4, b, generator), _randint(2, b, generator)
-    offs = _rand(3 * b, generator).reshape(b, 3)
+    ks, axes, offs = draws_3d(len(samples), generator)
     imgs, labs = [], []
     for i, (img, lab) in enumerate(samples):
         img = np.asarray(img)

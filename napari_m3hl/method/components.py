@@ -70,6 +70,35 @@ def largest_component_per_class(labels: np.ndarray, num_classes: int) -> np.ndar
     return out
 
 
+def _cc_start(mask: torch.Tensor):
+    """Initial state of the min-label propagation: (foreground, values, fg as float, offsets, n, pool)."""
+    if mask.dim() not in (3, 4):
+        raise ValueError(f"mask must be (B, H, W) or (B, D, H, W), got shape {tuple(mask.shape)}")
+    fg = mask.bool()
+    b = fg.shape[0]
+    n = fg[0].numel()
+    # values n - index, larger = earlier; float32 is exact up to 2**24 voxels per sample
+    dtype = torch.float32 if n < 2**24 else torch.float64
+    idx = torch.arange(n, device=fg.device, dtype=dtype).reshape(fg.shape[1:])
+    fgf = fg.to(dtype)
+    v = (n - idx).unsqueeze(0) * fgf
+    pool = F.max_pool2d if fg.dim() == 3 else F.max_pool3d
+    offsets = (torch.arange(b, device=fg.device) * n).reshape(b, *([1] * (fg.dim() - 1)))
+    return fg, v, fgf, offsets, n, pool
+
+
+def _cc_round(v: torch.Tensor, fgf: torch.Tensor, offsets: torch.Tensor, n: int, pool) -> torch.Tensor:
+    """One round: the largest value in the 3×3 (3×3×3) neighbourhood, then
+    pointer jumping (the value of the pixel whose index the value names)."""
+    v = pool(v.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) * fgf
+    ptr = (n - v).long().clamp_(0, n - 1) + offsets
+    return torch.maximum(v, v.reshape(-1)[ptr.reshape(-1)].reshape(v.shape) * fgf)
+
+
+def _cc_labels(fg: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.where(fg, (n - v).long() + 1, torch.zeros((), dtype=torch.long, device=fg.device))
+
+
 def connected_components_torch(mask: torch.Tensor, check_every: int = 1) -> torch.Tensor:
     """Connected components of binary masks with full connectivity, on the
     masks' device (no host round trip except the convergence test).
@@ -89,29 +118,59 @@ def connected_components_torch(mask: torch.Tensor, check_every: int = 1) -> torc
         ``1 +`` the raster index (within its sample) of the component's first
         pixel, so labels are ordered like scipy's (first met, smallest).
     """
-    if mask.dim() not in (3, 4):
-        raise ValueError(f"mask must be (B, H, W) or (B, D, H, W), got shape {tuple(mask.shape)}")
-    fg = mask.bool()
-    b = fg.shape[0]
-    n = fg[0].numel()
-    # values n - index, larger = earlier; float32 is exact up to 2**24 voxels per sample
-    dtype = torch.float32 if n < 2**24 else torch.float64
-    idx = torch.arange(n, device=fg.device, dtype=dtype).reshape(fg.shape[1:])
-    fgf = fg.to(dtype)
-    v = (n - idx).unsqueeze(0) * fgf
-    pool = F.max_pool2d if fg.dim() == 3 else F.max_pool3d
-    offsets = (torch.arange(b, device=fg.device) * n).reshape(b, *([1] * (fg.dim() - 1)))
+    fg, v, fgf, offsets, n, pool = _cc_start(mask)
     rounds = 0
     while True:
         prev = v
-        v = pool(v.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) * fgf
-        # pointer jumping: the label of the pixel whose index the label names
-        ptr = (n - v).long().clamp_(0, n - 1) + offsets
-        v = torch.maximum(v, v.reshape(-1)[ptr.reshape(-1)].reshape(v.shape) * fgf)
+        v = _cc_round(v, fgf, offsets, n, pool)
         rounds += 1
         if rounds % check_every == 0 and torch.equal(v, prev):
             break
-    return torch.where(fg, (n - v).long() + 1, torch.zeros((), dtype=torch.long, device=fg.device))
+    return _cc_labels(fg, v, n)
+
+
+def connected_components_rounds(mask: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`connected_components_torch` in exactly ``rounds`` rounds, with no
+    host synchronisation (what a CUDA graph can capture).
+
+    Returns:
+        (labels as :func:`connected_components_torch`'s once converged, a 0-d
+        bool tensor: whether the last round changed nothing, i.e. the labels
+        are the converged ones).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    fg, v, fgf, offsets, n, pool = _cc_start(mask)
+    prev = v
+    for _ in range(rounds):
+        prev, v = v, _cc_round(v, fgf, offsets, n, pool)
+    return _cc_labels(fg, v, n), (v == prev).all()
+
+
+def _keep_largest(labels: torch.Tensor, comp: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``labels`` with every pixel outside its class's largest component (per
+    sample; ``comp``: (B·(C−1), n) component labels) set to background."""
+    b = labels.shape[0]
+    spatial = labels.shape[1:]
+    n = labels[0].numel()
+    # component sizes per (sample, class): count pixels per label
+    sizes = torch.zeros(b * (num_classes - 1), n + 1, dtype=torch.long, device=labels.device)
+    sizes.scatter_add_(1, comp, torch.ones_like(comp))
+    sizes[:, 0] = 0
+    # largest, ties to the smallest label (first met): key = size·(n+1) + (n − label)
+    label_ids = torch.arange(n + 1, device=labels.device)
+    key = sizes * (n + 1) + (n - label_ids)
+    key[:, 0] = -1
+    best = key.argmax(dim=1, keepdim=True)  # (B·(C−1), 1)
+    keep = (comp == best) | (comp == 0)
+    drop = (~keep).reshape(b, num_classes - 1, *spatial).any(dim=1)
+    return labels.masked_fill(drop, 0)
+
+
+def _class_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    spatial = labels.shape[1:]
+    classes = torch.arange(1, num_classes, device=labels.device).reshape(1, -1, *([1] * len(spatial)))
+    return (labels.unsqueeze(1) == classes).reshape(-1, *spatial)  # (B·(C−1), *S)
 
 
 def largest_component_per_class_torch(labels: torch.Tensor, num_classes: int, check_every: int = 1) -> torch.Tensor:
@@ -128,21 +187,16 @@ def largest_component_per_class_torch(labels: torch.Tensor, num_classes: int, ch
     """
     if num_classes < 2:
         return labels.clone()
-    b = labels.shape[0]
-    spatial = labels.shape[1:]
-    n = labels[0].numel()
-    classes = torch.arange(1, num_classes, device=labels.device).reshape(1, -1, *([1] * len(spatial)))
-    masks = labels.unsqueeze(1) == classes  # (B, C-1, *S)
-    comp = connected_components_torch(masks.reshape(-1, *spatial), check_every).reshape(b * (num_classes - 1), n)
-    # component sizes per (sample, class): count pixels per label
-    sizes = torch.zeros(b * (num_classes - 1), n + 1, dtype=torch.long, device=labels.device)
-    sizes.scatter_add_(1, comp, torch.ones_like(comp))
-    sizes[:, 0] = 0
-    # largest, ties to the smallest label (first met): key = size·(n+1) + (n − label)
-    label_ids = torch.arange(n + 1, device=labels.device)
-    key = sizes * (n + 1) + (n - label_ids)
-    key[:, 0] = -1
-    best = key.argmax(dim=1, keepdim=True)  # (B·(C−1), 1)
-    keep = (comp == best) | (comp == 0)
-    drop = (~keep).reshape(b, num_classes - 1, *spatial).any(dim=1)
-    return labels.masked_fill(drop, 0)
+    comp = connected_components_torch(_class_masks(labels, num_classes), check_every)
+    return _keep_largest(labels, comp.reshape(comp.shape[0], -1), num_classes)
+
+
+def largest_component_per_class_rounds(labels: torch.Tensor, num_classes: int,
+                                       rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`largest_component_per_class_torch` with the components found in
+    exactly ``rounds`` rounds (:func:`connected_components_rounds`; no host
+    synchronisation). Returns (filtered labels, 0-d bool: converged)."""
+    if num_classes < 2:
+        return labels.clone(), torch.ones((), dtype=torch.bool, device=labels.device)
+    comp, converged = connected_components_rounds(_class_masks(labels, num_classes), rounds)
+    return _keep_largest(labels, comp.reshape(comp.shape[0], -1), num_classes), converged

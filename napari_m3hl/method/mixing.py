@@ -58,7 +58,8 @@ def block_masks(
     k = int(round(ratio * n_blocks))
     scores = torch.rand(n, n_blocks, generator=generator)
     ranks = scores.argsort(dim=1).argsort(dim=1)  # rank of each block, 0..n_blocks-1
-    small = (ranks >= k).to(torch.float32).reshape(n, *grid).to(device)
+    # non_blocking: a blocking host-to-device copy would wait for the device's queued work
+    small = (ranks >= k).to(torch.float32).reshape(n, *grid).to(device, non_blocking=True)
     for axis, b in enumerate(block):
         small = small.repeat_interleave(int(b), dim=axis + 1)
     index = (slice(None),) + tuple(slice(0, s) for s in spatial)

@@ -31,7 +31,7 @@ from napari_m3hl.config import TrainConfig
 from napari_m3hl.method.losses import high_level_loss, low_level_loss, mix_loss, seg_loss
 from napari_m3hl.method.mixing import block_masks, mix
 from napari_m3hl.runtime import autocast_context, resolve_precision
-from napari_m3hl.method.teacher import pseudo_labels, set_labelling_mode
+from napari_m3hl.method.teacher import pseudo_labels, pseudo_labels_rounds, set_labelling_mode
 
 
 def alpha_at(config: TrainConfig, iteration: int) -> float:
@@ -87,11 +87,14 @@ class StepSetup:
 
 @dataclass
 class StepResult:
-    """One step's loss terms (0-d tensors, ``total`` the one to back-propagate) and,
-    for M³HL steps, the first sample's mix for ``MixPreview``: (images, targets, masks)."""
+    """One step's loss terms (0-d tensors, ``total`` the one to back-propagate),
+    for M³HL steps the first sample's mix for ``MixPreview``: (images, targets,
+    masks), and with ``lcc_rounds`` whether the pseudo-labels' components had
+    converged (0-d bool tensor)."""
 
     losses: dict[str, torch.Tensor]
     preview: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    lcc_converged: torch.Tensor | None = None
 
 
 def m3hl_losses(
@@ -101,16 +104,26 @@ def m3hl_losses(
     img_l: torch.Tensor,
     lab_l: torch.Tensor,
     img_u: torch.Tensor,
-    gen: torch.Generator,
+    gen: torch.Generator | None,
     autocast: Any,
-    alpha: float | None = None,
+    alpha: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    lcc_rounds: int | None = None,
 ) -> StepResult:
     """Loss terms of one M³HL step (see the module docstring).
 
     Args:
         img_l: (2n, C, *S) labeled images, lab_l: (2n, *S) int64 labels,
         img_u: (2n, C, *S) unlabeled images.
-        alpha: weight of the pseudo-labelled regions (None: ``config.alpha``).
+        gen: CPU generator of the block masks (unused when ``mask`` is given).
+        alpha: weight of the pseudo-labelled regions (None: ``config.alpha``;
+            a 0-d tensor in a captured step).
+        mask: (n, *S) block masks drawn by the caller (a captured step), else
+            drawn here from ``gen``.
+        lcc_rounds: the pseudo-labels' largest components in exactly this
+            many rounds on the device, no host synchronisation (a captured
+            step; ``StepResult.lcc_converged`` says whether they converged);
+            None: :func:`napari_m3hl.method.teacher.pseudo_labels` (run to convergence).
     """
     alpha = config.alpha if alpha is None else alpha
     n = img_l.shape[0] // 2
@@ -122,11 +135,16 @@ def m3hl_losses(
     set_labelling_mode(teacher, config.teacher_mode, config.teacher_bn)
     with torch.no_grad(), autocast():
         t_out = teacher(img_u)
-    plab = pseudo_labels(t_out.logits.float(), lcc=config.pseudo_lcc)
+    converged = None
+    if lcc_rounds is not None and config.pseudo_lcc:
+        plab, converged = pseudo_labels_rounds(t_out.logits.float(), lcc_rounds)
+    else:
+        plab = pseudo_labels(t_out.logits.float(), lcc=config.pseudo_lcc)
     pa, pb = plab[:n], plab[n:]
 
     spatial = tuple(img_l.shape[2:])
-    m = block_masks(n, spatial, config.block_size, config.mask_ratio, generator=gen, device=img_l.device)
+    m = mask if mask is not None else block_masks(n, spatial, config.block_size, config.mask_ratio, generator=gen,
+                                                  device=img_l.device)
     mix_u = mix(ua, la, m)
     mix_l = mix(lb, ub, m)
     tgt_u = mix(pa, ya, m)  # pseudo where M = 1
@@ -158,7 +176,7 @@ def m3hl_losses(
         total = total + config.lam * (losses["low"] + losses["high"])
     losses["total"] = total
     preview = (torch.stack([mix_u[0, 0], mix_l[0, 0]]), torch.stack([tgt_u[0], tgt_l[0]]), torch.stack([m[0], 1 - m[0]]))
-    return StepResult(losses, preview)
+    return StepResult(losses, preview, converged)
 
 
 def supervised_losses(config: TrainConfig, student: nn.Module, img_l: torch.Tensor, lab_l: torch.Tensor, autocast: Any) -> StepResult:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from napari_m3hl.method.components import (
-    largest_component_per_class, largest_component_per_class_torch,
+    largest_component_per_class, largest_component_per_class_rounds, largest_component_per_class_torch,
 )
 
 
@@ -21,8 +21,9 @@ def init_teacher(teacher: nn.Module, student: nn.Module, mode: str = "copy") -> 
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "copy") -> None:
-    """``θ_t ← decay·θ_t + (1−decay)·θ_s`` for the parameters.
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float | torch.Tensor, buffers: str = "copy") -> None:
+    """``θ_t ← decay·θ_t + (1−decay)·θ_s`` for the parameters (``decay`` a number,
+    or a 0-d tensor on the networks' device, as in a captured step).
 
     BatchNorm running statistics (floating buffers):
 
@@ -48,14 +49,26 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: st
     t_float = [b for b in t_buf if b.is_floating_point()]
     s_float = [b for b in s_buf if b.is_floating_point()]
     if buffers == "ema":
-        torch._foreach_lerp_(t_params + t_float, s_params + s_float, 1.0 - decay)
+        _lerp_(t_params + t_float, s_params + s_float, 1.0 - decay)
     else:
-        torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
+        _lerp_(t_params, s_params, 1.0 - decay)
         if buffers == "copy":
             torch._foreach_copy_(t_float, s_float)
     for tb, sb in zip(t_buf, s_buf):
         if not tb.is_floating_point():
             tb.copy_(sb)
+
+
+def _lerp_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    """``t ← t + weight·(s − t)`` for each pair, in foreach ops. A tensor weight
+    goes through ``_foreach_mul_`` (``_foreach_lerp_`` takes only numbers and
+    would read a tensor back to the host, which a CUDA graph cannot capture)."""
+    if not isinstance(weight, torch.Tensor):
+        torch._foreach_lerp_(targets, sources, weight)
+        return
+    diff = torch._foreach_sub(sources, targets)
+    torch._foreach_mul_(diff, weight)
+    torch._foreach_add_(targets, diff)
 
 
 def set_labelling_mode(teacher: nn.Module, teacher_mode: str, teacher_bn: str) -> None:
@@ -107,3 +120,11 @@ def pseudo_labels(logits: torch.Tensor, lcc: bool = True, on_device: bool | None
         return largest_component_per_class_torch(labels, logits.shape[1], check_every=1 if logits.device.type == "cpu" else 8)
     filtered = largest_component_per_class(labels.cpu().numpy(), logits.shape[1])
     return torch.from_numpy(filtered).to(logits.device)
+
+
+def pseudo_labels_rounds(logits: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pseudo_labels` with the largest components found in exactly
+    ``rounds`` rounds on the logits' device, with no host synchronisation
+    (a captured step). Returns ((B, *S) int64 labels, 0-d bool: the
+    components had converged, so the labels equal :func:`pseudo_labels`')."""
+    return largest_component_per_class_rounds(logits.argmax(dim=1), logits.shape[1], rounds)

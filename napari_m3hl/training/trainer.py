@@ -12,10 +12,16 @@ here: ``alpha_at``, ``learning_rate``, ``StepSetup``, ``m3hl_losses``,
 ``supervised_losses``). The whole step runs on the training device
 (augmentation, masks, pseudo-labels with their connected components, the
 foreach EMA); ``config.compile`` runs the forward passes through ``torch.compile``.
+With ``config.data_on_device`` the training set is held on the device and
+each batch gathered and augmented there (:mod:`napari_m3hl.data.device`;
+``auto``: on CUDA); with ``config.capture`` the whole step runs as one CUDA
+graph (:mod:`napari_m3hl.training.capture`; off CUDA the eager step runs and
+the log says why).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -40,6 +46,12 @@ from napari_m3hl.training.pl_quality import pick_reference, reference_batch, sco
 from napari_m3hl.runtime import resolve_device, tune_malloc
 from napari_m3hl.method.step import StepSetup, alpha_at, learning_rate, m3hl_losses, read_back, supervised_losses
 from napari_m3hl.method.teacher import ema_decay_at, ema_update, init_teacher
+from napari_m3hl.method.mixing import block_masks
+from napari_m3hl.data.device import device_sets
+from napari_m3hl.training.capture import (LCC_ROUNDS, GraphStep, ensure_momentum_buffers, graph_autocast,
+                                          resolve_capture, step_function)
+
+log = logging.getLogger(__name__)
 
 
 class TrainControl:
@@ -102,12 +114,18 @@ def _restore_rng(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.
 
 def _validate(model: nn.Module, volumes: Sequence, config: TrainConfig, device: torch.device) -> tuple[float, dict[str, float]]:
     """Mean Dice (and per class) of ``model`` on the volumes; fp32 inference,
-    so the best checkpoint is chosen by the same numbers whatever the precision."""
+    so the best checkpoint is chosen by the same numbers whatever the precision.
+    On a GPU each 2D volume goes through the network in one batch of all its slices."""
+    import dataclasses
+
     from napari_m3hl.metrics.binary import dice
     from napari_m3hl.inference.predictor import Predictor
 
     predictor = Predictor.from_network(model, config, device=device, precision="fp32",
                                        channels_last=config.channels_last)
+    if device.type == "cuda" and config.ndim == 2 and volumes:
+        predictor = dataclasses.replace(predictor, batch_size=max(predictor.batch_size,
+                                                                  max(int(v[1].shape[0]) for v in volumes)))
     scores = np.zeros((len(volumes), config.num_classes - 1))
     for i, (_, image, label) in enumerate(volumes):
         pred = predictor.predict(image)
@@ -269,8 +287,30 @@ def train(
                                         channels_last=config.channels_last).predict(preview_volume)
         return ev.VolumePreview(iteration, labels, preview_token)
 
+    sets = device_sets(data.labeled, unlabeled, config, device)  # None: the host loader
+
+    def batch(labeled: bool, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The augmented batch of labeled (image, label) or unlabeled (image, None) samples ``idx``."""
+        if sets is not None:
+            img, lab = sets[0 if labeled else 1].batch(idx, gen)
+            return (img.contiguous(memory_format=setup.memory_format) if config.ndim == 2 else img), lab
+        samples = [data.labeled[i] for i in idx] if labeled else [(unlabeled[i][0], None) for i in idx]
+        return _make_batch(samples, config, gen, device, setup.memory_format)
+
+    capture, why = resolve_capture(config.capture, device, config.ndim, dist.enabled)
+    if why:
+        (log.info if config.capture == "auto" else log.warning)(why)
+    graph: GraphStep | None = None
+    graph_phase: tuple[bool, str] | None = None
+    unconverged = torch.zeros((), dtype=torch.long, device=device)  # captured steps with unconverged components
+    if capture == "cuda-graph":
+        ensure_momentum_buffers(optimizer)
     # what runs the forward passes (compiled or not); state, EMA and checkpoints use the modules themselves
-    run_student, run_teacher = (torch.compile(net), torch.compile(teacher)) if config.compile else (net, teacher)
+    if capture == "compile":
+        run_student, run_teacher = (torch.compile(net, mode="reduce-overhead"),
+                                    torch.compile(teacher, mode="reduce-overhead"))
+    else:
+        run_student, run_teacher = (torch.compile(net), torch.compile(teacher)) if config.compile else (net, teacher)
     yield ev.TrainStarted(config.iterations, start, str(device), len(data.labeled), len(data.unlabeled), config.mode)
     truth = getattr(data, "unlabeled_truth", None)
     pl_ref = None
@@ -298,29 +338,51 @@ def train(
         lr = learning_rate(config, it)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        fmt = setup.memory_format
-        img_l, lab_l = _make_batch([data.labeled[i] for i in cyc_l.take(half)], config, gen, device, fmt)
+        img_l, lab_l = batch(True, cyc_l.take(half))
         if config.mode == "m3hl" and it == warm > 0:
             init_teacher(teacher, student, "copy")  # the M³HL phase starts from the warm student
-        if config.mode == "supervised" or it < warm:
-            res = supervised_losses(config, run_student, img_l, lab_l, autocast)
-            n_images = half
-        else:
-            img_u, _ = _make_batch([(unlabeled[i][0], None) for i in cyc_u.take(half)], config, gen, device, fmt)
-            res = m3hl_losses(config, run_student, run_teacher, img_l, lab_l, img_u, gen, autocast, alpha_at(config, it))
-            n_images = 2 * half
-        if anchor is not None:  # fine-tuning hook: L2 toward the start weights
-            res.losses["l2_start"] = sum(((p - a) ** 2).sum() for p, a in anchor)
-            res.losses["total"] = res.losses["total"] + config.l2_to_start * res.losses["l2_start"]
-        optimizer.zero_grad(set_to_none=True)
-        res.losses["total"].backward()
-        optimizer.step()
-        sync_buffers(dist, student, teacher)  # rank 0's BatchNorm statistics: the teacher stays identical
+        m3 = not (config.mode == "supervised" or it < warm)
         # a teacher that never labels (supervised mode, warm start) takes the student's BatchNorm statistics
-        bn = config.teacher_bn if config.mode == "m3hl" and it >= warm else "copy"
-        ema_update(teacher, student, ema_decay_at(it, config.ema_decay, config.ema_warmup), bn)
+        bn = config.teacher_bn if m3 else "copy"
+        decay = ema_decay_at(it, config.ema_decay, config.ema_warmup)
+        n_images = 2 * half if m3 else half
+        img_u = batch(False, cyc_u.take(half))[0] if m3 else None
+        if capture == "cuda-graph":
+            if graph_phase != (m3, bn):  # one graph per phase (warm start, M³HL); the last one is not run again
+                graph_phase = (m3, bn)
+                graph = GraphStep(step_function(config, student, teacher, optimizer, graph_autocast(setup), m3, bn,
+                                                anchor), lambda: optimizer.zero_grad(set_to_none=True))
+            # one non-blocking upload of the step's numbers (a blocking one would wait for the queued replays)
+            lr_t, decay_t, alpha_t = torch.tensor([lr, decay, alpha_at(config, it)]).to(device, non_blocking=True)
+            x = {"img_l": img_l, "lab_l": lab_l, "lr": lr_t, "decay": decay_t}
+            if m3:
+                x.update(img_u=img_u, alpha=alpha_t,
+                         mask=block_masks(half // 2, tuple(img_l.shape[2:]), config.block_size, config.mask_ratio,
+                                          generator=gen, device=device))
+            out = graph(x)
+            if "lcc_converged" in out:
+                unconverged += ~out.pop("lcc_converged")
+            preview = tuple(out.pop(k) for k in ("preview_images", "preview_targets", "preview_masks")) \
+                if "preview_images" in out else None
+            step_losses = out
+        else:
+            if m3:
+                res = m3hl_losses(config, run_student, run_teacher, img_l, lab_l, img_u, gen, autocast,
+                                  alpha_at(config, it))
+            else:
+                res = supervised_losses(config, run_student, img_l, lab_l, autocast)
+            if anchor is not None:  # fine-tuning hook: L2 toward the start weights
+                res.losses["l2_start"] = sum(((p - a) ** 2).sum() for p, a in anchor)
+                res.losses["total"] = res.losses["total"] + config.l2_to_start * res.losses["l2_start"]
+            optimizer.zero_grad(set_to_none=True)
+            res.losses["total"].backward()
+            optimizer.step()
+            sync_buffers(dist, student, teacher)  # rank 0's BatchNorm statistics: the teacher stays identical
+            ema_update(teacher, student, decay, bn)
+            preview = res.preview
+            step_losses = {k: v.detach() for k, v in res.losses.items()}
         it += 1
-        pending.append((it, {k: v.detach() for k, v in res.losses.items()}))
+        pending.append((it, step_losses))
         due = (it % setup.readback_every == 0 or it == config.iterations or control.stop_requested
                or (val_volumes and config.val_every > 0 and it % config.val_every == 0)
                or (out is not None and config.checkpoint_every > 0 and it % config.checkpoint_every == 0)
@@ -329,6 +391,10 @@ def train(
             continue
         losses, bad = read_back(pending)
         n_steps = len(pending)
+        if capture == "cuda-graph" and int(unconverged):
+            log.warning("%d captured step(s) before iteration %d used pseudo-labels whose connected components had "
+                        "not converged in %d rounds", int(unconverged), it, LCC_ROUNDS)
+            unconverged.zero_()
         pending = []
         if dist.enabled:  # mean over ranks; a stop asked on any rank stops all at this step
             losses, stop_any = reduce_step(dist, {k: torch.tensor(v, device=device) for k, v in losses.items()},
@@ -351,9 +417,9 @@ def train(
         ips = sum(k for _, k, _ in recent) / max(window, 1e-9)
         per_step = window / sum(k for _, _, k in recent)
         yield ev.Progress(it, config.iterations, losses, lr, ips, now - t0, per_step * (config.iterations - it))
-        if mix_preview_every_s is not None and res.preview is not None and now - last_mix >= mix_preview_every_s:
+        if mix_preview_every_s is not None and preview is not None and now - last_mix >= mix_preview_every_s:
             last_mix = now
-            imgs, tgts, masks = (t.detach().float().cpu().numpy() for t in res.preview)
+            imgs, tgts, masks = (t.detach().float().cpu().numpy() for t in preview)
             yield ev.MixPreview(it, imgs.astype(np.float32), tgts.astype(np.uint8), masks.astype(np.uint8))
         if preview_volume is not None and preview_every_s is not None and now - last_vol >= preview_every_s:
             yield volume_preview(it)
