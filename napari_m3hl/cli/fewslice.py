@@ -34,6 +34,7 @@ import numpy as np
 from napari_m3hl.app.plan import PRESET_SETTINGS, RunInputs, StartMode
 from napari_m3hl.cli import checks
 from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.io.files import why_not_a_file
 
 
 def run_inputs(args: argparse.Namespace) -> RunInputs:
@@ -45,6 +46,75 @@ def run_inputs(args: argparse.Namespace) -> RunInputs:
     asked += [flag for flag, on in (("--set", args.set), ("--no-hl", args.no_hl), ("--no-mix", args.no_mix),
                                     ("--val", args.val)) if on]
     return RunInputs(start=start, painted_volume=bool(args.labels), preset_settings=tuple(asked))
+
+
+def check_ablation(args: argparse.Namespace) -> None:
+    """Refuse ``--no-hl`` / ``--no-mix`` on ``--data IMAGE --labels PAINTED`` without a
+    preset option: they would silently switch from the few-slice fine-tune to a
+    preset run from scratch (the few-slice loop has neither mix nor feature loss)."""
+    flag = "--no-hl" if args.no_hl else "--no-mix" if args.no_mix else None
+    if flag is None or not args.labels or args.resume or args.set or args.val:
+        return
+    if any(getattr(args, k, None) is not None for k in PRESET_SETTINGS):
+        return
+    raise M3HLInputError(
+        f"{flag} is an ablation of M³HL's preset training; with --data IMAGE --labels PAINTED it would switch from "
+        f"the few-slice fine-tune to a preset run from scratch. Drop {flag}, or add --preset acdc_unet2d to train a "
+        "preset run on this volume")
+
+
+#: Files a few-slice run writes into ``--out``.
+FEWSLICE_FILES = ("last.pt", "run.json", "segmentation.nii.gz", "prediction.nii.gz")
+
+
+def _check_device(device: str) -> None:
+    """The device exists on this machine (before the start model is read)."""
+    from napari_m3hl.runtime import resolve_device
+
+    try:
+        resolve_device(device)
+    except M3HLInputError as exc:
+        raise M3HLInputError(f"--device {device}: {exc}") from None
+
+
+def _load_painted(image_path: str, labels_path: str, img) -> np.ndarray:
+    """The painted labels of ``--data image_path`` on the image's grid, as int64:
+    a 3D label map stored on another grid is moved onto the image's when the
+    world geometry allows (a message says so) and refused otherwise; a cine's
+    labels must share its shape."""
+    from napari_m3hl.io.grid import labels_on_image_grid
+    from napari_m3hl.io.nifti import load_nifti
+
+    lab = load_nifti(labels_path)
+    same_grid = np.allclose(lab.affine, img.affine, atol=1e-3)
+    if lab.data.ndim != img.data.ndim or (lab.data.shape != img.data.shape and (same_grid or img.data.ndim == 4)):
+        raise M3HLInputError(f"--labels {labels_path} has shape {lab.data.shape} but --data {image_path} has "
+                             f"{img.data.shape}; paint on a label map of the image's grid")
+    painted = np.asarray(lab.data)
+    if not np.all(np.isfinite(painted)) or np.any(painted != np.rint(painted)):
+        raise M3HLInputError(f"--labels {labels_path} holds non-integer values; a label map holds class numbers")
+    painted = np.rint(painted).astype(np.int64)
+    if img.data.ndim == 4:
+        return painted
+    painted, moved = labels_on_image_grid(painted, lab.affine, img.data.shape, img.affine, f"--labels {labels_path}")
+    if moved:
+        print(moved, file=sys.stderr)
+    return painted
+
+
+def _input_warnings(image_path: str, labels_path: str, img, painted: np.ndarray, class_names) -> None:
+    """Warnings about a volume's slice axis and shape and its painting (the run goes on)."""
+    from napari_m3hl.io.grid import in_plane_warning, slice_axis_warning
+    from napari_m3hl.labels import painting_warnings
+
+    shape = img.data.shape[-3:]
+    spacing = tuple(img.spacing)[-3:]
+    texts = [slice_axis_warning(shape, spacing, str(image_path)), in_plane_warning(shape, str(image_path))]
+    for frame in ([painted] if painted.ndim == 3 else list(painted)):
+        texts += [f"warning: --labels {labels_path}: {t}" for t in painting_warnings(frame, tuple(class_names))]
+    for text in texts:
+        if text:
+            print(text, file=sys.stderr)
 
 
 def default_start() -> Path:
@@ -91,15 +161,9 @@ def read_inputs(args: argparse.Namespace) -> tuple[list[InputFile], list, list, 
     names_l: list[str] = []
     names_u: list[str] = []
     for image_path, labels_path in zip(data, labels):
-        img, lab = load_nifti(image_path), load_nifti(labels_path)
+        img = load_nifti(image_path)
         _check_image("--data", image_path, img.data)
-        if lab.data.shape != img.data.shape:
-            raise M3HLInputError(f"--labels {labels_path} has shape {lab.data.shape} but --data {image_path} has "
-                                 f"{img.data.shape}; paint on a label map of the image's grid")
-        painted = np.asarray(lab.data)
-        if not np.all(np.isfinite(painted)) or np.any(painted != np.rint(painted)):
-            raise M3HLInputError(f"--labels {labels_path} holds non-integer values; a label map holds class numbers")
-        painted = np.rint(painted).astype(np.int64)
+        painted = _load_painted(image_path, labels_path, img)
         item = InputFile("--data", Path(image_path), img, Path(labels_path))
         frames = [img.data] if img.data.ndim == 3 else list(img.data)
         paints = [painted] if painted.ndim == 3 else list(painted)
@@ -157,16 +221,27 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
 
     out = Path(args.out)
     start = Path(args.init) if args.init else default_start()
-    if not start.is_file():
-        raise M3HLInputError(f"start model {start} not found" + ("" if args.init else " (the shipped model is missing "
-                             "from this install)") + "; give a model file with --init MODEL.pt")
+    problem = why_not_a_file(start, "--init" if args.init else "the shipped start model",
+                             "give a model file with --init MODEL.pt")
+    if problem:
+        raise M3HLInputError(problem)
+    _check_device(args.device or "auto")
     inputs, pairs, unlabeled, names = read_inputs(args)
+    planned = [n for pair in output_names(inputs) for n in pair]
+    checks.check_run_inputs(out, [*FEWSLICE_FILES, *planned],
+                            {**{f"--data {p}": p for p in args.data or []}, **{f"--labels {p}": p for p in args.labels or []},
+                             **{f"--unlabeled {p}": p for p in getattr(args, "unlabeled", None) or []}})
     given = {k: getattr(args, k) for k in ("iterations", "lr", "batch_size", "mode", "seed", "device", "start_blend")}
     options = fs.FewSliceOptions(**{k: v for k, v in given.items() if v is not None})
     job = fs.prepare_volumes(start, pairs, unlabeled, options, names)
+    for item in inputs:
+        if item.labels_path is not None:
+            k = next(k for kind, k in item.frames if kind == "labeled")
+            painted = np.stack([job.volumes[i].painted for kind, i in item.frames if kind == "labeled"]) \
+                if item.nifti.data.ndim == 4 else job.volumes[k].painted
+            _input_warnings(str(item.path), str(item.labels_path), item.nifti, painted, job.config.class_names)
     checks.check_writable_dir(out, "--out")
-    if args.overwrite:
-        checks.clear_run_files(out)
+    work = checks.stage_run(out, args.overwrite, None)  # --overwrite: beside out, swapped in when complete
     n_painted = sum(int(v.painted_slices.size) for v in job.volumes)
     n_slices = sum(int(v.image.shape[0]) for v in job.volumes)
     print(f"few-slice fine-tune of {start.name} on {n_painted} painted slice(s) of {n_slices} in {len(job.volumes)} "
@@ -175,41 +250,56 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     t0 = time.perf_counter()
     result = None
     try:
-        for e in fs.run(job, out_dir=out):
+        for e in fs.run(job, out_dir=work):
             if isinstance(e, ev.Progress):
                 bar.update(e)
             elif isinstance(e, fs.FewSliceResult):
                 result = e
+        written = []
+        for item, (seg_name, pred_name) in zip(inputs, output_names(inputs)):
+            index = [k if kind == "labeled" else len(pairs) + k for kind, k in item.frames]  # into job.volumes
+            per_frame = [result.volumes[i] for i in index]
+            shown = [r.base if r.verdict is not None and r.verdict.suspect else r.labels for r in per_frame]
+            shown = [s if job.volumes[i].painted is None else merge_painted(s, job.volumes[i].painted)
+                     for s, i in zip(shown, index)]
+            pred = [r.labels for r in per_frame]
+            stack = (lambda vols: vols[0]) if item.nifti.data.ndim == 3 else np.stack
+            save_nifti_labels(stack(shown), work / seg_name, item.nifti.affine, item.nifti.header)
+            save_nifti_labels(stack(pred), work / pred_name, item.nifti.affine, item.nifti.header)
+            seg, prd = out / seg_name, out / pred_name  # where they stand once the run is in place
+            written.append({
+                "option": item.option, "image": str(item.path),
+                "labels": str(item.labels_path) if item.labels_path else None,
+                "painted_slices": [job.volumes[i].painted_slices.tolist() for i in index],
+                "verdicts": [None if r.verdict is None else {"suspect": r.verdict.suspect, "message": r.verdict.message}
+                             for r in per_frame],
+                "segmentation": str(seg), "prediction": str(prd)})
+    except FloatingPointError:  # the loss became NaN/inf: one line, the lr to lower
+        bar.close()
+        kept, note = checks.abandon_run(work, out)
+        print(f"m3hl train: error: the few-slice fine-tune diverged (the loss became NaN or infinite) at learning rate "
+              f"{options.lr:g}; lower --lr (e.g. {options.lr / 10:g}). The diverged weights are "
+              f"{(kept or out) / 'diverged.pt'}" + (f"; {note}" if note else ""), file=sys.stderr)
+        return 1
+    except BaseException:  # Ctrl-C, an error: an earlier run replaced with --overwrite stays
+        if work != out:
+            print(f"m3hl train: --overwrite: {checks.abandon_run(work, out)[1]}", file=sys.stderr)
+        raise
     finally:
         bar.close()
-    written = []
-    for item, (seg_name, pred_name) in zip(inputs, output_names(inputs)):
-        index = [k if kind == "labeled" else len(pairs) + k for kind, k in item.frames]  # into job.volumes
-        per_frame = [result.volumes[i] for i in index]
-        shown = [r.base if r.verdict is not None and r.verdict.suspect else r.labels for r in per_frame]
-        shown = [s if job.volumes[i].painted is None else merge_painted(s, job.volumes[i].painted)
-                 for s, i in zip(shown, index)]
-        pred = [r.labels for r in per_frame]
-        stack = (lambda vols: vols[0]) if item.nifti.data.ndim == 3 else np.stack
-        seg = save_nifti_labels(stack(shown), out / seg_name, item.nifti.affine, item.nifti.header)
-        prd = save_nifti_labels(stack(pred), out / pred_name, item.nifti.affine, item.nifti.header)
-        written.append({
-            "option": item.option, "image": str(item.path),
-            "labels": str(item.labels_path) if item.labels_path else None,
-            "painted_slices": [job.volumes[i].painted_slices.tolist() for i in index],
-            "verdicts": [None if r.verdict is None else {"suspect": r.verdict.suspect, "message": r.verdict.message}
-                         for r in per_frame],
-            "segmentation": str(seg), "prediction": str(prd)})
     first = written[0]
     manifest = {
         "command": "m3hl " + " ".join(sys.argv[1:]) if sys.argv and "m3hl" in sys.argv[0] else None,
         "kind": "few-slice fine-tune", "start_model": str(start), "image": first["image"], "labels": first["labels"],
         "painted_slices": job.painted_slices.tolist(), "options": vars(options), "config": job.config.to_dict(),
         "seconds": round(time.perf_counter() - t0, 1), "iterations_done": result.iterations,
-        "checkpoint": result.checkpoint, "verdict": {"suspect": result.verdict.suspect, "message": result.verdict.message},
+        "checkpoint": result.checkpoint and str(out / Path(result.checkpoint).name),
+        "verdict": {"suspect": result.verdict.suspect, "message": result.verdict.message},
         "segmentation": first["segmentation"], "prediction": first["prediction"], "inputs": written,
     }
-    checks.write_json(out / "run.json", manifest, "--out")
+    checks.write_json(work / "run.json", manifest, "--out")
+    if work != out:
+        checks.commit_run(work, out)
     for r in result.volumes:
         if r.verdict is not None:
             print(f"{r.name}: {r.verdict.message}" if len(result.volumes) > 1 else r.verdict.message, file=sys.stderr)

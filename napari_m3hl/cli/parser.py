@@ -19,6 +19,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 256,256 or 112,112,80, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a random seed is 0 or more (e.g. --seed 1337), got {n}")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -77,7 +87,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "(default: FewSliceOptions.start_blend; 0 = the fine-tuned network alone)")
     p.add_argument("--no-hl", action="store_true", help="ablation: M³ only (no feature consistency)")
     p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="autocast: auto (default) = bf16 on GPUs and on CPUs with native bf16, else fp32")
@@ -154,7 +164,7 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic cardiac MR phantom volumes (+ full labels) as NIfTI")
     p.add_argument("--output", required=True, help="folder for phantom_<seed>.nii.gz and phantom_<seed>_labels.nii.gz")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--count", type=_positive, default=1, help="volumes with seeds seed, seed+1, ...")
     p.add_argument("--overwrite", action="store_true", help="replace phantom files already in --output")
 

@@ -35,6 +35,7 @@ from napari.layers import Image
 
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.fewslice.loop import Check, FewSliceResult, PseudoLabels
+from napari_m3hl.labels import painting_warnings
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl._napari.run import request as rq
 from napari_m3hl._napari.run.fewslice import FewSliceRequest, StartSegmentation, job_order
@@ -78,6 +79,9 @@ class FineTune:
         lab = np.asarray(labels.data)
         config = self.st.model_panel.build_config()
         rq.check_labels(labels.name, lab, config)
+        if lab.ndim == 3:  # a slice painted in part teaches the rest of it as background: say which
+            for text in painting_warnings(lab, tuple(config.class_names)):
+                self.st.warn(f"'{labels.name}': {text}")
         pairs = data.extra_pairs()
         for extra_image, extra_labels in pairs:
             rq.check_layers(extra_image, extra_labels)

@@ -89,7 +89,25 @@ def check_layers(image: Image | None, labels: Labels | None) -> tuple[Image, Lab
             f"'{image.name}' has {tuple(float(s) for s in image.scale)} (shape {tuple(image.data.shape)} "
             f"for both); they belong to different grids."
         )
+    _check_same_place(image, labels)
     return image, labels
+
+
+def _check_same_place(image: Image, labels: Labels) -> None:
+    """Labels of the image's shape and voxel size must also lie where the image
+    lies: the same NIfTI affine (when both came from files) and the same offset."""
+    a_img, a_lab = image.metadata.get("affine"), labels.metadata.get("affine")
+    if a_img is not None and a_lab is not None and not np.allclose(a_img, a_lab, atol=1e-3):
+        d = np.asarray(a_lab, float)[:3, 3] - np.asarray(a_img, float)[:3, 3]
+        raise M3HLInputError(
+            f"Labels '{labels.name}' lie on another grid than image '{image.name}' (their NIfTI affines differ: "
+            f"origin offset ({d[0]:.1f}, {d[1]:.1f}, {d[2]:.1f}) mm); they were painted on another image. Use "
+            "'New labels layer' on this image, or open the labels drawn on it.")
+    if not np.allclose(labels.translate, image.translate, atol=1e-3):
+        d = np.asarray(labels.translate, float) - np.asarray(image.translate, float)
+        raise M3HLInputError(
+            f"Labels '{labels.name}' lie on another grid than image '{image.name}' (shifted by "
+            f"{tuple(round(float(v), 1) for v in d)} in world units); use 'New labels layer' on this image.")
 
 
 def check_labels(name: str, lab: np.ndarray, config: TrainConfig) -> None:
