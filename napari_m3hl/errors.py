@@ -8,3 +8,9 @@ from __future__ import annotations
 
 class M3HLInputError(ValueError):
     """Bad user input: a missing file, a wrong shape, an incompatible checkpoint."""
+
+
+class PartlyWrittenError(Exception):
+    """A command over several inputs met a bad one after writing the outputs of
+    others: the message names the bad input and what was written (status 1,
+    not 2, since something was written)."""

@@ -31,3 +31,32 @@ def labeled_slices(labels: np.ndarray) -> np.ndarray:
     """Indices (int64, ascending) of the slices (axis 0) of a ``(D, H, W)``
     label volume that hold any nonzero label."""
     return np.flatnonzero(labeled_mask(labels)).astype(np.int64)
+
+
+#: A painted slice with less foreground than this share of the most painted
+#: slice's is named as partly painted.
+PARTIAL_SHARE = 0.25
+
+
+def painting_warnings(labels: np.ndarray, class_names: tuple[str, ...]) -> list[str]:
+    """One line per painted slice of a ``(D, H, W)`` label volume that looks
+    partly painted: a structure (``class_names[1:]``) missing, or far less
+    paint than the most painted slice. Every unpainted pixel of a painted
+    slice is taught as background, so such a slice teaches the network to
+    miss what was left out; the caller shows these as warnings."""
+    lab = np.asarray(labels)
+    on = labeled_slices(lab)
+    area = {int(z): int(np.count_nonzero(lab[z])) for z in on}
+    most = max(area.values(), default=0)
+    out = []
+    for z in on:
+        z = int(z)
+        missing = [name for c, name in enumerate(class_names) if c and not (lab[z] == c).any()]
+        if missing:
+            out.append(f"slice {z} is painted without {', '.join(missing)}: every pixel left unpainted on "
+                       "a painted slice is taught as background; paint every structure visible there, or clear the "
+                       "slice")
+        elif len(on) > 1 and area[z] < PARTIAL_SHARE * most:
+            out.append(f"slice {z} has {area[z]} painted pixels, the most painted slice {most}: if it is "
+                       "painted only in part, the rest is taught as background; finish it or clear it")
+    return out

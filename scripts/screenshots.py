@@ -171,7 +171,7 @@ def _shoot(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> None:
 
     wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                and lc.SEGMENTATION in viewer.layers, 3600)
-    for name in (lc.PSEUDO_LABELS, "phantom labels"):
+    for name in (lc.PREVIEW, "phantom labels"):
         viewer.layers[name].visible = False
     viewer.layers.selection.active = viewer.layers[lc.SEGMENTATION]
     viewer.dims.set_current_step(0, 4)  # a mid-ventricular slice that was not painted
@@ -266,7 +266,7 @@ def _shoot_loop(args, napari, QApplication, lc, phantom_layers, M3HLWidget) -> N
     for name in (lc.MIX_PREVIEW, lc.MIX_TARGETS):  # not part of this story: out of the frame
         if name in viewer.layers:
             viewer.layers.remove(name)
-    viewer.layers[lc.PSEUDO_LABELS].visible = False
+    viewer.layers[lc.PREVIEW].visible = False
     viewer.reset_view()
     cam = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     truth = viewer.layers["phantom ground truth (reference only)"]

@@ -128,8 +128,8 @@ def test_fewslice_start_segmentation_cleaned_unless_told_not_to(scan_and_model):
     image = load_nifti(scan).data
     painted = np.zeros(image.shape, np.uint8)
     painted[0, :2, :2] = 1
-    raw = prepare(model, image, painted, FewSliceOptions(clean=False)).base
-    clean = prepare(model, image, painted, FewSliceOptions()).base
+    raw = prepare(model, image, painted, FewSliceOptions(clean=False)).volumes[0].base
+    clean = prepare(model, image, painted, FewSliceOptions()).volumes[0].base
     assert (raw == 1).sum() == 48 and (clean == 1).sum() == 40
     np.testing.assert_array_equal(clean, largest_component_per_class(raw[None], 4)[0])
     assert "not cleaned" in FewSliceOptions(clean=False).summary() and "clean" not in FewSliceOptions().summary()

@@ -150,12 +150,17 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "napari_m3hl", "train", "--data", "phantom", "--iterations", "100000",
                              "--batch-size", "4", "--patch-size", "64,64", "--set", "block_size=[16,16]",
                              "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # wait until training has started
-        if "training unet2d" in line:
-            break
-    time.sleep(3)
-    os.kill(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        for line in proc.stderr:  # wait until training has started
+            if "training unet2d" in line:
+                break
+        time.sleep(3)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:  # a failed wait leaves no 100,000-iteration run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, err
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["stopped_early"] is True and 0 < run["iterations_done"] < 100000

@@ -219,7 +219,7 @@ def test_the_whole_loop_through_the_controls(user_viewer, qtbot, tmp_path, error
 
     train_and_wait(qtbot, w)
     assert w.last_error == "" and w.run.preview_iteration is not None
-    assert viewer.layers[lc.PSEUDO_LABELS].data.shape == img.shape
+    assert viewer.layers[lc.PREVIEW].data.shape == img.shape
     assert re.search(r"Dice, painted\n[01]\.\d\d\nchange, unpainted\n", w.run_panel.quality_label.text()), w.run_panel.quality_label.text()
     seg = viewer.layers[lc.SEGMENTATION]
     assert seg.data.shape == img.shape and w.st.suggestions is not None  # one job segmented and ranked

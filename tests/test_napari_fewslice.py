@@ -3,13 +3,18 @@ safeguard's verdict and its control, and the merged export (under Xvfb,
 every control clicked with the mouse)."""
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
+import torch
 from gui_helpers import WAIT_MS, button, click, toggle, train_and_wait, wait_idle
 
 from napari_m3hl._napari.layers import control as lc
+from napari_m3hl._napari.run import fewslice as fewslice_job
 from napari_m3hl.fewslice.loop import FewSliceOptions
-from napari_m3hl.fewslice.safeguard import merge_painted
+from napari_m3hl.fewslice.safeguard import check_finetune, merge_painted
+from napari_m3hl.training import trainer
 
 
 def _export(qtbot, w, monkeypatch, path):
@@ -17,6 +22,30 @@ def _export(qtbot, w, monkeypatch, path):
     click(qtbot, button(w, "Export…"))
     qtbot.waitUntil(path.is_file, timeout=WAIT_MS)
     wait_idle(qtbot, w)
+
+
+@dataclasses.dataclass
+class _NoBlend(FewSliceOptions):
+    """The few-slice defaults with the fine-tuned network segmenting alone (no start-model blend)."""
+
+    start_blend: float = 0.0
+
+
+def _wrecking_step(real):
+    """A training step that leaves a network segmenting background everywhere: a
+    bad fine-tune made for certain, not by a large learning rate (which may
+    as well improve a run). The final layer is set to favour background and
+    the step's loss gets no gradient, so no update undoes it."""
+    def step(config, student, img_l, lab_l, autocast):
+        net = getattr(student, "module", student)
+        with torch.no_grad():
+            net.out.weight.zero_()
+            net.out.bias.copy_(torch.tensor([20.0] + [-20.0] * (net.out.bias.numel() - 1)))
+        res = real(config, student, img_l, lab_l, autocast)
+        res.losses["total"] = res.losses["total"] * 0.0
+        return res
+
+    return step
 
 
 def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, qtbot, errors):
@@ -35,9 +64,12 @@ def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, q
     np.testing.assert_array_equal(seg.data, res.labels)  # the fine-tuned network's segmentation is shown
     assert res.base.shape == seg.data.shape and res.labels.dtype == np.uint8
     # the preview layer showed the whole volume's segmentation at the check, with its Dice beside the plot
-    np.testing.assert_array_equal(viewer.layers[lc.PSEUDO_LABELS].data, res.labels)
+    np.testing.assert_array_equal(viewer.layers[lc.PREVIEW].data, res.labels)
+    assert lc.PSEUDO_LABELS not in viewer.layers  # a supervised fine-tune teaches no pseudo-labels
     assert "Dice, painted\n" in w.run_panel.quality_label.text() and "–" not in w.run_panel.quality_label.text().split("\n")[1]
-    assert w.run_panel.verdict_label.text() == res.verdict.message and not res.verdict.suspect
+    # the verdict shown is the safeguard's on these segmentations (whether 4 steps help is not guaranteed)
+    assert res.verdict == check_finetune(res.base, res.labels, before, 4, tuple(w.run.class_names))
+    assert w.run_panel.verdict_label.text() == res.verdict.message
     assert lc.MIX_PREVIEW not in viewer.layers  # no mixing in the few-slice fine-tune
     assert w.st.suggestions is not None  # the slices are ranked after the run
     assert user.data.tobytes() == before.tobytes()  # training never writes the user's labels
@@ -48,10 +80,12 @@ def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget
     viewer, w = make_widget()
     warned = []
     monkeypatch.setattr(w.st, "warn", warned.append)
-    w.model_panel.advanced_form.editor("lr").setValue(1.0)  # a learning rate that wrecks the network in a few steps
+    monkeypatch.setattr(trainer, "supervised_losses", _wrecking_step(trainer.supervised_losses))
+    monkeypatch.setattr(fewslice_job, "FewSliceOptions", _NoBlend)  # the wrecked network alone: certainly worse
     train_and_wait(qtbot, w)
     res = w.st.finetune.result
-    assert res.verdict.suspect and res.verdict.painted_tuned < res.verdict.painted_base
+    assert not res.labels.any()  # the stubbed step made the network segment background everywhere
+    assert res.verdict.suspect and res.verdict.painted_tuned == 0.0 < res.verdict.painted_base
     assert w.run_panel.verdict_label.text() == res.verdict.message and "worse than the start model" in res.verdict.message
     assert any("Use the start model's segmentation" in m for m in warned)
     seg = viewer.layers[lc.SEGMENTATION]
@@ -117,7 +151,7 @@ def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, q
     click(qtbot, w.run_panel.train_btn)
     wait_run(qtbot, w)
     assert viewer.layers.selection.active.name == mine.name
-    preview, seg = viewer.layers[lc.PSEUDO_LABELS], viewer.layers[lc.SEGMENTATION]
+    preview, seg = viewer.layers[lc.PREVIEW], viewer.layers[lc.SEGMENTATION]
     assert not preview.editable and seg.editable
     assert not any(preview._overlays[k].visible for k in lc.PAINT_OVERLAYS)
     assert not any(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS)

@@ -212,9 +212,10 @@ def test_cine_4d_trains_on_all_frames(make_widget, qtbot):
     viewer.dims.set_current_step(0, 1)
     w.st.config_overrides["iterations"] = 2
     _train_and_wait(qtbot, w)
-    assert w.run.preview_frame == 1
-    pseudo = viewer.layers[lc.PSEUDO_LABELS].data
-    assert pseudo.shape == image.shape and not pseudo[0].any()
+    assert w.run.fewslice and w.run.preview_frame == 1  # the painted frame is previewed
+    assert [ref for ref in w.run.volume_refs] == [(0, 1), (0, 0)]  # frame 1 painted, frame 0 unlabeled data
+    preview = viewer.layers[lc.PREVIEW].data
+    assert preview.shape == image.shape and not preview[0].any()
     assert viewer.layers[lc.SEGMENTATION].data.shape == image.shape
 
 

@@ -15,7 +15,6 @@ from napari_m3hl.cli.parser import build_parser
     (RunInputs(StartMode.SCRATCH, painted_volume=True), "preset"),
     (RunInputs(StartMode.RESUME, painted_volume=True), "preset"),
     (RunInputs(StartMode.FINE_TUNE, painted_volume=False), "preset"),
-    (RunInputs(StartMode.FINE_TUNE, painted_volume=True, volumes=2), "preset"),
     (RunInputs(StartMode.FINE_TUNE, painted_volume=True, preset_settings=("patch_size",)), "preset"),
 ])
 def test_plan_run(inputs, kind):

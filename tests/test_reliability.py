@@ -417,8 +417,19 @@ def test_resume_restores_patch_and_block(run_a, capsys, tmp_path):
     assert "iterations 2→3" in text
 
 
-def test_divergence_is_one_line(tmp_path, capsys):
-    code, text = _run(["train", "--data", "phantom", *TINY[:-1], "--iterations", "30", "--lr", "1e12", "--quiet",
+def test_divergence_is_one_line(tmp_path, capsys, monkeypatch):
+    from napari_m3hl.training import trainer
+
+    def diverging(real):  # the loss becomes NaN at the first step: a certain divergence, not a large lr's chance
+        def step(*args, **kwargs):
+            res = real(*args, **kwargs)
+            res.losses["total"] = res.losses["total"] * float("nan")
+            return res
+        return step
+
+    for name in ("supervised_losses", "m3hl_losses"):
+        monkeypatch.setattr(trainer, name, diverging(getattr(trainer, name)))
+    code, text = _run(["train", "--data", "phantom", *TINY[:-1], "--iterations", "30", "--quiet",
                        "--out", tmp_path / "r"], capsys)
     assert code == 1, text
     assert "diverged" in text and "lower --lr" in text and "no checkpoint of this run was saved" in text

@@ -4,7 +4,8 @@ The command line (``m3hl train``) and the widget's Train button describe what
 the user gave in the same plain terms (:class:`RunInputs`) and take the answer
 from :func:`plan_run`, so the two cannot disagree. The few-slice loop
 (:mod:`napari_m3hl.fewslice.loop`) runs when the user starts from a model
-file, gives one painted volume and asks for nothing only a preset's run uses;
+file, gives painted volumes (any number, cines included, with or without
+unlabeled ones) and asks for nothing only a preset's run uses;
 otherwise the preset's schedule runs (:mod:`napari_m3hl.training.trainer`).
 """
 from __future__ import annotations
@@ -32,16 +33,14 @@ class RunInputs:
     """What the user gave, however they gave it.
 
     ``start``: where the weights come from; ``painted_volume``: the labeled
-    input is one 3D image with a painted label map (not a data set, a cine or
-    an RGB image); ``volumes``: how many images train together;
-    ``preset_settings``: the names of :data:`PRESET_SETTINGS` (or other
+    input is images with painted label maps (3D volumes or 4D cines, not a
+    data set or an RGB image); ``preset_settings``: the names of :data:`PRESET_SETTINGS` (or other
     preset-only requests such as ``--set``, ``--val``, ``--no-hl``) the user
     set explicitly.
     """
 
     start: StartMode
     painted_volume: bool
-    volumes: int = 1
     preset_settings: tuple[str, ...] = ()
 
 
@@ -62,10 +61,8 @@ def plan_run(inputs: RunInputs) -> RunPlan:
     if inputs.start is not StartMode.FINE_TUNE:
         return RunPlan("preset", f"Start is '{inputs.start.value}': the preset's schedule trains the network")
     if not inputs.painted_volume:
-        return RunPlan("preset", "the labeled input is not one painted 3D volume: the preset's schedule fine-tunes")
-    if inputs.volumes != 1:
-        return RunPlan("preset", f"{inputs.volumes} volumes train together: the preset's schedule fine-tunes")
+        return RunPlan("preset", "the labeled input is not painted volumes: the preset's schedule fine-tunes")
     if inputs.preset_settings:
         asked = ", ".join(inputs.preset_settings)
         return RunPlan("preset", f"{asked} belong to a preset's run: the preset's schedule fine-tunes")
-    return RunPlan("fewslice", "one painted volume fine-tuned from a model file: the few-slice loop")
+    return RunPlan("fewslice", "painted volumes fine-tuned from a model file: the few-slice loop")

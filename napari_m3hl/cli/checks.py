@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import NIFTI_SUFFIXES, atomic_write_text, is_nifti_name, stem
+from napari_m3hl.io.files import NIFTI_SUFFIXES, atomic_write_text, is_nifti_name, same_path, stem, why_not_a_file
 
 INPUT_SUFFIXES = NIFTI_SUFFIXES + (".h5",)
-#: Files a training run writes into its folder (``--overwrite`` removes them first).
+#: Files a training run writes into its folder (``--overwrite`` replaces or removes them).
 RUN_FILES = ("run.json", "last.pt", "best.pt", "diverged.pt")
 
 
@@ -45,11 +49,13 @@ def check_writable_dir(folder: Path, option: str) -> None:
         ) from None
 
 
-def check_output_file(path: str | Path, option: str) -> Path:
+def check_output_file(path: str | Path, option: str, inputs: dict[str, Any] | None = None) -> Path:
     """A file the command will write at the end (e.g. ``--json``): checked
     before the (long) run, so its results are not lost at the last step.
-    A missing parent folder is created."""
+    Refused when it is one of the command's ``inputs`` (``{"--checkpoint":
+    path, ...}``: :func:`check_not_input`). A missing parent folder is created."""
     path = Path(path)
+    check_not_input(path, option, inputs or {})
     if path.is_dir():
         raise M3HLInputError(f"{option} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
     check_writable_dir(path.parent if str(path.parent) else Path("."), f"{option} folder")
@@ -67,18 +73,37 @@ def write_json(path: str | Path, obj: Any, option: str) -> None:
         raise M3HLInputError(f"cannot write {option} {path} ({exc.strerror or exc})") from None
 
 
+# --------------------------------------------------------------------- inputs vs outputs
+
+
+def check_not_input(path: str | Path, option: str, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output ``path`` that is one of the command's ``inputs``
+    (``{"--checkpoint": path, ...}``; None and ``phantom`` are skipped)."""
+    for flag, src in inputs.items():
+        if src is None or str(src).strip().lower() == "phantom":
+            continue
+        if same_path(path, src):
+            raise M3HLInputError(
+                f"{option} {path} is the {flag} file {src}; writing there would destroy it. Choose another {option} "
+                "file name")
+
+
 # --------------------------------------------------------------------- predict
 
 
 def input_files(path: Path) -> list[Path]:
     """The volumes ``--input`` names: one file or the NIfTI/h5 files of a folder."""
-    if not path.exists():
-        raise M3HLInputError(f"--input {path} does not exist")
+    if not path.is_dir():
+        problem = why_not_a_file(path, "--input", "give a .nii, .nii.gz or .h5 file or a folder of them")
+        if problem:
+            raise M3HLInputError(problem)
     if path.is_file():
         if not path.name.lower().endswith(INPUT_SUFFIXES):
             raise M3HLInputError(f"--input {path} is not a .nii, .nii.gz or .h5 file")
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES))
+    # hidden names are skipped: a temporary file of an interrupted write (".scan.nii.gz.XXXX.nii.gz") is no scan
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.name.lower().endswith(INPUT_SUFFIXES))
     if not files:
         raise M3HLInputError(f"--input folder {path} holds no .nii, .nii.gz or .h5 file")
     return files
@@ -89,6 +114,21 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
+
+
+def _holds_image(path: Path) -> bool:
+    """An existing file is a NIfTI image of grey values (fractional, or more than
+    256 distinct values), not a label map as ``m3hl predict`` writes them. A
+    file that cannot be read as NIfTI holds no image."""
+    try:
+        import nibabel as nib
+
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception:  # noqa: BLE001 - unreadable: no scan to lose
+        return False
+    if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.rint(data))):
+        return True
+    return np.unique(data).size > 256
 
 
 def plan_outputs(inputs: Sequence[Path], output: Path, overwrite: bool) -> list[tuple[Path, Path]]:
@@ -133,6 +173,11 @@ def plan_outputs(inputs: Sequence[Path], output: Path, overwrite: bool) -> list[
         if dest.is_dir():
             raise M3HLInputError(f"{dest} is a folder; remove it or choose another --output")
     existing = [dest for _, dest in pairs if dest.exists()]
+    for dest in existing:
+        if overwrite and _holds_image(dest):
+            raise M3HLInputError(
+                f"--output {dest} exists and is not a label map (it holds an image's grey values); --overwrite "
+                "replaces earlier label maps only. Choose another --output folder")
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise M3HLInputError(
@@ -142,6 +187,64 @@ def plan_outputs(inputs: Sequence[Path], output: Path, overwrite: bool) -> list[
 
 
 # --------------------------------------------------------------------- train
+
+
+def check_run_inputs(out: Path, outputs: Sequence[str], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse a run whose ``--out`` files ``outputs`` (names in ``out``) include
+    one of its inputs: the run would replace a file it was handed to read."""
+    for flag, src in inputs.items():
+        if src is None or str(src).strip().lower() == "phantom":
+            continue
+        for name in outputs:
+            if same_path(out / name, src):
+                raise M3HLInputError(
+                    f"{flag} {src} is the {name} this run writes into --out {out}; it would be replaced. Copy it "
+                    "elsewhere first, or choose another --out")
+
+
+def stage_run(out: Path, overwrite: bool, resume: str | None) -> Path:
+    """The folder a run writes into: ``out`` itself, or with ``--overwrite`` of
+    a folder holding files a temporary sibling folder (``.NAME.new-*``) that
+    :func:`commit_run` swaps in when the run completes, so an interrupted or
+    failed run leaves the earlier one intact (and ``--init out/last.pt`` is
+    read before anything is replaced)."""
+    if not overwrite or resume or not out.is_dir() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+
+
+def commit_run(work: Path, out: Path) -> list[str]:
+    """Move the completed run in ``work`` into ``out`` (each file renamed into
+    place), remove the earlier run's files (``RUN_FILES``) it did not write,
+    and drop ``work``. Other files in ``out`` (painted labels, notes) stay.
+    Returns the earlier run's files that were removed."""
+    if work == out:
+        return []
+    written = {p.name for p in work.iterdir()}
+    removed = [n for n in RUN_FILES if n not in written and (out / n).is_file()]
+    for name in sorted(written):
+        os.replace(work / name, out / name)
+    for name in removed:
+        (out / name).unlink()
+    shutil.rmtree(work, ignore_errors=True)
+    return removed
+
+
+def abandon_run(work: Path, out: Path) -> tuple[Path | None, str]:
+    """A run into a staging folder (:func:`stage_run`) that did not complete:
+    the earlier run in ``out`` is kept. The staging folder stays, renamed to
+    a visible ``NAME.interrupted-*``, when it holds a checkpoint (to resume or
+    inspect); else it is removed. Returns that folder (or None) and a sentence
+    for the user."""
+    if work == out:
+        return None, ""
+    if not any((work / n).is_file() for n in ("last.pt", "diverged.pt")):
+        shutil.rmtree(work, ignore_errors=True)
+        return None, f"the earlier run in {out} is kept as it was"
+    kept = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.interrupted-"))
+    os.replace(work, kept)  # onto the new empty folder
+    return kept, f"the earlier run in {out} is kept as it was; this run's files are in {kept}"
 
 
 def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
@@ -211,6 +314,19 @@ def data_kind(source: str | Path) -> tuple[int, int] | None:
     if (path / "cases").is_dir():
         return 3, 2
     return None
+
+
+def check_spacing(spacing: Sequence[float] | None) -> None:
+    """``evaluate --spacing``: three positive, finite voxel sizes in mm (D H W), or none (pixels)."""
+    if spacing is None:
+        return
+    given = " ".join(f"{v:g}" for v in spacing)
+    if len(spacing) != 3:
+        raise M3HLInputError(f"--spacing {given}: give 3 values (D H W voxel sizes in mm, e.g. --spacing 10 1.5 1.5), "
+                             f"not {len(spacing)}; leave it out to measure distances in pixels")
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise M3HLInputError(f"--spacing {given}: voxel sizes must be positive numbers of mm (D H W, e.g. --spacing "
+                             "10 1.5 1.5); leave it out to measure distances in pixels")
 
 
 def check_teacher(ckpt: dict[str, Any], which: str | None, path: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_m3hl.cli import checks
-from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.errors import M3HLInputError, PartlyWrittenError
 
 
 def _predict_fn(predictor):
@@ -40,24 +40,60 @@ def _open(args: argparse.Namespace):
     tune_malloc()
     set_threads("cli")
     if getattr(args, "json", None):
-        checks.check_output_file(args.json, "--json")
+        checks.check_output_file(args.json, "--json", _inputs(args))
     return resolve_device(args.device), load_checkpoint(args.checkpoint)
 
 
+def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """The files a command reads, by option (an output may be none of them)."""
+    names = {"checkpoint": "--checkpoint", "data": "--data", "names_file": "--list", "image": "--image",
+             "labels": "--labels", "input": "--input"}
+    return {flag: getattr(args, key) for key, flag in names.items() if getattr(args, key, None)}
+
+
+def _volume_warnings(vol, path: Path, ndim: int) -> list[str]:
+    """Warnings about a NIfTI volume's slice axis and in-plane shape, for a 2D (slice-wise) model."""
+    from napari_m3hl.io.grid import in_plane_warning, slice_axis_warning
+
+    if ndim != 2:
+        return []
+    shape, spacing = vol.data.shape[-3:], vol.spacing[-3:]
+    return [t for t in (slice_axis_warning(shape, spacing, str(path)), in_plane_warning(shape, str(path))) if t]
+
+
+def _read_input(load, path: Path, done: list[Path]):
+    """``load(path)``; a file that cannot be read once other outputs were
+    written ends the command naming it and them (:class:`PartlyWrittenError`)."""
+    try:
+        return load(path)
+    except M3HLInputError as exc:
+        if not done:
+            raise
+        raise PartlyWrittenError(f"{exc} The label maps of the {len(done)} input(s) before it were written "
+                                 f"({', '.join(map(str, done))}); the inputs after it were not predicted") from None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from napari_m3hl.io.nifti import affine_from_spacing, load_nifti, save_nifti_labels
+    from napari_m3hl.io.nifti import affine_from_spacing, check_nifti_file, load_nifti, save_nifti_labels
     from napari_m3hl.io.checks import fill_non_finite, warn_if_constant
     from napari_m3hl.io.h5 import load_h5_volume, load_la_case
     from napari_m3hl.inference.predictor import Predictor
 
     device, ckpt = _open(args)
     checks.check_teacher(ckpt, args.which, args.checkpoint)
-    pairs = checks.plan_outputs(checks.input_files(Path(args.input)), Path(args.output), args.overwrite)
+    files = checks.input_files(Path(args.input))
+    pairs = checks.plan_outputs(files, Path(args.output), args.overwrite)
+    for _, dest in pairs:
+        checks.check_not_input(dest, "--output", {"--checkpoint": args.checkpoint})
+    for f in files:  # every file's header before the first output is written
+        if not f.name.lower().endswith(".h5"):
+            check_nifti_file(f)
     checks.check_writable_dir(pairs[0][1].parent, "--output")
     predictor = Predictor.from_checkpoint(ckpt, args.which, device, batch_size=args.batch_size, clean=args.clean,
                                           tta=args.tta)
     patch = predictor.patch
     predict = _predict_fn(predictor)
+    done: list[Path] = []  # label maps written so far
     for f, dest in pairs:
         t0 = time.perf_counter()
         if f.name.lower().endswith(".h5"):  # already normalised as the training data
@@ -68,9 +104,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             labels = predict(image, normalized=True)
             affine, header = affine_from_spacing((1.0, 1.0, 1.0)), None
         else:
-            vol = load_nifti(f)
+            vol = _read_input(load_nifti, f, done)
             data, bad, warning = fill_non_finite(vol.data, f)
-            for text in (warning, warn_if_constant(data, f)):
+            for text in (warning, warn_if_constant(data, f), *_volume_warnings(vol, f, len(patch))):
                 if text:
                     print(text, file=sys.stderr)
             if data.ndim == 4:  # (T, Z, Y, X): each frame on its own
@@ -80,7 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if bad is not None:
                 labels[bad] = 0
             affine, header = vol.affine, vol.header
-        dest = save_nifti_labels(labels, dest, affine, header)
+        dest = save_nifti_labels(labels, dest, affine, header, replace=args.overwrite)
+        done.append(dest)
         counts = ", ".join(f"{n}: {int((labels == c).sum())} vox" for c, n in enumerate(ckpt["class_names"]) if c)
         print(f"{f} -> {dest} ({time.perf_counter() - t0:.1f} s; {counts})")
     return 0
@@ -91,6 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from napari_m3hl.metrics.labelmaps import format_table
     from napari_m3hl.inference.predictor import Predictor
 
+    checks.check_spacing(args.spacing)
     device, ckpt = _open(args)
     checks.check_teacher(ckpt, args.which, args.checkpoint)
     patch = tuple(ckpt["patch_size"])
@@ -138,7 +176,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             print(text, file=sys.stderr)
     labeled: list[int] = []
     if args.labels:
-        labeled = check_labels(args.image, vol, args.labels, ckpt["num_classes"])
+        notes: list[str] = []
+        labeled = check_labels(args.image, vol, args.labels, ckpt["num_classes"], notes)
+        for text in notes:
+            print(text, file=sys.stderr)
     teacher = Predictor.from_checkpoint(ckpt, "teacher", device) if "teacher" in ckpt else None
     method = args.score or DEFAULT_METHOD
     if args.score is None and method == "disagreement" and teacher is None:

@@ -20,6 +20,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 256,256 or 112,112,80, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a random seed is 0 or more (e.g. --seed 1337), got {n}")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -45,14 +55,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "several nodes: --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400). See docs/cluster.md.")
     p.add_argument("--preset", default=None, help="preset name in models/ or a YAML path (default acdc_unet2d)")
     p.add_argument("--variant", default=None, help="preset variant: paper, reference or (acdc_unet2d) fast (default: the preset's default; fast for acdc_unet2d)")
-    p.add_argument("--data", default="phantom",
-                   help="'phantom', an ACDC folder (with train_slices.list), an LA folder (with cases/), or a NIfTI image")
-    p.add_argument("--labels", default=None,
-                   help="with a NIfTI image: its partly painted label map (NIfTI). Alone, this fine-tunes --init (default: "
+    p.add_argument("--data", action="append", default=None, metavar="DATA",
+                   help="'phantom' (default), an ACDC folder (with train_slices.list), an LA folder (with cases/), or a "
+                        "NIfTI image; repeat --data IMAGE --labels PAINTED for several painted volumes (3D, or a 4D cine "
+                        "whose unpainted frames become unlabeled data)")
+    p.add_argument("--labels", action="append", default=None, metavar="PAINTED",
+                   help="with a NIfTI image: its partly painted label map (NIfTI), one per --data, in the same order. "
+                        "This fine-tunes --init (default: "
                         f"the shipped 70-patient ACDC model) with the few-slice defaults ({_fewslice_summary()}; the "
-                        "model's own input size; --iterations/--lr/--batch-size/--mode/--start-blend override) and writes "
-                        "segmentation.nii.gz with the painted slices kept; with --preset/--variant/--patch-size/"
-                        "--block-size/--set it trains with the preset's schedule instead")
+                        "model's own input size; --iterations/--lr/--batch-size/--mode/--start-blend override) over all "
+                        "the volumes and writes each one's segmentation with the painted slices kept; with "
+                        "--preset/--variant/--patch-size/--block-size/--set it trains with the preset's schedule instead")
+    p.add_argument("--unlabeled", action="append", default=None, metavar="IMAGE",
+                   help="few-slice loop: a NIfTI image without paint (repeatable): unlabeled data for --mode m3hl, "
+                        "segmented and written like the others")
     p.add_argument("--labeled", type=int, default=None,
                    help="labeled patients (ACDC, default 7) or cases (LA, default 8) or slices per phantom volume (default 2)")
     p.add_argument("--iterations", type=int, default=None)
@@ -63,7 +79,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lam", type=float, default=None, help="λ, weight of the high-low feature loss")
     p.add_argument("--alpha", type=float, default=None, help="α, weight of pseudo-labelled regions")
-    p.add_argument("--mode", choices=["m3hl", "supervised"], default=None)
+    p.add_argument("--mode", choices=["m3hl", "supervised"], default=None,
+                   help="m3hl: the semi-supervised method; supervised: the labeled slices only. Few-slice loop "
+                        "(--labels): default FewSliceOptions.mode; m3hl learns from the unpainted slices and --unlabeled "
+                        "images too (the start model as its teacher)")
     p.add_argument("--start-blend", type=float, default=None, metavar="W",
                    help="few-slice loop (--labels): weight of the start model's probabilities in the segmentation "
                         "(default: FewSliceOptions.start_blend; 0 = the fine-tuned network alone)")
@@ -72,7 +91,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "largest 3D connected component)")
     p.add_argument("--no-hl", action="store_true", help="ablation: M³ only (no feature consistency)")
     p.add_argument("--no-mix", action="store_true", help="ablation: HL only (supervised loss instead of L_mix)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="autocast: auto (default) = bf16 on GPUs and on CPUs with native bf16, else fp32")
@@ -161,7 +180,7 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic cardiac MR phantom volumes (+ full labels) as NIfTI")
     p.add_argument("--output", required=True, help="folder for phantom_<seed>.nii.gz and phantom_<seed>_labels.nii.gz")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--count", type=_positive, default=1, help="volumes with seeds seed, seed+1, ...")
     p.add_argument("--overwrite", action="store_true", help="replace phantom files already in --output")
 

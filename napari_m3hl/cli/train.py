@@ -164,10 +164,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     # every check before the process group forms: all ranks see the folder before rank 0 writes into it
     checks.check_run_folder(Path(args.out), args.resume, args.overwrite)
     from napari_m3hl.app.plan import plan_run
-    from napari_m3hl.cli.fewslice import cmd_train_fewslice, run_inputs
+    from napari_m3hl.cli.fewslice import check_ablation, cmd_train_fewslice, run_inputs
 
-    if plan_run(run_inputs(args)).fewslice:  # one painted volume: the few-slice loop, not a preset's 30,000 iterations
+    check_ablation(args)
+    if plan_run(run_inputs(args)).fewslice:  # painted volumes: the few-slice loop, not a preset's 30,000 iterations
         return cmd_train_fewslice(args, ProgressBar(not args.quiet))
+    if len(args.data or []) > 1 or len(args.labels or []) > 1 or args.unlabeled:
+        raise M3HLInputError("several --data/--labels and --unlabeled belong to the few-slice loop (--data IMAGE "
+                             "--labels PAINTED ..., without --preset/--variant/--patch-size/--block-size/--set/--val); "
+                             "a preset's run takes one --data")
+    args.data = (args.data or ["phantom"])[0]
+    args.labels = (args.labels or [None])[0]
     for flag, key in (("--start-blend", "start_blend"), ("--no-clean", "clean")):
         if getattr(args, key, None) is not None:
             raise M3HLInputError(f"{flag} belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "
@@ -210,12 +217,15 @@ def _train_on(args: argparse.Namespace, config, ctx) -> int:
         )
     config = config.replace(class_names=tuple(data.class_names))
     val = load_val_volumes(source, config.ndim) if args.val and ctx.is_main else None
+    work = out  # where this run writes: out, or with --overwrite a folder beside it swapped in at the end
     if ctx.is_main:
         checks.check_writable_dir(out, "--out")
+        checks.check_run_inputs(out, checks.RUN_FILES, {"--data": args.data, "--labels": args.labels})
         if args.overwrite and not args.resume:
-            removed = checks.clear_run_files(out)
-            if removed:
-                print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+            if ctx.enabled:  # every rank must agree on the folder: no staging under torchrun
+                _removed_note(checks.clear_run_files(out), out)
+            else:
+                work = checks.stage_run(out, args.overwrite, args.resume)
     manifest = {
         "command": "m3hl " + " ".join(sys.argv[1:]) if sys.argv and "m3hl" in sys.argv[0] else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict(), "seed": config.seed,
@@ -240,12 +250,12 @@ def _train_on(args: argparse.Namespace, config, ctx) -> int:
 
     def started() -> None:  # the trainer has checked its inputs: the run is real, record it
         if ctx.is_main:
-            checks.write_json(out / "run.json", manifest, "--out")
+            checks.write_json(work / "run.json", manifest, "--out")
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
-        events = train(config, data, out, resume_from=args.resume, init_from=args.init, val_volumes=val, control=control,
-                       dist=ctx)
+        events = train(config, data, work, resume_from=args.resume, init_from=args.init, val_volumes=val,
+                       control=control, dist=ctx)
         _consume(events, config, bar, state, started, quiet=not ctx.is_main)
     except FloatingPointError:
         bar.close()
@@ -253,12 +263,19 @@ def _train_on(args: argparse.Namespace, config, ctx) -> int:
             return 1
         last = f"the last checkpoint before it is {state.checkpoint}" if state.checkpoint else \
             "no checkpoint of this run was saved before it"
-        print(f"m3hl train: error: training diverged at iteration {state.iteration + 1} (the loss became NaN or "
-              f"infinite) with learning rate {config.lr:g}; lower --lr (e.g. {config.lr / 10:g}). {last}; "
-              f"the diverged weights are {out / 'diverged.pt'}", file=sys.stderr)
         manifest.update({"diverged_at": state.iteration + 1, "checkpoint": state.checkpoint})
-        checks.write_json(out / "run.json", manifest, "--out")
+        checks.write_json(work / "run.json", manifest, "--out")
+        kept, note = checks.abandon_run(work, out)
+        where = kept or out
+        print(f"m3hl train: error: training diverged at iteration {state.iteration + 1} (the loss became NaN or "
+              f"infinite) with learning rate {config.lr:g}; lower --lr (e.g. {config.lr / 10:g}). "
+              f"{last.replace(str(work), str(where))}; the diverged weights are {where / 'diverged.pt'}"
+              + (f"; {note}" if note else ""), file=sys.stderr)
         return 1
+    except BaseException:  # Ctrl-C twice, SIGTERM, an error: an earlier run replaced with --overwrite stays
+        if work != out:
+            print(f"m3hl train: --overwrite: {checks.abandon_run(work, out)[1]}", file=sys.stderr)
+        raise
     finally:
         bar.close()
         if previous is not None:
@@ -274,10 +291,32 @@ def _train_on(args: argparse.Namespace, config, ctx) -> int:
                      "metrics": finished.metrics if finished else {}})
     if state.pl_curve:
         manifest["pseudo_label_curve"] = state.pl_curve
-    checks.write_json(out / "run.json", manifest, "--out")
+    if work != out and (finished is None or finished.stopped):  # stopped early (Ctrl-C): not swapped in
+        checks.write_json(work / "run.json", manifest, "--out")
+        print(f"m3hl train: stopped before the last iteration, so --overwrite did not replace the earlier run: "
+              f"{checks.abandon_run(work, out)[1]}", file=sys.stderr)
+        return 0
+    moved = {k: _moved(manifest[k], work, out) for k in ("checkpoint", "best_checkpoint")}
+    manifest.update(moved)
+    checks.write_json(work / "run.json", manifest, "--out")
+    if work != out:
+        _removed_note(checks.commit_run(work, out), out)
     if finished is not None:
-        print(f"checkpoint: {finished.checkpoint}" + (f"  best: {finished.best_checkpoint}" if finished.best_checkpoint else ""))
+        print(f"checkpoint: {moved['checkpoint']}" + (f"  best: {moved['best_checkpoint']}" if moved["best_checkpoint"] else ""))
     return 0
+
+
+def _moved(path: str | None, work: Path, out: Path) -> str | None:
+    """``path`` of a file written into the staging folder ``work``, as it is named once swapped into ``out``."""
+    if path is None or work == out:
+        return path
+    p = Path(path)
+    return str(out / p.name) if p.parent == work else path
+
+
+def _removed_note(removed: list[str], out: Path) -> None:
+    if removed:
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
 
 
 class _RunState:

@@ -1,34 +1,55 @@
-"""The few-slice loop on one volume: paint a few slices, fine-tune a start model.
+"""The few-slice loop: paint a few slices, fine-tune a start model.
 
-One code path for ``m3hl train --data IMG --labels PAINTED``, the napari
-widget's Train (with a start model), the demo and ``benchmarks/fewslice.py``:
+One code path for ``m3hl train --data IMG --labels PAINTED [--data … --labels …]
+[--unlabeled …]``, the napari widget's Train (with a start model), the demo
+and ``benchmarks/fewslice.py``:
 
-1. :func:`prepare` turns a start model file, an image volume ``(D, H, W)`` and
-   a painted label volume ``(D, H, W)`` (nonzero on the painted slices only)
-   into a :class:`FewSliceJob`: the fine-tune's :class:`TrainConfig` (the start
+1. :func:`prepare_volumes` turns a start model file, any number of
+   (image ``(D, H, W)``, painted labels ``(D, H, W)``, nonzero on the painted
+   slices only) pairs and any number of unlabeled images ``(D, H, W)`` into a
+   :class:`FewSliceJob`: the fine-tune's :class:`TrainConfig` (the start
    model's own input size, resizing and class layout, inherited from its
    checkpoint, never rescaled; few-slice settings from
-   :class:`FewSliceOptions`), its ``TrainData`` and the start model's own
-   segmentation of the volume.
+   :class:`FewSliceOptions`), its ``TrainData`` (labeled: the painted slices
+   of every labeled volume; unlabeled: their unpainted slices and every slice
+   of the unlabeled volumes) and the start model's own segmentation of every
+   volume. :func:`prepare` is the one-volume case.
 2. :func:`run` trains (yielding the trainer's events plus a :class:`Check`
-   every ``check_every`` iterations), stops early when the segmentation of
-   the unpainted slices stops changing, and ends with a :class:`FewSliceResult`:
-   the fine-tuned segmentation, the start model's, and the safeguard's
-   verdict (:mod:`napari_m3hl.fewslice.safeguard`).
+   every ``check_every`` iterations and, in ``m3hl`` mode, the teacher's
+   :class:`PseudoLabels` after it), stops early when the segmentation of the
+   unpainted slices stops changing, and ends with a :class:`FewSliceResult`:
+   each volume's fine-tuned segmentation, the start model's, and the
+   safeguard's verdict (:mod:`napari_m3hl.fewslice.safeguard`).
+
+Two modes (``FewSliceOptions.mode``):
+
+* ``supervised``: CE + Dice on the painted slices only.
+* ``m3hl``: the paper's step (:func:`napari_m3hl.method.step.m3hl_losses`) on
+  the start model's input size: the teacher (the start model, then the EMA
+  of the student; ``ema_decay=1.0`` keeps it frozen, BatchNorm statistics
+  included) labels a batch of unlabeled slices; painted and unlabeled slices
+  are mixed both ways through one block mask (Eq. 2, the block the start
+  model was trained with scaled to its input, or the paper's quarter of each
+  axis); CE + Dice weighted ``M + α(1−M)`` (Eq. 3) plus ``λ`` times the
+  low- and high-level feature terms (Eq. 4, 5).
 
 The segmentation shown (and predicted by the fine-tune's checkpoint) is a
 weighted average of the start model's and the fine-tuned student's class
-probabilities (``start_blend``; :mod:`napari_m3hl.inference.blend`): with a strong
-start model the fine-tuned network alone was no better than the start on
-average and worse by more than a point on a third of the volumes, while
+probabilities (``start_blend``; :mod:`napari_m3hl.inference.blend`): with a
+strong start model the fine-tuned network alone was no better than the start
+on average and worse by more than a point on a third of the volumes, while
 the blend beat both and stayed within a point of the start everywhere.
 
 The defaults of :class:`FewSliceOptions` follow ``benchmarks/fewslice.py``
-(docs/benchmarks.md, "Few-slice fine-tuning on one volume"): supervised on
-the painted slices (M³HL's EMA teacher collapsed there), 100 iterations at
-lr 0.01, the student segmenting, blended with the start model at weight
-0.6 (the EMA teacher, whose BatchNorm statistics are the student's, lags
-behind), min–max intensity scaling (as the ACDC training data).
+(docs/benchmarks.md, "Few-slice fine-tuning on one volume" and "M³HL in the
+few-slice loop"): supervised on the painted slices (the M³HL mode measured
+worse on 5 ACDC volumes: its EMA teacher with the student's BatchNorm
+statistics segmented nothing, and with a frozen teacher the student still
+collapsed in the first steps), 100 iterations at lr 0.01, the student
+segmenting, blended with the start model at weight 0.6, min–max intensity
+scaling (as the ACDC training data). The M³HL mode's teacher default (EMA
+0.99 with averaged BatchNorm statistics, ``teacher_bn="ema"``) is not
+measured yet.
 """
 from __future__ import annotations
 
@@ -37,14 +58,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.labels import labeled_slices
 from napari_m3hl.fewslice.safeguard import Verdict, check_finetune
+from napari_m3hl.labels import labeled_slices
+
+#: The paper's mask block is a quarter of the input on each axis (64×64 on 256×256 for ACDC, 28×28×20 on
+#: 112×112×80 for LA); a start model without a block size of its own gets that share of its input size.
+PAPER_BLOCK_SHARE = 0.25
+
 
 @dataclass
 class FewSliceOptions:
@@ -53,14 +79,20 @@ class FewSliceOptions:
     Attributes:
         iterations: SGD steps at most (early stop may end sooner).
         lr: constant learning rate.
-        batch_size: images per step (half painted slices, half unpainted in
+        batch_size: images per step (half painted slices, half unlabeled ones in
             ``m3hl`` mode; the painted half only in ``supervised`` mode).
-        mode: ``"supervised"`` (painted slices only) or ``"m3hl"`` (with the
-            volume's unpainted slices; the teacher starts as the start model).
+        mode: ``"supervised"`` (painted slices only) or ``"m3hl"`` (M³HL with the
+            unpainted slices and the unlabeled volumes; the teacher starts as the
+            start model; see the module docstring).
         l2_to_start: weight of the L2 penalty toward the start weights.
         freeze: ``""``, ``"encoder"``, ``"bn"`` (BatchNorm statistics) or ``"encoder,bn"``.
         segment_with: ``"teacher"`` (EMA of the student) or ``"student"``.
-        ema_decay: EMA decay of the teacher.
+        ema_decay: EMA decay of the teacher; 1.0 with ``teacher_bn="ema"`` keeps the
+            teacher frozen as the start model (weights and BatchNorm statistics).
+        teacher_bn: the teacher's BatchNorm statistics in ``m3hl`` mode: ``"ema"``
+            (averaged from the student's like its weights, starting from the start
+            model's) or ``"copy"`` (the student's, as they are:
+            :func:`napari_m3hl.method.teacher.ema_update`).
         check_every: iterations between checks of the unpainted slices' segmentation.
         early_stop: stop when a check changes less than ``stop_change`` (1 − mean
             Dice between successive segmentations of the unpainted slices).
@@ -87,6 +119,7 @@ class FewSliceOptions:
     freeze: str = ""
     segment_with: str = "student"
     ema_decay: float = 0.99
+    teacher_bn: str = "ema"
     check_every: int = 25
     early_stop: bool = False
     stop_change: float = 0.005
@@ -101,6 +134,10 @@ class FewSliceOptions:
         net = "the EMA teacher" if self.segment_with == "teacher" else "the student"
         extra = (f", L2 to start {self.l2_to_start:g}" if self.l2_to_start else "") + \
             (f", frozen {self.freeze}" if self.freeze else "") + (", early stop" if self.early_stop else "")
+        if self.mode == "m3hl":
+            frozen = self.ema_decay >= 1.0 and self.teacher_bn == "ema"
+            extra += ", the start model as a frozen teacher" if frozen else \
+                f", EMA teacher {self.ema_decay:g} (BatchNorm statistics: {self.teacher_bn})"
         if self.start_blend > 0:
             net = f"{net} blended with the start model ({self.start_blend:g} of its probabilities)"
         return (f"{self.iterations} iterations at lr {self.lr:g}, batch {self.batch_size}, {self.mode}{extra}, "
@@ -109,14 +146,16 @@ class FewSliceOptions:
 
 @dataclass
 class Check:
-    """Event of :func:`run`: the segmentation of the volume at ``iteration``.
+    """Event of :func:`run`: the segmentation at ``iteration``.
 
-    ``labels``: (D, H, W) uint8, the segmentation the user is shown (the
-    segmenting network, blended with the start model when
-    ``options.start_blend > 0``); ``networks``: each network's own, alone
-    (``"student"``, ``"teacher"``); ``change``: 1 − mean Dice between the
-    unpainted slices' segmentation now and at the previous check (NaN at the
-    first); ``stopping``: early stop.
+    ``labels``: (D, H, W) uint8, the first volume's segmentation as the user is
+    shown it (the segmenting network, blended with the start model when
+    ``options.start_blend > 0``); ``networks``: the first volume's per network,
+    alone (``"student"``, ``"teacher"``); ``volumes``: the shown segmentation of
+    every volume of the job, in its order (``volumes[0] is labels``);
+    ``change``: 1 − mean Dice between the unpainted slices' segmentation now
+    and at the previous check, averaged over the volumes (NaN at the first);
+    ``stopping``: early stop.
     """
 
     iteration: int
@@ -124,37 +163,109 @@ class Check:
     networks: dict[str, np.ndarray]
     change: float
     stopping: bool
+    volumes: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class PseudoLabels:
+    """Event of :func:`run` in ``m3hl`` mode, after each :class:`Check`: what the
+    teacher teaches at ``iteration``.
+
+    ``labels``: one (D, H, W) uint8 per volume of the job, the teacher's
+    pseudo-labels of its unpainted slices as the M³HL step makes them
+    (:func:`napari_m3hl.method.teacher.pseudo_labels`: argmax, then the largest
+    component per class and slice when ``config.pseudo_lcc``), from the
+    teacher's prediction of the whole volume at its own resolution (training
+    labels resized patches at the model's input size); 0 on the painted
+    slices, which are taught from the paint. ``painted_dice``: per volume, the
+    mean Dice over the foreground classes of the teacher's pseudo-labels on
+    the painted slices against the paint (0..1; NaN for an unlabeled volume).
+    """
+
+    iteration: int
+    labels: list[np.ndarray]
+    painted_dice: list[float]
+
+
+@dataclass
+class FewSliceVolume:
+    """One volume of a fine-tune. ``image``: (D, H, W) float32 scaled as the
+    start model expects; ``painted``: (D, H, W) uint8, or None for an
+    unlabeled volume; ``base``: the start model's segmentation (D, H, W)
+    uint8; ``base_probs``: its class probabilities (C, D, H, W) float32, for
+    the blend."""
+
+    name: str
+    image: np.ndarray
+    painted: np.ndarray | None
+    base: np.ndarray
+    base_probs: np.ndarray | None = None
+
+    @property
+    def painted_slices(self) -> np.ndarray:
+        """Indices of the slices with any nonzero label (none for an unlabeled volume)."""
+        return np.zeros(0, np.int64) if self.painted is None else labeled_slices(self.painted)
 
 
 @dataclass
 class FewSliceJob:
-    """What :func:`run` needs. ``image``: (D, H, W) float32 scaled as the
-    start model expects; ``painted``: (D, H, W) uint8; ``painted_slices``:
-    indices of the slices with any nonzero label; ``base``: the start model's
-    segmentation (D, H, W) uint8; ``base_probs``: its class probabilities
-    (C, D, H, W) float32, for the blend."""
+    """What :func:`run` needs: the config, the training data, the start file
+    and the volumes (labeled ones first; ``volumes[0]`` is labeled). ``image``,
+    ``painted``, ``painted_slices``, ``base`` and ``base_probs`` are the first
+    volume's."""
 
     config: TrainConfig
     data: Any
     start: Path
-    image: np.ndarray
-    painted: np.ndarray
-    painted_slices: np.ndarray
-    base: np.ndarray
+    volumes: list[FewSliceVolume]
     options: FewSliceOptions = field(default_factory=FewSliceOptions)
-    base_probs: np.ndarray | None = None
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.volumes[0].image
+
+    @property
+    def painted(self) -> np.ndarray:
+        return self.volumes[0].painted
+
+    @property
+    def painted_slices(self) -> np.ndarray:
+        return self.volumes[0].painted_slices
+
+    @property
+    def base(self) -> np.ndarray:
+        return self.volumes[0].base
+
+    @property
+    def base_probs(self) -> np.ndarray | None:
+        return self.volumes[0].base_probs
+
+
+@dataclass
+class VolumeResult:
+    """One volume's end of :func:`run`: ``labels`` the fine-tuned segmentation
+    (D, H, W) uint8 as shown, ``network`` the fine-tuned network's alone,
+    ``base`` the start model's, ``verdict`` the safeguard's (None for an
+    unlabeled volume: nothing painted to judge by)."""
+
+    name: str
+    labels: np.ndarray
+    network: np.ndarray
+    base: np.ndarray
+    verdict: Verdict | None
 
 
 @dataclass
 class FewSliceResult:
-    """End of :func:`run`. ``labels``: the fine-tuned segmentation (D, H, W)
-    uint8, as shown and as ``checkpoint`` predicts it (blended with the start
-    model when ``options.start_blend > 0``; the painted slices are not merged
-    in, see :func:`napari_m3hl.fewslice.safeguard.merge_painted`); ``network``: the
-    fine-tuned network's alone; ``base``: the start model's; ``verdict``: the
-    safeguard's; ``checkpoint``: the fine-tune's last checkpoint (None without
-    ``out_dir``); ``iterations`` run; ``seconds`` from the start of training to
-    the final segmentation."""
+    """End of :func:`run`. ``labels``: the first volume's fine-tuned
+    segmentation (D, H, W) uint8, as shown and as ``checkpoint`` predicts it
+    (blended with the start model when ``options.start_blend > 0``; the painted
+    slices are not merged in, see :func:`napari_m3hl.fewslice.safeguard.merge_painted`);
+    ``network``: the fine-tuned network's alone; ``base``: the start model's;
+    ``verdict``: the safeguard's; ``volumes``: the same for every volume of
+    the job, in its order; ``checkpoint``: the fine-tune's last checkpoint
+    (None without ``out_dir``); ``iterations`` run; ``seconds`` from the start
+    of training to the final segmentation."""
 
     labels: np.ndarray
     base: np.ndarray
@@ -164,58 +275,64 @@ class FewSliceResult:
     seconds: float
     stopped_early: bool
     network: np.ndarray | None = None
+    volumes: list[VolumeResult] = field(default_factory=list)
 
 
-def scale_intensity(image: np.ndarray, how: str = "minmax") -> np.ndarray:
+def scale_intensity(image: np.ndarray, how: str = "minmax", name: str = "image") -> np.ndarray:
     """(D, H, W) float32 in [0, 1]: ``minmax`` (as the ACDC training volumes)
-    or ``percentile`` (:func:`napari_m3hl.io.nifti.normalize_intensity`)."""
-    from napari_m3hl.io.intensity import scale_intensity as _scale
+    or ``percentile`` (:func:`napari_m3hl.io.intensity.normalize_intensity`);
+    ``name`` names the volume in the error about NaN or infinite voxels."""
     from napari_m3hl.io.checks import validate_image
+    from napari_m3hl.io.intensity import scale_intensity as _scale
 
     img = np.asarray(image, dtype=np.float32)
-    validate_image(img, "image")  # names the bad voxels (NaN, inf) before any scaling
+    validate_image(img, name)  # names the bad voxels (NaN, inf) before any scaling
     return _scale(img, how)
+
+
+def scaled_block(config: dict[str, Any], patch: Sequence[int]) -> tuple[int, ...]:
+    """The mask block at the start model's input size ``patch``: the block of
+    its training config scaled by ``patch`` / its training patch, else
+    :data:`PAPER_BLOCK_SHARE` of each axis (at least 1 voxel)."""
+    block = tuple(config.get("block_size") or ())
+    trained = tuple(config.get("patch_size") or ())
+    if len(block) == len(trained) == len(patch):
+        return tuple(max(1, int(round(b * p / t))) for b, p, t in zip(block, patch, trained))
+    return tuple(max(1, int(round(p * PAPER_BLOCK_SHARE))) for p in patch)
 
 
 def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConfig:
     """The fine-tune's config: the start checkpoint's network, input size
     (``ckpt["patch_size"]``), resizing (``image_interp``), classes and mask
-    block size, with the few-slice schedule of ``options``."""
+    block (:func:`scaled_block`), with the few-slice schedule of ``options``.
+    The teacher labels in eval mode with the BatchNorm statistics of
+    ``options.teacher_bn``."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     base = {k: v for k, v in (ckpt.get("config") or {}).items() if k in names}
     patch = tuple(int(p) for p in ckpt["patch_size"])
     names_c = tuple(ckpt.get("class_names") or base.get("class_names") or
                     [f"class {c}" for c in range(int(ckpt["num_classes"]))])
-    block = tuple(base.get("block_size") or ())
-    if len(block) != len(patch):
-        block = tuple(max(1, p // 4) for p in patch)
     cfg = TrainConfig.from_dict(base).replace(
         arch=ckpt["arch"], in_channels=int(ckpt["in_channels"]), num_classes=int(ckpt["num_classes"]),
         class_names=names_c,
-        patch_size=patch, block_size=block, image_interp=base.get("image_interp", "bilinear"),
+        patch_size=patch, block_size=scaled_block(base, patch), image_interp=base.get("image_interp", "bilinear"),
         iterations=options.iterations, lr=options.lr, batch_size=options.batch_size, mode=options.mode,
         lr_schedule="constant", l2_to_start=options.l2_to_start, freeze=options.freeze,
         ema_decay=options.ema_decay, ema_warmup=False, warm_start=0, warm_frac=0.0, alpha_rampup=0,
         intensity=options.intensity,  # recorded, so `m3hl predict` and the widget scale as the fine-tune did
-        teacher_init="copy", teacher_mode="eval", teacher_bn="copy", pl_eval_every=0,
-        val_every=0, checkpoint_every=options.check_every, seed=options.seed, device=options.device,
+        teacher_init="copy", teacher_mode="eval", teacher_bn=options.teacher_bn,
+        pl_eval_every=0, val_every=0, checkpoint_every=options.check_every, seed=options.seed, device=options.device,
         preset="fewslice", variant="",
     )
     cfg.validate()
     return cfg
 
 
-def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
-            options: FewSliceOptions | None = None) -> FewSliceJob:
-    """Build the fine-tune of ``start`` on ``image`` (D, H, W) with the labels
-    ``painted`` (D, H, W; nonzero on the painted slices), and the start model's
-    segmentation of the volume. Raises :class:`M3HLInputError` naming the problem."""
-    from napari_m3hl.io.checkpoint import load_checkpoint
-    from napari_m3hl.data.volumes import PartlyLabeledVolume
-    from napari_m3hl.inference.predictor import Predictor
-    from napari_m3hl.runtime import resolve_device
-
-    options = options or FewSliceOptions()
+def _check_options(options: FewSliceOptions) -> None:
+    if options.mode not in ("supervised", "m3hl"):
+        raise M3HLInputError(f"mode must be 'supervised' or 'm3hl', got {options.mode!r}")
+    if options.teacher_bn not in ("ema", "copy"):
+        raise M3HLInputError(f"teacher_bn must be 'ema' or 'copy', got {options.teacher_bn!r}")
     if options.segment_with not in ("teacher", "student"):
         raise M3HLInputError(f"segment_with must be 'teacher' or 'student', got {options.segment_with!r}")
     if not 0.0 <= options.start_blend <= 1.0:
@@ -224,26 +341,70 @@ def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
     if options.start_blend > 0 and options.segment_with != "student":
         raise M3HLInputError(f"start_blend blends the student only; got segment_with={options.segment_with!r} "
                              "(set start_blend=0 to segment with the teacher)")
+
+
+def prepare(start: str | Path, image: np.ndarray, painted: np.ndarray,
+            options: FewSliceOptions | None = None) -> FewSliceJob:
+    """Build the fine-tune of ``start`` on one ``image`` (D, H, W) with the labels
+    ``painted`` (D, H, W; nonzero on the painted slices): :func:`prepare_volumes`
+    with one pair and no unlabeled volume."""
+    return prepare_volumes(start, [(image, painted)], (), options, names=["volume"])
+
+
+def prepare_volumes(start: str | Path, labeled: Sequence[tuple[np.ndarray, np.ndarray]],
+                    unlabeled: Sequence[np.ndarray] = (), options: FewSliceOptions | None = None,
+                    names: Sequence[str] | None = None) -> FewSliceJob:
+    """Build the fine-tune of ``start`` on the ``labeled`` (image, painted labels)
+    pairs, each two (D, H, W) volumes of one shape (nonzero on the painted
+    slices; volumes may differ in size), and the ``unlabeled`` (D, H, W)
+    images, with the start model's segmentation of every volume. ``names``
+    (one per pair, then one per unlabeled image) name the volumes in errors
+    and results. Raises :class:`M3HLInputError` naming the problem."""
+    from napari_m3hl.data.volumes import PartlyLabeledVolume
+    from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.io.checkpoint import load_checkpoint
+    from napari_m3hl.runtime import resolve_device
+
+    options = options or FewSliceOptions()
+    _check_options(options)
+    labeled, unlabeled = list(labeled), list(unlabeled)
+    if not labeled:
+        raise M3HLInputError("the few-slice loop needs at least one image with painted labels")
+    names = list(names) if names is not None else \
+        [f"volume {i}" for i in range(len(labeled))] + [f"unlabeled {j}" for j in range(len(unlabeled))]
+    if len(names) != len(labeled) + len(unlabeled):
+        raise M3HLInputError(f"{len(names)} names for {len(labeled)} labeled and {len(unlabeled)} unlabeled volumes")
     ckpt = load_checkpoint(start)
     if len(ckpt["patch_size"]) != 2:
         raise M3HLInputError(f"start model {start} is a 3D network; the few-slice loop fine-tunes 2D (slice-wise) models")
     cfg = fewslice_config(ckpt, options)
-    img = np.asarray(image)
-    lab = np.asarray(painted)
-    if img.ndim != 3 or lab.shape != img.shape:
-        raise M3HLInputError(f"image {img.shape} and painted labels {lab.shape} must be two (D, H, W) volumes of one shape")
-    if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_classes):
-        raise M3HLInputError(f"painted labels hold values {int(lab.min())}..{int(lab.max())}, but {start} has "
-                             f"{cfg.num_classes} classes ({', '.join(cfg.class_names)}: 0..{cfg.num_classes - 1})")
-    scaled = scale_intensity(img, options.intensity)
-    plv = PartlyLabeledVolume.from_volumes([scaled], [lab], num_classes=cfg.num_classes, normalize=False,
-                                           names=["volume"])
+    images, paints = [], []
+    for (image, painted), name in zip(labeled, names):
+        img, lab = np.asarray(image), np.asarray(painted)
+        if img.ndim != 3 or lab.shape != img.shape:
+            raise M3HLInputError(f"{name}: image {img.shape} and painted labels {lab.shape} must be two (D, H, W) "
+                                 "volumes of one shape")
+        if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_classes):
+            raise M3HLInputError(f"{name}: painted labels hold values {int(lab.min())}..{int(lab.max())}, but {start} "
+                                 f"has {cfg.num_classes} classes ({', '.join(cfg.class_names)}: 0..{cfg.num_classes - 1})")
+        images.append(scale_intensity(img, options.intensity, name))
+        paints.append(lab.astype(np.uint8))
+    extra = []
+    for image, name in zip(unlabeled, names[len(labeled):]):
+        img = np.asarray(image)
+        if img.ndim != 3:
+            raise M3HLInputError(f"{name}: an unlabeled image must be one (D, H, W) volume, got shape {img.shape}")
+        extra.append(scale_intensity(img, options.intensity, name))
+    plv = PartlyLabeledVolume.from_volumes(images, paints, extra, num_classes=cfg.num_classes, normalize=False,
+                                           names=names[:len(labeled)])
     data = plv.train_data(cfg.class_names)
     base = Predictor.from_checkpoint(blend_partner(ckpt), "student", resolve_device(options.device),
                                      blend=False, clean=options.clean)
-    base_labels, base_probs = base.predict(scaled, return_probs=True)
-    return FewSliceJob(cfg, data, Path(start), scaled, lab.astype(np.uint8), labeled_slices(lab), base_labels, options,
-                       base_probs)
+    volumes = []
+    for img, lab, name in zip(images + extra, paints + [None] * len(extra), names):
+        base_labels, base_probs = base.predict(img, return_probs=True)
+        volumes.append(FewSliceVolume(name, img, lab, base_labels, base_probs))
+    return FewSliceJob(cfg, data, Path(start), volumes, options)
 
 
 def _mean_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
@@ -270,6 +431,19 @@ def blend_labels(base_probs: np.ndarray | None, probs: np.ndarray, weight: float
     return (weight * base_probs + (1.0 - weight) * probs).argmax(0).astype(np.uint8)
 
 
+def teacher_pseudo_labels(probs: np.ndarray, lcc: bool) -> np.ndarray:
+    """(D, H, W) uint8: the pseudo-labels of a volume from the teacher's class
+    probabilities (C, D, H, W), slice by slice as the M³HL step makes them
+    (:func:`napari_m3hl.method.teacher.pseudo_labels`; the argmax of the
+    probabilities is the argmax of the logits)."""
+    import torch
+
+    from napari_m3hl.method.teacher import pseudo_labels
+
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(probs, 0, 1)))  # (D, C, H, W)
+    return pseudo_labels(slices, lcc=lcc, on_device=False).numpy().astype(np.uint8)
+
+
 def attach_start(path: str | Path, start: str | Path, weight: float) -> None:
     """Add the start model's weights and the blend weight to a fine-tune's
     checkpoint (rewritten atomically), so :class:`napari_m3hl.inference.predictor.Predictor`
@@ -283,57 +457,91 @@ def attach_start(path: str | Path, start: str | Path, weight: float) -> None:
     save_checkpoint(path, ckpt)
 
 
-def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None) -> Iterator[Any]:
-    """Fine-tune and yield the trainer's events, a :class:`Check` every
-    ``options.check_every`` iterations, and last a :class:`FewSliceResult`."""
-    from napari_m3hl.io.checkpoint import load_checkpoint
+@dataclass
+class _Segmented:
+    """Every volume at one checkpoint: shown (blended) labels, each network's alone, the teacher's probabilities."""
+
+    shown: list[np.ndarray]
+    networks: list[dict[str, np.ndarray]]
+    teacher_probs: list[np.ndarray]
+
+
+def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None,
+        mix_preview_every_s: float | None = None) -> Iterator[Any]:
+    """Fine-tune and yield the trainer's events (``MixPreview`` every
+    ``mix_preview_every_s`` seconds in ``m3hl`` mode), a :class:`Check` every
+    ``options.check_every`` iterations followed in ``m3hl`` mode by the
+    teacher's :class:`PseudoLabels`, and last a :class:`FewSliceResult`."""
     from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.io.checkpoint import load_checkpoint
     from napari_m3hl.runtime import resolve_device
-    from napari_m3hl.training.trainer import TrainControl, train
     from napari_m3hl.training import events as ev
+    from napari_m3hl.training.trainer import TrainControl, train
 
     opts, cfg = job.options, job.config
+    m3hl = cfg.mode == "m3hl"
     control = control or TrainControl()
     tmp = None
     if out_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="m3hl-fewslice-")
         out_dir = tmp.name
-    unpainted = np.setdiff1d(np.arange(job.image.shape[0]), job.painted_slices)
+    unpainted = [np.setdiff1d(np.arange(v.image.shape[0]), v.painted_slices) for v in job.volumes]
     t0 = time.perf_counter()
-    prev: np.ndarray | None = None
-    shown: np.ndarray | None = None
-    nets: dict[str, np.ndarray] = {}
+    prev: list[np.ndarray] | None = None
+    seg: _Segmented | None = None
     stopped_early = False
     final_ckpt = None
     iterations = 0
     checked = -1
 
     device = resolve_device(cfg.device)  # the training device: the checks segment where the networks train
-    depth = int(job.image.shape[0])
+    depth = max(int(v.image.shape[0]) for v in job.volumes)
 
-    def segment(path: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def segment(path: str) -> _Segmented:
         ckpt = load_checkpoint(path)
-        labels, out = None, {}
-        for which in ("teacher", "student"):  # each network segments the volume in one batch of all its slices
-            net = Predictor.from_checkpoint(ckpt, which, device, batch_size=max(16, depth), clean=opts.clean)
-            lab, probs = net.predict(job.image, return_probs=True)
-            out[which] = lab
-            if which == opts.segment_with:
-                labels = net.finish(blend_labels(job.base_probs, probs, opts.start_blend)) if opts.start_blend > 0 \
-                    else lab
-        return labels, out
+        # each network segments a volume in one batch of all its slices
+        predictors = {which: Predictor.from_checkpoint(ckpt, which, device, batch_size=max(16, depth),
+                                                       clean=opts.clean)
+                      for which in ("teacher", "student")}
+        out = _Segmented([], [], [])
+        for v in job.volumes:
+            nets: dict[str, np.ndarray] = {}
+            for which, predictor in predictors.items():
+                lab, probs = predictor.predict(v.image, return_probs=True)
+                nets[which] = lab
+                if which == "teacher":
+                    out.teacher_probs.append(probs)
+                if which == opts.segment_with:
+                    out.shown.append(predictor.finish(blend_labels(v.base_probs, probs, opts.start_blend))
+                                     if opts.start_blend > 0 else lab)
+            out.networks.append(nets)
+        return out
+
+    def pseudo(iteration: int, s: _Segmented) -> PseudoLabels:
+        labels, scores = [], []
+        for v, probs in zip(job.volumes, s.teacher_probs):
+            pl = teacher_pseudo_labels(probs, cfg.pseudo_lcc)
+            ps = v.painted_slices
+            scores.append(_mean_dice(pl[ps], v.painted[ps], cfg.num_classes) if ps.size else float("nan"))
+            pl[ps] = 0
+            labels.append(pl)
+        return PseudoLabels(iteration, labels, scores)
 
     try:
-        for e in train(cfg, job.data, out_dir, init_from=job.start, control=control):
+        for e in train(cfg, job.data, out_dir, init_from=job.start, control=control,
+                       mix_preview_every_s=mix_preview_every_s if m3hl else None):
             if isinstance(e, ev.CheckpointSaved) and e.kind in ("last", "final") and e.iteration != checked:
                 checked = e.iteration
-                shown, nets = segment(e.path)
-                change = float("nan") if prev is None or not unpainted.size else \
-                    1.0 - _mean_dice(shown[unpainted], prev[unpainted], cfg.num_classes)
+                seg = segment(e.path)
+                changes = [1.0 - _mean_dice(now[u], before[u], cfg.num_classes)
+                           for now, before, u in zip(seg.shown, prev or [], unpainted) if u.size]
+                change = float(np.mean(changes)) if changes else float("nan")
                 stopping = bool(opts.early_stop and e.kind == "last" and np.isfinite(change)
                                 and change < opts.stop_change)
-                prev = shown
-                yield Check(e.iteration, shown, nets, change, stopping)
+                prev = seg.shown
+                yield Check(e.iteration, seg.shown[0], seg.networks[0], change, stopping, list(seg.shown))
+                if m3hl:
+                    yield pseudo(e.iteration, seg)
                 if stopping:
                     stopped_early = True
                     control.stop()
@@ -342,9 +550,14 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                 if final_ckpt and opts.start_blend > 0:
                     attach_start(final_ckpt, job.start, opts.start_blend)
             yield e
-        verdict = check_finetune(job.base, shown, job.painted, cfg.num_classes, tuple(cfg.class_names))
-        yield FewSliceResult(shown, job.base, verdict, None if tmp else final_ckpt, iterations,
-                             time.perf_counter() - t0, stopped_early, nets[opts.segment_with])
+        results = []
+        for v, shown, nets in zip(job.volumes, seg.shown, seg.networks):
+            verdict = None if v.painted is None else \
+                check_finetune(v.base, shown, v.painted, cfg.num_classes, tuple(cfg.class_names))
+            results.append(VolumeResult(v.name, shown, nets[opts.segment_with], v.base, verdict))
+        first = results[0]
+        yield FewSliceResult(first.labels, first.base, first.verdict, None if tmp else final_ckpt, iterations,
+                             time.perf_counter() - t0, stopped_early, first.network, results)
     finally:
         if tmp is not None:
             tmp.cleanup()

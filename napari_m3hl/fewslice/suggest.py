@@ -128,13 +128,18 @@ def disagreement_map(student_labels: np.ndarray, teacher_labels: np.ndarray) -> 
     return (student_labels != teacher_labels).astype(np.uint8)
 
 
-def check_labels(image_path: str | Path, image: Any, labels_path: str | Path, num_classes: int) -> list[int]:
+def check_labels(image_path: str | Path, image: Any, labels_path: str | Path, num_classes: int,
+                 notes: list[str] | None = None) -> list[int]:
     """Read ``labels_path`` and check that it holds partial labels of ``image``
     (a :class:`~napari_m3hl.io.nifti.NiftiVolume`); returns its labeled slices (Z).
 
-    Refused with :class:`M3HLInputError`: the image file itself, another
-    shape or affine (labels of another image), NaN/fractional values (an
-    image, not a label map) and values outside ``0..num_classes-1``."""
+    Labels stored on another grid whose voxels fall on the image's are moved
+    onto it (:func:`napari_m3hl.io.grid.labels_on_image_grid`; its message is
+    appended to ``notes``). Refused with :class:`M3HLInputError`: the image
+    file itself, another shape with the same affine, another grid (labels of
+    another image, the offset named), NaN/fractional values (an image, not a
+    label map) and values outside ``0..num_classes-1``."""
+    from napari_m3hl.io.grid import labels_on_image_grid
     from napari_m3hl.io.nifti import load_nifti
 
     image_path, labels_path = Path(image_path), Path(labels_path)
@@ -145,16 +150,16 @@ def check_labels(image_path: str | Path, image: Any, labels_path: str | Path, nu
     if same:
         raise M3HLInputError(f"--labels {labels_path} is the image itself; give the label map painted on it")
     lab = load_nifti(labels_path)
-    if lab.data.shape != image.data.shape:
+    if lab.data.shape != image.data.shape and np.allclose(lab.affine, image.affine, atol=1e-3):
         raise M3HLInputError(f"labels {labels_path} have shape {lab.data.shape} (Z, Y, X) but the image has "
                              f"{image.data.shape}; give the labels drawn on this image")
-    if not np.allclose(lab.affine, image.affine, atol=1e-3):
-        raise M3HLInputError(f"labels {labels_path} have a different affine (position/orientation) than the image "
-                             f"{image_path}: they were drawn on another image; give the labels of this one")
     data = lab.data
     if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
         raise M3HLInputError(f"labels {labels_path} hold fractional or NaN values: is it an image rather than a "
                              "label map? Give the label map (whole class numbers)")
+    data, moved = labels_on_image_grid(data, lab.affine, image.data.shape, image.affine, f"labels {labels_path}")
+    if moved and notes is not None:
+        notes.append(moved)
     if np.array_equal(data, image.data) and np.unique(data).size > 2:
         raise M3HLInputError(f"labels {labels_path} hold the same voxels as the image; give the label map")
     lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)

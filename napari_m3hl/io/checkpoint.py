@@ -17,6 +17,14 @@ tensors (names, dtypes, shapes and bytes; :func:`weights_digest`), written by
 :func:`save_checkpoint` and checked by :func:`load_checkpoint`, so a file
 whose weights were damaged on disk is refused instead of segmenting wrongly.
 Checkpoints written before the checksum existed load without the check.
+
+``weights_finite`` maps the same names to whether every weight is finite,
+``diverged`` (True) marks the weights a run saved when its loss became
+NaN or infinite (``diverged.pt``), and ``completed`` whether the run had
+reached its last iteration when the file was written (False for a run
+stopped early or a checkpoint written on the way). :func:`load_checkpoint`
+refuses non-finite and diverged weights (it checks finiteness itself, so
+older files are covered too): they would segment garbage.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from torch import nn
 
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import atomic_path
+from napari_m3hl.io.files import atomic_path, why_not_a_file
 from napari_m3hl.method.networks import build_network
 
 FORMAT = "m3hl-checkpoint-1"
@@ -52,11 +60,18 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def weights_finite(state: dict[str, torch.Tensor]) -> bool:
+    """True when every floating-point tensor of a state dict is free of NaN and inf."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write atomically (temporary file + rename), so a crash never leaves a
     half-written file in place of a finished checkpoint. The weights' SHA-256
     (``weights_sha256``) is added to what is written."""
-    payload = {**payload, "weights_sha256": {k: weights_digest(payload[k]) for k in WEIGHTS if k in payload}}
+    payload = {**payload, "weights_sha256": {k: weights_digest(payload[k]) for k in WEIGHTS if k in payload},
+               "weights_finite": {k: weights_finite(payload[k]) for k in WEIGHTS if k in payload}}
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **payload}, tmp)
@@ -174,17 +189,50 @@ def _check_digest(ckpt: dict[str, Any], path: Path) -> None:
             )
 
 
+def _check_finite(ckpt: dict[str, Any], path: Path) -> None:
+    """Refuse the weights of a diverged run: marked ``diverged`` or holding NaN/inf."""
+    if ckpt.get("diverged"):
+        raise M3HLInputError(
+            f"checkpoint {path} holds the weights of a training run that diverged (its loss became NaN or infinite); "
+            "it cannot segment. Use the run's last.pt from before the divergence, or retrain with a lower --lr")
+    for which in WEIGHTS:
+        if which in ckpt and not weights_finite(ckpt[which]):
+            raise M3HLInputError(
+                f"checkpoint {path}: its {which} weights hold NaN or infinite values (a training run that diverged); "
+                "it cannot segment. Use a checkpoint saved before the divergence, or retrain with a lower --lr")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (``torch.jit.save``): a zip holding compiled code, not a weights dict."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint or model file (``weights_only=True``).
 
-    Refused with :class:`M3HLInputError`: a missing file, a file holding
+    Refused with :class:`M3HLInputError`: a missing file, a folder, a symbolic
+    link loop, a TorchScript archive, a file holding
     anything but tensors and plain values (never executed), a truncated or
     corrupt file, missing keys, weights whose names or shapes do not fit the
-    network the file names, and weights that fail their stored checksum.
+    network the file names, weights that fail their stored checksum, and the
+    weights of a diverged run (marked ``diverged``, or NaN/inf).
     """
     path = Path(path)
-    if not path.is_file():
-        raise M3HLInputError(f"checkpoint {path} does not exist; pass the path of a .pt file written by 'm3hl train'")
+    problem = why_not_a_file(path, "checkpoint", "pass the path of a .pt file written by 'm3hl train'")
+    if problem:
+        raise M3HLInputError(problem)
+    if _is_torchscript(path):
+        raise M3HLInputError(
+            f"checkpoint {path} is a TorchScript archive (torch.jit.save), not an M³HL checkpoint; it was not loaded. "
+            "Give a .pt file written by 'm3hl train' (last.pt, best.pt) or a model from models/")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -193,6 +241,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise M3HLInputError(f"{path} is not an M³HL checkpoint (format {FORMAT!r} expected)")
     _check_structure(ckpt, path)
     _check_digest(ckpt, path)
+    _check_finite(ckpt, path)
     return ckpt
 
 

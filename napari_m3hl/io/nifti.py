@@ -21,7 +21,7 @@ from typing import Any, Union
 import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import atomic_path, is_nifti_name, nifti_suffix
+from napari_m3hl.io.files import atomic_path, is_nifti_name, nifti_suffix, why_not_a_file
 from napari_m3hl.io.checks import (
     _check_nifti_header,
 )
@@ -30,6 +30,7 @@ PathLike = Union[str, Path]
 
 __all__ = [
     "NiftiVolume",
+    "check_nifti_file",
     "load_nifti",
     "save_nifti_labels",
     "save_nifti_image",
@@ -74,21 +75,14 @@ def _transpose_axes(ndim: int) -> tuple[int, ...]:
     return tuple(range(ndim - 1, -1, -1))
 
 
-def load_nifti(path: PathLike) -> NiftiVolume:
-    """Read a 3D or 4D NIfTI file (``.nii`` / ``.nii.gz``).
-
-    Trailing singleton axes beyond the third are dropped (``(X, Y, Z, 1)`` is
-    read as 3D). Raises :class:`M3HLInputError` for a missing or unreadable
-    file, 2D or more than 4D data, colour or complex voxels, an empty axis, a
-    truncated file and a volume too large for the available memory (checked
-    from the header before reading). NaN/inf voxels are read as they are (see
-    :func:`check_finite`).
-    """
+def _open_nifti(path: Path):
+    """``(nibabel image, shape)`` of a NIfTI file, its header checked (nothing read
+    beyond it); trailing singleton axes beyond the third dropped from ``shape``."""
     import nibabel as nib
 
-    path = Path(path)
-    if not path.is_file():
-        raise M3HLInputError(f"NIfTI file not found: '{path}'. Check the path (expected a .nii or .nii.gz file).")
+    problem = why_not_a_file(path, "NIfTI file", "give a .nii or .nii.gz image file")
+    if problem:
+        raise M3HLInputError(problem)
     try:
         img = nib.load(str(path))
     except MemoryError as exc:
@@ -115,6 +109,29 @@ def load_nifti(path: PathLike) -> NiftiVolume:
             "4D (X, Y, Z, T) volumes are supported."
         )
     _check_nifti_header(img, path, shape)
+    return img, shape
+
+
+def check_nifti_file(path: PathLike) -> None:
+    """Everything :func:`load_nifti` refuses from the header alone (missing, a
+    folder, not NIfTI, 2D or 5D+, colour, complex, an empty axis, truncated,
+    too large for memory), without reading the voxels: a folder of inputs is
+    checked whole before the first output is written."""
+    _open_nifti(Path(path))
+
+
+def load_nifti(path: PathLike) -> NiftiVolume:
+    """Read a 3D or 4D NIfTI file (``.nii`` / ``.nii.gz``).
+
+    Trailing singleton axes beyond the third are dropped (``(X, Y, Z, 1)`` is
+    read as 3D). Raises :class:`M3HLInputError` for a missing or unreadable
+    file, 2D or more than 4D data, colour or complex voxels, an empty axis, a
+    truncated file and a volume too large for the available memory (checked
+    from the header before reading). NaN/inf voxels are read as they are (see
+    :func:`check_finite`).
+    """
+    path = Path(path)
+    img, shape = _open_nifti(path)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except MemoryError as exc:
@@ -189,12 +206,12 @@ def _image_class(hdr):
     return nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
 
 
-def _save_atomic(img, path: Path) -> None:
+def _save_atomic(img, path: Path, replace: bool = True) -> None:
     """``nib.save`` to a temporary file beside ``path``, then rename: an existing
-    file is only replaced by a complete one."""
+    file is only replaced by a complete one (never, with ``replace=False``)."""
     import nibabel as nib
 
-    with atomic_path(path, suffix=nifti_suffix(path)) as tmp:
+    with atomic_path(path, suffix=nifti_suffix(path), replace=replace) as tmp:
         nib.save(img, str(tmp))
 
 
@@ -213,7 +230,8 @@ def _check_nifti_suffix(path: Path) -> None:
         raise M3HLInputError(f"Output file '{path}' must end in .nii or .nii.gz.")
 
 
-def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, header=None) -> Path:
+def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, header=None,
+                      replace: bool = True) -> Path:
     """Write a label volume as NIfTI.
 
     Parameters
@@ -237,6 +255,9 @@ def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, he
         the qform code (or "aligned") as sform code so the exact affine is
         stored. The file is written to a temporary name and renamed, so an
         existing file is only ever replaced by a complete one.
+    replace:
+        False: a file at ``path`` (written meanwhile by another command) is
+        kept and :class:`FileExistsError` raised (:func:`napari_m3hl.files.atomic_path`).
     """
     path = Path(path)
     _check_nifti_suffix(path)
@@ -263,7 +284,7 @@ def save_nifti_labels(labels: np.ndarray, path: PathLike, affine: np.ndarray, he
     data = np.ascontiguousarray(np.transpose(labels, _transpose_axes(labels.ndim))).astype(dtype)
     hdr, aff = _prepare_header(header, data, affine, dtype)
     hdr["cal_min"], hdr["cal_max"] = 0, 0  # the image's display window means nothing for labels
-    _save_atomic(_image_class(hdr)(data, aff, header=hdr), path)
+    _save_atomic(_image_class(hdr)(data, aff, header=hdr), path, replace)
     return path
 
 

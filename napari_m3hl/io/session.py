@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import atomic_copy, atomic_write_text
+from napari_m3hl.io.files import atomic_copy, atomic_write_text, same_path
 from napari_m3hl.labels import labeled_slices
 
 LABELS = "labels.nii.gz"
@@ -146,6 +146,11 @@ def save_session(
     """
     folder = Path(folder)
     labels = check_session_labels(labels, f"session {folder}")
+    source = (meta or {}).get("image_source")
+    for name in (LABELS, CHECKPOINT, SETTINGS, META):  # a session never replaces the image it was made on
+        if source and Path(str(source)).exists() and same_path(folder / name, source):
+            raise M3HLInputError(f"session folder {folder}: its {name} would replace the image {source}; choose "
+                                 "another folder for the session")
     folder.mkdir(parents=True, exist_ok=True)
     save_labels(folder, labels, affine, header)
     if checkpoint is not None:

@@ -22,8 +22,11 @@ PSEUDO_LABELS = "M³HL pseudo-labels"
 MIX_PREVIEW = "M³HL mix preview"
 MIX_TARGETS = "M³HL mix targets"
 SEGMENTATION = "M³HL segmentation"
+PREVIEW = "M³HL segmentation preview"  # a fine-tune's segmentation at each check (not what anything is taught)
 DISAGREEMENT = "M³HL disagreement"
-OVERLAY_NAMES: tuple[str, ...] = (PSEUDO_LABELS, MIX_PREVIEW, MIX_TARGETS, SEGMENTATION, DISAGREEMENT)
+OVERLAY_NAMES: tuple[str, ...] = (PSEUDO_LABELS, MIX_PREVIEW, MIX_TARGETS, SEGMENTATION, PREVIEW, DISAGREEMENT)
+#: The segmentation of another volume of a fine-tune: ``f"{SEGMENTATION} · {image name}"``.
+SEGMENTATION_OF = SEGMENTATION + " · "
 #: Colour of the disagreement overlay (value 1): orange.
 DISAGREEMENT_COLOR = (1.0, 0.55, 0.0, 1.0)
 
@@ -62,7 +65,7 @@ def class_features(class_names: Sequence[str]) -> dict[str, list]:
 
 def is_overlay(layer: "Layer") -> bool:
     """True for the plugin's own overlay layers."""
-    return layer.name in OVERLAY_NAMES
+    return layer.name in OVERLAY_NAMES or layer.name.startswith(SEGMENTATION_OF)
 
 
 def geometry_kwargs(like: "Layer", ndim: int | None = None) -> dict[str, Any]:

@@ -77,8 +77,9 @@ def show_mix(viewer: "napari.Viewer", image: "Layer", montage: np.ndarray, targe
 
 
 def prepare_preview(viewer: "napari.Viewer", image: "Layer", class_names: Sequence[str],
-                    built: "Labels | None" = None) -> "Labels":
-    """Add (once) or clear (zeros, in place) the read-only preview overlay on
+                    built: "Labels | None" = None, name: str = PSEUDO_LABELS) -> "Labels":
+    """Add (once) or clear (zeros, in place) the read-only preview overlay
+    ``name`` (the pseudo-labels, or a fine-tune's segmentation preview) on
     ``image``'s grid; ``built``: the layer from :func:`preview_layer`, to add
     if none fits yet.
 
@@ -88,7 +89,7 @@ def prepare_preview(viewer: "napari.Viewer", image: "Layer", class_names: Sequen
     (:func:`preview_steps`), so the updates during training are in-place
     data changes and no single turn pays for more than one piece.
     """
-    layer = viewer.layers[PSEUDO_LABELS] if PSEUDO_LABELS in viewer.layers else None
+    layer = viewer.layers[name] if name in viewer.layers else None
     from napari.layers import Labels
 
     if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(image.data.shape):
@@ -96,33 +97,35 @@ def prepare_preview(viewer: "napari.Viewer", image: "Layer", class_names: Sequen
             layer.data = np.zeros(image.data.shape, np.uint8)
     elif built is not None and tuple(built.data.shape) == tuple(image.data.shape):
         if layer is not None:  # a foreign layer took our name: renamed out of the way
-            layer.name = f"{PSEUDO_LABELS} (user)"
+            layer.name = f"{name} (user)"
         layer = add_quietly(viewer, built)
     else:
-        layer = upsert_labels(viewer, PSEUDO_LABELS, np.zeros(image.data.shape, np.uint8), class_names,
+        layer = upsert_labels(viewer, name, np.zeros(image.data.shape, np.uint8), class_names,
                               like=image, opacity=0.45, editable=False)
     layer.editable = False
     return layer
 
 
-def preview_layer(image: "Layer", class_names: Sequence[str]) -> "Labels":
-    """The empty read-only preview layer on ``image``'s grid, built but not added."""
-    layer = class_labels(np.zeros(image.data.shape, np.uint8), PSEUDO_LABELS, class_names, like=image, opacity=0.45)
+def preview_layer(image: "Layer", class_names: Sequence[str], name: str = PSEUDO_LABELS) -> "Labels":
+    """The empty read-only preview layer ``name`` on ``image``'s grid, built but not added."""
+    layer = class_labels(np.zeros(image.data.shape, np.uint8), name, class_names, like=image, opacity=0.45)
     layer.editable = False
     return layer
 
 
-def preview_steps(viewer: "napari.Viewer", image: "Layer", class_names: Sequence[str]) -> list[Callable[[], None]]:
-    """:func:`prepare_preview` in two pieces for two event-loop turns: build
-    the layer if none fits (~20 ms), then add it or clear the existing one."""
+def preview_steps(viewer: "napari.Viewer", image: "Layer", class_names: Sequence[str],
+                  name: str = PSEUDO_LABELS) -> list[Callable[[], None]]:
+    """:func:`prepare_preview` of the layer ``name`` in two pieces for two
+    event-loop turns: build the layer if none fits (~20 ms), then add it or
+    clear the existing one."""
     built: list["Labels"] = []
 
     def build() -> None:
-        layer = viewer.layers[PSEUDO_LABELS] if PSEUDO_LABELS in viewer.layers else None
+        layer = viewer.layers[name] if name in viewer.layers else None
         if layer is None or tuple(layer.data.shape) != tuple(image.data.shape):
-            built.append(preview_layer(image, class_names))
+            built.append(preview_layer(image, class_names, name))
 
-    return [build, lambda: prepare_preview(viewer, image, class_names, built[0] if built else None)]
+    return [build, lambda: prepare_preview(viewer, image, class_names, built[0] if built else None, name)]
 
 
 def prepare_mix(viewer: "napari.Viewer", image: "Layer", patch: Sequence[int], class_names: Sequence[str],

@@ -2,20 +2,21 @@
 
 :class:`DataPanel` holds everything that follows the viewer's layers: the
 image and labels pickers (magicgui combo boxes, ``create_widget(annotation=
-napari.layers.Image)`` / ``Labels``, filtered to the user's layers), the
-extra-unlabeled list, the live "k of n slices labeled" line and "New labels
+napari.layers.Image)`` / ``Labels``, filtered to the user's layers), "More
+volumes" (other image layers to train on, each ticked with its labels layer
+or unlabeled), the live "k of n slices labeled" line and "New labels
 layer". napari refreshes the pickers through the dock widget's
 ``reset_choices`` (it connects that to the layer list's inserted, removed,
 reordered and renamed events). It reads layers and never writes the user's data.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QListWidget, QListWidgetItem, QPushButton
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGridLayout, QGroupBox, QLabel, QPushButton, QWidget
 
 from napari_m3hl._napari.layers import control as lc
 from napari_m3hl._napari.panels.layout import layer_picker
@@ -24,8 +25,21 @@ from napari_m3hl._napari.panels.slots import on_signal
 from napari_m3hl._napari.panels.state import PanelState
 
 
+#: "More volumes": the labels choice of a volume trained on as unlabeled data.
+UNLABELED = "unlabeled"
+
+
+@dataclass
+class ExtraRow:
+    """One row of "More volumes": an image layer, its tick box and its labels choice."""
+
+    layer: Image
+    check: QCheckBox
+    labels: QComboBox
+
+
 class DataPanel(QGroupBox):
-    """Data: Image, Labels, New labels layer, Extra unlabeled, the info line."""
+    """Data: Image, Labels, New labels layer, More volumes, the info line."""
 
     def __init__(self, st: PanelState) -> None:
         super().__init__("Data")
@@ -43,16 +57,21 @@ class DataPanel(QGroupBox):
         self.new_labels_btn.setToolTip(
             "An empty labels layer matched to the image (shape, voxel size, geometry, RV/Myo/LV colours)"
         )
-        self.extra_list = QListWidget()
-        self.extra_list.setToolTip("Tick other image volumes to add their slices as unlabeled training data")
-        self.extra_list.setMaximumHeight(48)
+        self.extra_box = QWidget()
+        self.extra_box.setToolTip(
+            "Other image volumes to train on too (e.g. the other frame of the patient, or other patients): tick one, "
+            "and pick its labels layer to add its painted slices, or leave 'unlabeled' to add its slices as "
+            "unlabeled data (M³HL learns from them). A fine-tune segments every ticked volume.")
+        self.extra_grid = QGridLayout(self.extra_box)
+        self.extra_grid.setContentsMargins(0, 0, 0, 0)
+        self.extra_rows: list[ExtraRow] = []
         self.info_label = QLabel("no image volume selected")
         self.info_label.setWordWrap(True)
         self.info_label.setObjectName("m3hl_info")
         form.addRow("Image", self.image_combo)
         form.addRow("Labels", self.labels_combo)
         form.addRow("", self.new_labels_btn)
-        form.addRow("Extra unlabeled", self.extra_list)
+        form.addRow("More volumes", self.extra_box)
         form.addRow(self.info_label)
         for picker, choices in ((self.image_picker, self._image_choices), (self.labels_picker, self._labels_choices)):
             picker.native.blockSignals(True)
@@ -61,14 +80,13 @@ class DataPanel(QGroupBox):
             picker.native.blockSignals(False)
         on_signal(self.image_combo.currentIndexChanged, self._on_image_changed)
         on_signal(self.labels_combo.currentIndexChanged, self._on_labels_changed)
-        on_signal(self.extra_list.itemChanged, self.update_info)
         on_signal(self.new_labels_btn.clicked, self.new_labels_layer)
 
     def update_buttons(self) -> None:
         """Nothing to enable here: the pickers follow the layers."""
 
     def set_running(self, running: bool, paused: bool = False) -> None:
-        for w in (self.image_combo, self.labels_combo, self.new_labels_btn, self.extra_list):
+        for w in (self.image_combo, self.labels_combo, self.new_labels_btn, self.extra_box):
             w.setEnabled(not running)
 
     def _layers_of(self, kind: type) -> list:
@@ -126,19 +144,49 @@ class DataPanel(QGroupBox):
         self._reset(self.labels_picker, keep, prefer)
 
     def _refresh_extra_choices(self) -> None:
+        """One row per other image volume (ticks and labels choices kept by layer name)."""
         image = self.image_layer()
-        checked = {self.extra_list.item(i).text() for i in range(self.extra_list.count())
-                   if self.extra_list.item(i).checkState() == Qt.Checked}
-        self.extra_list.blockSignals(True)
-        self.extra_list.clear()
+        kept = {r.layer.name: (r.check.isChecked(), r.labels.currentText()) for r in self.extra_rows}
+        for r in self.extra_rows:
+            for w in (r.check, r.labels):
+                self.extra_grid.removeWidget(w)
+                w.deleteLater()
+        self.extra_rows = []
         for lay in self._layers_of(Image):
             if lc.same_layer(lay, image) or lay.ndim < 3 or lay.rgb:
                 continue
-            item = QListWidgetItem(lay.name)
-            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            item.setCheckState(Qt.Checked if lay.name in checked else Qt.Unchecked)
-            self.extra_list.addItem(item)
-        self.extra_list.blockSignals(False)
+            checked, labels = kept.get(lay.name, (False, UNLABELED))
+            check = QCheckBox(lay.name)
+            check.setChecked(checked)
+            combo = QComboBox()
+            combo.addItems([UNLABELED] + [lab.name for lab in self._layers_of(Labels)
+                                          if tuple(lab.data.shape) == tuple(lay.data.shape)])
+            combo.setCurrentText(labels)
+            combo.setToolTip(f"The labels painted on '{lay.name}', or '{UNLABELED}'")
+            row = len(self.extra_rows)
+            self.extra_grid.addWidget(check, row, 0)
+            self.extra_grid.addWidget(combo, row, 1)
+            on_signal(check.toggled, self.update_info)
+            on_signal(combo.currentIndexChanged, self.update_info)
+            self.extra_rows.append(ExtraRow(lay, check, combo))
+
+    def extra_row(self, name: str) -> ExtraRow:
+        """The "More volumes" row of the image layer ``name``."""
+        for r in self.extra_rows:
+            if r.layer.name == name:
+                return r
+        raise KeyError(name)
+
+    def _ticked(self) -> list[tuple[Image, Labels | None]]:
+        """Ticked rows whose layers are still in the viewer: (image, its labels layer or None)."""
+        out = []
+        for r in self.extra_rows:
+            if not r.check.isChecked() or not lc.layer_in(self.st.viewer, r.layer):
+                continue
+            name = r.labels.currentText()
+            lab = self.st.viewer.layers[name] if name != UNLABELED and name in self.st.viewer.layers else None
+            out.append((r.layer, lab if isinstance(lab, Labels) else None))
+        return out
 
     def image_layer(self) -> Image | None:
         """The picked image layer, if it is still in the viewer."""
@@ -151,14 +199,12 @@ class DataPanel(QGroupBox):
         return lay if isinstance(lay, Labels) and lc.layer_in(self.st.viewer, lay) else None
 
     def extra_layers(self) -> list[Image]:
-        out = []
-        for i in range(self.extra_list.count()):
-            item = self.extra_list.item(i)
-            if item.checkState() == Qt.Checked and item.text() in self.st.viewer.layers:
-                lay = self.st.viewer.layers[item.text()]
-                if isinstance(lay, Image):
-                    out.append(lay)
-        return out
+        """The ticked volumes trained on as unlabeled data."""
+        return [img for img, lab in self._ticked() if lab is None]
+
+    def extra_pairs(self) -> list[tuple[Image, Labels]]:
+        """The ticked volumes with their labels layers (painted slices: labeled data)."""
+        return [(img, lab) for img, lab in self._ticked() if lab is not None]
 
     def _on_image_changed(self, *_: Any) -> None:
         self._refresh_labels_choices()
@@ -218,10 +264,13 @@ class DataPanel(QGroupBox):
             return
         self._labeled_seen = tuple(lc.labeled_slices(np.asarray(labels.data)))
         text = lc.slice_summary(np.asarray(labels.data), image.data.shape)
-        extra = self.extra_layers()
+        extra, pairs = self.extra_layers(), self.extra_pairs()
+        if pairs:
+            n = sum(int(lc.labeled_slices(np.asarray(lab.data)).size) for _, lab in pairs)
+            text += f"; +{n} painted slices in {len(pairs)} more volume(s)"
         if extra:
             n = sum(int(np.prod(lay.data.shape[:-2])) for lay in extra)
-            text += f"; +{n} slices from {len(extra)} extra volume(s)"
+            text += f"; +{n} unlabeled slices from {len(extra)} more volume(s)"
         self.info_label.setText(text)
         if self.st.annotate_panel is not None:  # labeled slices drop out of the suggestion list
             self.st.annotate_panel.refresh_suggestions()

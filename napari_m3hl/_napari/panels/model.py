@@ -16,6 +16,7 @@ from superqt import QCollapsible
 
 from napari_m3hl.config import TrainConfig, list_presets, load_preset, read_preset
 from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.fewslice.loop import FewSliceOptions
 from napari_m3hl.labels import ACDC_CLASSES
 from napari_m3hl._napari.panels.advanced import AdvancedForm
 from napari_m3hl._napari.run.fewslice import fewslice_options
@@ -39,6 +40,9 @@ GUI_VARIANT = "reference"
 CHECKPOINT_EVERY = 100
 #: The preset the panel starts with when the user picks none (the shipped start model's).
 DEFAULT_PRESET = "acdc_unet2d"
+#: The fine-tune's Method choices and their FewSliceOptions.mode.
+METHODS = ("supervised", "M³HL")
+METHOD_MODES = ("supervised", "m3hl")
 
 
 def presets_2d() -> list[str]:
@@ -78,12 +82,20 @@ class ModelPanel(QGroupBox):
             self.set_start_mode(StartMode.FINE_TUNE)
             self.start_path.setText(str(default_model))
         self.browse_btn = QPushButton("Browse…")
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        self.method_combo.setCurrentIndex(METHOD_MODES.index(FewSliceOptions().mode))
+        self.method_combo.setToolTip(
+            "How a fine-tune learns. supervised: from your painted slices only (the default: it measured better). "
+            "M³HL: also from the unpainted slices and the unlabeled volumes, taught by the start model as a "
+            "teacher through mixed images; slower, and shows the teacher's pseudo-labels and the mixed images.")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.device_combo.setToolTip("auto: CUDA GPU, then Apple MPS, then CPU")
         form.addRow("Preset", self.preset_combo)
         form.addRow("Start", self.start_combo)
         form.addRow("", row(self.start_path, self.browse_btn))
+        form.addRow("Method", self.method_combo)
         form.addRow("Device", self.device_combo)
         lay.addLayout(form)
 
@@ -116,10 +128,11 @@ class ModelPanel(QGroupBox):
         needs_file = self.start_mode() is not StartMode.SCRATCH
         self.start_path.setVisible(needs_file)
         self.browse_btn.setVisible(needs_file)
+        self.method_combo.setEnabled(self.start_mode() is StartMode.FINE_TUNE and not self.st.runner.training)
 
     def set_running(self, running: bool, paused: bool = False) -> None:
         for w in (self.preset_combo, self.start_combo, self.start_path, self.browse_btn, self.device_combo,
-                  self.advanced):
+                  self.method_combo, self.advanced):
             w.setEnabled(not running)
 
     def _device_is_cpu(self) -> bool:
@@ -147,8 +160,6 @@ class ModelPanel(QGroupBox):
         """Iterations, batch, learning rate and EMA decay of the Start mode: the
         few-slice defaults (``FewSliceOptions``, as ``m3hl train --labels``) for
         *Fine-tune from file*, the panel's M³HL defaults otherwise."""
-        from napari_m3hl.fewslice.loop import FewSliceOptions
-
         if self.start_mode() is StartMode.FINE_TUNE:
             fs = FewSliceOptions()
             self.show_settings({"iterations": fs.iterations, "batch_size": fs.batch_size, "lr": fs.lr,
@@ -241,19 +252,24 @@ class ModelPanel(QGroupBox):
     def run_inputs(self) -> RunInputs:
         """What the user gave, in the terms :func:`~napari_m3hl.app.plan.plan_run` decides on."""
         image = self.st.data_panel.image_layer()
-        painted_volume = image is not None and image.ndim == 3 and not image.rgb
+        painted_volume = image is not None and image.ndim in (3, 4) and not image.rgb
         return RunInputs(start=self.start_mode(), painted_volume=painted_volume,
-                         volumes=1 + len(self.st.data_panel.extra_layers()), preset_settings=self.preset_settings())
+                         preset_settings=self.preset_settings())
 
     def plan(self) -> RunPlan:
         """The run Train starts: the few-slice fine-tune or the preset's run."""
         return plan_run(self.run_inputs())
 
+    def method(self) -> str:
+        """The fine-tune's :attr:`~napari_m3hl.fewslice.loop.FewSliceOptions.mode` chosen under Method."""
+        return METHOD_MODES[self.method_combo.currentIndex()]
+
     def fewslice_options(self, iterations: int | None = None):
         """The run's :class:`~napari_m3hl.fewslice.loop.FewSliceOptions` (the CLI's
         defaults, the Advanced form's iterations / batch / lr / EMA decay, the
         device, ``config_overrides``)."""
-        opts = fewslice_options(self.settings(), self.device_combo.currentText(), self.st.config_overrides)
+        opts = fewslice_options(self.settings(), self.device_combo.currentText(), self.st.config_overrides,
+                                self.method())
         if iterations is not None:
             opts.iterations = int(iterations)
         return opts

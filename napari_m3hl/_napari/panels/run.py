@@ -69,7 +69,9 @@ class RunPanel(QGroupBox):
         self.predict_btn.setToolTip("Segment the whole image with the latest model into 'M³HL segmentation'")
         self.export_btn = QPushButton("Export…")
         self.export_btn.setToolTip("Save 'M³HL segmentation' as NIfTI with the image's affine and header; the "
-                                   "slices you painted are written exactly as painted")
+                                   "slices you painted are written exactly as painted. After a fine-tune over "
+                                   "More volumes, each one's segmentation is written beside it as "
+                                   "<name>_<its layer>.nii.gz")
         self.clean_check = QCheckBox("Clean: each structure's largest 3D part")
         self.clean_check.setChecked(True)
         self.clean_check.setToolTip(
@@ -172,6 +174,9 @@ class RunPanel(QGroupBox):
 
         resolve_device(config.device)  # cheap; raises a clear error for an absent GPU
         rq.check_labels(labels.name, lab, config)
+        if self.st.data_panel.extra_pairs():
+            raise M3HLInputError("More volumes with labels train in the few-slice fine-tune (Start 'Fine-tune from "
+                                 "file'); for this run set their labels to 'unlabeled' or untick them.")
         model = self.st.model_panel
         init_from, resume_from = rq.start_files(model.start_mode(), model.start_path.text(), resume_from)
         images, labels_copy, extra, names = rq.copy_frames(image, lab, self.st.data_panel.extra_layers())
@@ -191,7 +196,7 @@ class RunPanel(QGroupBox):
     def start_training(self, resume_from: str | Path | None = None, iterations: int | None = None) -> bool:
         """Validate, copy the data and start a training worker. Returns False on bad input.
 
-        With Start *Fine-tune from file* on one volume this is the few-slice
+        With Start *Fine-tune from file* this is the few-slice
         fine-tune (:meth:`napari_m3hl._napari.run.finetune.FineTune.start_fewslice`); otherwise the preset's M³HL run.
         ``resume_from`` / ``iterations``: continue that checkpoint up to
         ``iterations`` in all (Train on) instead of the Start mode's choice.
@@ -224,9 +229,11 @@ class RunPanel(QGroupBox):
                 "aborted": view.on_train_aborted, "finished": view.on_train_finished}
 
     def begin_run(self, state: RunState, how: str, source: str, iterations: int, config: dict[str, Any],
-                  patch: tuple[int, ...] | None = None) -> None:
+                  patch: tuple[int, ...] | None = None, previews: tuple[str, ...] = (lc.PSEUDO_LABELS,)) -> None:
         """Record the run, reset the progress display and schedule the overlay
-        layers (the mix overlays only for an M³HL run with ``patch``)."""
+        layers: the preview layers ``previews`` (a fine-tune's segmentation
+        preview, the pseudo-labels), and the mix overlays for an M³HL run with
+        ``patch`` (a fine-tune's mix overlays come with its first mix preview)."""
         self.st.run = state
         labeled = lc.labeled_slices(np.asarray(state.labels.data))
         self.st.run_history.append({
@@ -236,7 +243,7 @@ class RunPanel(QGroupBox):
             "config": config, "kind": "few-slice" if state.fewslice else "m3hl",
         })
         self.st.session_panel.show_session_folder(autosave_only=self.st.session_folder is None)
-        self._queue_overlays(state, patch)
+        self._queue_overlays(state, patch, previews)
         self.loss_plot.clear()
         self.quality_label.setText(quality_text(None)[0])
         self.show_progress(0, iterations, "preparing data…")
@@ -245,24 +252,28 @@ class RunPanel(QGroupBox):
         self.st.set_running(True)
         self.st.update_buttons()
 
-    def _queue_overlays(self, state: RunState, patch: tuple[int, ...] | None) -> None:
+    def _queue_overlays(self, state: RunState, patch: tuple[int, ...] | None, previews: tuple[str, ...]) -> None:
         """Add (once) or clear the run's overlay layers from queued callbacks,
         one piece per event-loop turn (the preview layer is built in one turn
         and added in the next), so the click on Train returns at once and no
         turn stalls long (docs/benchmarks.md). A step skips a layer that a
         preview of this run already drew."""
-        steps = ov.preview_steps(self.st.viewer, state.image, state.class_names)
-        n_preview = len(steps)
+        steps: list[tuple[str | None, Any]] = []  # (preview layer, step); None: a mix overlay
+        for name in previews:
+            steps += [(name, step) for step in ov.preview_steps(self.st.viewer, state.image, state.class_names, name)]
         if patch is not None:
-            steps += [lambda: ov.prepare_mix(self.st.viewer, state.image, patch, state.class_names, targets=False),
-                      lambda: ov.prepare_mix(self.st.viewer, state.image, patch, state.class_names, targets=True)]
+            steps += [(None, lambda: ov.prepare_mix(self.st.viewer, state.image, patch, state.class_names,
+                                                    targets=False)),
+                      (None, lambda: ov.prepare_mix(self.st.viewer, state.image, patch, state.class_names,
+                                                    targets=True))]
 
         def run_step(k: int) -> None:
             if self.st.run is not state or not lc.layer_in(self.st.viewer, state.image):
                 return
-            drawn = state.preview_iteration is not None if k < n_preview else state.mix_shown
+            name, step = steps[k]
+            drawn = name in state.drawn if name is not None else state.mix_shown
             if not drawn:
-                steps[k]()
+                step()
             if k + 1 < len(steps):
                 QTimer.singleShot(0, lambda: run_step(k + 1))
 

@@ -151,7 +151,31 @@ class Outputs:
             "returned": saved,
             "errored": lambda exc: self.st.error(describe_error(exc, "Export")),
         })
+        self._export_others(path)
         return True
+
+    def _export_others(self, path: str) -> None:
+        """Write each other volume's fine-tuned segmentation ('M³HL segmentation · <name>')
+        beside ``path`` as ``<path's name>_<name>.nii.gz``, its painted slices as
+        painted (its labels under Data ▸ More volumes) unless the prediction alone is asked."""
+        stem = Path(path).name.split(".nii")[0]
+        alone = self.st.run_panel.prediction_only_check.isChecked()
+        pairs = {img.name: lab for img, lab in self.st.data_panel.extra_pairs()}
+        for layer in list(self.st.viewer.layers):
+            if not layer.name.startswith(lc.SEGMENTATION_OF):
+                continue
+            name = layer.name[len(lc.SEGMENTATION_OF):]
+            labels = pairs.get(name)
+            painted = None if alone or labels is None or tuple(labels.data.shape) != tuple(layer.data.shape) \
+                else np.array(labels.data, copy=True)
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+            other = str(Path(path).with_name(f"{stem}_{safe}.nii.gz"))
+            meta = {"name": layer.name, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
+                    "metadata": dict(layer.metadata)}
+            self.st.runner.export(other, np.array(layer.data, copy=True), meta, painted=painted, connect={
+                "returned": lambda p: self.st.status(f"Saved {p}"),
+                "errored": lambda exc: self.st.error(describe_error(exc, "Export")),
+            })
 
     def _painted_for_export(self, seg: Labels) -> tuple[np.ndarray | None, str]:
         """A copy of the user's labels to put over the segmentation (None: export it alone), and its words."""

@@ -46,6 +46,10 @@ class RunState:
     fewslice: bool = False  # the few-slice fine-tune (napari_m3hl.fewslice.loop), not the preset's M³HL run
     iteration_offset: int = 0  # iterations of the model before this run (few-slice Train on)
     mix_shown: bool = False  # a mix preview of this run was drawn
+    drawn: set[str] = field(default_factory=set)  # the preview layers this run drew into
+    method: str = ""  # a fine-tune's FewSliceOptions.mode
+    sources: list = field(default_factory=list)  # a fine-tune's image layers (0: the picked image)
+    volume_refs: list[tuple[int, int | None]] = field(default_factory=list)  # (source, frame) per fine-tune volume
 
 
 def msg_2d(image: Image) -> str:
@@ -85,7 +89,25 @@ def check_layers(image: Image | None, labels: Labels | None) -> tuple[Image, Lab
             f"'{image.name}' has {tuple(float(s) for s in image.scale)} (shape {tuple(image.data.shape)} "
             f"for both); they belong to different grids."
         )
+    _check_same_place(image, labels)
     return image, labels
+
+
+def _check_same_place(image: Image, labels: Labels) -> None:
+    """Labels of the image's shape and voxel size must also lie where the image
+    lies: the same NIfTI affine (when both came from files) and the same offset."""
+    a_img, a_lab = image.metadata.get("affine"), labels.metadata.get("affine")
+    if a_img is not None and a_lab is not None and not np.allclose(a_img, a_lab, atol=1e-3):
+        d = np.asarray(a_lab, float)[:3, 3] - np.asarray(a_img, float)[:3, 3]
+        raise M3HLInputError(
+            f"Labels '{labels.name}' lie on another grid than image '{image.name}' (their NIfTI affines differ: "
+            f"origin offset ({d[0]:.1f}, {d[1]:.1f}, {d[2]:.1f}) mm); they were painted on another image. Use "
+            "'New labels layer' on this image, or open the labels drawn on it.")
+    if not np.allclose(labels.translate, image.translate, atol=1e-3):
+        d = np.asarray(labels.translate, float) - np.asarray(image.translate, float)
+        raise M3HLInputError(
+            f"Labels '{labels.name}' lie on another grid than image '{image.name}' (shifted by "
+            f"{tuple(round(float(v), 1) for v in d)} in world units); use 'New labels layer' on this image.")
 
 
 def check_labels(name: str, lab: np.ndarray, config: TrainConfig) -> None:
@@ -137,6 +159,29 @@ def copy_frames(image: Image, lab: np.ndarray, extra_layers: Sequence[Image]
     labels = [np.array(f, copy=True) for f in lc.frames(lab)]
     names = [image.name] if image.ndim == 3 else [f"{image.name} frame {t}" for t in range(len(images))]
     return images, labels, extra, names
+
+
+def fewslice_volumes(image: Image, lab: np.ndarray, pairs: Sequence[tuple[Image, Labels]],
+                     extra: Sequence[Image]) -> tuple[list, list[Image]]:
+    """The few-slice request's volumes (:class:`napari_m3hl._napari.run.fewslice.VolumeIn`)
+    and their image layers: the picked image with its labels ``lab`` (a copy
+    is taken), the ticked (image, labels) pairs, the ticked unlabeled images;
+    a cine's frames are volumes of their own, painted or unlabeled."""
+    from napari_m3hl._napari.run.fewslice import VolumeIn
+
+    sources: list[Image] = [image] + [p[0] for p in pairs] + list(extra)
+    paints = [lab] + [np.asarray(p[1].data) for p in pairs] + [None] * len(extra)
+    volumes = []
+    for s, (layer, painted) in enumerate(zip(sources, paints)):
+        if layer.ndim not in (3, 4) or layer.rgb:
+            raise M3HLInputError(f"Layer '{layer.name}' {tuple(layer.data.shape)} is not a volume of slices.")
+        frames = lc.frames(layer.data)  # views: the worker converts them
+        marks = lc.frames(painted) if painted is not None else [None] * len(frames)
+        for t, (frame, mark) in enumerate(zip(frames, marks)):
+            copy = np.array(mark, copy=True) if mark is not None and mark.any() else None
+            name = layer.name if layer.ndim == 3 else f"{layer.name} frame {t}"
+            volumes.append(VolumeIn(name, frame, copy, s, t if layer.ndim == 4 else None))
+    return volumes, sources
 
 
 def frame_in_view(viewer: "napari.Viewer", image: Image) -> int:

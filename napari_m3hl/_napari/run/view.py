@@ -49,8 +49,8 @@ class RunView:
             self._on_quality(e)
         elif isinstance(e, DataReady):
             self.st.status(
-                f"Start model loaded; its segmentation is in '{lc.PSEUDO_LABELS}'. Fine-tuning on {e.n_labeled} "
-                f"painted slices ({e.n_unlabeled} not painted)…" if self.st.run is not None and self.st.run.fewslice else
+                f"Start model loaded; its segmentation is in '{lc.PREVIEW}'. Fine-tuning on {e.n_labeled} "
+                f"painted slices ({e.n_unlabeled} not painted or unlabeled)…" if self.st.run is not None and self.st.run.fewslice else
                 f"Data ready: {e.n_labeled} labeled and {e.n_unlabeled} unlabeled slices; building the network…"
             )
         elif isinstance(e, ev.TrainStarted):
@@ -94,10 +94,11 @@ class RunView:
     def _on_volume_preview(self, e: ev.VolumePreview) -> None:
         self.show_preview(e.labels, e.iteration, e.token)
 
-    def show_preview(self, labels: np.ndarray, iteration: int, token: Any) -> None:
-        """Draw a preview (one frame, (D, H, W)) in the preview layer, in place;
-        dropped when the image or labels changed since Train (``token`` None:
-        the run's own)."""
+    def show_preview(self, labels: np.ndarray, iteration: int, token: Any, name: str = lc.PSEUDO_LABELS) -> None:
+        """Draw a preview (one frame, (D, H, W)) in the preview layer ``name``
+        (the teacher's pseudo-labels, or a fine-tune's segmentation preview), in
+        place; dropped when the image or labels changed since Train (``token``
+        None: the run's own)."""
         run = self.st.run
         if run is None:
             return
@@ -105,11 +106,11 @@ class RunView:
             run.dropped_previews += 1
             self.st.run_panel.progress_label.setText(
                 self.st.run_panel.progress_label.text().split("\n")[0]
-                + "\npseudo-label preview skipped: the image or labels changed since Train"
+                + f"\n'{name}' not updated: the image or labels changed since Train"
             )
             return
         index = (run.preview_frame,) if run.image.ndim == 4 else ()
-        layer = self.st.viewer.layers[lc.PSEUDO_LABELS] if lc.PSEUDO_LABELS in self.st.viewer.layers else None
+        layer = self.st.viewer.layers[name] if name in self.st.viewer.layers else None
         if isinstance(layer, Labels) and tuple(layer.data.shape) == tuple(run.image.data.shape):
             lc.update_changed(layer, labels, index)  # in place: only the changed pixels are redrawn
         else:
@@ -117,10 +118,11 @@ class RunView:
             if index:
                 data = np.zeros(run.image.data.shape, np.uint8)
                 data[index] = labels
-            layer = lc.upsert_labels(self.st.viewer, lc.PSEUDO_LABELS, data, run.class_names, like=run.image,
+            layer = lc.upsert_labels(self.st.viewer, name, data, run.class_names, like=run.image,
                                      opacity=0.45, editable=False)
         layer.editable = False
         run.preview_iteration = iteration
+        run.drawn.add(name)
         if run.first_preview_s is None:
             run.first_preview_s = time.perf_counter() - run.started
 
@@ -129,6 +131,15 @@ class RunView:
         text, tip = quality_text(e)
         self.st.run_panel.quality_label.setText(text)
         self.st.run_panel.quality_label.setToolTip(tip)
+
+    def show_teacher_dice(self, dice: float) -> None:
+        """Add the teacher's Dice on the painted slices (0..1) under the numbers beside the loss plot."""
+        label = self.st.run_panel.quality_label
+        first = label.text().split("\nteacher")[0]
+        label.setText(f"{first}\nteacher {dice:.2f}")
+        label.setToolTip(label.toolTip().split("\n\nteacher")[0] + "\n\nteacher: Dice of the M³HL teacher's "
+                         f"pseudo-labels on the painted slices against your paint ('{lc.PSEUDO_LABELS}' shows "
+                         "them on the other slices: what the network is taught there)")
 
     def _on_mix_preview(self, e: ev.MixPreview) -> None:
         """Show the two mixed images side by side, to the right of the volume."""

@@ -1,0 +1,98 @@
+"""The widget's side of issue 25, clicked as a user does: Export never writes
+onto the image file or into a folder it cannot write, labels on another grid
+are refused naming the offset, a partly painted slice is named before the
+few-slice fine-tune starts."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from gui_helpers import WAIT_MS, answer_file_dialogs, button, click, wait_idle
+from test_reliability import _digest, _nifti
+
+from napari_m3hl._napari.layers import control as lc
+from napari_m3hl.data.phantom import make_phantom_cohort
+
+AFFINE = np.array([[1.4, 0, 0, -40.0], [0, 1.4, 0, 12.0], [0, 0, 8.0, 3.5], [0, 0, 0, 1]])
+
+
+def _scan(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    ph = make_phantom_cohort(1, seed=5, shape=(6, 64, 64))[0]
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    return _nifti(folder / "scan.nii.gz", ph.image.astype(np.float32)), ph.label
+
+
+def _with_segmentation(viewer, scan: Path, labels: np.ndarray):
+    """The scan opened from its file and a segmentation layer made from it, as Predict makes it."""
+    image = viewer.open(str(scan), plugin="napari-m3hl")[0]
+    seg = viewer.add_labels(labels.astype(np.uint8), name=lc.SEGMENTATION, **lc.geometry_kwargs(image))
+    return image, seg
+
+
+def test_export_onto_the_image_file_is_refused(make_widget, qtbot, monkeypatch, tmp_path, errors):
+    viewer, w = make_widget(phantom=False)
+    scan, truth = _scan(tmp_path)
+    _with_segmentation(viewer, scan, truth)
+    before = _digest(scan.parent)
+    answer_file_dialogs(monkeypatch, save_as=str(scan))
+    click(qtbot, button(w, "Export…"))
+    wait_idle(qtbot, w)
+    qtbot.waitUntil(lambda: bool(w.last_error), timeout=WAIT_MS)
+    assert "scan.nii.gz" in w.last_error and "is the image" in w.last_error, w.last_error
+    assert _digest(scan.parent) == before
+
+
+def test_export_into_a_read_only_folder_is_refused(make_widget, qtbot, monkeypatch, tmp_path, errors):
+    viewer, w = make_widget(phantom=False)
+    scan, truth = _scan(tmp_path)
+    _with_segmentation(viewer, scan, truth)
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    real = tempfile.mkstemp
+
+    def no_write(*args, dir=None, **kwargs):  # root ignores chmod: refuse as a read-only folder does
+        if dir is not None and Path(dir) == ro:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_write)
+    answer_file_dialogs(monkeypatch, save_as=str(ro / "seg.nii.gz"))
+    click(qtbot, button(w, "Export…"))
+    wait_idle(qtbot, w)
+    qtbot.waitUntil(lambda: bool(w.last_error), timeout=WAIT_MS)
+    assert "read_only" in w.last_error and "not writable" in w.last_error and "Permission denied" in w.last_error
+    assert list(ro.iterdir()) == []
+
+
+def test_labels_on_another_grid_are_refused_naming_the_offset(make_widget, qtbot, tmp_path, errors):
+    viewer, w = make_widget(phantom=False)
+    scan, truth = _scan(tmp_path)
+    image = viewer.open(str(scan), plugin="napari-m3hl")[0]
+    moved = AFFINE.copy()
+    moved[:3, 3] += [30.0, 0, 0]
+    lab_file = _nifti(tmp_path / "moved_labels.nii.gz", np.where(np.isin(np.arange(6), [1, 4])[:, None, None], truth, 0),
+                      affine=moved, dtype=np.uint8)
+    labels = viewer.open(str(lab_file), plugin="napari-m3hl")[0]
+    w.data_panel.image_combo.setCurrentIndex([lay.name for lay in w.data_panel.image_picker.choices].index(image.name))
+    idx = [lay.name for lay in w.data_panel.labels_picker.choices].index(labels.name)
+    w.data_panel.labels_combo.setCurrentIndex(idx)
+    click(qtbot, w.run_panel.train_btn)
+    assert w.run is None
+    assert "moved_labels" in w.last_error and "30.0" in w.last_error and "grid" in w.last_error, w.last_error
+
+
+def test_a_partly_painted_slice_is_named_when_training_starts(make_widget, qtbot, monkeypatch):
+    from gui_helpers import wait_run
+
+    viewer, w = make_widget()
+    warned = []
+    monkeypatch.setattr(w.st, "warn", warned.append)
+    lab = viewer.layers["phantom labels"]
+    data = lab.data.copy()
+    data[3][data[3] != 3] = 0  # slice 3 keeps its LV only
+    lab.data = data
+    click(qtbot, w.run_panel.train_btn)
+    assert any("slice 3 is painted without RV, Myo" in m for m in warned), warned
+    wait_run(qtbot, w)
