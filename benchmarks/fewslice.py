@@ -84,7 +84,7 @@ def run_volume(name: str, image: np.ndarray, label: np.ndarray, rule: str, start
     checks, result = [], None
     for e in fs.run(job):
         if isinstance(e, fs.Check):
-            checks.append({"iteration": e.iteration, "change": e.change,
+            checks.append({"iteration": e.iteration, "change": e.instability,
                            "shown": per_class(e.labels, label, off),
                            **{net: per_class(lab, label, off) for net, lab in e.networks.items()},
                            "shown_painted": per_class(e.labels, label, on),
@@ -110,7 +110,7 @@ def run_volume(name: str, image: np.ndarray, label: np.ndarray, rule: str, start
 def _verdict(job: fs.FewSliceJob, labels: np.ndarray) -> dict:
     v = check_finetune(job.base, labels, job.painted, job.config.num_classes, tuple(job.config.class_names))
     return {"suspect": v.suspect, "painted_base": v.painted_base, "painted_tuned": v.painted_tuned,
-            "change": v.change, "expected": v.expected}
+            "change": v.drift, "expected": v.expected}
 
 
 # ------------------------------------------------------------------ report

@@ -93,7 +93,7 @@ def test_safeguard_fires_when_unpainted_slices_change_too_much():
     painted = _painted(truth, [2, 5])
     tuned = _damage(truth, 2, [0, 1, 3, 4, 6, 7])  # fits the painted slices, wipes Myo elsewhere
     v = check_finetune(truth, tuned, painted, 4, ("bg", "RV", "Myo", "LV"))
-    assert v.suspect and "Myo" in v.message and v.change["Myo"] == pytest.approx(1.0)
+    assert v.suspect and "Myo" in v.message and v.drift["Myo"] == pytest.approx(1.0)
 
 
 def test_merge_painted_keeps_painted_slices_exactly():
@@ -122,7 +122,7 @@ def test_tiny_fine_tune_through_the_engine(tmp_path):
     assert job.base.shape == SHAPE
     out = list(fs.run(job, out_dir=tmp_path / "run"))
     checks = [e for e in out if isinstance(e, fs.Check)]
-    assert [c.iteration for c in checks] == [2, 4] and np.isnan(checks[0].change)
+    assert [c.iteration for c in checks] == [2, 4] and np.isnan(checks[0].instability)
     assert checks[0].labels.shape == SHAPE and checks[0].labels.dtype == np.uint8
     res = out[-1]
     assert isinstance(res, fs.FewSliceResult) and res.iterations == 4 and not res.stopped_early

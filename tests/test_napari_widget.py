@@ -429,12 +429,12 @@ def test_preview_quality_dice_on_painted_and_change_on_unpainted():
     pred[1, :2, :2] = 3  # unpainted slice: 4 px LV
     q = preview_quality(7, pred, labels, None, names)
     assert q.iteration == 7 and q.per_class == {"RV": pytest.approx(2 / 3)} and q.dice == pytest.approx(2 / 3)
-    assert q.change is None  # no previous preview
+    assert q.relabelled is None  # no previous preview
     later = pred.copy()
     later[1, 0, 0] = 2  # one of the 4 heart px of the unpainted slices changes
     later[0] = labels[0]  # the painted slice now perfect: does not count as change
     q2 = preview_quality(8, later, labels, pred, names)
-    assert q2.dice == pytest.approx(1.0) and q2.change == pytest.approx(1 / 4)
+    assert q2.dice == pytest.approx(1.0) and q2.relabelled == pytest.approx(1 / 4)
     assert preview_quality(9, later, np.zeros_like(labels), later, names).dice is None
 
 

@@ -65,6 +65,7 @@ import numpy as np
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.fewslice.safeguard import Verdict, check_finetune
+from napari_m3hl.metrics.quality import mean_dice
 from napari_m3hl.labels import labeled_slices
 
 #: The paper's mask block is a quarter of the input on each axis (64×64 on 256×256 for ACDC, 28×28×20 on
@@ -153,7 +154,7 @@ class Check:
     ``options.start_blend > 0``); ``networks``: the first volume's per network,
     alone (``"student"``, ``"teacher"``); ``volumes``: the shown segmentation of
     every volume of the job, in its order (``volumes[0] is labels``);
-    ``change``: 1 − mean Dice between the unpainted slices' segmentation now
+    ``instability``: 1 − mean Dice between the unpainted slices' segmentation now
     and at the previous check, averaged over the volumes (NaN at the first);
     ``stopping``: early stop.
     """
@@ -161,7 +162,7 @@ class Check:
     iteration: int
     labels: np.ndarray
     networks: dict[str, np.ndarray]
-    change: float
+    instability: float
     stopping: bool
     volumes: list[np.ndarray] = field(default_factory=list)
 
@@ -407,12 +408,6 @@ def prepare_volumes(start: str | Path, labeled: Sequence[tuple[np.ndarray, np.nd
     return FewSliceJob(cfg, data, Path(start), volumes, options)
 
 
-def _mean_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
-    from napari_m3hl.metrics.binary import dice
-
-    return float(np.mean([dice(a == c, b == c) for c in range(1, num_classes)]))
-
-
 def blend_partner(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The start model a fine-tune blends with, as a checkpoint dict whose
     ``student`` is its weights: the start file's student, or, when the start
@@ -522,7 +517,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
         for v, probs in zip(job.volumes, s.teacher_probs):
             pl = teacher_pseudo_labels(probs, cfg.pseudo_lcc)
             ps = v.painted_slices
-            scores.append(_mean_dice(pl[ps], v.painted[ps], cfg.num_classes) if ps.size else float("nan"))
+            scores.append(mean_dice(pl[ps], v.painted[ps], cfg.num_classes) if ps.size else float("nan"))
             pl[ps] = 0
             labels.append(pl)
         return PseudoLabels(iteration, labels, scores)
@@ -533,13 +528,13 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
             if isinstance(e, ev.CheckpointSaved) and e.kind in ("last", "final") and e.iteration != checked:
                 checked = e.iteration
                 seg = segment(e.path)
-                changes = [1.0 - _mean_dice(now[u], before[u], cfg.num_classes)
-                           for now, before, u in zip(seg.shown, prev or [], unpainted) if u.size]
-                change = float(np.mean(changes)) if changes else float("nan")
-                stopping = bool(opts.early_stop and e.kind == "last" and np.isfinite(change)
-                                and change < opts.stop_change)
+                moves = [1.0 - mean_dice(now[u], before[u], cfg.num_classes)
+                         for now, before, u in zip(seg.shown, prev or [], unpainted) if u.size]
+                instability = float(np.mean(moves)) if moves else float("nan")
+                stopping = bool(opts.early_stop and e.kind == "last" and np.isfinite(instability)
+                                and instability < opts.stop_change)
                 prev = seg.shown
-                yield Check(e.iteration, seg.shown[0], seg.networks[0], change, stopping, list(seg.shown))
+                yield Check(e.iteration, seg.shown[0], seg.networks[0], instability, stopping, list(seg.shown))
                 if m3hl:
                     yield pseudo(e.iteration, seg)
                 if stopping:

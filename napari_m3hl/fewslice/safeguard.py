@@ -17,6 +17,7 @@ import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.labels import labeled_mask, labeled_slices
+from napari_m3hl.metrics.quality import class_dice
 
 #: A fine-tune is suspect when its mean Dice on the painted slices is more than
 #: this below the start model's there (it was trained on them: it must fit them).
@@ -35,7 +36,7 @@ class Verdict:
     """The safeguard's decision on one fine-tune.
 
     ``painted_base`` / ``painted_tuned``: mean Dice on the painted slices;
-    ``change`` per class name: 1 − Dice(start, tuned) on the unpainted slices;
+    ``drift`` per class name: 1 − Dice(start, tuned) on the unpainted slices;
     ``expected`` per class: 1 − Dice(start, painted) on the painted slices.
     """
 
@@ -43,14 +44,8 @@ class Verdict:
     message: str
     painted_base: float
     painted_tuned: float
-    change: dict[str, float] = field(default_factory=dict)
+    drift: dict[str, float] = field(default_factory=dict)
     expected: dict[str, float] = field(default_factory=dict)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    from napari_m3hl.metrics.binary import dice
-
-    return float(dice(a, b))
 
 
 def check_finetune(base: np.ndarray, tuned: np.ndarray, painted: np.ndarray, num_classes: int,
@@ -72,27 +67,28 @@ def check_finetune(base: np.ndarray, tuned: np.ndarray, painted: np.ndarray, num
     off = np.setdiff1d(np.arange(painted.shape[0]), on)
     classes = range(1, num_classes)
     present = [c for c in classes if (painted[on] == c).any()]
-    pb = float(np.mean([_dice(base[on] == c, painted[on] == c) for c in present])) if present else float("nan")
-    pt = float(np.mean([_dice(tuned[on] == c, painted[on] == c) for c in present])) if present else float("nan")
-    change = {names[c]: 1.0 - _dice(base[off] == c, tuned[off] == c) for c in classes} if off.size else {}
-    expected = {names[c]: 1.0 - _dice(base[on] == c, painted[on] == c) for c in present}
+    start_fit = class_dice(base[on], painted[on], present)
+    pb = float(np.mean(list(start_fit.values()))) if present else float("nan")
+    pt = float(np.mean(list(class_dice(tuned[on], painted[on], present).values()))) if present else float("nan")
+    drift = {names[c]: 1.0 - d for c, d in class_dice(base[off], tuned[off], classes).items()} if off.size else {}
+    expected = {names[c]: 1.0 - d for c, d in start_fit.items()}
     if present and pt < pb - painted_margin:
         msg = (f"The fine-tuned model matches your painted slices worse than the start model did "
                f"({100 * pt:.0f} vs {100 * pb:.0f} Dice); keeping the start model's segmentation is safer.")
-        return Verdict(True, msg, pb, pt, change, expected)
+        return Verdict(True, msg, pb, pt, drift, expected)
     worst = None
     for name, exp in expected.items():
-        if name in change and change[name] > change_factor * exp + change_slack:
-            if worst is None or change[name] - exp > change[worst] - expected[worst]:
+        if name in drift and drift[name] > change_factor * exp + change_slack:
+            if worst is None or drift[name] - exp > drift[worst] - expected[worst]:
                 worst = name
     if worst is not None:
         msg = (f"The fine-tune changed {worst} on the unpainted slices much more than your painted slices "
-               f"suggest ({100 * change[worst]:.0f}% changed, the start model was {100 * expected[worst]:.0f}% off "
+               f"suggest ({100 * drift[worst]:.0f}% changed, the start model was {100 * expected[worst]:.0f}% off "
                f"where you painted); check it, or keep the start model's segmentation.")
-        return Verdict(True, msg, pb, pt, change, expected)
+        return Verdict(True, msg, pb, pt, drift, expected)
     msg = (f"Fine-tuned: {100 * pt:.0f} Dice on your painted slices (start model {100 * pb:.0f}); "
            f"no sign of a regression on the other slices.")
-    return Verdict(False, msg, pb, pt, change, expected)
+    return Verdict(False, msg, pb, pt, drift, expected)
 
 
 def merge_painted(prediction: np.ndarray, painted: np.ndarray, keep_painted: bool = True) -> np.ndarray:

@@ -97,7 +97,7 @@ def quality_text(q: PreviewQuality | None) -> tuple[str, str]:
         return ("Dice, painted\n–\nchange, unpainted\n–",
                 "Shown with each pseudo-label preview while training")
     dice = "–" if q.dice is None else f"{q.dice:.2f}"
-    change = "–" if q.change is None else f"{100 * q.change:.1f} %"
+    change = "–" if q.relabelled is None else f"{100 * q.relabelled:.1f} %"
     per = ", ".join(f"{k} {v:.2f}" for k, v in q.per_class.items()) or "no class painted"
     tip = (f"Iteration {q.iteration}. Dice of the pseudo-labels against your painted slices: {per}. "
            "Change: share of the heart pixels of the unpainted slices whose label changed since the previous "

@@ -74,7 +74,7 @@ class PreviewQuality:
 
     ``dice``: mean Dice (0..1) over the foreground classes of the preview
     against the painted slices of the preview frame (they have labels), None
-    when no class is painted; ``per_class``: Dice per class name; ``change``:
+    when no class is painted; ``per_class``: Dice per class name; ``relabelled``:
     share (0..1) of the pixels of the unpainted slices that are foreground in
     this or the previous preview and whose label changed between the two
     (None for the first preview): near 0 once the segmentation has settled.
@@ -83,28 +83,21 @@ class PreviewQuality:
     iteration: int
     dice: float | None
     per_class: dict[str, float]
-    change: float | None
+    relabelled: float | None
 
 
 def preview_quality(iteration: int, pred: np.ndarray, labels: np.ndarray, previous: np.ndarray | None,
                     class_names: Sequence[str]) -> PreviewQuality:
     """:class:`PreviewQuality` of the ``(D, H, W)`` preview ``pred`` against the
     painted slices of ``labels`` (same shape) and the ``previous`` preview."""
+    from napari_m3hl.metrics.quality import painted_dice, relabelled_share
+
     painted = labels.reshape(labels.shape[0], -1).any(axis=1)
-    per_class: dict[str, float] = {}
-    p, t = pred[painted], labels[painted]
-    for c in range(1, len(class_names)):
-        pc, tc = p == c, t == c
-        denom = int(pc.sum()) + int(tc.sum())
-        if tc.any():
-            per_class[str(class_names[c])] = 2.0 * int((pc & tc).sum()) / denom
-    dice = float(np.mean(list(per_class.values()))) if per_class else None
-    change = None
+    dice, per_class = painted_dice(pred, labels, class_names)
+    relabelled = None
     if previous is not None and previous.shape == pred.shape and (~painted).any():
-        a, b = pred[~painted], previous[~painted]
-        fg = (a > 0) | (b > 0)
-        change = float((a[fg] != b[fg]).sum() / max(int(fg.sum()), 1))
-    return PreviewQuality(iteration, dice, per_class, change)
+        relabelled = relabelled_share(pred[~painted], previous[~painted])
+    return PreviewQuality(iteration, dice, per_class, relabelled)
 
 
 def gui_cpu_threads() -> int:
