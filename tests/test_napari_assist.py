@@ -264,12 +264,12 @@ def test_assist_controls_explain_what_is_missing(make_widget, qtbot, errors, tmp
 
 
 def test_failed_autosave_warns_and_training_goes_on(make_widget, qtbot, monkeypatch):
-    from napari_m3hl._napari.run import jobs as _jobs
+    from napari_m3hl._napari.run import file_jobs
 
     def disk_full(snap):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_jobs, "save_session_job", disk_full)
+    monkeypatch.setattr(file_jobs, "save_session_job", disk_full)
     viewer, w = make_widget()
     warned: list[str] = []
     monkeypatch.setattr(w.st, "warn", warned.append)

@@ -30,8 +30,7 @@ import numpy as np
 
 from napari_m3hl.fewslice.loop import Check, FewSliceOptions, FewSliceResult
 from napari_m3hl.training.trainer import TrainControl
-from napari_m3hl._napari.run import jobs as _jobs
-from napari_m3hl._napari.run.file_jobs import AutosaveFailed, SessionSnapshot
+from napari_m3hl._napari.run.file_jobs import SessionSnapshot, autosave_checkpoint, autosave_labels
 from napari_m3hl._napari.run.jobs import DataReady, preview_quality, torch_threads
 
 @dataclass
@@ -119,11 +118,9 @@ def fewslice_job(req: FewSliceRequest, control: TrainControl) -> Iterator[Any]:
     from napari_m3hl.training.events import TrainFinished
     from napari_m3hl.fewslice.safeguard import check_finetune
 
-    if req.autosave is not None:
-        try:
-            _jobs.save_session_job(req.autosave)
-        except OSError as exc:
-            yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
+    failed = autosave_labels(req.autosave)
+    if failed is not None:
+        yield failed
     finished = None
     with torch_threads(req.cpu_threads):
         ordered = [req.volumes[i] for i in job_order(req.volumes)]
@@ -148,11 +145,6 @@ def fewslice_job(req: FewSliceRequest, control: TrainControl) -> Iterator[Any]:
             if isinstance(e, Check):
                 yield preview_quality(e.iteration, e.labels, job.painted, previous, req.class_names)
                 previous = e.labels
-    if req.autosave is not None and finished is not None and finished.checkpoint:
-        from napari_m3hl.io.session import save_checkpoint_copy
-
-        try:
-            save_checkpoint_copy(req.autosave.folder, finished.checkpoint,
-                                 {"iteration": finished.iteration, "run_dir": str(req.out_dir)})
-        except OSError as exc:
-            yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
+    failed = autosave_checkpoint(req.autosave, finished, req.out_dir)
+    if failed is not None:
+        yield failed

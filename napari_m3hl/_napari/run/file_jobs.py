@@ -37,6 +37,36 @@ class AutosaveFailed:
     error: str
 
 
+def autosave_labels(snapshot: SessionSnapshot | None) -> AutosaveFailed | None:
+    """Write ``snapshot`` (the labels when Train was pressed) into its session
+    folder before a run starts; a failure is returned, not raised: the labels
+    are still in napari and training goes on."""
+    if snapshot is None:
+        return None
+    try:
+        save_session_job(snapshot)
+    except OSError as exc:
+        return AutosaveFailed(str(snapshot.folder), f"{exc.__class__.__name__}: {exc}")
+    return None
+
+
+def autosave_checkpoint(snapshot: SessionSnapshot | None, finished: Any, out_dir: str | Path) -> AutosaveFailed | None:
+    """Copy a finished run's checkpoint into the autosaved session folder of
+    ``snapshot`` (nothing without one, or without a checkpoint). ``finished``:
+    the run's ``TrainFinished`` event. A failed copy is returned, not raised:
+    the run's own checkpoint is still there and training has ended well."""
+    if snapshot is None or finished is None or not finished.checkpoint:
+        return None
+    from napari_m3hl.io.session import save_checkpoint_copy
+
+    try:
+        save_checkpoint_copy(snapshot.folder, finished.checkpoint,
+                             {"iteration": finished.iteration, "run_dir": str(out_dir)})
+    except OSError as exc:
+        return AutosaveFailed(str(snapshot.folder), f"{exc.__class__.__name__}: {exc}")
+    return None
+
+
 @dataclass
 class SessionOpened:
     """What :func:`open_session_job` hands back: the session and, when the

@@ -21,7 +21,7 @@ from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.training.trainer import TrainControl
 from napari_m3hl._napari.run.file_jobs import (
-    AutosaveFailed, SessionSnapshot, save_session_job,
+    SessionSnapshot, autosave_checkpoint, autosave_labels,
 )
 
 @dataclass
@@ -147,11 +147,9 @@ def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
     from napari_m3hl.training import events as ev
     from napari_m3hl.training.trainer import train
 
-    if req.autosave is not None:
-        try:
-            save_session_job(req.autosave)
-        except OSError as exc:  # the labels are still in napari: warn, train anyway
-            yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
+    failed = autosave_labels(req.autosave)
+    if failed is not None:
+        yield failed
     data, preview = build_train_data(req)
     yield DataReady(len(data.labeled), len(data.unlabeled), preview)
     finished = None
@@ -176,14 +174,9 @@ def train_job(req: TrainRequest, control: TrainControl) -> Iterator[Any]:
                 yield preview_quality(e.iteration, e.labels, req.labels[req.preview_frame], previous,
                                       req.config.class_names)
                 previous = e.labels
-    if req.autosave is not None and finished is not None and finished.checkpoint:
-        from napari_m3hl.io.session import save_checkpoint_copy
-
-        try:
-            save_checkpoint_copy(req.autosave.folder, finished.checkpoint,
-                                 {"iteration": finished.iteration, "run_dir": str(req.out_dir)})
-        except OSError as exc:  # the run's own checkpoint is still there
-            yield AutosaveFailed(str(req.autosave.folder), f"{exc.__class__.__name__}: {exc}")
+    failed = autosave_checkpoint(req.autosave, finished, req.out_dir)
+    if failed is not None:
+        yield failed
 
 
 @dataclass
