@@ -21,7 +21,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import NIFTI_SUFFIXES, atomic_write_text, is_nifti_name, same_path, stem, why_not_a_file
+from napari_m3hl.io.files import (NIFTI_SUFFIXES, atomic_write_text, is_nifti_name, probe_writable, same_path, stem,
+                                  why_not_a_file)
 
 INPUT_SUFFIXES = NIFTI_SUFFIXES + (".h5",)
 #: Files a training run writes into its folder (``--overwrite`` replaces or removes them).
@@ -39,10 +40,7 @@ def check_writable_dir(folder: Path, option: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise M3HLInputError(f"{option} {folder} is a file, not a folder; give a folder name")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".m3hl-write-test")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as exc:
         raise M3HLInputError(
             f"{option} {folder} is not writable ({exc.strerror or exc}); choose a folder you can write to"

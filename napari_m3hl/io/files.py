@@ -94,6 +94,16 @@ def why_not_a_file(path: str | Path, what: str, hint: str) -> str | None:
     return None
 
 
+def probe_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write and remove a temporary file in it;
+    raises the ``OSError`` that a write there would meet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".m3hl-write-test")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def same_path(a: str | Path, b: str | Path) -> bool:
     """``a`` and ``b`` name one file or folder: after symbolic links, as hard links
     (the same inode), or in another letter case on a case-insensitive disk."""

@@ -23,6 +23,7 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QGroupBox, QLabel, QPushButton, QSizePolicy, QVBoxLayout, QWidget
 
 from napari_m3hl._napari.panels.layout import row
+from napari_m3hl._napari.panels.plot import plot_frame
 from napari_m3hl._napari.panels.slots import on_signal
 from napari_m3hl._napari.panels.state import PanelState
 from napari_m3hl._napari.run.workers import describe_error
@@ -53,11 +54,7 @@ class VolumePlot(QWidget):
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
         painter = QPainter(self)
-        painter.setRenderHint(QPainter.Antialiasing, True)
-        rect = QRectF(self.rect()).adjusted(34, 6, -6, -16)
-        painter.fillRect(self.rect(), QColor(30, 32, 36))
-        painter.setPen(QPen(QColor(110, 110, 110), 1))
-        painter.drawRect(rect)
+        rect = plot_frame(painter, self)
         values = [v for vs in self.curves.values() for v in vs if math.isfinite(v)]
         n = max((len(v) for v in self.curves.values()), default=0)
         if n < 2 or not values or rect.width() < 4 or rect.height() < 4:

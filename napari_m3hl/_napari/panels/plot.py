@@ -19,6 +19,17 @@ TERM_COLORS: dict[str, str] = {
 }
 
 
+def plot_frame(painter: QPainter, widget: QWidget) -> QRectF:
+    """Paint the small plots' dark background and frame over ``widget`` and
+    return the plotting area inside it (room left for the axis labels)."""
+    painter.setRenderHint(QPainter.Antialiasing, True)
+    rect = QRectF(widget.rect()).adjusted(34, 6, -6, -16)
+    painter.fillRect(widget.rect(), QColor(30, 32, 36))
+    painter.setPen(QPen(QColor(110, 110, 110), 1))
+    painter.drawRect(rect)
+    return rect
+
+
 class LossPlot(QWidget):
     """Loss terms against iteration; keeps at most ``max_points`` per term by
     halving the stored history when full (every other point dropped)."""
@@ -51,11 +62,7 @@ class LossPlot(QWidget):
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
         painter = QPainter(self)
-        painter.setRenderHint(QPainter.Antialiasing, True)
-        rect = QRectF(self.rect()).adjusted(34, 6, -6, -16)
-        painter.fillRect(self.rect(), QColor(30, 32, 36))
-        painter.setPen(QPen(QColor(110, 110, 110), 1))
-        painter.drawRect(rect)
+        rect = plot_frame(painter, self)
         pts_all = [p for pts in self.series.values() for p in pts]
         if not pts_all or rect.width() < 4 or rect.height() < 4:
             painter.drawText(rect, Qt.AlignCenter, "loss plot")

@@ -155,10 +155,8 @@ def export_job(path: str | Path, labels: np.ndarray, meta: dict[str, Any], paint
 def _check_export_target(target: Path, meta: dict[str, Any]) -> None:
     """Refuse an export onto the image the segmentation was made from (its
     ``source_path``) and into a folder that cannot be written, before writing."""
-    import os
-    import tempfile
 
-    from napari_m3hl.io.files import same_path
+    from napari_m3hl.io.files import probe_writable, same_path
 
     src = (meta.get("metadata") or {}).get("source_path")
     if src and Path(str(src)).exists() and same_path(target, src):
@@ -166,10 +164,7 @@ def _check_export_target(target: Path, meta: dict[str, Any]) -> None:
                              "the scan. Choose another file name (e.g. ending in _seg.nii.gz)")
     folder = target.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".m3hl-write-test")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as exc:
         raise M3HLInputError(f"Cannot export into folder '{folder}': it is not writable ({exc.strerror or exc}); "
                              "choose a folder you can write to") from None
