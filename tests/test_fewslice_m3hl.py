@@ -14,6 +14,7 @@ import torch
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.data.phantom import make_phantom
 from napari_m3hl.errors import M3HLInputError
+from napari_m3hl.metrics.quality import mean_dice
 from napari_m3hl.fewslice import loop as fs
 from napari_m3hl.inference.predictor import Predictor
 from napari_m3hl.io.checkpoint import load_checkpoint, make_payload, save_checkpoint
@@ -78,7 +79,7 @@ def test_a_frozen_teacher_teaches_the_start_models_pseudo_labels(tmp_path):
             want = fs.teacher_pseudo_labels(v.base_probs, job.config.pseudo_lcc)
             ps = v.painted_slices
             if ps.size:
-                assert score == pytest.approx(fs._mean_dice(want[ps], v.painted[ps], job.config.num_classes))
+                assert score == pytest.approx(mean_dice(want[ps], v.painted[ps], job.config.num_classes))
             else:
                 assert np.isnan(score)
             want[ps] = 0  # the painted slices are taught from the paint

@@ -188,7 +188,7 @@ class RunController:
         return self._start(_jobs.warm_up_job, arch, num_classes, _jobs.gui_cpu_threads(), connect={})
 
     def save_session(self, snap: _jobs.SessionSnapshot, connect: dict[str, Handler]):
-        return self._start(_jobs.save_session_job, snap, connect=connect)
+        return self._start(file_jobs.save_session_job, snap, connect=connect)
 
     def open_session(self, folder: str | Path, open_sources: Sequence[str], connect: dict[str, Handler]):
         return self._start(file_jobs.open_session_job, str(folder), list(open_sources), connect=connect)
