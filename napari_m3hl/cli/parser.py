@@ -20,24 +20,23 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 256,256 or 112,112,80, got {text!r}") from None
 
 
-def _seed(text: str) -> int:
+def _whole(text: str, lo: int, what: str) -> int:
+    """``text`` as a whole number of at least ``lo``; ``what`` says what it is when it is smaller."""
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a random seed is 0 or more (e.g. --seed 1337), got {n}")
+    if n < lo:
+        raise argparse.ArgumentTypeError(f"{what}, got {n}")
     return n
+
+
+def _seed(text: str) -> int:
+    return _whole(text, 0, "a random seed is 0 or more (e.g. --seed 1337)")
 
 
 def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+    return _whole(text, 1, "must be at least 1")
 
 
 def _fewslice_summary() -> str:
