@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from gui_helpers import WAIT_MS, answer_file_dialogs, button, click, wait_idle
 from test_reliability import _digest, _nifti
 
@@ -96,3 +97,43 @@ def test_a_partly_painted_slice_is_named_when_training_starts(make_widget, qtbot
     click(qtbot, w.run_panel.train_btn)
     assert any("slice 3 is painted without RV, Myo" in m for m in warned), warned
     wait_run(qtbot, w)
+
+
+@pytest.mark.parametrize("how", ["viewer", "dock"])
+def test_closing_while_a_run_trains_stops_it_and_keeps_its_checkpoint(make_widget, qtbot, monkeypatch, errors, how):
+    """viewer.close() (File ▸ Close Window) or the dock's close button while
+    a run trains: the run stops and saves its checkpoint (marked unfinished),
+    the close waits a bounded time, and no error or traceback follows."""
+    import sys
+    import time
+
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget
+
+    from napari_m3hl.io.checkpoint import load_checkpoint
+
+    raised: list = []
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: raised.append(exc))
+    viewer, w = make_widget()
+    w.st.config_overrides["iterations"] = 100_000
+    w.st.preview_every_s = None
+    click(qtbot, w.run_panel.train_btn)
+    assert w.run is not None, w.last_error
+    qtbot.waitUntil(lambda: w.run_panel.progress.value() >= 1, timeout=WAIT_MS)
+    run_dir, worker = Path(w.run.run_dir), w.runner.train_worker
+    ended: list[float] = []
+    worker.finished.connect(lambda: ended.append(time.perf_counter()), Qt.DirectConnection)  # in the worker's thread
+    t0 = time.perf_counter()
+    if how == "viewer":
+        viewer.close()
+    else:
+        dock = next(d for d in viewer.window._qt_window.findChildren(QDockWidget) if d.widget() is w)
+        click(qtbot, dock.title.close_button)
+    closed_after = time.perf_counter() - t0
+    bound = 5.0  # seconds: M3HLWidget.close_wait_ms
+    assert closed_after < bound + 2.0, f"closing took {closed_after:.1f} s"
+    assert ended and ended[0] - t0 < bound + 2.0, "the training worker still runs after the close"
+    qtbot.wait(300)  # the run's last queued events arrive: none may be drawn or raise
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["completed"] is False and 1 <= ckpt["iteration"] < 100_000
+    assert not raised and not errors, (raised, errors)

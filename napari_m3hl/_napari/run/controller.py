@@ -66,9 +66,15 @@ class RunController:
 
         return call
 
-    def close(self) -> None:
-        """The panel is gone: the running jobs' results are not drawn any more."""
+    def close(self, wait_ms: int = 0) -> bool:
+        """The panel is gone: the running jobs' results are not drawn any more,
+        the run is told to stop (it saves its checkpoint), helper jobs quit, and
+        the GUI waits up to ``wait_ms`` for them (:meth:`shutdown`). True when no
+        job is left running. A second call does nothing."""
+        if self.closed:
+            return True
         self.closed = True
+        return self.shutdown(wait_ms)
 
     def _done(self, worker: Any) -> None:
         self._workers.pop(worker, None)
@@ -217,11 +223,12 @@ class RunController:
         self.control = TrainControl()
         return self._start(fewslice_job, req, self.control, connect=connect, train=True)
 
-    def shutdown(self, wait_ms: int = 0) -> None:
-        """Stop the run (it still saves its checkpoint) and ask helpers to quit."""
+    def shutdown(self, wait_ms: int = 0) -> bool:
+        """Stop the run (it still saves its checkpoint) and ask helpers to quit;
+        wait up to ``wait_ms`` for them. True when every job finished (the
+        training worker is not quit: that would end it before it saves)."""
         self.stop()
         for w in list(self._workers):
             if w is not self.train_worker:
                 w.quit()
-        if wait_ms:
-            await_workers(wait_ms)
+        return await_workers(wait_ms) if wait_ms else not self._workers
