@@ -137,3 +137,51 @@ def test_closing_while_a_run_trains_stops_it_and_keeps_its_checkpoint(make_widge
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["completed"] is False and 1 <= ckpt["iteration"] < 100_000
     assert not raised and not errors, (raised, errors)
+
+
+def test_saving_a_session_on_a_full_disk_says_so_and_keeps_the_earlier_session(make_widget, qtbot, monkeypatch,
+                                                                                  tmp_path, errors):
+    """Save session… into a folder whose disk fills while the checkpoint is
+    copied: the widget names the folder, says the disk is full and what to
+    do; the session saved there before is whole and opens, and no partly
+    written file is left."""
+    import errno
+    import shutil
+
+    from gui_helpers import train_and_wait
+
+    from napari_m3hl.io.checkpoint import load_checkpoint
+    from napari_m3hl.io.session import load_session
+
+    viewer, w = make_widget()
+    train_and_wait(qtbot, w)  # a model, so the session holds a checkpoint too
+    folder = tmp_path / "small disk" / "session"
+    folder.mkdir(parents=True)
+    answer_file_dialogs(monkeypatch, folder=folder)
+    click(qtbot, button(w, "Save session…"))
+    qtbot.waitUntil(lambda: "Session saved" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    before, earlier = _digest(folder), load_session(folder).labels.copy()
+    assert {p.name for p in folder.iterdir()} == {"labels.nii.gz", "checkpoint.pt", "settings.json", "session.json"}
+
+    lab = viewer.layers["phantom labels"]
+    data = lab.data.copy()
+    data[5] = data[3]  # one more slice painted since the earlier save
+    lab.data = data
+
+    def disk_fills(src, dst, *args, **kwargs):  # half the bytes reach the disk, then it is full
+        payload = Path(src).read_bytes()
+        Path(dst).write_bytes(payload[: len(payload) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", disk_fills)
+    click(qtbot, button(w, "Save session…"))
+    qtbot.waitUntil(lambda: bool(w.last_error), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    msg = w.last_error
+    assert str(folder) in msg and "disk is full" in msg and "Free some space" in msg, msg
+    assert errors[-1] == msg
+    assert _digest(folder) == before  # no file replaced, none half-written (hidden temporaries included)
+    sess = load_session(folder)
+    np.testing.assert_array_equal(sess.labels, earlier)
+    assert load_checkpoint(sess.checkpoint)["iteration"] >= 1

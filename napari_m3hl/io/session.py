@@ -13,7 +13,9 @@ never leaves a half-written session file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import atomic_copy, atomic_write_text, same_path
+from napari_m3hl.io.files import atomic_copy, atomic_path, atomic_write_text, same_path
 from napari_m3hl.labels import labeled_slices
 
 LABELS = "labels.nii.gz"
@@ -151,22 +153,35 @@ def save_session(
         if source and Path(str(source)).exists() and same_path(folder / name, source):
             raise M3HLInputError(f"session folder {folder}: its {name} would replace the image {source}; choose "
                                  "another folder for the session")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_labels(folder, labels, affine, header)
+    from napari_m3hl.io.nifti import save_nifti_labels
+
     if checkpoint is not None:
-        _copy_checkpoint(folder, checkpoint)
-    atomic_write_text(folder / SETTINGS, json.dumps(settings or {}, indent=2, default=str))
+        src = _checkpoint_source(folder, checkpoint)
+    folder.mkdir(parents=True, exist_ok=True)
     labeled = [int(i) for i in labeled_slices(labels)] if labels.ndim == 3 else []
     info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {})}
-    atomic_write_text(folder / META, json.dumps(info, indent=2, default=str))
+    # every file is written to a temporary name first and all are renamed into place only when all are
+    # complete: a failed write (a full disk) leaves the folder's earlier session whole and no partial file
+    with contextlib.ExitStack() as staged:
+        save_nifti_labels(labels, staged.enter_context(atomic_path(folder / LABELS, suffix=".nii.gz")), affine, header)
+        if checkpoint is not None and src is not None:
+            shutil.copyfile(src, staged.enter_context(atomic_path(folder / CHECKPOINT)))
+        staged.enter_context(atomic_path(folder / SETTINGS)).write_text(json.dumps(settings or {}, indent=2, default=str))
+        staged.enter_context(atomic_path(folder / META)).write_text(json.dumps(info, indent=2, default=str))
     return folder
 
 
-def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
+def _checkpoint_source(folder: Path, checkpoint: str | Path) -> Path | None:
+    """The checkpoint file to copy into ``folder`` (None: it is the folder's own ``checkpoint.pt``)."""
     src = Path(checkpoint)
     if not src.is_file():
         raise M3HLInputError(f"checkpoint {src} does not exist; train first or choose another file")
-    if src.resolve() != (folder / CHECKPOINT).resolve():
+    return None if src.resolve() == (folder / CHECKPOINT).resolve() else src
+
+
+def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
+    src = _checkpoint_source(folder, checkpoint)
+    if src is not None:
         atomic_copy(src, folder / CHECKPOINT)
 
 
