@@ -185,3 +185,46 @@ def test_saving_a_session_on_a_full_disk_says_so_and_keeps_the_earlier_session(m
     sess = load_session(folder)
     np.testing.assert_array_equal(sess.labels, earlier)
     assert load_checkpoint(sess.checkpoint)["iteration"] >= 1
+
+
+def test_load_checkpoint_of_a_stopped_run_says_so_and_a_diverged_one_is_refused(make_widget, qtbot, monkeypatch,
+                                                                                  tmp_path, errors):
+    """Load checkpoint… of a run stopped by a click on Stop: loaded, with one
+    line saying the run did not finish; a diverged run's file: refused with the reason."""
+    from napari.utils import notifications
+    from test_reliability import _tiny_ckpt
+
+    from napari_m3hl.io.checkpoint import load_checkpoint, save_checkpoint
+
+    warned: list[str] = []
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    viewer, w = make_widget()
+    w.st.config_overrides["iterations"] = 100_000
+    w.st.preview_every_s = None
+    click(qtbot, w.run_panel.train_btn)
+    assert w.run is not None, w.last_error
+    qtbot.waitUntil(lambda: w.run_panel.progress.value() >= 1, timeout=WAIT_MS)
+    click(qtbot, w.run_panel.stop_btn)
+    qtbot.waitUntil(lambda: w.run.finished is not None, timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    stopped = Path(w.run.finished.checkpoint)
+    assert load_checkpoint(stopped)["completed"] is False
+    diverged = tmp_path / "diverged.pt"
+    ckpt = load_checkpoint(_tiny_ckpt(tmp_path / "net.pt"))
+    ckpt["diverged"] = True
+    save_checkpoint(diverged, ckpt)
+
+    answer_file_dialogs(monkeypatch, open_file=stopped)
+    click(qtbot, button(w, "Load checkpoint…"))
+    qtbot.waitUntil(lambda: "Loaded" in w.run_panel.status_label.text(), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    assert len(warned) == 1 and "did not finish" in warned[0] and str(stopped) in warned[0], warned
+    assert "stopped or interrupted" in w.run_panel.status_label.text().replace("\u200b", "")
+    assert w.runner.checkpoint == str(stopped) and not errors
+
+    answer_file_dialogs(monkeypatch, open_file=diverged)
+    click(qtbot, button(w, "Load checkpoint…"))
+    qtbot.waitUntil(lambda: bool(errors), timeout=WAIT_MS)
+    wait_idle(qtbot, w)
+    assert "diverged" in errors[-1] and "diverged.pt" in errors[-1] and "did not finish" not in errors[-1], errors
+    assert w.runner.checkpoint == str(stopped) and len(warned) == 1
