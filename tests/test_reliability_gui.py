@@ -199,7 +199,7 @@ def test_load_checkpoint_of_a_stopped_run_says_so_and_a_diverged_one_is_refused(
 
     warned: list[str] = []
     monkeypatch.setattr(notifications, "show_warning", warned.append)
-    viewer, w = make_widget()
+    _, w = make_widget()
     w.st.config_overrides["iterations"] = 100_000
     w.st.preview_every_s = None
     click(qtbot, w.run_panel.train_btn)

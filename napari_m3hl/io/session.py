@@ -9,7 +9,9 @@ A session folder holds
   class names, labeled slices, time stamps, the run manifest).
 
 Writes go to a temporary file first and are renamed into place, so a crash
-never leaves a half-written session file.
+never leaves a half-written session file; :func:`save_session` renames its
+files only when all of them are written, so a failed save (a full disk)
+leaves the folder's earlier session whole.
 """
 from __future__ import annotations
 
@@ -155,8 +157,7 @@ def save_session(
                                  "another folder for the session")
     from napari_m3hl.io.nifti import save_nifti_labels
 
-    if checkpoint is not None:
-        src = _checkpoint_source(folder, checkpoint)
+    src = _checkpoint_source(folder, checkpoint) if checkpoint is not None else None
     folder.mkdir(parents=True, exist_ok=True)
     labeled = [int(i) for i in labeled_slices(labels)] if labels.ndim == 3 else []
     info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {})}
@@ -164,7 +165,7 @@ def save_session(
     # complete: a failed write (a full disk) leaves the folder's earlier session whole and no partial file
     with contextlib.ExitStack() as staged:
         save_nifti_labels(labels, staged.enter_context(atomic_path(folder / LABELS, suffix=".nii.gz")), affine, header)
-        if checkpoint is not None and src is not None:
+        if src is not None:
             shutil.copyfile(src, staged.enter_context(atomic_path(folder / CHECKPOINT)))
         staged.enter_context(atomic_path(folder / SETTINGS)).write_text(json.dumps(settings or {}, indent=2, default=str))
         staged.enter_context(atomic_path(folder / META)).write_text(json.dumps(info, indent=2, default=str))
