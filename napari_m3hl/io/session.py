@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -233,14 +233,18 @@ def _check_extras(folder: Path, extras: Sequence[SessionVolume], source: Any
     return out
 
 
-def _write_extra_labels(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]]) -> None:
-    """Write each labeled more volume's map to its file (atomically) with that volume's geometry."""
+def _write_extra_labels(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]],
+                        target: Callable[[Path], Path] = lambda path: path) -> None:
+    """Write each labeled more volume's map with that volume's geometry to
+    ``target(its file)`` (the file itself: ``save_nifti_labels`` writes it
+    atomically; or a staged temporary name, renamed into place by the caller)."""
     from napari_m3hl.io.nifti import affine_from_spacing, save_nifti_labels
 
     for _, vol, rel in more:
         if rel is not None:
             affine = vol.affine if vol.affine is not None else affine_from_spacing((1.0, 1.0, 1.0))
-            save_nifti_labels(vol.labels, folder / rel, affine, vol.header)
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_nifti_labels(vol.labels, target(folder / rel), affine, vol.header)
 
 
 def _remove_stale_extras(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]]) -> None:
