@@ -201,66 +201,6 @@ def save_session(
     return folder
 
 
-def _check_extras(folder: Path, extras: Sequence[SessionVolume], source: Any
-                  ) -> list[tuple[dict[str, Any], SessionVolume, str | None]]:
-    """Each more volume's ``session.json`` entry, the volume, and its labels
-    file (relative to ``folder``; None: unlabeled), checked before anything is
-    written: label values (:func:`check_session_labels`), the map's shape
-    against the image's, and no session file over one of the images."""
-    out = []
-    for k, vol in enumerate(extras, start=1):
-        shape = tuple(int(n) for n in vol.image_shape)
-        rel = None
-        if vol.labels is not None:
-            vol = replace(vol, labels=check_session_labels(
-                vol.labels, f"session {folder}: labels '{vol.labels_name}' of the more volume '{vol.image_name}'"))
-            if tuple(vol.labels.shape) != shape:
-                raise M3HLInputError(
-                    f"session {folder}: labels '{vol.labels_name}' {tuple(vol.labels.shape)} do not match the more "
-                    f"volume '{vol.image_name}' {shape}; pick labels painted on that image (nothing was written)")
-            rel = f"{MORE}/{k:02d}_labels.nii.gz"
-        labeled = [int(i) for i in labeled_slices(vol.labels)] if vol.labels is not None and vol.labels.ndim == 3 else []
-        entry = {"image_name": vol.image_name, "image_source": vol.image_source, "image_shape": list(shape),
-                 "labels_name": vol.labels_name if rel else None, "labels_file": rel, "labeled_slices": labeled}
-        out.append((entry, vol, rel))
-    sources = [str(s) for s in [source, *(v.image_source for v in extras)] if s and Path(str(s)).exists()]
-    names = [LABELS, CHECKPOINT, SETTINGS, META, *(rel for _, _, rel in out if rel)]
-    for src in sources if extras else ():  # a session never replaces an image it was made on
-        for name in names:
-            if same_path(folder / name, src):
-                raise M3HLInputError(f"session folder {folder}: its {name} would replace the image {src}; choose "
-                                     "another folder for the session")
-    return out
-
-
-def _write_extra_labels(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]],
-                        target: Callable[[Path], Path] = lambda path: path) -> None:
-    """Write each labeled more volume's map with that volume's geometry to
-    ``target(its file)`` (the file itself: ``save_nifti_labels`` writes it
-    atomically; or a staged temporary name, renamed into place by the caller)."""
-    from napari_m3hl.io.nifti import affine_from_spacing, save_nifti_labels
-
-    for _, vol, rel in more:
-        if rel is not None:
-            affine = vol.affine if vol.affine is not None else affine_from_spacing((1.0, 1.0, 1.0))
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            save_nifti_labels(vol.labels, target(folder / rel), affine, vol.header)
-
-
-def _remove_stale_extras(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]]) -> None:
-    """Remove the more volumes' label maps of an earlier save that ``session.json`` no longer lists
-    (only files named as :func:`save_session` names them), and ``more/`` when it is left empty."""
-    keep = {rel for _, _, rel in more if rel}
-    sub = folder / MORE
-    if not sub.is_dir():
-        return
-    for path in sub.iterdir():
-        if MORE_LABELS.match(path.name) and f"{MORE}/{path.name}" not in keep and path.is_file():
-            path.unlink()
-    if not any(sub.iterdir()):
-        sub.rmdir()
-
-
 def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
     src = Path(checkpoint)
     if not src.is_file():
@@ -344,3 +284,63 @@ def _load_extras(folder: Path, entries: Any) -> list[SessionVolume]:
             vol = replace(vol, labels=labels, affine=nii.affine, header=nii.header, labels_file=path)
         out.append(vol)
     return out
+
+
+def _check_extras(folder: Path, extras: Sequence[SessionVolume], source: Any
+                  ) -> list[tuple[dict[str, Any], SessionVolume, str | None]]:
+    """Each more volume's ``session.json`` entry, the volume, and its labels
+    file (relative to ``folder``; None: unlabeled), checked before anything is
+    written: label values (:func:`check_session_labels`), the map's shape
+    against the image's, and no session file over one of the images."""
+    out = []
+    for k, vol in enumerate(extras, start=1):
+        shape = tuple(int(n) for n in vol.image_shape)
+        rel = None
+        if vol.labels is not None:
+            vol = replace(vol, labels=check_session_labels(
+                vol.labels, f"session {folder}: labels '{vol.labels_name}' of the more volume '{vol.image_name}'"))
+            if tuple(vol.labels.shape) != shape:
+                raise M3HLInputError(
+                    f"session {folder}: labels '{vol.labels_name}' {tuple(vol.labels.shape)} do not match the more "
+                    f"volume '{vol.image_name}' {shape}; pick labels painted on that image (nothing was written)")
+            rel = f"{MORE}/{k:02d}_labels.nii.gz"
+        labeled = [int(i) for i in labeled_slices(vol.labels)] if vol.labels is not None and vol.labels.ndim == 3 else []
+        entry = {"image_name": vol.image_name, "image_source": vol.image_source, "image_shape": list(shape),
+                 "labels_name": vol.labels_name if rel else None, "labels_file": rel, "labeled_slices": labeled}
+        out.append((entry, vol, rel))
+    sources = [str(s) for s in [source, *(v.image_source for v in extras)] if s and Path(str(s)).exists()]
+    names = [LABELS, CHECKPOINT, SETTINGS, META, *(rel for _, _, rel in out if rel)]
+    for src in sources if extras else ():  # a session never replaces an image it was made on
+        for name in names:
+            if same_path(folder / name, src):
+                raise M3HLInputError(f"session folder {folder}: its {name} would replace the image {src}; choose "
+                                     "another folder for the session")
+    return out
+
+
+def _write_extra_labels(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]],
+                        target: Callable[[Path], Path] = lambda path: path) -> None:
+    """Write each labeled more volume's map with that volume's geometry to
+    ``target(its file)`` (the file itself: ``save_nifti_labels`` writes it
+    atomically; or a staged temporary name, renamed into place by the caller)."""
+    from napari_m3hl.io.nifti import affine_from_spacing, save_nifti_labels
+
+    for _, vol, rel in more:
+        if rel is not None:
+            affine = vol.affine if vol.affine is not None else affine_from_spacing((1.0, 1.0, 1.0))
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_nifti_labels(vol.labels, target(folder / rel), affine, vol.header)
+
+
+def _remove_stale_extras(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]]) -> None:
+    """Remove the more volumes' label maps of an earlier save that ``session.json`` no longer lists
+    (only files named as :func:`save_session` names them), and ``more/`` when it is left empty."""
+    keep = {rel for _, _, rel in more if rel}
+    sub = folder / MORE
+    if not sub.is_dir():
+        return
+    for path in sub.iterdir():
+        if MORE_LABELS.match(path.name) and f"{MORE}/{path.name}" not in keep and path.is_file():
+            path.unlink()
+    if not any(sub.iterdir()):
+        sub.rmdir()
