@@ -6,7 +6,9 @@ A session folder holds
 - ``checkpoint.pt``: the latest training checkpoint (resumable), if any,
 - ``settings.json``: the widget's settings (preset, M³HL parameters, ...),
 - ``session.json``: what the session is about (image source, layer names,
-  class names, labeled slices, time stamps, the run manifest).
+  class names, labeled slices, time stamps, the run manifest, the more volumes),
+- ``more/NN_labels.nii.gz``: the label map of each labeled "more volume" (other
+  image layers trained on too; :class:`SessionVolume`), with that volume's geometry.
 
 Writes go to a temporary file first and are renamed into place, so a crash
 never leaves a half-written session file; :func:`save_session` renames its
@@ -17,22 +19,49 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import atomic_copy, atomic_path, atomic_write_text, same_path
+from napari_m3hl.io.files import atomic_copy, atomic_path, atomic_write_text, is_nifti_name, nifti_suffix, same_path
 from napari_m3hl.labels import labeled_slices
 
 LABELS = "labels.nii.gz"
 CHECKPOINT = "checkpoint.pt"
 SETTINGS = "settings.json"
 META = "session.json"
+#: The folder (inside a session folder) of the more volumes' label maps, and their file names.
+MORE = "more"
+MORE_LABELS = re.compile(r"^(\d+)_labels\.nii\.gz$")
+#: The key of ``session.json`` that lists the more volumes.
+MORE_KEY = "extra_volumes"
+
+
+@dataclass
+class SessionVolume:
+    """One more volume of a session (the widget's Data ▸ More volumes): an image
+    trained on beside the main one, with its label map when it was labeled.
+
+    ``image_shape``: the image layer's shape, ``(Z, Y, X)`` or ``(T, Z, Y, X)``;
+    ``image_source``: its file, None when it came from no file; ``labels``: the
+    label map, uint8 of ``image_shape`` (None: the volume is unlabeled data);
+    ``affine`` / ``header``: its NIfTI geometry; ``labels_file``: where the map
+    lies in the session folder (set by :func:`load_session`)."""
+
+    image_name: str
+    image_shape: tuple[int, ...]
+    image_source: str | None = None
+    labels_name: str | None = None
+    labels: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    header: Any = None
+    labels_file: Path | None = None
 
 
 @dataclass
@@ -46,6 +75,7 @@ class Session:
     checkpoint: Path | None
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    extras: list[SessionVolume] = field(default_factory=list)
 
 
 #: Types of the widget's session settings (``settings.json``), checked on load so a
@@ -138,6 +168,7 @@ def save_session(
     checkpoint: str | Path | None = None,
     settings: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    extras: Sequence[SessionVolume] = (),
 ) -> Path:
     """Write (or update) a session folder; returns it.
 
@@ -147,9 +178,14 @@ def save_session(
         checkpoint: a checkpoint file to copy in as ``checkpoint.pt``.
         settings: JSON-serialisable widget settings.
         meta: JSON-serialisable facts (image source, names, manifest).
+        extras: the more volumes; each labeled one's map is written to
+            ``more/NN_labels.nii.gz`` (NN: its place in ``extras``, from 01), all
+            are listed in ``session.json``, and label maps of an earlier save
+            that this one no longer lists are removed.
     """
     folder = Path(folder)
     labels = check_session_labels(labels, f"session {folder}")
+    more = _check_extras(folder, extras, (meta or {}).get("image_source"))
     source = (meta or {}).get("image_source")
     for name in (LABELS, CHECKPOINT, SETTINGS, META):  # a session never replaces the image it was made on
         if source and Path(str(source)).exists() and same_path(folder / name, source):
@@ -160,15 +196,21 @@ def save_session(
     src = _checkpoint_source(folder, checkpoint) if checkpoint is not None else None
     folder.mkdir(parents=True, exist_ok=True)
     labeled = [int(i) for i in labeled_slices(labels)] if labels.ndim == 3 else []
-    info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {})}
+    info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {}),
+            MORE_KEY: [entry for entry, _, _ in more]}
     # every file is written to a temporary name first and all are renamed into place only when all are
     # complete: a failed write (a full disk) leaves the folder's earlier session whole and no partial file
     with contextlib.ExitStack() as staged:
-        save_nifti_labels(labels, staged.enter_context(atomic_path(folder / LABELS, suffix=".nii.gz")), affine, header)
+        def stage(path: Path) -> Path:  # a temporary name beside ``path``, renamed onto it as the block ends
+            return staged.enter_context(atomic_path(path, suffix=nifti_suffix(path) if is_nifti_name(path) else ".tmp"))
+
+        save_nifti_labels(labels, stage(folder / LABELS), affine, header)
+        _write_extra_labels(folder, more, target=stage)
         if src is not None:
-            shutil.copyfile(src, staged.enter_context(atomic_path(folder / CHECKPOINT)))
-        staged.enter_context(atomic_path(folder / SETTINGS)).write_text(json.dumps(settings or {}, indent=2, default=str))
-        staged.enter_context(atomic_path(folder / META)).write_text(json.dumps(info, indent=2, default=str))
+            shutil.copyfile(src, stage(folder / CHECKPOINT))
+        stage(folder / SETTINGS).write_text(json.dumps(settings or {}, indent=2, default=str))
+        stage(folder / META).write_text(json.dumps(info, indent=2, default=str))
+    _remove_stale_extras(folder, more)
     return folder
 
 
@@ -219,4 +261,105 @@ def load_session(folder: str | Path) -> Session:
     meta = _read_json(folder / META)
     if not isinstance(meta, dict):
         raise M3HLInputError(f"{folder / META} must hold a JSON object, not {type(meta).__name__}")
-    return Session(folder, labels, vol.affine, vol.header, ckpt if ckpt.is_file() else None, settings, meta)
+    extras = _load_extras(folder, meta.get(MORE_KEY) or [])
+    return Session(folder, labels, vol.affine, vol.header, ckpt if ckpt.is_file() else None, settings, meta, extras)
+
+
+def _load_extras(folder: Path, entries: Any) -> list[SessionVolume]:
+    """The more volumes listed in ``session.json`` (``entries``), each labeled
+    one's map read and checked (values, shape); a damaged entry or a missing,
+    unreadable or mismatched labels file is refused naming it."""
+    from napari_m3hl.io.nifti import load_nifti
+
+    meta_path = folder / META
+    if not isinstance(entries, list):
+        raise M3HLInputError(f"{meta_path}: '{MORE_KEY}' must be a list of volumes, not {type(entries).__name__}; "
+                             "fix or delete the file")
+    out = []
+    for k, e in enumerate(entries, start=1):
+        shape = e.get("image_shape") if isinstance(e, dict) else None
+        rel = e.get("labels_file") if isinstance(e, dict) else None
+        if (not isinstance(e, dict) or not isinstance(e.get("image_name"), str)
+                or not isinstance(shape, list) or len(shape) not in (3, 4)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+                or not isinstance(e.get("image_source"), (str, type(None)))
+                or not isinstance(e.get("labels_name"), (str, type(None)))
+                or not (rel is None or isinstance(rel, str) and rel.startswith(f"{MORE}/")
+                        and MORE_LABELS.match(rel[len(MORE) + 1:]))):
+            raise M3HLInputError(f"{meta_path}: more volume {k} is damaged ({e!r:.120}); it needs an image name, "
+                                 f"an image shape and a labels file under {MORE}/ or none; fix or delete the file")
+        vol = SessionVolume(e["image_name"], tuple(shape), e.get("image_source"), e.get("labels_name"))
+        if rel is not None:
+            path = folder / rel
+            if not path.is_file():
+                raise M3HLInputError(f"{path} is missing: the session lists it as the labels of the more volume "
+                                     f"'{vol.image_name}'; put it back or save the session again")
+            nii = load_nifti(path)
+            labels = check_session_labels(nii.data, str(path))
+            if tuple(labels.shape) != vol.image_shape:
+                raise M3HLInputError(f"{path}: labels of shape {tuple(labels.shape)} do not match the more volume "
+                                     f"'{vol.image_name}' {vol.image_shape}; put the right file back or save the "
+                                     "session again")
+            vol = replace(vol, labels=labels, affine=nii.affine, header=nii.header, labels_file=path)
+        out.append(vol)
+    return out
+
+
+def _check_extras(folder: Path, extras: Sequence[SessionVolume], source: Any
+                  ) -> list[tuple[dict[str, Any], SessionVolume, str | None]]:
+    """Each more volume's ``session.json`` entry, the volume, and its labels
+    file (relative to ``folder``; None: unlabeled), checked before anything is
+    written: label values (:func:`check_session_labels`), the map's shape
+    against the image's, and no session file over one of the images."""
+    out = []
+    for k, vol in enumerate(extras, start=1):
+        shape = tuple(int(n) for n in vol.image_shape)
+        rel = None
+        if vol.labels is not None:
+            vol = replace(vol, labels=check_session_labels(
+                vol.labels, f"session {folder}: labels '{vol.labels_name}' of the more volume '{vol.image_name}'"))
+            if tuple(vol.labels.shape) != shape:
+                raise M3HLInputError(
+                    f"session {folder}: labels '{vol.labels_name}' {tuple(vol.labels.shape)} do not match the more "
+                    f"volume '{vol.image_name}' {shape}; pick labels painted on that image (nothing was written)")
+            rel = f"{MORE}/{k:02d}_labels.nii.gz"
+        labeled = [int(i) for i in labeled_slices(vol.labels)] if vol.labels is not None and vol.labels.ndim == 3 else []
+        entry = {"image_name": vol.image_name, "image_source": vol.image_source, "image_shape": list(shape),
+                 "labels_name": vol.labels_name if rel else None, "labels_file": rel, "labeled_slices": labeled}
+        out.append((entry, vol, rel))
+    sources = [str(s) for s in [source, *(v.image_source for v in extras)] if s and Path(str(s)).exists()]
+    names = [LABELS, CHECKPOINT, SETTINGS, META, *(rel for _, _, rel in out if rel)]
+    for src in sources if extras else ():  # a session never replaces an image it was made on
+        for name in names:
+            if same_path(folder / name, src):
+                raise M3HLInputError(f"session folder {folder}: its {name} would replace the image {src}; choose "
+                                     "another folder for the session")
+    return out
+
+
+def _write_extra_labels(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]],
+                        target: Callable[[Path], Path] = lambda path: path) -> None:
+    """Write each labeled more volume's map with that volume's geometry to
+    ``target(its file)`` (the file itself: ``save_nifti_labels`` writes it
+    atomically; or a staged temporary name, renamed into place by the caller)."""
+    from napari_m3hl.io.nifti import affine_from_spacing, save_nifti_labels
+
+    for _, vol, rel in more:
+        if rel is not None:
+            affine = vol.affine if vol.affine is not None else affine_from_spacing((1.0, 1.0, 1.0))
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_nifti_labels(vol.labels, target(folder / rel), affine, vol.header)
+
+
+def _remove_stale_extras(folder: Path, more: list[tuple[dict[str, Any], SessionVolume, str | None]]) -> None:
+    """Remove the more volumes' label maps of an earlier save that ``session.json`` no longer lists
+    (only files named as :func:`save_session` names them), and ``more/`` when it is left empty."""
+    keep = {rel for _, _, rel in more if rel}
+    sub = folder / MORE
+    if not sub.is_dir():
+        return
+    for path in sub.iterdir():
+        if MORE_LABELS.match(path.name) and f"{MORE}/{path.name}" not in keep and path.is_file():
+            path.unlink()
+    if not any(sub.iterdir()):
+        sub.rmdir()

@@ -188,6 +188,27 @@ class DataPanel(QGroupBox):
             out.append((r.layer, lab if isinstance(lab, Labels) else None))
         return out
 
+    def ticked_volumes(self) -> list[tuple[Image, Labels | None]]:
+        """The ticked rows in their order: (image, its labels layer, or None: unlabeled)."""
+        return self._ticked()
+
+    def tick_volume(self, image: Image, labels: Labels | None) -> bool:
+        """Tick the row of ``image`` and pick ``labels`` (None: unlabeled), as
+        the user does; False when ``image`` has no row or ``labels`` is not
+        offered there (another shape)."""
+        rows = [r for r in self.extra_rows if lc.same_layer(r.layer, image)]
+        if not rows:
+            self._refresh_extra_choices()  # a layer added in this turn
+            rows = [r for r in self.extra_rows if lc.same_layer(r.layer, image)]
+        if not rows:
+            return False
+        want = labels.name if labels is not None else UNLABELED
+        if rows[0].labels.findText(want) < 0:
+            return False
+        rows[0].labels.setCurrentText(want)
+        rows[0].check.setChecked(True)
+        return True
+
     def image_layer(self) -> Image | None:
         """The picked image layer, if it is still in the viewer."""
         lay = self.image_picker.value if self.image_combo.currentIndex() >= 0 else None

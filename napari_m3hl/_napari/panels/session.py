@@ -3,9 +3,11 @@
 :class:`SessionPanel` (on the shared :class:`napari_m3hl._napari.panels.state.PanelState`) writes and
 reads a session folder (:mod:`napari_m3hl.io.session`: the labels with the
 image's geometry, the checkpoint, the panel's settings, the run history) in
-workers; every Train autosaves the labels to it. Everything here runs in the
-GUI thread and only starts workers; an opened session's labels come back as
-a new layer, never over an open one.
+workers; every Train autosaves the labels to it. The ticked rows of Data ▸
+More volumes are saved with it (each image's name, file and shape, and the
+labels of a labeled one) and ticked again when it is reopened. Everything
+here runs in the GUI thread and only starts workers; an opened session's
+labels come back as new layers, never over open ones.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Labels
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog, QGroupBox, QLabel, QPushButton, QVBoxLayout
 
 from napari_m3hl import __version__
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl._napari.layers import control as lc
-from napari_m3hl._napari.run.file_jobs import SessionOpened, SessionSnapshot
+from napari_m3hl._napari.run.file_jobs import ExtraSnapshot, SessionOpened, SessionSnapshot
 from napari_m3hl.app.plan import StartMode
 from napari_m3hl._napari.panels.layout import row
 from napari_m3hl._napari.panels.slots import on_signal
@@ -110,7 +112,8 @@ class SessionPanel(QGroupBox):
                     "metadata": {k: labels.metadata[k] for k in ("affine", "header") if k in labels.metadata}}
         return SessionSnapshot(folder=Path(folder), labels=np.array(labels.data, dtype=np.uint8, copy=True),
                                geometry=geometry, settings=self.session_settings(), meta=meta,
-                               checkpoint=self.st.runner.checkpoint if with_checkpoint else None)
+                               checkpoint=self.st.runner.checkpoint if with_checkpoint else None,
+                               extras=[extra_snapshot(img, lab) for img, lab in self.st.data_panel.ticked_volumes()])
 
     def autosave_snapshot(self) -> SessionSnapshot:
         """What Train autosaves (labels and settings, no checkpoint) to :meth:`autosave_folder`."""
@@ -217,6 +220,75 @@ class SessionPanel(QGroupBox):
             self.st.outputs.predict(image=image)
         self.st.status(f"Session {sess.folder} opened: '{labels.name}' on '{image.name}', {what}. "
                      f"{self.st.data_panel.info_label.text()}")
+        if sess.extras:
+            self._restore_more_volumes(opened, image, labels, names)
+
+    def _find_extra_image(self, k: int, opened: SessionOpened, taken: list[Image | None]) -> Image | None:
+        """The image layer of the session's more volume ``k``: an open one of its
+        file and shape, else its file as read by the worker (added now), else an
+        open one of its name and shape; ``taken``: layers that are already another volume's."""
+        vol, read = opened.session.extras[k], opened.extra_images[k] if k < len(opened.extra_images) else None
+        fits = [lay for lay in self.st.viewer.layers if isinstance(lay, Image) and not lc.is_overlay(lay)
+                and tuple(lay.data.shape) == vol.image_shape and not any(lc.same_layer(lay, t) for t in taken)]
+        for lay in fits:
+            if vol.image_source and str(lay.metadata.get("source_path")) == str(vol.image_source):
+                return lay
+        if read is not None and tuple(np.shape(read[0])) == vol.image_shape:
+            return self.st.viewer.add_image(read[0], **read[1])
+        return next((lay for lay in fits if lay.name == vol.image_name), None)
+
+    def _restore_more_volumes(self, opened: SessionOpened, main_image: Image, main_labels: Labels,
+                              names: tuple[str, ...]) -> None:
+        """Bring back the session's more volumes, one layer added per event-loop
+        turn (:meth:`RunController.later`): each image (found or added), each
+        saved label map as a new labels layer, then their rows ticked. A volume
+        whose image is neither open nor readable is skipped and named."""
+        sess = opened.session
+        images: list[Image | None] = [None] * len(sess.extras)
+        labels: list[Labels | None] = [None] * len(sess.extras)
+
+        def find(k: int) -> None:
+            images[k] = self._find_extra_image(k, opened, [main_image, *images])
+
+        def add_labels(k: int) -> None:
+            vol, image = sess.extras[k], images[k]
+            if image is None or vol.labels is None or not lc.layer_in(self.st.viewer, image):
+                return
+            name = vol.labels_name or f"{image.name} labels"
+            if name in self.st.viewer.layers:
+                name = f"{name} (session {time.strftime('%H:%M:%S')})"
+            labels[k] = lc.add_class_labels(self.st.viewer, vol.labels, name, names, like=image)
+            labels[k].n_edit_dimensions = 2
+
+        def tick() -> None:
+            dp, ticked, skipped = self.st.data_panel, [], []
+            dp.refresh_layers()
+            for k, vol in enumerate(sess.extras):
+                image = images[k]
+                if image is not None and lc.layer_in(self.st.viewer, image) and dp.tick_volume(image, labels[k]):
+                    ticked.append(f"'{image.name}'" + (f" with '{labels[k].name}'" if labels[k] is not None else
+                                                       " unlabeled"))
+                    continue
+                why = (opened.extra_errors[k] if k < len(opened.extra_errors) else None) or (
+                    "not open and its file was not found" if vol.image_source else "not open (it came from no file)")
+                kept = f"; its labels stay in {vol.labels_file}" if vol.labels_file is not None else ""
+                skipped.append(f"'{vol.image_name}' ({vol.image_source or 'no file'}, {vol.image_shape}): {why}{kept}")
+            if lc.layer_in(self.st.viewer, main_labels):
+                self.st.viewer.layers.selection.active = main_labels
+            dp.update_info()
+            self.st.update_buttons()
+            done = f"Session {sess.folder}: {len(ticked)} more volume(s) ticked under Data ▸ More volumes" + (
+                f" ({', '.join(ticked)})" if ticked else "")
+            if skipped:
+                self.st.warn(f"{done}; skipped {'; '.join(skipped)}. Open the image, tick it under Data ▸ More "
+                             "volumes and pick its labels.")
+            else:
+                self.st.status(f"{done}. {dp.info_label.text()}")
+
+        steps = []
+        for k in range(len(sess.extras)):
+            steps += [lambda k=k: find(k), lambda k=k: add_labels(k)]
+        self.st.runner.later("open session: more volumes", *steps, tick)
 
     def autosave_folder(self) -> Path:
         """Where Train autosaves: the chosen session folder, else ``<run folder>/session``."""
@@ -225,3 +297,16 @@ class SessionPanel(QGroupBox):
     def show_session_folder(self, autosave_only: bool = False) -> None:
         what = "Session folder (autosave)" if autosave_only else "Session folder"
         self.session_label.setText(breakable(f"{what}: {self.autosave_folder()}"))
+
+
+def extra_snapshot(image: Image, labels: Labels | None) -> ExtraSnapshot:
+    """A ticked More volumes row as plain data: the image's name, file and
+    shape and a copy of its labels layer with that layer's geometry (the
+    image's where the labels layer has no NIfTI affine/header)."""
+    if labels is None:
+        return ExtraSnapshot(image.name, tuple(image.data.shape), image.metadata.get("source_path"))
+    metadata = {k: labels.metadata.get(k, image.metadata.get(k)) for k in ("affine", "header")
+                if k in labels.metadata or k in image.metadata}
+    geometry = {"scale": tuple(labels.scale), "translate": tuple(labels.translate), "metadata": metadata}
+    return ExtraSnapshot(image.name, tuple(image.data.shape), image.metadata.get("source_path"), labels.name,
+                         np.array(labels.data, copy=True), geometry)

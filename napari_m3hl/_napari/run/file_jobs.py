@@ -13,12 +13,30 @@ from napari_m3hl.errors import M3HLInputError
 
 
 @dataclass
+class ExtraSnapshot:
+    """One ticked row of Data ▸ More volumes, as plain data taken in the GUI thread.
+
+    ``image_shape``: the image layer's shape; ``image_source``: its file (None:
+    none); ``labels``: copy of the row's labels layer (None: unlabeled);
+    ``geometry``: that layer's ``scale``/``translate``/``metadata``, as
+    :attr:`SessionSnapshot.geometry`."""
+
+    image_name: str
+    image_shape: tuple[int, ...]
+    image_source: str | None = None
+    labels_name: str | None = None
+    labels: np.ndarray | None = None
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SessionSnapshot:
     """A session folder's content, as plain data taken in the GUI thread.
 
     ``labels``: copy of the user's whole Labels layer; ``geometry``: its
     ``scale``/``translate``/``metadata`` (NIfTI affine and header);
-    ``checkpoint``: a checkpoint file to copy in (None: keep the folder's).
+    ``checkpoint``: a checkpoint file to copy in (None: keep the folder's);
+    ``extras``: the ticked more volumes.
     """
 
     folder: Path
@@ -27,6 +45,7 @@ class SessionSnapshot:
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    extras: list[ExtraSnapshot] = field(default_factory=list)
 
 
 @dataclass
@@ -75,6 +94,11 @@ class SessionOpened:
     session: Any  # napari_m3hl.io.session.Session
     image: tuple | None = None  # (data, kwargs, "image") from the NIfTI reader
     kind: str | None = None  # the session checkpoint's napari_m3hl.io.checkpoint.run_kind (None: no checkpoint)
+    #: per more volume of the session (``session.extras``): its image read from its source file
+    #: when that file was not open and exists, else None
+    extra_images: list[tuple | None] = field(default_factory=list)
+    #: per more volume: why its source file could not be read (None: read, open already, or no file)
+    extra_errors: list[str | None] = field(default_factory=list)
 
 
 
@@ -85,8 +109,34 @@ def save_session_job(snap: SessionSnapshot) -> str:
 
     affine, header, _ = geometry_from_meta(snap.geometry, np.ndim(snap.labels))
     folder = save_session(snap.folder, snap.labels, affine, header, checkpoint=snap.checkpoint,
-                          settings=snap.settings, meta=snap.meta)
+                          settings=snap.settings, meta=snap.meta, extras=[_session_volume(e) for e in snap.extras])
     return str(folder)
+
+
+def _session_volume(extra: ExtraSnapshot) -> Any:
+    """The :class:`napari_m3hl.io.session.SessionVolume` of a More volumes row (its labels' NIfTI geometry)."""
+    from napari_m3hl.io.session import SessionVolume
+    from napari_m3hl._napari._writer import geometry_from_meta
+
+    affine = header = None
+    if extra.labels is not None:
+        affine, header, _ = geometry_from_meta(extra.geometry, np.ndim(extra.labels))
+    return SessionVolume(extra.image_name, tuple(extra.image_shape), extra.image_source, extra.labels_name,
+                         extra.labels, affine, header)
+
+
+def _read_source_image(src: str | None, name: str | None, open_sources: Sequence[str]) -> tuple | None:
+    """The image file ``src`` through the plugin's reader, as (data, kwargs, "image") named ``name``,
+    when it is not among ``open_sources`` and exists; else None."""
+    if not src or str(src) in set(map(str, open_sources)) or not Path(src).is_file():
+        return None
+    from napari_m3hl._napari._reader import read_nifti
+
+    data, kwargs, layer_type = read_nifti(str(src))[0]
+    if layer_type != "image":
+        return None
+    kwargs["name"] = name or kwargs.get("name")
+    return data, kwargs, layer_type
 
 
 def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> SessionOpened:
@@ -106,7 +156,16 @@ def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> Se
         if layer_type == "image":
             kwargs["name"] = sess.meta.get("image_name", kwargs.get("name"))
             image = (data, kwargs, layer_type)
-    return SessionOpened(sess, image, kind)
+    extra_images: list[tuple | None] = []
+    extra_errors: list[str | None] = []
+    for vol in sess.extras:  # a more volume whose file cannot be read is left out, not the session
+        try:
+            extra_images.append(_read_source_image(vol.image_source, vol.image_name, open_sources))
+            extra_errors.append(None)
+        except (M3HLInputError, OSError) as exc:
+            extra_images.append(None)
+            extra_errors.append(str(exc))
+    return SessionOpened(sess, image, kind, extra_images, extra_errors)
 
 
 def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channels: int = 1) -> dict[str, Any]:
