@@ -200,16 +200,23 @@ def save_session(
             MORE_KEY: [entry for entry, _, _ in more]}
     # every file is written to a temporary name first and all are renamed into place only when all are
     # complete: a failed write (a full disk) leaves the folder's earlier session whole and no partial file
-    with contextlib.ExitStack() as staged:
-        def stage(path: Path) -> Path:  # a temporary name beside ``path``, renamed onto it as the block ends
-            return staged.enter_context(atomic_path(path, suffix=nifti_suffix(path) if is_nifti_name(path) else ".tmp"))
+    had_more = (folder / MORE).is_dir()
+    try:
+        with contextlib.ExitStack() as staged:
+            def stage(path: Path) -> Path:  # a temporary name beside ``path``, renamed onto it as the block ends
+                suffix = nifti_suffix(path) if is_nifti_name(path) else ".tmp"
+                return staged.enter_context(atomic_path(path, suffix=suffix))
 
-        save_nifti_labels(labels, stage(folder / LABELS), affine, header)
-        _write_extra_labels(folder, more, target=stage)
-        if src is not None:
-            shutil.copyfile(src, stage(folder / CHECKPOINT))
-        stage(folder / SETTINGS).write_text(json.dumps(settings or {}, indent=2, default=str))
-        stage(folder / META).write_text(json.dumps(info, indent=2, default=str))
+            save_nifti_labels(labels, stage(folder / LABELS), affine, header)
+            _write_extra_labels(folder, more, target=stage)
+            if src is not None:
+                shutil.copyfile(src, stage(folder / CHECKPOINT))
+            stage(folder / SETTINGS).write_text(json.dumps(settings or {}, indent=2, default=str))
+            stage(folder / META).write_text(json.dumps(info, indent=2, default=str))
+    except BaseException:
+        if not had_more and (folder / MORE).is_dir() and not any((folder / MORE).iterdir()):
+            (folder / MORE).rmdir()  # made for this save's maps, none of which was kept
+        raise
     _remove_stale_extras(folder, more)
     return folder
 
