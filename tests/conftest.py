@@ -24,6 +24,34 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture
+def one_batch(monkeypatch):
+    """``train()`` sees one fixed batch at every step: its batch maker is
+    stubbed to hand out copies of the first labeled and unlabeled batch it
+    makes (drawn once with a generator seeded 0, augmentation included), and
+    torch runs deterministic algorithms. A run is then a fixed-batch overfit
+    whose losses are the same on every run: a test asserts what gradient
+    descent on one batch guarantees, not what a run happens to learn."""
+    import torch
+
+    from napari_m3hl.training import trainer
+
+    real, made = trainer._make_batch, {}
+
+    def same(samples, config, gen, device, memory_format=torch.contiguous_format):
+        labeled = samples[0][1] is not None
+        if labeled not in made:
+            made[labeled] = real(samples, config, torch.Generator().manual_seed(0), device, memory_format)
+        img, lab = made[labeled]
+        return img.clone(), None if lab is None else lab.clone()
+
+    monkeypatch.setattr(trainer, "_make_batch", same)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield made
+    torch.use_deterministic_algorithms(before)
+
+
 # --------------------------------------------------------------------- GUI
 
 

@@ -9,7 +9,7 @@ import torch
 
 from napari_m3hl.training import events as ev
 from napari_m3hl.fewslice import loop as fs
-from napari_m3hl.io.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from napari_m3hl.io.checkpoint import load_checkpoint, make_payload, save_checkpoint, unfinished_note
 from napari_m3hl.config import TrainConfig, load_preset
 from napari_m3hl.data.phantom_source import phantom_train_data
 from napari_m3hl.errors import M3HLInputError
@@ -136,10 +136,13 @@ def test_early_stop_when_the_segmentation_stops_changing(tmp_path):
     ph = make_phantom(3, shape=SHAPE)
     opts = fs.FewSliceOptions(iterations=8, batch_size=4, check_every=2, device="cpu", early_stop=True,
                               stop_change=1.01)  # any change counts as "stopped changing"
-    out = list(fs.run(fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts)))
+    out = list(fs.run(fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts), out_dir=tmp_path / "run"))
     res = out[-1]
-    assert res.stopped_early and res.iterations == 4 and res.checkpoint is None
+    assert res.stopped_early and res.iterations == 4 and res.checkpoint == str(tmp_path / "run" / "last.pt")
     assert [c.stopping for c in out if isinstance(c, fs.Check)] == [False, True]
+    # the early stop is how such a run is meant to end: its checkpoint counts as a finished run's
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt["completed"] is True and ckpt["iteration"] == 4 and unfinished_note(ckpt, res.checkpoint) is None
 
 
 def test_trainer_hooks_freeze_encoder_and_l2_to_start(tmp_path):

@@ -186,6 +186,47 @@ def test_a_diverged_runs_checkpoint_is_refused_by_predict(env, tmp_path, capsys,
     code, text = _run(["predict", "--checkpoint", tmp_path / "r" / "diverged.pt", "--input", env["scan"], "--output",
                        tmp_path / "o"], capsys)
     assert code == 2 and "diverged" in text and "diverged.pt" in text, text
+    code, text = _run(["evaluate", "--checkpoint", tmp_path / "r" / "diverged.pt", "--data", "phantom", "--limit", "1"],
+                      capsys)
+    assert code == 2 and "diverged" in text and "diverged.pt" in text and "note" not in text, text
+
+
+def test_a_stopped_runs_checkpoint_is_used_with_a_one_line_note(env, tmp_path, capsys, monkeypatch):
+    """A run stopped with Ctrl-C leaves last.pt marked unfinished: predict and
+    evaluate use it and say so in one line; a finished run's files say nothing;
+    the same run's diverged weights stay refused with the reason."""
+    from napari_m3hl.training import trainer
+
+    real = trainer.train
+
+    def ctrl_c(*args, **kwargs):  # the first Ctrl-C: the step finishes, last.pt is saved, the run ends
+        for e in real(*args, **kwargs):
+            yield e
+            if type(e).__name__ == "Progress":
+                kwargs["control"].stop()
+
+    run = ["train", "--data", "phantom", "--batch-size", "4", "--patch-size", "32,32", "--mode", "supervised",
+           "--quiet"]
+    monkeypatch.setattr(trainer, "train", ctrl_c)
+    code, text = _run([*run, "--iterations", "50", "--out", tmp_path / "stopped"], capsys)
+    assert code == 0, text
+    monkeypatch.undo()
+    last = tmp_path / "stopped" / "last.pt"
+    assert load_checkpoint(last)["completed"] is False
+    code, text = _run(["predict", "--checkpoint", last, "--input", env["scan"], "--output", tmp_path / "o"], capsys)
+    notes = [ln for ln in text.splitlines() if "did not finish" in ln]
+    assert code == 0 and (tmp_path / "o" / "scan.nii.gz").is_file(), text
+    assert len(notes) == 1 and notes[0].startswith("m3hl predict: note: checkpoint") and str(last) in notes[0], text
+    assert "of 50" in notes[0] and "stopped or interrupted" in notes[0], notes
+    code, text = _run(["evaluate", "--checkpoint", last, "--data", "phantom", "--limit", "1"], capsys)
+    assert code == 0 and len([ln for ln in text.splitlines() if "m3hl evaluate: note:" in ln]) == 1, text
+
+    code, text = _run([*run, "--iterations", "2", "--val", "--val-every", "1", "--out", tmp_path / "finished"], capsys)
+    assert code == 0, text
+    for name in ("last.pt", "best.pt"):
+        code, text = _run(["predict", "--checkpoint", tmp_path / "finished" / name, "--input", env["scan"],
+                           "--output", tmp_path / f"o_{name}"], capsys)
+        assert code == 0 and "note" not in text, text
 
 
 def test_a_diverging_fewslice_run_is_one_line(env, tmp_path, capsys, monkeypatch):

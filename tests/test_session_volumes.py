@@ -109,3 +109,34 @@ def test_session_without_more_volumes_still_opens(tmp_path):
     s = load_session(folder)
     assert s.extras == [] and s.meta["image_name"] == "main"
     np.testing.assert_array_equal(s.labels, labels)
+
+
+def test_a_save_that_fails_on_a_full_disk_leaves_the_earlier_session_whole(tmp_path, monkeypatch):
+    """The disk fills while the last file (session.json) is written: no file of
+    the folder changes, no temporary file and no new more/ folder is left."""
+    import errno
+    import hashlib
+    from pathlib import Path
+
+    labels, affine = _main()
+    folder = save_session(tmp_path / "s", labels, affine, meta={"image_name": "main"})
+
+    def digest() -> dict:  # every file's content and every folder, hidden ones included
+        return {p.relative_to(folder): p.is_dir() or hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in folder.rglob("*")}
+
+    before = digest()
+    real = Path.write_text
+
+    def disk_fills(self, text, *args, **kwargs):
+        if self.name.startswith(".session.json."):
+            real(self, text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        save_session(folder, _labels((4, 10, 8), 5, [1, 2]), affine, extras=_three_volumes(tmp_path))
+    assert digest() == before
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_session(folder).labels, labels)

@@ -135,21 +135,30 @@ def _score(model, val, **kw):
 
 
 @pytest.mark.parametrize("precision,channels_last", PATHS)
-def test_each_path_trains_and_predicts(phantom, tmp_path, precision, channels_last):
+def test_each_path_trains_and_predicts(phantom, one_batch, tmp_path, precision, channels_last):
+    """Each path trains: with one batch repeated at every step (``one_batch``:
+    seeded, deterministic algorithms) 30 M³HL steps bring the loss under half
+    its first value (measured 0.29 of it in every path); and its checkpoint
+    predicts in the path's own precision and layout what it predicts in fp32,
+    up to rounding."""
     data, val = phantom
-    cfg = load_preset("acdc_unet2d", "paper", patch_size=(64, 64), block_size=(16, 16), batch_size=8, lr=0.05,
-                      lr_schedule="poly", iterations=120, device="cpu", precision=precision,
-                      channels_last=channels_last, checkpoint_every=0)
-    torch.manual_seed(cfg.seed)
-    untrained = _score(build_network("unet2d", 1, 4), val, precision="fp32", channels_last=False)
+    cfg = load_preset("acdc_unet2d", "paper", patch_size=(64, 64), block_size=(16, 16), batch_size=8, lr=0.01,
+                      iterations=30, device="cpu", precision=precision, channels_last=channels_last,
+                      checkpoint_every=0, data_on_device="off")
     evs = list(train(cfg, data, tmp_path))
     losses = [e.losses["total"] for e in evs if isinstance(e, ev.Progress)]
-    assert all(np.isfinite(losses)) and np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert len(losses) == 30 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.5 * losses[0], (precision, channels_last, losses)
     student, _ = load_model(evs[-1].checkpoint)
-    fp32 = _score(student, val, precision="fp32", channels_last=False)
-    fast = _score(student, val, precision=precision, channels_last=channels_last)
-    assert fp32 > untrained + 0.12, (precision, channels_last, untrained, fp32)  # measured: 0.006 -> 0.19..0.23
-    assert abs(fast - fp32) < 0.02  # predicting in the path's own precision / layout agrees
+    for _, img, _ in val:
+        ref, p32 = predict_volume_2d(student, img, patch=(64, 64), precision="fp32", channels_last=False,
+                                     return_probs=True)
+        lab, prob = predict_volume_2d(student, img, patch=(64, 64), precision=precision,
+                                      channels_last=channels_last, return_probs=True)
+        assert np.abs(prob - p32).max() < 0.05, (precision, channels_last)  # bf16 rounds to ~3 digits
+        top2 = np.sort(p32, axis=0)[-2:]
+        clear = top2[1] - top2[0] > 0.1  # away from near-ties, rounding cannot flip the class
+        np.testing.assert_array_equal(lab[clear], ref[clear])
 
 
 def test_paths_compute_the_same_network_and_losses(phantom):
@@ -196,12 +205,29 @@ def test_readback_every_n_steps(phantom):
     assert every2[-1].losses["total"] == pytest.approx(every1[-1].losses["total"], rel=1e-5)
 
 
-def test_divergence_found_inside_a_readback_window(phantom):
+def test_divergence_found_inside_a_readback_window(phantom, monkeypatch):
+    """The loss turns NaN at step 2 (a stubbed step: a certain divergence, not
+    a large learning rate's chance); the read-back after step 3 names step 2."""
+    from napari_m3hl.training import trainer
+
     data, _ = phantom
+    real, steps = trainer.m3hl_losses, []
+
+    def nan_at_step_2(*args, **kwargs):
+        res = real(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            res.losses["total"] = res.losses["total"] * float("nan")
+        return res
+
+    monkeypatch.setattr(trainer, "m3hl_losses", nan_at_step_2)
     cfg = load_preset("acdc_unet2d", "paper", patch_size=(64, 64), block_size=(16, 16), batch_size=4,
-                      iterations=6, device="cpu", readback_every=3, lr=1e12, precision="fp32")
-    with pytest.raises(FloatingPointError, match="diverged at iteration"):
-        list(train(cfg, data))
+                      iterations=6, device="cpu", readback_every=3, precision="fp32")
+    progress = []
+    with pytest.raises(FloatingPointError, match="diverged at iteration 2 "):
+        for e in train(cfg, data):
+            progress.append(e)
+    assert not [e for e in progress if isinstance(e, ev.Progress)] and len(steps) == 3
 
 
 def test_3d_window_sums_on_device_match_fp32_reference():

@@ -1,4 +1,4 @@
-"""The training loop: events, determinism, resume, stop, bad input and that it learns."""
+"""The training loop: events, determinism, resume, stop, bad input and that it learns (a fixed-batch overfit)."""
 from __future__ import annotations
 
 import numpy as np
@@ -114,22 +114,22 @@ def test_bad_input(tiny_data, tmp_path):
         next(train(_cfg(batch_size=6), tiny_data))
 
 
-def test_short_phantom_run_learns(tmp_path):
-    """A short M³HL run on 2 labeled slices per phantom beats the untrained model by a wide margin."""
-    data = phantom_train_data(n_volumes=4, labeled_slices_per_volume=2, seed=0)
-    val = phantom_val_volumes(2, seed=500)
-    cfg = _cfg(iterations=300, patch_size=(128, 128), block_size=(32, 32), batch_size=8)
+@pytest.mark.parametrize("mode", ["supervised", "m3hl"])
+def test_training_overfits_one_repeated_batch(tiny_data, one_batch, mode):
+    """train() learns: with one batch repeated at every step (``one_batch``:
+    seeded, deterministic algorithms) 30 SGD steps bring the loss under half
+    its first value (measured: supervised 2.39 -> 0.48, M³HL 7.28 -> 2.2),
+    every loss is finite, and a second run gives the same losses."""
+    cfg = _cfg(iterations=30, mode=mode, data_on_device="off", precision="fp32", checkpoint_every=0)
 
-    def score(model):
-        return np.mean([[dice(predict_volume_2d(model, img, patch=(128, 128)) == c, lab == c) for c in (1, 2, 3)]
-                        for _, img, lab in val])
+    def losses() -> list[float]:
+        return [e.losses["total"] for e in train(cfg, tiny_data) if isinstance(e, ev.Progress)]
 
-    torch.manual_seed(cfg.seed)
-    untrained = score(build_network("unet2d", 1, 4).eval())
-    fin = list(train(cfg, data, tmp_path))[-1]
-    student, _ = load_model(fin.checkpoint)
-    trained = score(student)
-    assert trained > untrained + 0.4, (untrained, trained)
+    first = losses()
+    assert len(first) == 30 and np.all(np.isfinite(first))
+    assert np.mean(first[-3:]) < 0.5 * first[0], first
+    assert losses() == first
+    assert set(one_batch) == ({True} if mode == "supervised" else {True, False})  # the stub made every batch
 
 
 def test_3d_vnet_training_and_sliding_window(tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_m3hl._napari.panels.annotate import AnnotatePanel
@@ -63,6 +64,9 @@ class M3HLWidget(QWidget):
 
     #: Start the engine's warm-up job when the widget opens.
     warm_up_on_open = True
+    #: How long closing the viewer or the dock waits for a training run to save its checkpoint (ms);
+    #: the GUI is blocked that long at most, a job still running then ends on its own.
+    close_wait_ms = 5000
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", out_dir: str | Path | None = None) -> None:
         super().__init__()
@@ -78,8 +82,12 @@ class M3HLWidget(QWidget):
         self.outputs = st.outputs = Outputs(st)
         self.fine_tune = st.fine_tune = FineTune(st)
         self.run_panel.connect()
-        runner = st.runner
-        self.destroyed.connect(lambda *_: runner.close())  # jobs still running draw nothing any more
+        runner, wait_ms = st.runner, self.close_wait_ms
+        # deleted with its window (napari deletes the main window on close): stop the run, draw nothing more
+        self.destroyed.connect(lambda *_: runner.close(wait_ms))
+        self._docked = False  # placed in a parent (a dock) once
+        self._window: QWidget | None = None  # the top-level window watched for its close (:meth:`eventFilter`)
+        self._window_closing = False  # the user asked the window to close; it may still say no
         self._lay_out(st.panels())
         self.session_panel.show_session_folder(autosave_only=True)
         self.data_panel.refresh_layers()
@@ -87,6 +95,7 @@ class M3HLWidget(QWidget):
         st.update_buttons()
         if self.warm_up_on_open:  # first-use imports and torch set-up now, in a worker, not after Train
             st.runner.warm_up()
+        QTimer.singleShot(0, self._watch_window)  # napari docks the widget after building it
 
     def _lay_out(self, panels: list[QWidget]) -> None:
         """The panels top to bottom in a scroll area, so the dock fits small
@@ -145,3 +154,52 @@ class M3HLWidget(QWidget):
     def cleanup(self, wait_ms: int = 10000) -> None:
         """Stop training (its checkpoint is still written) and wait for workers."""
         self.st.runner.shutdown(wait_ms=wait_ms)
+
+    def close_down(self) -> None:
+        """The viewer or the dock closed: the run is told to stop (it saves its
+        checkpoint, as Stop does), helper jobs quit, nothing is drawn any more,
+        and the GUI waits at most :attr:`close_wait_ms` for them."""
+        window, self._window = self._window, None  # the window's Python object is not kept alive by the widget
+        if window is not None:
+            window.removeEventFilter(self)
+        self.st.runner.close(self.close_wait_ms)
+
+    def _watch_window(self) -> None:
+        """Watch the top-level window holding the dock for its close (:meth:`eventFilter`)."""
+        try:
+            top = self.window()
+        except RuntimeError:  # deleted before the event loop came round
+            return
+        if top is not self and top is not self._window:
+            if self._window is not None:
+                self._window.removeEventFilter(self)
+            top.installEventFilter(self)
+            self._window = top
+
+    def event(self, e: QEvent) -> bool:
+        """The dock's close button takes the widget out of its dock (napari's
+        ``remove_dock_widget`` sets its parent to None): close down then."""
+        if e.type() in (QEvent.ParentChange, QEvent.Show):
+            if self.parent() is not None:
+                self._docked = True
+                self._watch_window()
+            elif self._docked and e.type() == QEvent.ParentChange:
+                self.close_down()
+        return super().event(e)
+
+    def eventFilter(self, obj: QObject, e: QEvent) -> bool:
+        """The window holding the dock closes: ``viewer.close()`` closes it at
+        once (close down now, before any more of a job's results are drawn);
+        a click on its close button may be answered No in napari's dialog, so
+        there the run stops only when the window really hides."""
+        if obj is self._window:
+            if e.type() == QEvent.Close:
+                if e.spontaneous():
+                    self._window_closing = True
+                else:
+                    self.close_down()
+            elif e.type() == QEvent.Hide and self._window_closing and not e.spontaneous():
+                self.close_down()
+            elif e.type() == QEvent.Show:
+                self._window_closing = False
+        return False

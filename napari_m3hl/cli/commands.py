@@ -34,14 +34,18 @@ def _open(args: argparse.Namespace):
     """What every inference command does first: glibc malloc tuning, every core
     for torch, the ``--json`` path checked (when the command has one), then the
     device and the checkpoint. Returns ``(device, checkpoint dict)``."""
-    from napari_m3hl.io.checkpoint import load_checkpoint
+    from napari_m3hl.io.checkpoint import load_checkpoint, unfinished_note
     from napari_m3hl.runtime import resolve_device, set_threads, tune_malloc
 
     tune_malloc()
     set_threads("cli")
     if getattr(args, "json", None):
         checks.check_output_file(args.json, "--json", _inputs(args))
-    return resolve_device(args.device), load_checkpoint(args.checkpoint)
+    device, ckpt = resolve_device(args.device), load_checkpoint(args.checkpoint)
+    note = unfinished_note(ckpt, args.checkpoint)
+    if note:
+        print(f"m3hl {args.command}: {note}", file=sys.stderr)
+    return device, ckpt
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, str | None]:

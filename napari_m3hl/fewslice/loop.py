@@ -439,15 +439,20 @@ def teacher_pseudo_labels(probs: np.ndarray, lcc: bool) -> np.ndarray:
     return pseudo_labels(slices, lcc=lcc, on_device=False).numpy().astype(np.uint8)
 
 
-def attach_start(path: str | Path, start: str | Path, weight: float) -> None:
-    """Add the start model's weights and the blend weight to a fine-tune's
-    checkpoint (rewritten atomically), so :class:`napari_m3hl.inference.predictor.Predictor`
-    segments with the same blend as the loop showed."""
+def finish_checkpoint(path: str | Path, start: str | Path | None, weight: float, early_stop: bool) -> None:
+    """Rewrite a fine-tune's final checkpoint (atomically): with ``start``, add
+    the start model's weights and the blend weight, so
+    :class:`napari_m3hl.inference.predictor.Predictor` segments with the same
+    blend as the loop showed; with ``early_stop`` (the run ended by its early
+    stop rule, the way it is meant to end), mark it ``completed``."""
     from napari_m3hl.io.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(path)
-    ckpt["start"] = blend_partner(load_checkpoint(start))["student"]
-    ckpt["start_blend"] = float(weight)
+    if start is not None:
+        ckpt["start"] = blend_partner(load_checkpoint(start))["student"]
+        ckpt["start_blend"] = float(weight)
+    if early_stop:
+        ckpt["completed"] = True
     ckpt.pop("weights_sha256", None)
     save_checkpoint(path, ckpt)
 
@@ -542,8 +547,9 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                     control.stop()
             if isinstance(e, ev.TrainFinished):
                 final_ckpt, iterations = e.checkpoint, e.iteration
-                if final_ckpt and opts.start_blend > 0:
-                    attach_start(final_ckpt, job.start, opts.start_blend)
+                if final_ckpt and (opts.start_blend > 0 or stopped_early):
+                    finish_checkpoint(final_ckpt, job.start if opts.start_blend > 0 else None, opts.start_blend,
+                                      stopped_early)
             yield e
         results = []
         for v, shown, nets in zip(job.volumes, seg.shown, seg.networks):

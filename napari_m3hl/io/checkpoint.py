@@ -22,9 +22,12 @@ Checkpoints written before the checksum existed load without the check.
 ``diverged`` (True) marks the weights a run saved when its loss became
 NaN or infinite (``diverged.pt``), and ``completed`` whether the run had
 reached its last iteration when the file was written (False for a run
-stopped early or a checkpoint written on the way). :func:`load_checkpoint`
+stopped early or a checkpoint written on the way; a few-slice fine-tune
+ended by its early stop rule counts as completed), ``saved_as`` which of the
+run's files it was written as (``last``, ``best``, ``diverged``). :func:`load_checkpoint`
 refuses non-finite and diverged weights (it checks finiteness itself, so
-older files are covered too): they would segment garbage.
+older files are covered too): they would segment garbage. :func:`unfinished_note`
+says in one line when a run's ``last.pt`` comes from a run that did not finish.
 """
 from __future__ import annotations
 
@@ -243,6 +246,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     _check_digest(ckpt, path)
     _check_finite(ckpt, path)
     return ckpt
+
+
+def unfinished_note(ckpt: dict[str, Any], path: str | Path) -> str | None:
+    """One line when ``ckpt`` was saved by a run that did not reach its last
+    iteration (``completed`` False: stopped, interrupted, or the periodic
+    ``last.pt`` of a run still going); None for a finished run, a run's
+    ``best.pt`` (the best validation score on the way, by design), and files
+    without the flag (model files, older checkpoints). A note, not a refusal:
+    such weights segment, only less trained than the run meant them to be."""
+    if ckpt.get("completed", True) is not False or ckpt.get("saved_as") == "best":
+        return None
+    planned = (ckpt.get("config") or {}).get("iterations")
+    at = f"iteration {int(ckpt.get('iteration', 0))}" + (f" of {int(planned)}" if planned else "")
+    return (f"note: checkpoint {path} comes from a run that did not finish (saved at {at}: stopped or "
+            "interrupted); it is used as it is, less trained than its run planned")
 
 
 def check_compatible(ckpt: dict[str, Any], arch: str, num_classes: int, in_channels: int = 1, source: str = "checkpoint") -> None:

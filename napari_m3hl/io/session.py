@@ -11,12 +11,16 @@ A session folder holds
   image layers trained on too; :class:`SessionVolume`), with that volume's geometry.
 
 Writes go to a temporary file first and are renamed into place, so a crash
-never leaves a half-written session file.
+never leaves a half-written session file; :func:`save_session` renames its
+files only when all of them are written, so a failed save (a full disk)
+leaves the folder's earlier session whole.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from napari_m3hl.errors import M3HLInputError
-from napari_m3hl.io.files import atomic_copy, atomic_write_text, same_path
+from napari_m3hl.io.files import atomic_copy, atomic_path, atomic_write_text, is_nifti_name, nifti_suffix, same_path
 from napari_m3hl.labels import labeled_slices
 
 LABELS = "labels.nii.gz"
@@ -187,25 +191,47 @@ def save_session(
         if source and Path(str(source)).exists() and same_path(folder / name, source):
             raise M3HLInputError(f"session folder {folder}: its {name} would replace the image {source}; choose "
                                  "another folder for the session")
+    from napari_m3hl.io.nifti import save_nifti_labels
+
+    src = _checkpoint_source(folder, checkpoint) if checkpoint is not None else None
     folder.mkdir(parents=True, exist_ok=True)
-    save_labels(folder, labels, affine, header)
-    _write_extra_labels(folder, more)
-    if checkpoint is not None:
-        _copy_checkpoint(folder, checkpoint)
-    atomic_write_text(folder / SETTINGS, json.dumps(settings or {}, indent=2, default=str))
     labeled = [int(i) for i in labeled_slices(labels)] if labels.ndim == 3 else []
     info = {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "labeled_slices": labeled, **(meta or {}),
             MORE_KEY: [entry for entry, _, _ in more]}
-    atomic_write_text(folder / META, json.dumps(info, indent=2, default=str))
+    # every file is written to a temporary name first and all are renamed into place only when all are
+    # complete: a failed write (a full disk) leaves the folder's earlier session whole and no partial file
+    had_more = (folder / MORE).is_dir()
+    try:
+        with contextlib.ExitStack() as staged:
+            def stage(path: Path) -> Path:  # a temporary name beside ``path``, renamed onto it as the block ends
+                suffix = nifti_suffix(path) if is_nifti_name(path) else ".tmp"
+                return staged.enter_context(atomic_path(path, suffix=suffix))
+
+            save_nifti_labels(labels, stage(folder / LABELS), affine, header)
+            _write_extra_labels(folder, more, target=stage)
+            if src is not None:
+                shutil.copyfile(src, stage(folder / CHECKPOINT))
+            stage(folder / SETTINGS).write_text(json.dumps(settings or {}, indent=2, default=str))
+            stage(folder / META).write_text(json.dumps(info, indent=2, default=str))
+    except BaseException:
+        if not had_more and (folder / MORE).is_dir() and not any((folder / MORE).iterdir()):
+            (folder / MORE).rmdir()  # made for this save's maps, none of which was kept
+        raise
     _remove_stale_extras(folder, more)
     return folder
 
 
-def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
+def _checkpoint_source(folder: Path, checkpoint: str | Path) -> Path | None:
+    """The checkpoint file to copy into ``folder`` (None: it is the folder's own ``checkpoint.pt``)."""
     src = Path(checkpoint)
     if not src.is_file():
         raise M3HLInputError(f"checkpoint {src} does not exist; train first or choose another file")
-    if src.resolve() != (folder / CHECKPOINT).resolve():
+    return None if src.resolve() == (folder / CHECKPOINT).resolve() else src
+
+
+def _copy_checkpoint(folder: Path, checkpoint: str | Path) -> None:
+    src = _checkpoint_source(folder, checkpoint)
+    if src is not None:
         atomic_copy(src, folder / CHECKPOINT)
 
 

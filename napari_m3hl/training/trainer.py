@@ -276,6 +276,7 @@ def train(
         payload = make_payload(
             config, student, teacher, None if model_only else optimizer, iteration, rng,
             class_names_data=list(data.class_names), completed=kind != "diverged" and iteration >= config.iterations,
+            saved_as=kind,
             **({"diverged": True} if kind == "diverged" else {}),
         )
         return str(save_checkpoint(out / f"{kind}.pt", payload))

@@ -141,7 +141,7 @@ class SessionPanel(QGroupBox):
 
         self.st.runner.save_session(snap, connect={
             "returned": saved,
-            "errored": lambda exc: self.st.error(describe_error(exc, "Saving the session")),
+            "errored": lambda exc: self.st.error(describe_error(exc, f"Saving the session to {folder}")),
         })
         return True
 

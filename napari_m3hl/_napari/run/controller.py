@@ -10,6 +10,7 @@ means only the user's session folder, :mod:`napari_m3hl.io.session`.)
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -45,16 +46,21 @@ class RunController:
         self._workers: dict = {}  # running worker → its job's name
         self._later: dict[int, str] = {}  # GUI steps queued by :meth:`later` → their names
         self.closed = False  # the panel was closed (:meth:`close`)
+        self.train_ended: threading.Event | None = None  # set when the latest training worker finished
 
     # ---------------------------------------------------------------- workers
     def _start(self, func: Callable, *args: Any, connect: dict[str, Handler], train: bool = False, **kwargs: Any):
         """Start job ``func`` in a worker; known as running (and as the training
         run when ``train``) before it starts, until it finished."""
+        from qtpy.QtCore import Qt
+
         connect = {name: self._while_open(handler) for name, handler in connect.items()}
         worker = start_worker(func, *args, connect=connect, on_finished=[self._done], start=False, **kwargs)
         self._workers[worker] = func.__name__
         if train:
             self.train_worker = worker
+            self.train_ended = threading.Event()  # set in the worker's thread: a close waits on it, not on the GUI
+            worker.finished.connect(self.train_ended.set, Qt.DirectConnection)
         job_pool().start(worker)
         return worker
 
@@ -66,9 +72,21 @@ class RunController:
 
         return call
 
-    def close(self) -> None:
-        """The panel is gone: the running jobs' results are not drawn any more."""
+    def close(self, wait_ms: int = 0) -> bool:
+        """The panel is gone: the running jobs' results are not drawn any more,
+        the run is told to stop (it saves its checkpoint, as Stop does), helper
+        jobs are asked to quit, and the GUI waits up to ``wait_ms`` for the
+        training worker to finish (helpers are not waited for: their results
+        are dropped). True when no training worker is left running. A second
+        call does nothing."""
+        if self.closed:
+            return True
         self.closed = True
+        self.shutdown()
+        ended = self.train_ended
+        if ended is None or ended.is_set():
+            return True
+        return ended.wait(wait_ms / 1000) if wait_ms else False
 
     def _done(self, worker: Any) -> None:
         self._workers.pop(worker, None)
@@ -217,11 +235,12 @@ class RunController:
         self.control = TrainControl()
         return self._start(fewslice_job, req, self.control, connect=connect, train=True)
 
-    def shutdown(self, wait_ms: int = 0) -> None:
-        """Stop the run (it still saves its checkpoint) and ask helpers to quit."""
+    def shutdown(self, wait_ms: int = 0) -> bool:
+        """Stop the run (it still saves its checkpoint) and ask helpers to quit;
+        wait up to ``wait_ms`` for them. True when every job finished (the
+        training worker is not quit: that would end it before it saves)."""
         self.stop()
         for w in list(self._workers):
             if w is not self.train_worker:
                 w.quit()
-        if wait_ms:
-            await_workers(wait_ms)
+        return await_workers(wait_ms) if wait_ms else not self._workers

@@ -170,7 +170,7 @@ def open_session_job(folder: str | Path, open_sources: Sequence[str] = ()) -> Se
 
 def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channels: int = 1) -> dict[str, Any]:
     """Worker function: read a checkpoint and check it fits the data; returns a summary."""
-    from napari_m3hl.io.checkpoint import check_compatible, load_checkpoint, run_kind
+    from napari_m3hl.io.checkpoint import check_compatible, load_checkpoint, run_kind, unfinished_note
 
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, arch, num_classes, in_channels, source=str(path))
@@ -182,6 +182,7 @@ def load_checkpoint_job(path: str | Path, arch: str, num_classes: int, in_channe
         "resumable": "optimizer" in ckpt,
         "config": ckpt.get("config", {}),
         "kind": run_kind(ckpt),
+        "note": unfinished_note(ckpt, path),
     }
 
 

@@ -228,7 +228,9 @@ class Outputs:
         self.st.model_panel.start_path.setText(info["path"])
         self.st.model_panel.set_start_mode(StartMode.FINE_TUNE)
         self.st.update_buttons()
-        self.st.status(
-            f"Loaded {info['path']} (iteration {info['iteration']}, classes {', '.join(info['class_names'])}): "
-            "Predict uses it, Train fine-tunes from it."
-        )
+        text = (f"Loaded {info['path']} (iteration {info['iteration']}, classes {', '.join(info['class_names'])}): "
+                "Predict uses it, Train fine-tunes from it.")
+        if info.get("note"):  # a run that did not finish: said, not refused
+            self.st.warn(f"{text} {info['note'][0].upper()}{info['note'][1:]}.")
+        else:
+            self.st.status(text)

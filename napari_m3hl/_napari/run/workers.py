@@ -10,6 +10,7 @@ of memory, divergence, anything else with the checkpoint that is left).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 from typing import Any, Callable, Iterator, Sequence
@@ -78,6 +79,10 @@ def describe_error(exc: BaseException, what: str = "Training", batch_size: int |
         return str(exc)
     if isinstance(exc, FloatingPointError):
         return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return (f"{what} failed: the disk is full (no space left on the device). Free some space or choose a "
+                "folder on another disk, then try again; files are written whole or not at all, so what was there "
+                "before is intact. Your layers are unchanged.")
     left = f" The last checkpoint is {checkpoint}." if checkpoint else ""
     return f"{what} failed: {exc.__class__.__name__}: {exc}. Your layers are unchanged.{left}"
 
