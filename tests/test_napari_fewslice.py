@@ -157,3 +157,29 @@ def test_overlay_layers_leave_the_selection_and_paint_tools_alone(make_widget, q
     assert not any(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS)
     seg.mode = "paint"  # the user picks the brush
     qtbot.waitUntil(lambda: all(seg._overlays[k].visible for k in lc.PAINT_OVERLAYS), timeout=5000)
+
+
+def test_the_fewslice_train_takes_every_core(make_widget, qtbot, errors, monkeypatch):
+    """The widget's few-slice Train trains with every core the process may use
+    (``runtime.thread_count("gui_fewslice")``): the measured choice that makes the
+    GUI's path as fast as the engine's; the threads are restored afterwards."""
+    import os
+
+    from napari_m3hl.fewslice import loop as fs
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    seen: list[int] = []
+    real_run = fs.run
+
+    def run(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        yield from real_run(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "run", run)
+    before = torch.get_num_threads()
+    viewer, w = make_widget()
+    train_and_wait(qtbot, w)
+    assert w.last_error == "" and errors == []
+    assert seen == [3]  # all three cores, not one left to the GUI as for a long run
+    assert torch.get_num_threads() == before

@@ -111,6 +111,7 @@ def test_set_threads_roles(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
         assert runtime.set_threads("cli") == 4 and torch.get_num_threads() == 4
         assert runtime.set_threads("gui") == 3
+        assert runtime.set_threads("gui_fewslice") == 4  # the widget's few-slice Train takes every core
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
         assert runtime.set_threads("gui") == 1  # never 0
         monkeypatch.setenv("OMP_NUM_THREADS", "2")

@@ -231,7 +231,7 @@ class RunController:
         if self.training:
             raise M3HLInputError("a training run is already going; stop it first")
         if req.cpu_threads is None:
-            req.cpu_threads = _jobs.gui_cpu_threads()
+            req.cpu_threads = _jobs.fewslice_cpu_threads()
         self.control = TrainControl()
         return self._start(fewslice_job, req, self.control, connect=connect, train=True)
 

@@ -110,6 +110,16 @@ def gui_cpu_threads() -> int:
     return thread_count("gui")
 
 
+def fewslice_cpu_threads() -> int:
+    """Torch CPU threads for the widget's few-slice Train: every core
+    (``runtime.thread_count("gui_fewslice")``, where the measurement is cited):
+    a short fine-tune whose GUI side draws little, so the GUI path is as fast
+    as the engine's own."""
+    from napari_m3hl.runtime import thread_count
+
+    return thread_count("gui_fewslice")
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run with ``torch.set_num_threads(n)`` (None: unchanged), restored afterwards."""
