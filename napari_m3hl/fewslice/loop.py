@@ -48,8 +48,10 @@ statistics segmented nothing, and with a frozen teacher the student still
 collapsed in the first steps), 100 iterations at lr 0.01, the student
 segmenting, blended with the start model at weight 0.6, min–max intensity
 scaling (as the ACDC training data). The M³HL mode's teacher default (EMA
-0.99 with averaged BatchNorm statistics, ``teacher_bn="ema"``) is not
-measured yet.
+0.99 with averaged BatchNorm statistics, ``teacher_bn="ema"``) drifts down
+with the student and ends no better than the frozen start model as teacher
+(``benchmarks/fewslice_m3hl_step.py``: the mixed images themselves, not the
+teacher, are what the student loses its footing on from a strong start).
 """
 from __future__ import annotations
 
