@@ -59,6 +59,7 @@ class TrainConfig:
     mix_weight: float = 1.0  # weight of L_mix (0.5 in the reference code)
     use_mix: bool = True  # L_mix (False: supervised loss on the labeled images instead)
     use_hl: bool = True  # L_HL
+    sup_weight: float = 0.0  # weight of CE + Dice on the labeled images unmixed, beside L_mix (0: the paper's step)
     low_tap: str = "low_enc"  # low_enc (paper) | low_dec (reference code)
     # teacher
     ema_decay: float = 0.99
@@ -153,7 +154,7 @@ class TrainConfig:
                 f"{n_blocks} block(s) and would take {'nothing' if k == 0 else 'everything'} from the labeled "
                 f"image; use smaller blocks, e.g. {derive_block(self.patch_size)}"
             )
-        for name in ("lr", "alpha", "lam", "mix_weight", "momentum", "weight_decay", "ema_decay"):
+        for name in ("lr", "alpha", "lam", "mix_weight", "sup_weight", "momentum", "weight_decay", "ema_decay"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise M3HLInputError(f"{name} must be a finite number >= 0, got {v}")

@@ -156,6 +156,37 @@ def test_the_step_mixes_images_and_targets_as_eq_2():
     torch.testing.assert_close(targets[1], torch.where(m.bool(), lab_l[1], plab[1]))
 
 
+def test_sup_weight_adds_the_labeled_images_unmixed_and_leaves_the_paper_step_alone():
+    """``sup_weight`` adds sup_weight·(CE + Dice) of the student on the labeled
+    images unmixed (in one forward with the mixed ones, in training mode); the
+    mix and feature terms stay those of the paper's step with the same mask,
+    and 0 (the default) is the paper's step exactly."""
+    from napari_m3hl.method.losses import seg_loss
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(patch_size=(32, 32), block_size=(8, 8), batch_size=4, iterations=1, mode="m3hl",
+                      teacher_mode="eval", teacher_bn="copy")
+    student, teacher = build_network("unet2d", 1, 4), build_network("unet2d", 1, 4)
+    student.eval()  # no dropout or batch statistics: the same network output whatever else is in the batch
+    student.train = lambda mode=True: student  # keep it so inside the step
+    img_l, img_u = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    lab_l = torch.randint(0, 4, (2, 32, 32))
+    mask = (torch.rand(1, 32, 32) > 0.5).float()
+    paper = m3hl_losses(cfg, student, teacher, img_l, lab_l, img_u, None, contextlib.nullcontext, mask=mask)
+    assert "sup" not in paper.losses
+    tied = m3hl_losses(cfg.replace(sup_weight=0.7), student, teacher, img_l, lab_l, img_u, None,
+                       contextlib.nullcontext, mask=mask)
+    with torch.no_grad():
+        expected = seg_loss(student(img_l).logits, lab_l)
+    torch.testing.assert_close(tied.losses["sup"].detach(), expected)
+    for key in ("mix", "low", "high"):
+        torch.testing.assert_close(tied.losses[key].detach(), paper.losses[key].detach())
+    torch.testing.assert_close(tied.losses["total"].detach(),
+                               (paper.losses["total"] + 0.7 * tied.losses["sup"]).detach())
+    with pytest.raises(M3HLInputError, match="sup_weight"):
+        cfg.replace(sup_weight=-1.0).validate()
+
+
 def test_block_size_follows_the_start_models_input():
     assert fs.scaled_block({"block_size": (64, 64), "patch_size": (256, 256)}, (128, 128)) == (32, 32)
     assert fs.scaled_block({}, (256, 224)) == (64, 56)  # the paper's quarter of each axis

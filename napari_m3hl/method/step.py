@@ -12,6 +12,10 @@ halves of n = B/4):
 5. L = mix_weight·L_mix + λ·(L_low + L_high); SGD step; EMA update
    (the last two in :func:`napari_m3hl.training.trainer.train`).
 
+``config.sup_weight > 0`` (not in the paper; for fine-tuning a trained model)
+adds ``sup_weight·(CE + Dice)`` of the labeled images unmixed, which then go
+through the student in the same forward as the mixed ones.
+
 Speed (``config.precision``, ``channels_last``, ``readback_every``; see
 :class:`StepSetup`): the step runs on the training device, 2D nets and
 batches are NHWC (channels_last), the forward passes run under bf16 autocast
@@ -153,13 +157,17 @@ def m3hl_losses(
     losses: dict[str, torch.Tensor] = {}
     student.train()
     if config.use_mix:
+        anchored = config.sup_weight > 0  # the labeled images unmixed ride in the same forward (and BatchNorm batch)
         with autocast():
-            s_out = student(torch.cat([mix_u, mix_l]))
-        logits_u, logits_l = s_out.logits[:n], s_out.logits[n:]
+            s_out = student(torch.cat([mix_u, mix_l, img_l]) if anchored else torch.cat([mix_u, mix_l]))
+        logits_u, logits_l = s_out.logits[:n], s_out.logits[n:2 * n]
         losses["mix"] = mix_loss(logits_u, tgt_u, m, alpha, 1.0) + mix_loss(logits_l, tgt_l, m, 1.0, alpha)
         total = config.mix_weight * losses["mix"]
+        if anchored:
+            losses["sup"] = seg_loss(s_out.logits[2 * n:], lab_l)
+            total = total + config.sup_weight * losses["sup"]
         s_feats = s_out.features
-        f_mix = (s_feats[tap][:n], s_feats[tap][n:]), (s_feats["high"][:n], s_feats["high"][n:])
+        f_mix = (s_feats[tap][:n], s_feats[tap][n:2 * n]), (s_feats["high"][:n], s_feats["high"][n:2 * n])
     else:  # HL-only ablation: supervised loss on the labeled images, mixed images for L_HL only
         with autocast():
             s_out = student(torch.cat([img_l, mix_u, mix_l]))
