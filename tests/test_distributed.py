@@ -42,6 +42,16 @@ def torchrun(nproc: int, *argv: str, timeout: float = 240) -> subprocess.Complet
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _why(r: subprocess.CompletedProcess) -> str:
+    """A failed run's stderr for the assertion message: from the first fatal
+    error of a child (a crash prints it long before the launcher's own
+    traceback, which the tail holds) plus the tail."""
+    err = r.stderr
+    i = err.find("Fatal Python error")
+    head = err[i:i + 3000] if i >= 0 else ""
+    return f"{head}\n...\n{err[-2000:]}" if head else err[-3000:]
+
+
 def m3hl(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "napari_m3hl", *argv], env=_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -80,7 +90,7 @@ def test_torchrun_train_resume_with_one_process_and_predict(tmp_path):
     out = tmp_path / "run"
     r = torchrun(2, "-m", "napari_m3hl", "train", *TINY, "--iterations", "4", "--set", "checkpoint_every=2",
                  "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r)
     assert "2 processes (gloo): batch 4 per process, global batch 8" in r.stderr
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["distributed"]["global_batch"] == 8 and manifest["distributed"]["world_size"] == 2
@@ -91,7 +101,7 @@ def test_torchrun_train_resume_with_one_process_and_predict(tmp_path):
     assert r.stdout.count("checkpoint:") == 1  # only rank 0 reports
 
     r = m3hl("train", *TINY, "--iterations", "6", "--resume", str(out / "last.pt"), "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r)
     assert "iterations 4→6" in r.stderr
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 6
 
@@ -99,13 +109,13 @@ def test_torchrun_train_resume_with_one_process_and_predict(tmp_path):
     assert r.returncode == 0, r.stderr
     r = m3hl("predict", "--checkpoint", str(out / "last.pt"), "--input", str(tmp_path / "ph" / "phantom_5.nii.gz"),
              "--output", str(tmp_path / "pred"), "--device", "cpu")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r)
     assert (tmp_path / "pred" / "phantom_5.nii.gz").is_file()
 
 
 def test_ranks_hold_identical_student_and_teacher_and_disjoint_data(tmp_path):
     r = torchrun(2, WORKER, str(tmp_path), "--iterations", "4")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r)
     s0, s1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
     assert _states_equal(s0["student"], s1["student"])
     assert _states_equal(s0["teacher"], s1["teacher"])
@@ -119,10 +129,10 @@ def test_ranks_hold_identical_student_and_teacher_and_disjoint_data(tmp_path):
 
 def test_one_process_equals_a_plain_run(tmp_path):
     r = torchrun(1, WORKER, str(tmp_path / "ddp"), "--iterations", "3")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r)
     plain = subprocess.run([sys.executable, WORKER, str(tmp_path / "plain"), "--iterations", "3"], env=_env(),
                            capture_output=True, text=True, timeout=240)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert plain.returncode == 0, _why(plain)
     d = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
     p = torch.load(tmp_path / "plain" / "rank0.pt", weights_only=True)
     assert d["world_size"] == 1 and p["world_size"] == 1
