@@ -59,6 +59,7 @@ class TrainConfig:
     mix_weight: float = 1.0  # weight of L_mix (0.5 in the reference code)
     use_mix: bool = True  # L_mix (False: supervised loss on the labeled images instead)
     use_hl: bool = True  # L_HL
+    mix_dice: str = "regions"  # L_mix's Dice: regions (pooled in M and in 1−M, the reference code) | whole (one Dice, pixels weighted) | none
     sup_weight: float = 0.0  # weight of CE + Dice on the labeled images unmixed, beside L_mix (0: the paper's step)
     low_tap: str = "low_enc"  # low_enc (paper) | low_dec (reference code)
     # teacher
@@ -72,6 +73,7 @@ class TrainConfig:
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
     warm_frac: float = 0.0  # the same as a fraction of `iterations` (used when warm_start is 0; the `fast` variant)
     alpha_rampup: int = 0  # α ramps linearly from 0 over this many M³HL iterations
+    unsup_rampup: int = 0  # L_mix and L_HL ramp linearly from 0 over this many M³HL iterations, sup_weight's term at full weight (fine-tuning; 0 = off)
     # diagnostics
     pl_eval_every: int = 0  # score pseudo-labels against the hidden labels of unlabeled data every N iterations
     pl_eval_samples: int = 64  # unlabeled samples (fixed, seeded) in that score
@@ -164,13 +166,15 @@ class TrainConfig:
             raise M3HLInputError(f"ema_decay must lie in [0, 1], got {self.ema_decay}")
         if self.lr_step < 1 or self.val_every < 0 or self.checkpoint_every < 0:
             raise M3HLInputError("lr_step must be >= 1, val_every and checkpoint_every >= 0")
+        if self.mix_dice not in ("regions", "whole", "none"):
+            raise M3HLInputError(f"mix_dice must be 'regions', 'whole' or 'none', got {self.mix_dice!r}")
         if self.low_tap not in ("low_enc", "low_dec"):
             raise M3HLInputError(f"low_tap must be 'low_enc' or 'low_dec', got {self.low_tap!r}")
         if self.lr_schedule not in ("constant", "poly", "step"):
             raise M3HLInputError(f"lr_schedule must be constant, poly or step, got {self.lr_schedule!r}")
         if self.teacher_mode not in ("eval", "train") or self.teacher_init not in ("copy", "independent"):
             raise M3HLInputError("teacher_mode must be eval|train and teacher_init copy|independent")
-        for name in ("warm_start", "alpha_rampup", "pl_eval_every", "pl_eval_samples"):
+        for name in ("warm_start", "alpha_rampup", "unsup_rampup", "pl_eval_every", "pl_eval_samples"):
             if int(getattr(self, name)) < 0:
                 raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warm_frac < 1.0:

@@ -19,7 +19,7 @@ from napari_m3hl.fewslice import loop as fs
 from napari_m3hl.inference.predictor import Predictor
 from napari_m3hl.io.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from napari_m3hl.method.networks import build_network
-from napari_m3hl.method.step import m3hl_losses
+from napari_m3hl.method.step import m3hl_losses, unsup_weight_at
 from napari_m3hl.method.teacher import pseudo_labels
 from napari_m3hl.training import events as ev
 
@@ -185,6 +185,33 @@ def test_sup_weight_adds_the_labeled_images_unmixed_and_leaves_the_paper_step_al
                                (paper.losses["total"] + 0.7 * tied.losses["sup"]).detach())
     with pytest.raises(M3HLInputError, match="sup_weight"):
         cfg.replace(sup_weight=-1.0).validate()
+
+
+def test_unsup_rampup_starts_a_fine_tune_supervised_and_ramps_the_mix_in():
+    """``unsup_rampup`` scales ``mix_weight·L_mix + λ·L_HL`` by a factor that
+    rises linearly from 0 at the first M³HL iteration to 1 after
+    ``unsup_rampup`` of them; ``sup_weight``'s term is not scaled, so the
+    first step of a ramped fine-tune is the supervised step."""
+    cfg = TrainConfig(patch_size=(32, 32), block_size=(8, 8), batch_size=4, iterations=200, mode="m3hl",
+                      teacher_mode="eval", teacher_bn="copy", sup_weight=1.0, unsup_rampup=100)
+    assert [unsup_weight_at(cfg, i) for i in (0, 50, 100, 150)] == [0.0, 0.5, 1.0, 1.0]
+    assert unsup_weight_at(cfg.replace(warm_start=20), 70) == 0.5  # counted from the M³HL phase
+    assert unsup_weight_at(cfg.replace(unsup_rampup=0), 0) == 1.0  # off: the paper's weights
+    torch.manual_seed(0)
+    student, teacher = build_network("unet2d", 1, 4), build_network("unet2d", 1, 4)
+    student.eval()
+    student.train = lambda mode=True: student
+    img_l, img_u = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    lab_l = torch.randint(0, 4, (2, 32, 32))
+    mask = (torch.rand(1, 32, 32) > 0.5).float()
+    args = (student, teacher, img_l, lab_l, img_u, None, contextlib.nullcontext)
+    first = m3hl_losses(cfg, *args, mask=mask, unsup=unsup_weight_at(cfg, 0))
+    torch.testing.assert_close(first.losses["total"].detach(), first.losses["sup"].detach())
+    half = m3hl_losses(cfg, *args, mask=mask, unsup=0.5)
+    unsup = cfg.mix_weight * half.losses["mix"] + cfg.lam * (half.losses["low"] + half.losses["high"])
+    torch.testing.assert_close(half.losses["total"].detach(), (half.losses["sup"] + 0.5 * unsup).detach())
+    with pytest.raises(M3HLInputError, match="unsup_rampup"):
+        cfg.replace(unsup_rampup=-1).validate()
 
 
 def test_block_size_follows_the_start_models_input():

@@ -75,3 +75,36 @@ def test_losses_backpropagate():
     mask = (torch.rand(2, 8, 8) > 0.5).float()
     mix_loss(logits, target, mask, 0.5, 1.0).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_mix_loss_dice_pooling():
+    """``dice="regions"`` (default) scores Dice inside M and inside 1−M apart;
+    ``"whole"`` scores one Dice over the image with pixel weights
+    w_M·M + w_rest·(1−M), scaled by w_M + w_rest; ``"none"`` leaves CE only.
+    A confident (not saturated) right prediction of a structure that lies
+    in M only scores a near-perfect whole-image Dice, while the region Dice
+    of 1−M, which does not hold it, is near 1 (no overlap can score there)."""
+    import pytest
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16)
+    target = torch.randint(0, 4, (2, 16, 16))
+    mask = torch.zeros(2, 16, 16)
+    mask[:, :8] = 1.0
+    probs = torch.softmax(logits, 1)
+    ce = 0.5 * masked_ce(logits, target, mask) + 1.0 * masked_ce(logits, target, 1 - mask)
+    assert torch.allclose(mix_loss(logits, target, mask, 0.5, 1.0, "none"), ce)
+    regions = ce + 0.5 * masked_dice(probs, target, mask) + 1.0 * masked_dice(probs, target, 1 - mask)
+    assert torch.allclose(mix_loss(logits, target, mask, 0.5, 1.0), regions)
+    whole = ce + 1.5 * masked_dice(probs, target, 0.5 * mask + (1 - mask))
+    assert torch.allclose(mix_loss(logits, target, mask, 0.5, 1.0, "whole"), whole)
+    # a right prediction (probability 0.95) of a structure lying in the top half (M = 1) only
+    t = torch.zeros(1, 16, 16, dtype=torch.long)
+    t[0, 2:6, 4:10] = 1
+    confident = 3.0 * F.one_hot(t, 2).movedim(-1, 1).float()
+    m = mask[:1]
+    none = mix_loss(confident, t, m, 1.0, 1.0, "none")
+    assert mix_loss(confident, t, m, 1.0, 1.0, "whole") - none < 0.05
+    assert mix_loss(confident, t, m, 1.0, 1.0, "regions") - none > 0.45  # class 1's Dice term in 1−M is ~1
+    with pytest.raises(ValueError, match="regions, whole or none"):
+        mix_loss(logits, target, mask, 0.5, 1.0, "pooled")

@@ -58,6 +58,7 @@ def mix_loss(
     mask: torch.Tensor,
     weight_mask: float,
     weight_rest: float,
+    dice: str = "regions",
 ) -> torch.Tensor:
     """Eq. 3 for one mixed batch: (CE + Dice) weighted region-wise.
 
@@ -66,13 +67,24 @@ def mix_loss(
     The caller gives the pseudo-labelled region the weight α and the
     labelled region 1.
 
+    ``dice`` says where the Dice term is pooled: ``"regions"`` (the
+    reference code) as above; ``"whole"``: one soft Dice over the whole mixed
+    image with per-pixel weights ``weight_mask·M + weight_rest·(1−M)``, so a
+    structure cut by a block edge is scored whole rather than as two slivers;
+    ``"none"``: CE only.
+
     Args:
         logits: (B, C, *S); target: (B, *S) int64 (mixed labels); mask: (B, *S) 0/1.
     """
     probs = torch.softmax(logits.float(), dim=1)
     rest = 1 - mask
-    loss = weight_mask * (masked_ce(logits, target, mask) + masked_dice(probs, target, mask))
-    loss = loss + weight_rest * (masked_ce(logits, target, rest) + masked_dice(probs, target, rest))
+    loss = weight_mask * masked_ce(logits, target, mask) + weight_rest * masked_ce(logits, target, rest)
+    if dice == "regions":
+        loss = loss + weight_mask * masked_dice(probs, target, mask) + weight_rest * masked_dice(probs, target, rest)
+    elif dice == "whole":
+        loss = loss + (weight_mask + weight_rest) * masked_dice(probs, target, weight_mask * mask + weight_rest * rest)
+    elif dice != "none":
+        raise ValueError(f"dice must be regions, whole or none, got {dice!r}")
     return loss
 
 

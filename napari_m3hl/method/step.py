@@ -14,7 +14,9 @@ halves of n = B/4):
 
 ``config.sup_weight > 0`` (not in the paper; for fine-tuning a trained model)
 adds ``sup_weight·(CE + Dice)`` of the labeled images unmixed, which then go
-through the student in the same forward as the mixed ones.
+through the student in the same forward as the mixed ones;
+``config.unsup_rampup`` ramps ``L_mix`` and ``L_HL`` in from 0 beside it
+(:func:`unsup_weight_at`), so a fine-tune starts supervised.
 
 Speed (``config.precision``, ``channels_last``, ``readback_every``; see
 :class:`StepSetup`): the step runs on the training device, 2D nets and
@@ -44,6 +46,16 @@ def alpha_at(config: TrainConfig, iteration: int) -> float:
     if config.alpha_rampup <= 0:
         return config.alpha
     return config.alpha * min(1.0, (iteration - config.warm_iterations + 1) / config.alpha_rampup)
+
+
+def unsup_weight_at(config: TrainConfig, iteration: int) -> float:
+    """Factor on L_mix and L_HL at 0-based ``iteration``: ramped linearly from
+    0 to 1 over the first ``unsup_rampup`` M³HL iterations (those after
+    ``warm_start``), else 1. The unmixed supervised term (``sup_weight``) is
+    not ramped, so a fine-tune starts as a supervised one."""
+    if config.unsup_rampup <= 0:
+        return 1.0
+    return max(0.0, min(1.0, (iteration - config.warm_iterations) / config.unsup_rampup))
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:
@@ -113,6 +125,7 @@ def m3hl_losses(
     alpha: float | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     lcc_rounds: int | None = None,
+    unsup: float | torch.Tensor = 1.0,
 ) -> StepResult:
     """Loss terms of one M³HL step (see the module docstring).
 
@@ -128,6 +141,8 @@ def m3hl_losses(
             many rounds on the device, no host synchronisation (a captured
             step; ``StepResult.lcc_converged`` says whether they converged);
             None: :func:`napari_m3hl.method.teacher.pseudo_labels` (run to convergence).
+        unsup: factor on ``mix_weight·L_mix`` and ``λ·L_HL``
+            (:func:`unsup_weight_at`; a 0-d tensor in a captured step).
     """
     alpha = config.alpha if alpha is None else alpha
     n = img_l.shape[0] // 2
@@ -161,8 +176,9 @@ def m3hl_losses(
         with autocast():
             s_out = student(torch.cat([mix_u, mix_l, img_l]) if anchored else torch.cat([mix_u, mix_l]))
         logits_u, logits_l = s_out.logits[:n], s_out.logits[n:2 * n]
-        losses["mix"] = mix_loss(logits_u, tgt_u, m, alpha, 1.0) + mix_loss(logits_l, tgt_l, m, 1.0, alpha)
-        total = config.mix_weight * losses["mix"]
+        losses["mix"] = (mix_loss(logits_u, tgt_u, m, alpha, 1.0, config.mix_dice)
+                          + mix_loss(logits_l, tgt_l, m, 1.0, alpha, config.mix_dice))
+        total = unsup * config.mix_weight * losses["mix"]
         if anchored:
             losses["sup"] = seg_loss(s_out.logits[2 * n:], lab_l)
             total = total + config.sup_weight * losses["sup"]
@@ -181,7 +197,7 @@ def m3hl_losses(
         f_u_high = (t_feats["high"][:n], t_feats["high"][n:])
         losses["low"] = low_level_loss(f_mix[0], f_u_low)
         losses["high"] = high_level_loss(f_mix[1], f_u_high)
-        total = total + config.lam * (losses["low"] + losses["high"])
+        total = total + unsup * config.lam * (losses["low"] + losses["high"])
     losses["total"] = total
     preview = (torch.stack([mix_u[0, 0], mix_l[0, 0]]), torch.stack([tgt_u[0], tgt_l[0]]), torch.stack([m[0], 1 - m[0]]))
     return StepResult(losses, preview, converged)

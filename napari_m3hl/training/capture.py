@@ -125,7 +125,7 @@ def step_function(config: Any, student: nn.Module, teacher: nn.Module, optimizer
 
     ``inputs`` (tensors on the training device): ``img_l`` (2n, C, *S),
     ``lab_l`` (2n, *S) int64, ``lr``, ``decay`` (EMA), and for M³HL steps
-    ``img_u`` (2n, C, *S), ``mask`` (n, *S) and ``alpha`` (0-d).
+    ``img_u`` (2n, C, *S), ``mask`` (n, *S), ``alpha`` (0-d) and ``unsup`` (0-d, optional).
     ``outputs``: the loss terms (0-d), for M³HL steps ``lcc_converged`` (0-d
     bool) and the mix preview ``preview_images`` / ``preview_targets`` /
     ``preview_masks``. The gradients must be None when it starts (the caller
@@ -134,7 +134,8 @@ def step_function(config: Any, student: nn.Module, teacher: nn.Module, optimizer
     def fn(x: Inputs) -> Inputs:
         if m3hl:
             res = m3hl_losses(config, student, teacher, x["img_l"], x["lab_l"], x["img_u"], None, autocast,
-                              alpha=x["alpha"], mask=x["mask"], lcc_rounds=lcc_rounds)
+                              alpha=x["alpha"], mask=x["mask"], lcc_rounds=lcc_rounds,
+                              unsup=x.get("unsup", 1.0))
         else:
             res = supervised_losses(config, student, x["img_l"], x["lab_l"], autocast)
         losses = dict(res.losses)

@@ -44,7 +44,8 @@ from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.method.networks import build_network, network_ndim
 from napari_m3hl.training.pl_quality import pick_reference, reference_batch, score_pseudo_labels
 from napari_m3hl.runtime import resolve_device, tune_malloc
-from napari_m3hl.method.step import StepSetup, alpha_at, learning_rate, m3hl_losses, read_back, supervised_losses
+from napari_m3hl.method.step import (StepSetup, alpha_at, learning_rate, m3hl_losses, read_back, supervised_losses,
+                                     unsup_weight_at)
 from napari_m3hl.method.teacher import ema_decay_at, ema_update, init_teacher
 from napari_m3hl.method.mixing import block_masks
 from napari_m3hl.data.device import device_sets
@@ -354,10 +355,11 @@ def train(
                 graph = GraphStep(step_function(config, student, teacher, optimizer, graph_autocast(setup), m3, bn,
                                                 anchor), lambda: optimizer.zero_grad(set_to_none=True))
             # one non-blocking upload of the step's numbers (a blocking one would wait for the queued replays)
-            lr_t, decay_t, alpha_t = torch.tensor([lr, decay, alpha_at(config, it)]).to(device, non_blocking=True)
+            lr_t, decay_t, alpha_t, unsup_t = torch.tensor([lr, decay, alpha_at(config, it), unsup_weight_at(config, it)]
+                                                           ).to(device, non_blocking=True)
             x = {"img_l": img_l, "lab_l": lab_l, "lr": lr_t, "decay": decay_t}
             if m3:
-                x.update(img_u=img_u, alpha=alpha_t,
+                x.update(img_u=img_u, alpha=alpha_t, unsup=unsup_t,
                          mask=block_masks(half // 2, tuple(img_l.shape[2:]), config.block_size, config.mask_ratio,
                                           generator=gen, device=device))
             out = graph(x)
@@ -369,7 +371,7 @@ def train(
         else:
             if m3:
                 res = m3hl_losses(config, run_student, run_teacher, img_l, lab_l, img_u, gen, autocast,
-                                  alpha_at(config, it))
+                                  alpha_at(config, it), unsup=unsup_weight_at(config, it))
             else:
                 res = supervised_losses(config, run_student, img_l, lab_l, autocast)
             if anchor is not None:  # fine-tuning hook: L2 toward the start weights
