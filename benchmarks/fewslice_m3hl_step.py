@@ -180,6 +180,28 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict, min_rows: int = 3) -> str:
+    """Per run (with at least ``min_rows`` rows) and rule: the mean start, the
+    mean shown at the last check (the safeguard's start model where it
+    fired), Δ mean and range, volumes below their start, the student alone,
+    median seconds."""
+    lines = ["| run | rule | volumes | start | shown | Δ mean | Δ range | below start | student alone | median s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in results["runs"].items():
+        for rule in ("a", "b"):
+            rows = [r for r in run["rows"] if r["rule"] == rule]
+            if len(rows) < min_rows:
+                continue
+            shown = [r["base"] if r.get("suspect") else r["checks"][-1]["shown"] for r in rows]
+            d = [x - r["base"] for x, r in zip(shown, rows)]
+            tag = f" ({run['shift']})" if run.get("shift") else ""
+            lines.append(f"| {name}{tag} | {rule} | {len(rows)} | {np.mean([r['base'] for r in rows]):.1f} | "
+                         f"{np.mean(shown):.1f} | {np.mean(d):+.1f} | {min(d):+.1f} … {max(d):+.1f} | "
+                         f"{sum(x < 0 for x in d)} | {np.mean([r['checks'][-1]['student'] for r in rows]):.1f} | "
+                         f"{np.median([r['seconds'] for r in rows]):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "acdc"))
@@ -225,6 +247,8 @@ def main() -> None:
         path.write_text(json.dumps(fresh, indent=1))
         results = fresh
     print(report(results))
+    print()
+    print(summary(results))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_a_frozen_teacher_teaches_the_start_models_pseudo_labels(tmp_path):
 
 
 def test_pseudo_labels_come_from_the_ema_teacher_of_that_iteration(tmp_path):
-    job = _job(tmp_path)
+    job = _job(tmp_path, ema_decay=0.99)
     run_dir = tmp_path / "run"
     seen = 0
     for e in fs.run(job, out_dir=run_dir):
@@ -212,6 +212,17 @@ def test_unsup_rampup_starts_a_fine_tune_supervised_and_ramps_the_mix_in():
     torch.testing.assert_close(half.losses["total"].detach(), (half.losses["sup"] + 0.5 * unsup).detach())
     with pytest.raises(M3HLInputError, match="unsup_rampup"):
         cfg.replace(unsup_rampup=-1).validate()
+
+
+def test_the_m3hl_loss_options_reach_the_fine_tunes_config(tmp_path):
+    """``FewSliceOptions.sup_weight`` / ``mix_dice`` set the fine-tune's
+    TrainConfig (not the start model's training config), and a bad pooling
+    is refused naming the setting."""
+    job = _job(tmp_path, sup_weight=1.0, mix_dice="none")
+    assert (job.config.sup_weight, job.config.mix_dice, job.config.unsup_rampup) == (1.0, "none", 0)
+    assert "mixed images' Dice: none, painted slices unmixed at weight 1" in job.options.summary()
+    with pytest.raises(M3HLInputError, match="mix_dice"):
+        _job(tmp_path, mix_dice="pooled")
 
 
 def test_block_size_follows_the_start_models_input():

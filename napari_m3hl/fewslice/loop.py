@@ -25,12 +25,15 @@ Two modes (``FewSliceOptions.mode``):
 
 * ``supervised``: CE + Dice on the painted slices only.
 * ``m3hl``: the paper's step (:func:`napari_m3hl.method.step.m3hl_losses`) on
-  the start model's input size: the teacher (the start model, then the EMA
-  of the student; ``ema_decay=1.0`` keeps it frozen, BatchNorm statistics
-  included) labels a batch of unlabeled slices; painted and unlabeled slices
-  are mixed both ways through one block mask (Eq. 2, the block the start
-  model was trained with scaled to its input, or the paper's quarter of each
-  axis); CE + Dice weighted ``M + α(1−M)`` (Eq. 3) plus ``λ`` times the
+  the start model's input size, with the few-slice defaults measured for a
+  strong start: the teacher is the start model, kept frozen
+  (``ema_decay=1.0``; below 1 it follows the student as an EMA) and labels a
+  batch of unlabeled slices; painted and unlabeled slices are mixed both ways
+  through one block mask (Eq. 2, the block the start model was trained with
+  scaled to its input, or the paper's quarter of each axis); the mixed images
+  are scored by CE weighted ``M + α(1−M)`` (Eq. 3 without its Dice term,
+  ``mix_dice="none"``; ``"regions"`` is the paper's code), the painted slices
+  unmixed by CE + Dice beside them (``sup_weight=1``), plus ``λ`` times the
   low- and high-level feature terms (Eq. 4, 5).
 
 The segmentation shown (and predicted by the fine-tune's checkpoint) is a
@@ -41,17 +44,16 @@ on average and worse by more than a point on a third of the volumes, while
 the blend beat both and stayed within a point of the start everywhere.
 
 The defaults of :class:`FewSliceOptions` follow ``benchmarks/fewslice.py``
-(docs/benchmarks.md, "Few-slice fine-tuning on one volume" and "M³HL in the
-few-slice loop"): supervised on the painted slices (the M³HL mode measured
-worse on 5 ACDC volumes: its EMA teacher with the student's BatchNorm
-statistics segmented nothing, and with a frozen teacher the student still
-collapsed in the first steps), 100 iterations at lr 0.01, the student
-segmenting, blended with the start model at weight 0.6, min–max intensity
-scaling (as the ACDC training data). The M³HL mode's teacher default (EMA
-0.99 with averaged BatchNorm statistics, ``teacher_bn="ema"``) drifts down
-with the student and ends no better than the frozen start model as teacher
-(``benchmarks/fewslice_m3hl_step.py``: the mixed images themselves, not the
-teacher, are what the student loses its footing on from a strong start).
+and ``benchmarks/fewslice_m3hl_step.py`` (docs/benchmarks.md, "Few-slice
+fine-tuning on one volume" and "M³HL in the few-slice loop"): supervised on
+the painted slices, 100 iterations at lr 0.01, the student segmenting,
+blended with the start model at weight 0.6, min–max intensity scaling (as
+the ACDC training data). The M³HL mode is the measured second: with the
+paper's step (Dice pooled inside each block region) the student collapsed in
+the first steps from a strong start, whatever the teacher; without that Dice
+term and with the painted slices unmixed beside the mix it no longer
+collapses, but it stays close to its frozen teacher, the start model, so the
+blend with the start model gains less than after a supervised fine-tune.
 """
 from __future__ import annotations
 
@@ -96,6 +98,12 @@ class FewSliceOptions:
             (averaged from the student's like its weights, starting from the start
             model's) or ``"copy"`` (the student's, as they are:
             :func:`napari_m3hl.method.teacher.ema_update`).
+        sup_weight: ``m3hl`` mode: weight of CE + Dice of the painted slices
+            unmixed, beside the mixed images' loss (0: the paper's step;
+            :attr:`napari_m3hl.config.TrainConfig.sup_weight`).
+        mix_dice: ``m3hl`` mode: where the mixed images' Dice is pooled,
+            ``"regions"`` (the paper's code), ``"whole"`` or ``"none"`` (CE
+            only; :func:`napari_m3hl.method.losses.mix_loss`).
         check_every: iterations between checks of the unpainted slices' segmentation.
         early_stop: stop when a check changes less than ``stop_change`` (1 − mean
             Dice between successive segmentations of the unpainted slices).
@@ -121,8 +129,10 @@ class FewSliceOptions:
     l2_to_start: float = 0.0
     freeze: str = ""
     segment_with: str = "student"
-    ema_decay: float = 0.99
+    ema_decay: float = 1.0
     teacher_bn: str = "ema"
+    sup_weight: float = 1.0
+    mix_dice: str = "none"
     check_every: int = 25
     early_stop: bool = False
     stop_change: float = 0.005
@@ -141,6 +151,8 @@ class FewSliceOptions:
             frozen = self.ema_decay >= 1.0 and self.teacher_bn == "ema"
             extra += ", the start model as a frozen teacher" if frozen else \
                 f", EMA teacher {self.ema_decay:g} (BatchNorm statistics: {self.teacher_bn})"
+            extra += f", mixed images' Dice: {self.mix_dice}" + \
+                (f", painted slices unmixed at weight {self.sup_weight:g}" if self.sup_weight else "")
         if self.start_blend > 0:
             net = f"{net} blended with the start model ({self.start_blend:g} of its probabilities)"
         return (f"{self.iterations} iterations at lr {self.lr:g}, batch {self.batch_size}, {self.mode}{extra}, "
@@ -321,7 +333,8 @@ def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConf
         patch_size=patch, block_size=scaled_block(base, patch), image_interp=base.get("image_interp", "bilinear"),
         iterations=options.iterations, lr=options.lr, batch_size=options.batch_size, mode=options.mode,
         lr_schedule="constant", l2_to_start=options.l2_to_start, freeze=options.freeze,
-        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0, warm_frac=0.0, alpha_rampup=0,
+        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0, warm_frac=0.0, alpha_rampup=0, unsup_rampup=0,
+        sup_weight=options.sup_weight, mix_dice=options.mix_dice,
         intensity=options.intensity,  # recorded, so `m3hl predict` and the widget scale as the fine-tune did
         teacher_init="copy", teacher_mode="eval", teacher_bn=options.teacher_bn,
         pl_eval_every=0, val_every=0, checkpoint_every=options.check_every, seed=options.seed, device=options.device,

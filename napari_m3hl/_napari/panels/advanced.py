@@ -52,7 +52,7 @@ ADVANCED_FIELDS: tuple[Field, ...] = (
     Field("lam", "λ (consistency)", "λ: weight of the high/low-level feature consistency", 0.0, 100.0, 0.1, 3),
     Field("alpha", "α (pseudo-labels)", "α: weight of pseudo-labelled regions in the mix loss", 0.0, 1.0, 0.05, 3),
     Field("lr", "Learning rate", "SGD learning rate", 1e-6, 1.0, 0.001, 6),
-    Field("ema_decay", "EMA decay", "EMA decay of the mean teacher", 0.0, 0.99999, 0.001, 5),
+    Field("ema_decay", "EMA decay", "EMA decay of the mean teacher (1: the teacher stays as it started)", 0.0, 1.0, 0.001, 5),
 )
 
 
