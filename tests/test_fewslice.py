@@ -261,3 +261,22 @@ def test_a_chain_of_fine_tunes_keeps_blending_with_the_first_start(tmp_path):
     start_w = load_checkpoint(start)["student"]
     kept = load_checkpoint(second.checkpoint)["start"]
     assert all(torch.equal(kept[k], start_w[k]) for k in start_w)
+
+
+def test_a_frozen_teacher_stays_the_start_model_in_a_supervised_fine_tune(tmp_path):
+    """The few-slice default ema_decay=1.0 in supervised mode: the teacher
+    (never labelling) keeps the start model's weights and BatchNorm
+    statistics, rather than frozen weights with the student's statistics."""
+    ph = make_phantom(3, shape=(6, 64, 64))
+    img, lab = ph.image, ph.label
+    painted = np.zeros_like(lab)
+    painted[[1, 4]] = lab[[1, 4]]
+    opts = fs.FewSliceOptions(iterations=3, batch_size=4, check_every=3, device="cpu")
+    assert opts.mode == "supervised" and opts.ema_decay == 1.0
+    job = fs.prepare(_start_model(tmp_path / "start.pt"), img, painted, opts)
+    out = list(fs.run(job, out_dir=tmp_path / "run"))
+    start, last = load_checkpoint(job.start), load_checkpoint(out[-1].checkpoint)
+    moved = [k for k, v in start["student"].items() if v.is_floating_point()
+             and not torch.equal(last["teacher"][k], v)]
+    assert moved == []
+    assert any(not torch.equal(last["student"][k], v) for k, v in start["student"].items() if v.is_floating_point())

@@ -344,8 +344,9 @@ def train(
         if config.mode == "m3hl" and it == warm > 0:
             init_teacher(teacher, student, "copy")  # the M³HL phase starts from the warm student
         m3 = not (config.mode == "supervised" or it < warm)
-        # a teacher that never labels (supervised mode, warm start) takes the student's BatchNorm statistics
-        bn = config.teacher_bn if m3 else "copy"
+        # a teacher that never labels (supervised mode, warm start) takes the student's BatchNorm statistics,
+        # unless it is frozen (decay 1): then weights and statistics both stay as they started
+        bn = config.teacher_bn if (m3 or config.ema_decay >= 1.0) else "copy"
         decay = ema_decay_at(it, config.ema_decay, config.ema_warmup)
         n_images = 2 * half if m3 else half
         img_u = batch(False, cyc_u.take(half))[0] if m3 else None
