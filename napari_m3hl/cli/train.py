@@ -187,8 +187,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         run = record(_train_on)
     ctx = init_distributed(config.device, sync_bn=args.sync_bn, timeout_s=args.dist_timeout)
+    done = False
     try:
-        return run(args, config, ctx)
+        code = run(args, config, ctx)
+        done = code == 0
+        return code
     except RuntimeError as exc:
         message = explain_failure(ctx, exc)
         if message is None:
@@ -196,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"m3hl train: error: {message}", file=sys.stderr)
         return 1
     finally:
-        shutdown(ctx)
+        shutdown(ctx, wait_for_peers=done)
 
 
 def _train_on(args: argparse.Namespace, config, ctx) -> int:

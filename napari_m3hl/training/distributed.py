@@ -121,11 +121,17 @@ def init_distributed(device: str = "auto", sync_bn: bool = False, timeout_s: flo
     return DistContext(rank, world, local, backend, sync_bn)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (after the last collective)."""
+def shutdown(ctx: DistContext, wait_for_peers: bool = False) -> None:
+    """Leave the process group (after the last collective). ``wait_for_peers``
+    (a rank that finished its work): first a barrier, so no rank closes its
+    connections while a peer is still writing its files or finishing its
+    last collective (gloo aborts a process whose peer hangs up under it);
+    a failing rank leaves at once."""
     import torch.distributed as dist
 
     if ctx.enabled and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
