@@ -280,3 +280,37 @@ def test_a_frozen_teacher_stays_the_start_model_in_a_supervised_fine_tune(tmp_pa
              and not torch.equal(last["teacher"][k], v)]
     assert moved == []
     assert any(not torch.equal(last["student"][k], v) for k, v in start["student"].items() if v.is_floating_point())
+
+
+def test_a_frozen_teacher_is_segmented_once_and_shown_alike_at_every_check(tmp_path, monkeypatch):
+    """The checks segment a frozen teacher (ema_decay 1, its statistics kept) at
+    the first check only and report that segmentation at every later one; the
+    student is segmented at every check. An EMA teacher is segmented at every
+    check."""
+    from napari_m3hl.inference.predictor import Predictor
+
+    ph = make_phantom(3, shape=(6, 64, 64))
+    painted = np.zeros_like(ph.label)
+    painted[[1, 4]] = ph.label[[1, 4]]
+    calls: list[str] = []
+    real = Predictor.from_checkpoint.__func__
+
+    def counting(cls, ckpt, which="teacher", *a, **k):
+        calls.append(which)
+        return real(cls, ckpt, which, *a, **k)
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(counting))
+    start = _start_model(tmp_path / "start.pt")
+    for decay, teacher_runs in ((1.0, 1), (0.99, 3)):
+        opts = fs.FewSliceOptions(iterations=3, batch_size=4, check_every=1, device="cpu", ema_decay=decay,
+                                  start_blend=0.0)
+        job = fs.prepare(start, ph.image, painted, opts)
+        calls.clear()
+        checks = [e for e in fs.run(job, out_dir=tmp_path / f"run{decay}") if isinstance(e, fs.Check)]
+        assert [c.iteration for c in checks] == [1, 2, 3]
+        assert calls.count("student") == 3 and calls.count("teacher") == teacher_runs
+        if decay == 1.0:
+            first = checks[0].networks["teacher"]
+            assert all(np.array_equal(c.networks["teacher"], first) for c in checks)
+            # and it is the start model's own segmentation
+            assert np.array_equal(first, job.base)

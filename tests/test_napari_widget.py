@@ -53,7 +53,7 @@ def test_defaults_and_info_line(make_widget):
     from napari_m3hl.fewslice.loop import FewSliceOptions
 
     adv = w.model_panel.advanced_form.values()
-    assert w.model_panel.plan().fewslice and adv["iterations"] == FewSliceOptions().iterations == 100 and adv["batch_size"] == 8
+    assert w.model_panel.plan().fewslice and adv["iterations"] == FewSliceOptions().iterations == 75 and adv["batch_size"] == 8
     # From scratch: the M³HL run's GUI defaults on a CPU, a few hundred iterations, the preset's 256 x 256 patch
     w.model_panel.start_combo.setCurrentIndex(0)
     adv = w.model_panel.advanced_form.values()

@@ -31,6 +31,45 @@ class NetOutput:
     features: dict[str, torch.Tensor]
 
 
+# ------------------------------------------------------------------- dropout
+#: Keep-mask resolution of :class:`Dropout` on the CPU: the drop probability is rounded to a multiple of 1/65536.
+MASK_LEVELS = 1 << 16
+
+
+def keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """Dropout's keep-mask for ``like`` on the CPU: (bool tensor of ``like``'s shape
+    and memory layout, each element True with probability ``1 − p'``; ``p'``), with
+    ``p`` rounded to ``p' = round(p·65536) / 65536``.
+
+    The mask draws three 16-bit words from each 64-bit word of torch's CPU
+    generator (``random_()`` on int64 fills the low 63 bits uniformly), 3× fewer
+    generator calls than one 32-bit draw per element as ``torch.dropout`` does
+    on the CPU, where those draws took a third of the U-Net's forward pass.
+    """
+    level = int(round(p * MASK_LEVELS))
+    n = like.numel()
+    words = torch.empty((n + 2) // 3, dtype=torch.int64, device=like.device).random_(generator=generator)
+    # little-endian: int16 word 3 of each int64 holds bit 63, always 0; words 0-2 are uniform on [-32768, 32767]
+    u16 = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]
+    keep = u16 >= level - MASK_LEVELS // 2
+    # the mask in ``like``'s physical order (e.g. channels_last), so the product runs over contiguous memory
+    order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))
+    keep = keep.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
+    return keep, level / MASK_LEVELS
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training pass draws its mask with :func:`keep_mask`
+    (the same i.i.d. Bernoulli keep-mask and ``1/(1 − p)`` scaling, ``p`` rounded
+    to 1/65536). Elsewhere (CUDA, eval mode, ``p`` 0 or 1) it is ``nn.Dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0 or self.inplace:
+            return super().forward(x)
+        keep, p = keep_mask(x, self.p)
+        return x * keep * (1.0 / (1.0 - p))
+
+
 # --------------------------------------------------------------------- U-Net
 class _ConvBlock2d(nn.Module):
     """Two 3×3 conv + BN + LeakyReLU with dropout between them."""
@@ -41,7 +80,7 @@ class _ConvBlock2d(nn.Module):
             nn.Conv2d(cin, cout, 3, padding=1),
             nn.BatchNorm2d(cout),
             nn.LeakyReLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Conv2d(cout, cout, 3, padding=1),
             nn.BatchNorm2d(cout),
             nn.LeakyReLU(),
