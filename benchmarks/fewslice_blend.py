@@ -48,10 +48,13 @@ from napari_m3hl.method.components import largest_component_per_class  # noqa: E
 from napari_m3hl.data.cached import read_list  # noqa: E402
 from napari_m3hl.io.h5 import load_h5_volume  # noqa: E402
 from napari_m3hl.metrics.binary import dice  # noqa: E402
+from napari_m3hl.metrics.quality import painted_dice  # noqa: E402
+from napari_m3hl.fewslice.trust import start_share  # noqa: E402
 from napari_m3hl.inference.predictor import Predictor  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
 WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)
+GRID = tuple(round(0.1 * i, 1) for i in range(11))  # blend weights scored
 
 
 def _q(p: np.ndarray) -> np.ndarray:
@@ -63,8 +66,9 @@ def _probs(ckpt: dict, which: str, image: np.ndarray) -> np.ndarray:
 
 
 def cache_case(name: str, image: np.ndarray, label: np.ndarray, sel: list[int], start: str,
-               options: fs.FewSliceOptions, out: Path) -> None:
-    """Fine-tune on the slices ``sel`` of one volume and store probabilities (uint8) in ``out/{name}.npz``."""
+               options: fs.FewSliceOptions, out: Path, lean: bool = False) -> None:
+    """Fine-tune on the slices ``sel`` of one volume and store probabilities (uint8) in ``out/{name}.npz``
+    (``lean``: the start model's and the student's at each check only)."""
     painted = np.zeros_like(label)
     painted[sel] = label[sel]
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -74,12 +78,12 @@ def cache_case(name: str, image: np.ndarray, label: np.ndarray, sel: list[int], 
     for e in fs.run(job, out_dir=tmp):
         if isinstance(e, fs.Check):
             ck = load_checkpoint(tmp / "last.pt")
-            for which in ("student", "teacher"):
+            for which in ("student",) if lean else ("student", "teacher"):
                 store[f"{which}@{e.iteration}"] = _q(_probs(ck, which, job.image))
     tuned = load_checkpoint(tmp / "last.pt")
     s0 = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(start)["student"].items()}
     s1 = {k: v.float() if v.is_floating_point() else v for k, v in tuned["student"].items()}
-    for a in ALPHAS:
+    for a in () if lean else ALPHAS:
         mixed = {k: (1 - a) * s0[k] + a * s1[k] if s0[k].is_floating_point() else s1[k] for k in s0}
         store[f"weights{a}"] = _q(_probs({**tuned, "student": mixed}, "student", job.image))
     store["seconds"] = np.array([time.perf_counter() - t0, load0])
@@ -92,42 +96,66 @@ def _score(lab: np.ndarray, ref: np.ndarray, off: np.ndarray) -> list[float]:
     return [float(dice(lab[off] == c, ref[off] == c)) for c in (1, 2, 3)]
 
 
-def score_case(path: Path) -> dict[str, list[float]]:
-    """Per candidate segmentation: Dice RV, Myo, LV on the unpainted slices."""
+def score_case(path: Path, rules: dict[str, tuple[float, float, float, float]] | None = None
+               ) -> dict[str, list[float]]:
+    """Per candidate segmentation: Dice RV, Myo, LV on the unpainted slices; under ``painted start``
+    the start model's Dice on the painted slices (what the loop can see before it trains). ``rules``:
+    name -> (start_blend, start_blend_untrusted, trust_low, trust_high), the start model's share
+    chosen from that score (:func:`napari_m3hl.fewslice.trust.start_share`), scored with
+    and without cleaning (``+lcc``), and the share under ``name weight``."""
     z = np.load(path)
     ref, sel = z["label"], z["painted"]
     off = np.setdiff1d(np.arange(ref.shape[0]), sel)
     p = {k: z[k].astype(np.float32) / 255 for k in z.files if k not in ("label", "painted", "seconds")}
     its = sorted(int(k.split("@")[1]) for k in p if k.startswith("student@"))
     last = its[-1]
-    cands = {"start": p["start"], "student": p[f"student@{last}"], "teacher": p[f"teacher@{last}"]}
+    cands = {"start": p["start"], "student": p[f"student@{last}"]}
+    if f"teacher@{last}" in p:
+        cands["teacher"] = p[f"teacher@{last}"]
+        cands["blend 0.5 teacher"] = 0.5 * p["start"] + 0.5 * p[f"teacher@{last}"]
     cands.update({f"student@{i}": p[f"student@{i}"] for i in its[:-1]})
-    cands.update({f"weights {a}": p[f"weights{a}"] for a in ALPHAS})
-    cands.update({f"blend {w}": w * p["start"] + (1 - w) * p[f"student@{last}"] for w in WEIGHTS})
+    cands.update({f"weights {a}": p[f"weights{a}"] for a in ALPHAS if f"weights{a}" in p})
+    cands.update({f"blend {w:g}": w * p["start"] + (1 - w) * p[f"student@{last}"] for w in GRID})
     cands.update({f"blend 0.5 @{i}": 0.5 * p["start"] + 0.5 * p[f"student@{i}"] for i in its[:-1]})
-    cands["blend 0.5 teacher"] = 0.5 * p["start"] + 0.5 * p[f"teacher@{last}"]
+    # what the loop sees before it trains: the start model's (cleaned) segmentation on the painted slices
+    base = largest_component_per_class(p["start"].argmax(0).astype(np.uint8)[None], 4)[0]
+    painted = np.zeros_like(ref)
+    painted[sel] = ref[sel]
+    score = painted_dice(base, painted, ("bg", "RV", "Myo", "LV"))[0]
+    weights = {name: start_share(score, *r) for name, r in (rules or {}).items()}
+    cands.update({name: w * p["start"] + (1 - w) * p[f"student@{last}"] for name, w in weights.items()})
     out = {}
     for k, prob in cands.items():
         lab = prob.argmax(0).astype(np.uint8)
         out[k] = _score(lab, ref, off)
-        if k in ("start", "student", "blend 0.5"):
+        if k in ("start", "student", "blend 0.5", "blend 0.6") or k in weights:
             out[k + " +lcc"] = _score(largest_component_per_class(lab[None], 4)[0], ref, off)
+    out["painted start"] = [score]
+    out.update({f"{name} weight": [w] for name, w in weights.items()})
     return out
 
 
+def default_rule() -> dict[str, tuple[float, float, float, float]]:
+    """The few-slice default's share rule (``FewSliceOptions``), as a ``score_case`` rule."""
+    o = fs.FewSliceOptions()
+    return {"share from the painted slices (default)": (o.start_blend, o.start_blend_untrusted, o.trust_low,
+                                                        o.trust_high)}
+
+
 def report(cache: Path, json_path: Path, name: str) -> str:
-    cases = {f.stem: score_case(f) for f in sorted(cache.glob("*.npz"))}
+    cases = {f.stem: score_case(f, default_rule()) for f in sorted(cache.glob("*.npz"))}
     results = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": {}}
     opts = json.loads((cache / "options.json").read_text()) if (cache / "options.json").is_file() else {}
     results["runs"][name] = {"options": opts, "cases": cases}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
-    lines = ["| segmentation shown | rule a: mean | a: vols < −1 / > +1 vs start | a: worst Δ | rule b: mean | "
-             "b: vols < −1 / > +1 | b: worst Δ |", "|---|---:|---|---:|---:|---|---:|"]
-    keys = list(next(iter(cases.values())))
+    rules = [r for r in ("a", "b") if any(n.endswith(f"_{r}") for n in cases)]
+    lines = ["| segmentation shown | " + " | ".join(f"rule {r}: mean | {r}: vols < −1 / > +1 vs start | {r}: worst Δ"
+                                                 for r in rules) + " |", "|---|" + "---:|---|---:|" * len(rules)]
+    keys = [k for k in next(iter(cases.values())) if k != "painted start" and not k.endswith(" weight")]
     for k in keys:
         cells = []
-        for rule in ("a", "b"):
+        for rule in rules:
             rows = [v for n, v in cases.items() if n.endswith(f"_{rule}")]
             x = np.array([np.mean(v[k]) for v in rows])
             d = 100 * (x - np.array([np.mean(v["start"]) for v in rows]))
@@ -180,39 +208,114 @@ def seeds_table(cache_run: dict, fewslice_runs: dict[str, dict], weights: tuple[
     return "\n".join(lines)
 
 
+def volumes(args: argparse.Namespace):
+    """(name, image, label) of the first ``--volumes`` validation volumes under ``--shift``, then the phantoms."""
+    import tempfile
+
+    from fewslice_m3hl_step import apply_shift
+
+    from napari_m3hl.data.phantom import save_phantom_nifti
+    from napari_m3hl.io.nifti import load_nifti
+
+    for n in read_list(Path(args.data) / "val.list")[:args.volumes]:
+        image, label = load_h5_volume(Path(args.data) / "volumes" / f"{n}.h5")
+        yield (n, *apply_shift(image, label, args.shift)) if args.shift else (n, image, label)
+    for seed in args.phantoms:
+        with tempfile.TemporaryDirectory() as tmp:
+            img, lab = Path(tmp) / "p.nii.gz", Path(tmp) / "p_labels.nii.gz"
+            save_phantom_nifti(img, seed=seed, labels_path=lab)
+            yield f"phantom{seed}", load_nifti(img).data, np.rint(load_nifti(lab).data).astype(np.uint8)
+
+
+def shift_table(dirs: list[Path], unshifted: Path | None) -> tuple[str, dict]:
+    """One row per cache folder (a shift, or none, for one seed; grouped by folder name over
+    seeds): start model, fine-tuned network alone, the fixed 0.6 blend and the default's share
+    rule, all cleaned as the loop shows them (largest 3D component per class); Δ against the
+    start per volume; and, with ``unshifted`` (the unshifted folder), the mean Δ of the rule on
+    the volumes the shift costs the start model 3 points or more."""
+    rule = default_rule()
+    name = next(iter(rule))
+    base = {f.stem: np.mean(score_case(f)["start +lcc"]) for f in sorted(unshifted.glob("*.npz"))} if unshifted else {}
+    groups: dict[str, list[dict]] = {}
+    for d in dirs:
+        cases = {f.stem: score_case(f, rule) for f in sorted(d.glob("*.npz"))}
+        for rl in ("a", "b"):
+            sel = {n: v for n, v in cases.items() if n.endswith(f"_{rl}")}
+            if sel:
+                groups.setdefault(f"{d.name} ({rl})", []).append(sel)
+    lines = ["| volumes (rule) | seeds | n | start | network alone | blend 0.6 | **share rule** | share used "
+             "(range) | worst Δ: 0.6 / rule | vols < −1: 0.6 / rule | where the shift costs ≥ 3: n, Δ 0.6 / rule |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+    out = {}
+    for g, seeds in groups.items():
+        m = lambda k: np.array([[100 * np.mean(v[k]) for v in sel.values()] for sel in seeds])  # noqa: E731
+        start, alone, fixed, got = m("start +lcc"), m("student +lcc"), m("blend 0.6 +lcc"), m(f"{name} +lcc")
+        w = np.array([[v[f"{name} weight"][0] for v in sel.values()] for sel in seeds])
+        d6, dr = fixed - start, got - start
+        costly = [i for i, n in enumerate(seeds[0]) if n in base and 100 * base[n] - start[0, i] >= 3]
+        cost = (f"{len(costly)}, {d6[:, costly].mean():+.1f} / {dr[:, costly].mean():+.1f}"
+                if costly and not g.startswith("none") else "")
+        spread = lambda x: f"{x.mean(1).mean():.2f}" + (  # noqa: E731
+            f" ({x.mean(1).min():.2f}–{x.mean(1).max():.2f})" if len(x) > 1 else "")
+        lines.append(f"| {g} | {len(seeds)} | {start.shape[1]} | {start.mean():.1f} | {spread(alone)} | {spread(fixed)} | "
+                     f"**{spread(got)}** | {w.mean():.2f} ({w.min():.2f}–{w.max():.2f}) | {d6.min():+.1f} / "
+                     f"{dr.min():+.1f} | {(d6 < -1).sum()} / {(dr < -1).sum()} | {cost} |")
+        out[g] = {"start": start.tolist(), "alone": alone.tolist(), "blend0.6": fixed.tolist(), "rule": got.tolist(),
+                  "share": w.tolist(), "cases": list(seeds[0])}
+    return "\n".join(lines), out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", action="store_true", help="run the fine-tunes and cache probabilities")
     ap.add_argument("--report", action="store_true", help="score the cache, write the JSON, print the table")
-    ap.add_argument("--cache-dir", required=True, help="a folder outside the repository")
+    ap.add_argument("--cache-dir", default=None, help="a folder outside the repository")
     ap.add_argument("--name", default=None, help="run name in the JSON (default: the cache folder's name)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "acdc"))
     ap.add_argument("--start", default=str(ROOT / "models" / "acdc70_unet2d.pt"))
     ap.add_argument("--volumes", type=int, default=20)
+    ap.add_argument("--rules", nargs="+", default=["a", "b"], choices=["a", "b"])
+    ap.add_argument("--shift", default="", choices=["", "gamma", "bias", "rot90", "res"],
+                    help="a scanner-like change of every volume (benchmarks/fewslice_m3hl_step.py)")
+    ap.add_argument("--phantoms", nargs="*", type=int, default=[], metavar="SEED",
+                    help="also the phantom volumes of these seeds (the demo's NIfTI, rule a: its two slices)")
+    ap.add_argument("--table", nargs="*", default=[], metavar="DIR",
+                    help="cache folders (a shift or none, one seed each; same-named folders are seeds of one row): "
+                         "the table of docs/benchmarks.md, 'How much of the start model to keep'")
+    ap.add_argument("--unshifted", default=None, help="with --table: the unshifted folder of seed 1337")
+    ap.add_argument("--lean", action="store_true", help="cache the start model and the student only")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a FewSliceOptions field")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fewslice_blend.json"))
     ap.add_argument("--seeds", nargs="*", default=[], metavar="RUN",
                     help="with --report: runs of benchmarks/results/fewslice.json (other seeds, the default blend) "
                          "for the per-seed table")
     args = ap.parse_args()
+    if args.table:
+        text, rows = shift_table([Path(d) for d in args.table], Path(args.unshifted) if args.unshifted else None)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"runs": {}}
+        results["share_rule"] = {"rule": default_rule(), "rows": rows}
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(text)
+        return
     cache = Path(args.cache_dir)
     if args.cache:
         import yaml
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)
         options = fs.FewSliceOptions(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
         cache.mkdir(parents=True, exist_ok=True)
-        (cache / "options.json").write_text(json.dumps(vars(options)))
-        for n in read_list(Path(args.data) / "val.list")[:args.volumes]:
-            image, label = load_h5_volume(Path(args.data) / "volumes" / f"{n}.h5")
+        (cache / "options.json").write_text(json.dumps(vars(options) | {"shift": args.shift}))
+        for n, image, label in volumes(args):
             done: dict[tuple, str] = {}
-            for rule in ("a", "b"):
+            for rule in args.rules:
                 sel = painted_for(label, rule)
                 f = cache / f"{n}_{rule}.npz"
                 if tuple(sel) in done:  # both rules paint the same slices: one (deterministic) fine-tune
                     shutil.copy(cache / f"{done[tuple(sel)]}.npz", f)
                 elif not f.is_file():
-                    cache_case(f"{n}_{rule}", image, label, sel, args.start, options, cache)
+                    cache_case(f"{n}_{rule}", image, label, sel, args.start, options, cache, args.lean)
                 done[tuple(sel)] = f"{n}_{rule}"
     if args.report:
         print(report(cache, Path(args.json), args.name or cache.name))

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from napari_m3hl._napari.run import jobs as _jobs
     from napari_m3hl._napari.layers import control as lc
-    from napari_m3hl._napari.run.jobs import gui_cpu_threads
+    from napari_m3hl._napari.run.jobs import fewslice_cpu_threads, gui_cpu_threads
     from napari_m3hl._napari._widget import M3HLWidget
     from napari_m3hl.training.events import Progress
 
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         first_step.clear()
         widget.run = None
         load_before = os.getloadavg()[0]
+        cpu0 = time.thread_time(), time.process_time(), machine_busy_s()
         t_press = time.perf_counter()
         QTest.mouseClick(widget.run_panel.train_btn, Qt.LeftButton)
         t_started = time.perf_counter()  # Train's click handler returned (overlay layers ready)
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                    and lc.SEGMENTATION in viewer.layers, 120 + args.iterations * 10)
         t_end = time.perf_counter()
+        cpu1 = time.thread_time(), time.process_time(), machine_busy_s()
         wait_until(app, lambda: False, 1.0)
         t_drawn = t_end + 0.5  # the segmentation layer's first draw comes in the turns after it is added
         fin = widget.run.finished
@@ -223,6 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
                 round(widget.run.first_preview_s, 2) if widget.run.first_preview_s else None
             ),
             "train_to_segmentation_s": round(t_end - t_press, 2),
+            # CPU seconds from the click to the segmentation: the GUI thread's (event loop, drawing),
+            # this process's (GUI thread + worker's torch threads + any render threads) and the whole
+            # machine's busy time (also the X server and everything else running)
+            "cpu_s": {"gui_thread": round(cpu1[0] - cpu0[0], 2), "process": round(cpu1[1] - cpu0[1], 2),
+                      "machine": round(cpu1[2] - cpu0[2], 2)},
             "s_per_iteration": (round((t_end - first_step[0]) / max(fin.iteration, 1), 3)
                                 if fin and first_step else None),
             "gui_handler_ms": {k: {"n": len(v), "max": round(max(v) * 1e3, 1),
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         "patch": [args.patch, args.patch],
         "device": "cpu",
         "cpu_count": os.cpu_count(),
-        "torch_threads_training": gui_cpu_threads(),
+        "torch_threads_training": fewslice_cpu_threads() if widget.model_panel.plan().fewslice else gui_cpu_threads(),
         "torch": torch.__version__,
         "napari": napari.__version__,
         "qt_api": os.environ.get("QT_API", "pyqt5"),
@@ -259,6 +266,16 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return result
+
+
+def machine_busy_s() -> float:
+    """Seconds of CPU time the whole machine has spent busy (all cores, /proc/stat; NaN elsewhere)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def table(r: dict) -> str:
@@ -294,6 +311,9 @@ def table(r: dict) -> str:
         row("Train → first pseudo-label overlay", lambda x: f"{x['train_to_first_pseudo_labels_s']} s"),
         row("Train → segmentation layer", lambda x: f"{x['train_to_segmentation_s']} s"),
         row("s / iteration (incl. previews)", lambda x: x["s_per_iteration"]),
+        row("CPU s click → segmentation: GUI thread / process / machine",
+            lambda x: " / ".join(str(x["cpu_s"][k]) for k in ("gui_thread", "process", "machine"))
+            if "cpu_s" in x else "-"),
     ]
     for kind in ("Progress", "MixPreview", "VolumePreview", "PreviewQuality"):
         lines.append(row(f"GUI handler {kind}: max (mean)",

@@ -88,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     base, tuned = scores(result.base), scores(result.labels)
     print(f"Dice on the {off.size} unpainted slices ({', '.join(names[1:])}; mean):")
     print(f"  start model  {'  '.join(f'{v:5.1f}' for v in base)}   mean {np.mean(base):5.1f}")
-    if options.start_blend > 0 and result.network is not None:
+    if result.blend.weight > 0 and result.network is not None:
         alone = scores(result.network)
         print(f"  network alone{'  '.join(f'{v:5.1f}' for v in alone)}   mean {np.mean(alone):5.1f}"
               f"   (the fine-tuned network without the start-model blend)")
     print(f"  fine-tuned   {'  '.join(f'{v:5.1f}' for v in tuned)}   mean {np.mean(tuned):5.1f}")
+    print(result.blend.describe())
     print(f"time from Train to segmentation: {seconds:.0f} s")
     print(result.verdict.message)
     shown = result.base if result.verdict.suspect else result.labels

@@ -46,7 +46,12 @@ def test_train_with_painted_labels_runs_the_fewslice_loop(painted_volume, tmp_pa
     # the fine-tune scaled the image min-max; `m3hl predict` with its last.pt must scale it the same way
     assert load_checkpoint(out / "last.pt")["config"]["intensity"] == "minmax"
     # ... and segment with the same blend of start model and fine-tuned network as the loop showed
-    assert load_checkpoint(out / "last.pt")["start_blend"] == FewSliceOptions().start_blend > 0
+    # (the share chosen from the start model's Dice on the painted slices, recorded in run.json)
+    share = run["start_blend"]["weight"]
+    opts = FewSliceOptions()
+    assert opts.start_blend_untrusted <= share <= opts.start_blend and share > 0
+    assert load_checkpoint(out / "last.pt")["start_blend"] == share
+    assert 0 < run["start_blend"]["start_painted_dice"] <= 1
     again = tmp_path / "again.nii.gz"
     assert main(["predict", "--checkpoint", str(out / "last.pt"), "--input", str(img), "--output", str(again)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(again)).dataobj),

@@ -207,9 +207,11 @@ def test_fine_tune_checkpoint_segments_with_the_start_blend(tmp_path):
 
     start = _start_model(tmp_path / "start.pt")
     ph = make_phantom(3, shape=SHAPE)
-    opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", start_blend=0.5)
+    opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", start_blend=0.5,
+                              start_blend_untrusted=0.5)  # a fixed weight, however the start model scores
     job = fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts)
     res = list(fs.run(job, out_dir=tmp_path / "run"))[-1]
+    assert job.blend.weight == res.blend.weight == 0.5
     ckpt = load_checkpoint(res.checkpoint)
     assert ckpt["start_blend"] == 0.5 and set(ckpt["start"]) == set(load_checkpoint(start)["student"])
     blended = Predictor.from_checkpoint(res.checkpoint)
@@ -220,6 +222,26 @@ def test_fine_tune_checkpoint_segments_with_the_start_blend(tmp_path):
     _, p_start = Predictor.from_checkpoint(start).predict(job.image, return_probs=True)
     _, p_tuned = alone.predict(job.image, return_probs=True)
     np.testing.assert_array_equal((p_start + p_tuned).argmax(0), res.labels)
+
+
+def test_a_start_model_that_misses_the_painted_slices_keeps_the_untrusted_share(tmp_path):
+    """An untrained start model segments the painted slices far below ``trust_low``: the
+    blend gives it ``start_blend_untrusted``, and the checkpoint records that share."""
+    from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.metrics.quality import painted_dice
+
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    painted = _painted(ph.label, [1, 4])
+    opts = fs.FewSliceOptions(iterations=2, batch_size=4, check_every=2, device="cpu")
+    job = fs.prepare(start, ph.image, painted, opts)
+    score = painted_dice(job.base, painted, job.config.class_names)[0]
+    assert job.blend.painted_dice == score < opts.trust_low
+    assert job.blend.weight == opts.start_blend_untrusted < opts.start_blend
+    res = list(fs.run(job, out_dir=tmp_path / "run"))[-1]
+    assert res.blend == job.blend
+    assert load_checkpoint(res.checkpoint)["start_blend"] == opts.start_blend_untrusted
+    np.testing.assert_array_equal(Predictor.from_checkpoint(res.checkpoint).predict(job.image), res.labels)
 
 
 def test_no_blend_shows_the_fine_tuned_network_alone(tmp_path):

@@ -69,7 +69,7 @@ def test_train_runs_the_fewslice_fine_tune_with_the_clis_defaults(make_widget, q
     assert "Dice, painted\n" in w.run_panel.quality_label.text() and "–" not in w.run_panel.quality_label.text().split("\n")[1]
     # the verdict shown is the safeguard's on these segmentations (whether 4 steps help is not guaranteed)
     assert res.verdict == check_finetune(res.base, res.labels, before, 4, tuple(w.run.class_names))
-    assert w.run_panel.verdict_label.text() == res.verdict.message
+    assert w.run_panel.verdict_label.text() == f"{res.verdict.message} {res.blend.describe()}"
     assert lc.MIX_PREVIEW not in viewer.layers  # no mixing in the few-slice fine-tune
     assert w.st.suggestions is not None  # the slices are ranked after the run
     assert user.data.tobytes() == before.tobytes()  # training never writes the user's labels
@@ -86,7 +86,8 @@ def test_a_suspect_fine_tune_is_said_and_the_start_segmentation_kept(make_widget
     res = w.st.finetune.result
     assert not res.labels.any()  # the stubbed step made the network segment background everywhere
     assert res.verdict.suspect and res.verdict.painted_tuned == 0.0 < res.verdict.painted_base
-    assert w.run_panel.verdict_label.text() == res.verdict.message and "worse than the start model" in res.verdict.message
+    assert w.run_panel.verdict_label.text() == f"{res.verdict.message} {res.blend.describe()}"
+    assert "worse than the start model" in res.verdict.message
     assert any("Use the start model's segmentation" in m for m in warned)
     seg = viewer.layers[lc.SEGMENTATION]
     np.testing.assert_array_equal(seg.data, res.labels)

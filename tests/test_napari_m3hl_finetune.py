@@ -85,7 +85,8 @@ def test_m3hl_fine_tune_over_two_labeled_volumes_and_one_unlabeled(make_widget, 
         other = viewer.layers[f"{lc.SEGMENTATION_OF}{layer.name}"]
         assert other.data.shape == layer.data.shape
         np.testing.assert_array_equal(other.data, r.labels)
-    assert res.volumes[2].verdict is None and w.run_panel.verdict_label.text() == res.verdict.message
+    assert res.volumes[2].verdict is None
+    assert w.run_panel.verdict_label.text() == f"{res.verdict.message} {res.blend.describe()}"
     for layer, data in zip((user_labels, second_labels), before):
         assert layer.data.tobytes() == data.tobytes()
     assert lc.is_overlay(viewer.layers[f"{lc.SEGMENTATION_OF}third image"])  # not offered as a layer to train on

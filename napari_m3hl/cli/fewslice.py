@@ -231,8 +231,8 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     checks.check_run_inputs(out, [*FEWSLICE_FILES, *planned],
                             {**{f"--data {p}": p for p in args.data or []}, **{f"--labels {p}": p for p in args.labels or []},
                              **{f"--unlabeled {p}": p for p in getattr(args, "unlabeled", None) or []}})
-    given = {k: getattr(args, k) for k in ("iterations", "lr", "batch_size", "mode", "seed", "device", "start_blend",
-                                          "clean")}
+    given = {k: getattr(args, k, None) for k in ("iterations", "lr", "batch_size", "mode", "seed", "device",
+                                                "start_blend", "start_blend_untrusted", "clean")}
     options = fs.FewSliceOptions(**{k: v for k, v in given.items() if v is not None})
     job = fs.prepare_volumes(start, pairs, unlabeled, options, names)
     for item in inputs:
@@ -247,7 +247,7 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     n_slices = sum(int(v.image.shape[0]) for v in job.volumes)
     print(f"few-slice fine-tune of {start.name} on {n_painted} painted slice(s) of {n_slices} in {len(job.volumes)} "
           f"volume(s) ({job.config.patch_size[0]}x{job.config.patch_size[1]} input, the model's own): "
-          f"{options.summary()}", file=sys.stderr)
+          f"{options.summary()}. {job.blend.describe()}", file=sys.stderr)
     t0 = time.perf_counter()
     result = None
     try:
@@ -296,6 +296,7 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
         "seconds": round(time.perf_counter() - t0, 1), "iterations_done": result.iterations,
         "checkpoint": result.checkpoint and str(out / Path(result.checkpoint).name),
         "verdict": {"suspect": result.verdict.suspect, "message": result.verdict.message},
+        "start_blend": {"weight": result.blend.weight, "start_painted_dice": result.blend.painted_dice},
         "segmentation": first["segmentation"], "prediction": first["prediction"], "inputs": written,
     }
     checks.write_json(work / "run.json", manifest, "--out")

@@ -84,7 +84,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "images too (the start model as its teacher)")
     p.add_argument("--start-blend", type=float, default=None, metavar="W",
                    help="few-slice loop (--labels): weight of the start model's probabilities in the segmentation "
-                        "(default: FewSliceOptions.start_blend; 0 = the fine-tuned network alone)")
+                        "when it segments the painted slices well (default: FewSliceOptions.start_blend; 0 = the "
+                        "fine-tuned network alone)")
+    p.add_argument("--start-blend-untrusted", type=float, default=None, metavar="W",
+                   help="few-slice loop (--labels): that weight when the start model segments the painted slices "
+                        "poorly, i.e. the scan is unlike its training data (default: "
+                        "FewSliceOptions.start_blend_untrusted; equal to --start-blend for a fixed weight)")
     p.add_argument("--no-clean", dest="clean", action="store_const", const=False, default=None,
                    help="few-slice loop (--labels): keep every blob of the segmentation (default: each structure's "
                         "largest 3D connected component)")

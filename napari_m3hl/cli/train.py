@@ -175,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "a preset's run takes one --data")
     args.data = (args.data or ["phantom"])[0]
     args.labels = (args.labels or [None])[0]
-    for flag, key in (("--start-blend", "start_blend"), ("--no-clean", "clean")):
+    for flag, key in (("--start-blend", "start_blend"), ("--start-blend-untrusted", "start_blend_untrusted"),
+                      ("--no-clean", "clean")):
         if getattr(args, key, None) is not None:
             raise M3HLInputError(f"{flag} belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "
                                  "--preset/--variant/--set/--val); this run trains with a preset's schedule")

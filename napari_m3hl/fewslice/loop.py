@@ -70,6 +70,7 @@ import numpy as np
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.fewslice.safeguard import Verdict, check_finetune
+from napari_m3hl.fewslice.trust import BlendChoice, choose_blend
 from napari_m3hl.metrics.quality import mean_dice
 from napari_m3hl.labels import labeled_slices
 
@@ -111,11 +112,20 @@ class FewSliceOptions:
         stop_change: see ``early_stop``.
         intensity: ``"minmax"`` (the ACDC training data's scaling) or
             ``"percentile"`` (0.5–99.5 % clipped) scaling of the image to [0, 1].
-        start_blend: weight of the start model's class probabilities in the
-            segmentation, ``start_blend·p_start + (1 − start_blend)·p_student``
-            (0: the fine-tuned student alone). Needs ``segment_with="student"``;
-            the fine-tune's checkpoint keeps the start weights and this weight,
-            so ``m3hl predict`` segments the same way (:mod:`napari_m3hl.inference.blend`).
+        start_blend: weight ``w`` of the start model's class probabilities in the
+            segmentation, ``w·p_start + (1 − w)·p_student``, when the start model
+            segments the painted slices at ``trust_high`` Dice or better (0: the
+            fine-tuned student alone, always). Needs ``segment_with="student"``;
+            the fine-tune's checkpoint keeps the start weights and the weight
+            used, so ``m3hl predict`` segments the same way
+            (:mod:`napari_m3hl.inference.blend`).
+        start_blend_untrusted: ``w`` when the start model scores ``trust_low``
+            or less on the painted slices (linear in between;
+            :func:`napari_m3hl.fewslice.trust.choose_blend`); equal to
+            ``start_blend`` for a fixed weight.
+        trust_low, trust_high: the start model's mean Dice (0..1) over the painted
+            classes on the painted slices between which ``w`` goes from
+            ``start_blend_untrusted`` to ``start_blend``.
         clean: keep each class's largest 3D connected component in the
             segmentations shown (the start model's and each check's), as
             :class:`napari_m3hl.inference.predictor.Predictor` does by default.
@@ -139,6 +149,9 @@ class FewSliceOptions:
     stop_change: float = 0.005
     intensity: str = "minmax"
     start_blend: float = 0.6
+    start_blend_untrusted: float = 0.45
+    trust_low: float = 0.85
+    trust_high: float = 0.92
     clean: bool = True
     seed: int = 1337
     device: str = "auto"
@@ -155,7 +168,10 @@ class FewSliceOptions:
             extra += f", mixed images' Dice: {self.mix_dice}" + \
                 (f", painted slices unmixed at weight {self.sup_weight:g}" if self.sup_weight else "")
         if self.start_blend > 0:
-            net = f"{net} blended with the start model ({self.start_blend:g} of its probabilities)"
+            share = f"{self.start_blend:g}" if self.start_blend_untrusted == self.start_blend else \
+                (f"{self.start_blend_untrusted:g}–{self.start_blend:g} of its probabilities, as it scores "
+                 f"{100 * self.trust_low:g}–{100 * self.trust_high:g} Dice on the painted slices")
+            net = f"{net} blended with the start model ({share})"
         return (f"{self.iterations} iterations at lr {self.lr:g}, batch {self.batch_size}, {self.mode}{extra}, "
                 f"segmenting with {net}" + ("" if self.clean else ", not cleaned"))
 
@@ -166,7 +182,7 @@ class Check:
 
     ``labels``: (D, H, W) uint8, the first volume's segmentation as the user is
     shown it (the segmenting network, blended with the start model when
-    ``options.start_blend > 0``); ``networks``: the first volume's per network,
+    ``job.blend.weight > 0``); ``networks``: the first volume's per network,
     alone (``"student"``, ``"teacher"``); ``volumes``: the shown segmentation of
     every volume of the job, in its order (``volumes[0] is labels``);
     ``instability``: 1 − mean Dice between the unpainted slices' segmentation now
@@ -226,7 +242,8 @@ class FewSliceVolume:
 @dataclass
 class FewSliceJob:
     """What :func:`run` needs: the config, the training data, the start file
-    and the volumes (labeled ones first; ``volumes[0]`` is labeled). ``image``,
+    and the volumes (labeled ones first; ``volumes[0]`` is labeled), and the
+    start model's share of the segmentation (``blend``). ``image``,
     ``painted``, ``painted_slices``, ``base`` and ``base_probs`` are the first
     volume's."""
 
@@ -235,6 +252,7 @@ class FewSliceJob:
     start: Path
     volumes: list[FewSliceVolume]
     options: FewSliceOptions = field(default_factory=FewSliceOptions)
+    blend: BlendChoice = field(default_factory=lambda: BlendChoice(0.0, None))
 
     @property
     def image(self) -> np.ndarray:
@@ -275,13 +293,14 @@ class VolumeResult:
 class FewSliceResult:
     """End of :func:`run`. ``labels``: the first volume's fine-tuned
     segmentation (D, H, W) uint8, as shown and as ``checkpoint`` predicts it
-    (blended with the start model when ``options.start_blend > 0``; the painted
+    (blended with the start model when ``blend.weight > 0``; the painted
     slices are not merged in, see :func:`napari_m3hl.fewslice.safeguard.merge_painted`);
     ``network``: the fine-tuned network's alone; ``base``: the start model's;
     ``verdict``: the safeguard's; ``volumes``: the same for every volume of
     the job, in its order; ``checkpoint``: the fine-tune's last checkpoint
     (None without ``out_dir``); ``iterations`` run; ``seconds`` from the start
-    of training to the final segmentation."""
+    of training to the final segmentation; ``blend``: the start model's share
+    of the segmentation and what it was chosen from."""
 
     labels: np.ndarray
     base: np.ndarray
@@ -292,6 +311,7 @@ class FewSliceResult:
     stopped_early: bool
     network: np.ndarray | None = None
     volumes: list[VolumeResult] = field(default_factory=list)
+    blend: BlendChoice = field(default_factory=lambda: BlendChoice(0.0, None))
 
 
 def scale_intensity(image: np.ndarray, how: str = "minmax", name: str = "image") -> np.ndarray:
@@ -355,6 +375,12 @@ def _check_options(options: FewSliceOptions) -> None:
     if not 0.0 <= options.start_blend <= 1.0:
         raise M3HLInputError(f"start_blend (--start-blend) is the start model's share of the segmentation and must "
                              f"lie in [0, 1]; got {options.start_blend}")
+    if not 0.0 <= options.start_blend_untrusted <= 1.0:
+        raise M3HLInputError(f"start_blend_untrusted is the start model's share of the segmentation when it segments "
+                             f"the painted slices poorly and must lie in [0, 1]; got {options.start_blend_untrusted}")
+    if not 0.0 <= options.trust_low <= options.trust_high <= 1.0:
+        raise M3HLInputError(f"trust_low and trust_high are Dice scores (0..1) with trust_low <= trust_high; got "
+                             f"{options.trust_low} and {options.trust_high}")
     if options.start_blend > 0 and options.segment_with != "student":
         raise M3HLInputError(f"start_blend blends the student only; got segment_with={options.segment_with!r} "
                              "(set start_blend=0 to segment with the teacher)")
@@ -421,7 +447,9 @@ def prepare_volumes(start: str | Path, labeled: Sequence[tuple[np.ndarray, np.nd
     for img, lab, name in zip(images + extra, paints + [None] * len(extra), names):
         base_labels, base_probs = base.predict(img, return_probs=True)
         volumes.append(FewSliceVolume(name, img, lab, base_labels, base_probs))
-    return FewSliceJob(cfg, data, Path(start), volumes, options)
+    blend = choose_blend([v.base for v in volumes], [v.painted for v in volumes], cfg.class_names,
+                         options.start_blend, options.start_blend_untrusted, options.trust_low, options.trust_high)
+    return FewSliceJob(cfg, data, Path(start), volumes, options, blend)
 
 
 def blend_partner(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -539,8 +567,8 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                 if which == "teacher":
                     out.teacher_probs.append(probs)
                 if which == opts.segment_with:
-                    out.shown.append(predictor.finish(blend_labels(v.base_probs, probs, opts.start_blend))
-                                     if opts.start_blend > 0 else lab)
+                    out.shown.append(predictor.finish(blend_labels(v.base_probs, probs, job.blend.weight))
+                                     if job.blend.weight > 0 else lab)
             out.networks.append(nets)
         return out
 
@@ -574,8 +602,8 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                     control.stop()
             if isinstance(e, ev.TrainFinished):
                 final_ckpt, iterations = e.checkpoint, e.iteration
-                if final_ckpt and (opts.start_blend > 0 or stopped_early):
-                    finish_checkpoint(final_ckpt, job.start if opts.start_blend > 0 else None, opts.start_blend,
+                if final_ckpt and (job.blend.weight > 0 or stopped_early):
+                    finish_checkpoint(final_ckpt, job.start if job.blend.weight > 0 else None, job.blend.weight,
                                       stopped_early)
             yield e
         results = []
@@ -585,7 +613,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
             results.append(VolumeResult(v.name, shown, nets[opts.segment_with], v.base, verdict))
         first = results[0]
         yield FewSliceResult(first.labels, first.base, first.verdict, None if tmp else final_ckpt, iterations,
-                             time.perf_counter() - t0, stopped_early, first.network, results)
+                             time.perf_counter() - t0, stopped_early, first.network, results, job.blend)
     finally:
         if tmp is not None:
             tmp.cleanup()

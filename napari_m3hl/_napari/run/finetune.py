@@ -159,7 +159,7 @@ class FineTune:
         self.st.finetune = FineTuneOutcome(run.image, r, run.class_names, self.st.runner.checkpoint,
                                            labels=self.segmentation_of(run, r, 0),
                                            base=self.segmentation_of(run, r, 0, start=True))
-        self.st.run_panel.verdict_label.setText(r.verdict.message)
+        self.st.run_panel.verdict_label.setText(f"{r.verdict.message} {r.blend.describe()}")
         self.st.run_panel.verdict_label.setStyleSheet(SUSPECT_STYLE if r.verdict.suspect else "")
         built: list = []  # 'M³HL segmentation' built in one event-loop turn, added in the next
 
