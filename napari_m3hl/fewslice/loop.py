@@ -42,13 +42,17 @@ probabilities (``start_blend``; :mod:`napari_m3hl.inference.blend`): with a
 strong start model the fine-tuned network alone was no better than the start
 on average and worse by more than a point on a third of the volumes, while
 the blend beat both and stayed within a point of the start everywhere.
+The start model's share is chosen per fine-tune from its Dice on the painted
+slices (:mod:`napari_m3hl.fewslice.trust`): a start model that fits the
+scan poorly keeps less of it.
 
 The defaults of :class:`FewSliceOptions` follow ``benchmarks/fewslice.py``
 and ``benchmarks/fewslice_m3hl_step.py`` (docs/benchmarks.md, "Few-slice
 fine-tuning on one volume" and "M³HL in the few-slice loop"): supervised on
 the painted slices, 75 iterations at lr 0.01 (as good as 100 over 3 seeds,
 in three quarters of the time), the student segmenting,
-blended with the start model at weight 0.6, min–max intensity scaling (as
+blended with the start model at weight 0.6 (0.55 where it scores 85 or less
+on the painted slices, linear up to 92), min–max intensity scaling (as
 the ACDC training data). The M³HL mode is the measured second: with the
 paper's step (Dice pooled inside each block region) the student collapsed in
 the first steps from a strong start, whatever the teacher; without that Dice
@@ -149,7 +153,7 @@ class FewSliceOptions:
     stop_change: float = 0.005
     intensity: str = "minmax"
     start_blend: float = 0.6
-    start_blend_untrusted: float = 0.45
+    start_blend_untrusted: float = 0.55
     trust_low: float = 0.85
     trust_high: float = 0.92
     clean: bool = True
