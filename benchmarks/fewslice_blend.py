@@ -299,6 +299,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(text)
         return
+    if not args.cache_dir:
+        ap.error("--cache-dir is needed with --cache or --report")
     cache = Path(args.cache_dir)
     if args.cache:
         import yaml

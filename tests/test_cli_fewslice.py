@@ -72,6 +72,11 @@ def test_start_blend_zero_keeps_the_fine_tuned_network_alone(painted_volume, tmp
     assert main(["train", "--data", str(img), "--labels", str(painted_path), "--start-blend", "1.5", "--quiet",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "must lie in [0, 1]; got 1.5" in capsys.readouterr().err
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--start-blend-untrusted", "-0.1",
+                 "--quiet", "--out", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr().err
+    assert "--start-blend-untrusted" in err and "must lie in [0, 1]; got -0.1" in err
+    assert not (tmp_path / "bad2" / "run.json").exists()
 
 
 def test_preset_options_keep_the_data_set_path(painted_volume, tmp_path):

@@ -251,6 +251,8 @@ def test_no_blend_shows_the_fine_tuned_network_alone(tmp_path):
     res = list(fs.run(fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts), out_dir=tmp_path / "r"))[-1]
     np.testing.assert_array_equal(res.labels, res.network)
     assert "start" not in load_checkpoint(res.checkpoint)
+    with pytest.raises(M3HLInputError, match="trust_low and trust_high are Dice scores"):
+        fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), fs.FewSliceOptions(trust_low=0.95, trust_high=0.9))
     with pytest.raises(M3HLInputError, match="blends the student only"):
         fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), fs.FewSliceOptions(segment_with="teacher"))
 

@@ -380,8 +380,9 @@ def _check_options(options: FewSliceOptions) -> None:
         raise M3HLInputError(f"start_blend (--start-blend) is the start model's share of the segmentation and must "
                              f"lie in [0, 1]; got {options.start_blend}")
     if not 0.0 <= options.start_blend_untrusted <= 1.0:
-        raise M3HLInputError(f"start_blend_untrusted is the start model's share of the segmentation when it segments "
-                             f"the painted slices poorly and must lie in [0, 1]; got {options.start_blend_untrusted}")
+        raise M3HLInputError(f"start_blend_untrusted (--start-blend-untrusted) is the start model's share of the "
+                             f"segmentation when it segments the painted slices poorly and must lie in [0, 1]; got "
+                             f"{options.start_blend_untrusted}")
     if not 0.0 <= options.trust_low <= options.trust_high <= 1.0:
         raise M3HLInputError(f"trust_low and trust_high are Dice scores (0..1) with trust_low <= trust_high; got "
                              f"{options.trust_low} and {options.trust_high}")
