@@ -48,8 +48,8 @@ from napari_m3hl.method.components import largest_component_per_class  # noqa: E
 from napari_m3hl.data.cached import read_list  # noqa: E402
 from napari_m3hl.io.h5 import load_h5_volume  # noqa: E402
 from napari_m3hl.metrics.binary import dice  # noqa: E402
-from napari_m3hl.metrics.quality import painted_dice  # noqa: E402
-from napari_m3hl.fewslice.trust import start_share  # noqa: E402
+from napari_m3hl.metrics.quality import mean_dice, painted_dice  # noqa: E402
+from napari_m3hl.fewslice.trust import BlendChoice, settle_blend, start_share  # noqa: E402
 from napari_m3hl.inference.predictor import Predictor  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
@@ -61,14 +61,15 @@ def _q(p: np.ndarray) -> np.ndarray:
     return np.round(p * 255).astype(np.uint8)
 
 
-def _probs(ckpt: dict, which: str, image: np.ndarray) -> np.ndarray:
-    return Predictor.from_checkpoint(ckpt, which, blend=False).predict(image, return_probs=True)[1]
+def _probs(ckpt: dict, which: str, image: np.ndarray, tta: bool = False) -> np.ndarray:
+    return Predictor.from_checkpoint(ckpt, which, blend=False, tta=tta).predict(image, return_probs=True)[1]
 
 
 def cache_case(name: str, image: np.ndarray, label: np.ndarray, sel: list[int], start: str,
-               options: fs.FewSliceOptions, out: Path, lean: bool = False) -> None:
+               options: fs.FewSliceOptions, out: Path, lean: bool = False, tta: bool = False) -> None:
     """Fine-tune on the slices ``sel`` of one volume and store probabilities (uint8) in ``out/{name}.npz``
-    (``lean``: the start model's and the student's at each check only)."""
+    (``lean``: the start model's and the student's at each check only; ``tta``: also the start model's
+    and the last student's under flip test-time augmentation, ``start tta`` and ``student tta``)."""
     painted = np.zeros_like(label)
     painted[sel] = label[sel]
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -81,6 +82,9 @@ def cache_case(name: str, image: np.ndarray, label: np.ndarray, sel: list[int], 
             for which in ("student",) if lean else ("student", "teacher"):
                 store[f"{which}@{e.iteration}"] = _q(_probs(ck, which, job.image))
     tuned = load_checkpoint(tmp / "last.pt")
+    if tta:
+        store["start tta"] = _q(_probs(fs.blend_partner(load_checkpoint(start)), "student", job.image, tta=True))
+        store["student tta"] = _q(_probs(tuned, "student", job.image, tta=True))
     s0 = {k: v.float() if v.is_floating_point() else v for k, v in load_checkpoint(start)["student"].items()}
     s1 = {k: v.float() if v.is_floating_point() else v for k, v in tuned["student"].items()}
     for a in () if lean else ALPHAS:
@@ -96,13 +100,15 @@ def _score(lab: np.ndarray, ref: np.ndarray, off: np.ndarray) -> list[float]:
     return [float(dice(lab[off] == c, ref[off] == c)) for c in (1, 2, 3)]
 
 
-def score_case(path: Path, rules: dict[str, tuple[float, float, float, float]] | None = None
-               ) -> dict[str, list[float]]:
+def score_case(path: Path, rules: dict[str, tuple[float, ...]] | None = None) -> dict[str, list[float]]:
     """Per candidate segmentation: Dice RV, Myo, LV on the unpainted slices; under ``painted start``
-    the start model's Dice on the painted slices (what the loop can see before it trains). ``rules``:
-    name -> (start_blend, start_blend_untrusted, trust_low, trust_high), the start model's share
-    chosen from that score (:func:`napari_m3hl.fewslice.trust.start_share`), scored with
-    and without cleaning (``+lcc``), and the share under ``name weight``."""
+    the start model's Dice on the painted slices (what the loop can see before it trains) and under
+    ``student change`` 1 − Dice of the student's (cleaned) segmentations of the unpainted slices at
+    its last two checks (what it sees after). ``rules``: name -> (start_blend, start_blend_untrusted,
+    start_blend_stable, stable_change, trust_low, trust_high), the start model's share as the loop
+    settles it from those two (:func:`napari_m3hl.fewslice.trust.settle_blend`), scored with and
+    without cleaning (``+lcc``), and the share under ``name weight``. With flip-TTA probabilities in
+    the cache (``--tta``): ``start tta``, ``student tta`` and each rule's share of the two."""
     z = np.load(path)
     ref, sel = z["label"], z["painted"]
     off = np.setdiff1d(np.arange(ref.shape[0]), sel)
@@ -118,28 +124,52 @@ def score_case(path: Path, rules: dict[str, tuple[float, float, float, float]] |
     cands.update({f"blend {w:g}": w * p["start"] + (1 - w) * p[f"student@{last}"] for w in GRID})
     cands.update({f"blend 0.5 @{i}": 0.5 * p["start"] + 0.5 * p[f"student@{i}"] for i in its[:-1]})
     # what the loop sees before it trains: the start model's (cleaned) segmentation on the painted slices
-    base = largest_component_per_class(p["start"].argmax(0).astype(np.uint8)[None], 4)[0]
+    clean = lambda prob: largest_component_per_class(prob.argmax(0).astype(np.uint8)[None], 4)[0]  # noqa: E731
+    base = clean(p["start"])
     painted = np.zeros_like(ref)
     painted[sel] = ref[sel]
     score = painted_dice(base, painted, ("bg", "RV", "Myo", "LV"))[0]
-    weights = {name: start_share(score, *r) for name, r in (rules or {}).items()}
+    # and after: how much the student's segmentation of the unpainted slices moved at its last check
+    change = 1.0 - mean_dice(clean(p[f"student@{last}"])[off], clean(p[f"student@{its[-2]}"])[off], 4) \
+        if len(its) > 1 and off.size else None
+    weights = {}
+    for name, (trusted, untrusted, stable, stable_change, low, high) in (rules or {}).items():
+        first = BlendChoice(start_share(score, trusted, min(untrusted, trusted), low, high), score)
+        weights[name] = settle_blend(first, change, trusted, untrusted, stable, stable_change, low, high).weight
     cands.update({name: w * p["start"] + (1 - w) * p[f"student@{last}"] for name, w in weights.items()})
+    if len(its) > 1:
+        cands.update({f"{name}, students @{its[-2]} + @{last}":
+                      w * p["start"] + (1 - w) * (p[f"student@{last}"] + p[f"student@{its[-2]}"]) / 2
+                      for name, w in weights.items()})
+    if "student tta" in p:
+        cands.update({"start tta": p["start tta"], "student tta": p["student tta"]})
+        cands.update({f"{name}, tta": w * p["start tta"] + (1 - w) * p["student tta"] for name, w in weights.items()})
     out = {}
     for k, prob in cands.items():
         lab = prob.argmax(0).astype(np.uint8)
         out[k] = _score(lab, ref, off)
-        if k in ("start", "student", "blend 0.5", "blend 0.6") or k in weights:
+        if k in ("start", "student", "blend 0.5", "blend 0.55", "blend 0.6", "start tta", "student tta") or \
+                any(k.startswith(name) for name in weights):
             out[k + " +lcc"] = _score(largest_component_per_class(lab[None], 4)[0], ref, off)
     out["painted start"] = [score]
+    out["student change"] = [change]
     out.update({f"{name} weight": [w] for name, w in weights.items()})
     return out
 
 
-def default_rule() -> dict[str, tuple[float, float, float, float]]:
+def default_rule() -> dict[str, tuple[float, ...]]:
     """The few-slice default's share rule (``FewSliceOptions``), as a ``score_case`` rule."""
     o = fs.FewSliceOptions()
-    return {"share from the painted slices (default)": (o.start_blend, o.start_blend_untrusted, o.trust_low,
-                                                        o.trust_high)}
+    return {"share from the painted slices and the student's change (default)":
+            (o.start_blend, o.start_blend_untrusted, o.start_blend_stable, o.stable_change, o.trust_low,
+             o.trust_high)}
+
+
+def previous_rule() -> dict[str, tuple[float, ...]]:
+    """The rule before the student's change counted (2026-12-05): the share from the painted slices alone."""
+    o = fs.FewSliceOptions()
+    return {"share from the painted slices (before)": (o.start_blend, o.start_blend_untrusted,
+                                                       o.start_blend_untrusted, 0.0, o.trust_low, o.trust_high)}
 
 
 def report(cache: Path, json_path: Path, name: str) -> str:
@@ -152,7 +182,8 @@ def report(cache: Path, json_path: Path, name: str) -> str:
     rules = [r for r in ("a", "b") if any(n.endswith(f"_{r}") for n in cases)]
     lines = ["| segmentation shown | " + " | ".join(f"rule {r}: mean | {r}: vols < −1 / > +1 vs start | {r}: worst Δ"
                                                  for r in rules) + " |", "|---|" + "---:|---|---:|" * len(rules)]
-    keys = [k for k in next(iter(cases.values())) if k != "painted start" and not k.endswith(" weight")]
+    keys = [k for k in next(iter(cases.values())) if k not in ("painted start", "student change")
+            and not k.endswith(" weight")]
     for k in keys:
         cells = []
         for rule in rules:
@@ -229,39 +260,42 @@ def volumes(args: argparse.Namespace):
 
 def shift_table(dirs: list[Path], unshifted: Path | None) -> tuple[str, dict]:
     """One row per cache folder (a shift, or none, for one seed; grouped by folder name over
-    seeds): start model, fine-tuned network alone, the fixed 0.6 blend and the default's share
-    rule, all cleaned as the loop shows them (largest 3D component per class); Δ against the
-    start per volume; and, with ``unshifted`` (the unshifted folder), the mean Δ of the rule on
-    the volumes the shift costs the start model 3 points or more."""
-    rule = default_rule()
-    name = next(iter(rule))
+    seeds): start model, fine-tuned network alone, the share from the painted slices alone
+    (:func:`previous_rule`) and the default's rule (:func:`default_rule`: also the student's
+    change), all cleaned as the loop shows them (largest 3D component per class); Δ against the
+    start per volume; and, with ``unshifted`` (the unshifted folder), the mean Δ on the volumes
+    the shift costs the start model 3 points or more."""
+    rules = previous_rule() | default_rule()
+    before, name = rules
     base = {f.stem: np.mean(score_case(f)["start +lcc"]) for f in sorted(unshifted.glob("*.npz"))} if unshifted else {}
     groups: dict[str, list[dict]] = {}
     for d in dirs:
-        cases = {f.stem: score_case(f, rule) for f in sorted(d.glob("*.npz"))}
+        cases = {f.stem: score_case(f, rules) for f in sorted(d.glob("*.npz"))}
         for rl in ("a", "b"):
             sel = {n: v for n, v in cases.items() if n.endswith(f"_{rl}")}
             if sel:
                 groups.setdefault(f"{d.name} ({rl})", []).append(sel)
-    lines = ["| volumes (rule) | seeds | n | start | network alone | blend 0.6 | **share rule** | share used "
-             "(range) | worst Δ: 0.6 / rule | vols < −1: 0.6 / rule | where the shift costs ≥ 3: n, Δ 0.6 / rule |",
+    lines = ["| volumes (rule) | seeds | n | start | network alone | share from the painted slices | **and the "
+             "student's change (default)** | share used (range) | worst Δ: before / now | vols < −1: before / now | "
+             "where the shift costs ≥ 3: n, Δ before / now |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     out = {}
     for g, seeds in groups.items():
         m = lambda k: np.array([[100 * np.mean(v[k]) for v in sel.values()] for sel in seeds])  # noqa: E731
-        start, alone, fixed, got = m("start +lcc"), m("student +lcc"), m("blend 0.6 +lcc"), m(f"{name} +lcc")
+        start, alone, prev, got = m("start +lcc"), m("student +lcc"), m(f"{before} +lcc"), m(f"{name} +lcc")
         w = np.array([[v[f"{name} weight"][0] for v in sel.values()] for sel in seeds])
-        d6, dr = fixed - start, got - start
+        dp, dr = prev - start, got - start
         costly = [i for i, n in enumerate(seeds[0]) if n in base and 100 * base[n] - start[0, i] >= 3]
-        cost = (f"{len(costly)}, {d6[:, costly].mean():+.1f} / {dr[:, costly].mean():+.1f}"
+        cost = (f"{len(costly)}, {dp[:, costly].mean():+.1f} / {dr[:, costly].mean():+.1f}"
                 if costly and not g.startswith("none") else "")
         spread = lambda x: f"{x.mean(1).mean():.2f}" + (  # noqa: E731
             f" ({x.mean(1).min():.2f}–{x.mean(1).max():.2f})" if len(x) > 1 else "")
-        lines.append(f"| {g} | {len(seeds)} | {start.shape[1]} | {start.mean():.1f} | {spread(alone)} | {spread(fixed)} | "
-                     f"**{spread(got)}** | {w.mean():.2f} ({w.min():.2f}–{w.max():.2f}) | {d6.min():+.1f} / "
-                     f"{dr.min():+.1f} | {(d6 < -1).sum()} / {(dr < -1).sum()} | {cost} |")
-        out[g] = {"start": start.tolist(), "alone": alone.tolist(), "blend0.6": fixed.tolist(), "rule": got.tolist(),
-                  "share": w.tolist(), "cases": list(seeds[0])}
+        lines.append(f"| {g} | {len(seeds)} | {start.shape[1]} | {start.mean():.1f} | {spread(alone)} | {spread(prev)} | "
+                     f"**{spread(got)}** | {w.mean():.2f} ({w.min():.2f}–{w.max():.2f}) | {dp.min():+.1f} / "
+                     f"{dr.min():+.1f} | {(dp < -1).sum()} / {(dr < -1).sum()} | {cost} |")
+        out[g] = {"start": start.tolist(), "alone": alone.tolist(), "before": prev.tolist(), "rule": got.tolist(),
+                  "share": w.tolist(), "student_change": [[v["student change"][0] for v in sel.values()] for sel in seeds],
+                  "cases": list(seeds[0])}
     return "\n".join(lines), out
 
 
@@ -284,6 +318,7 @@ def main() -> None:
                          "the table of docs/benchmarks.md, 'How much of the start model to keep'")
     ap.add_argument("--unshifted", default=None, help="with --table: the unshifted folder of seed 1337")
     ap.add_argument("--lean", action="store_true", help="cache the start model and the student only")
+    ap.add_argument("--tta", action="store_true", help="also cache both under flip test-time augmentation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a FewSliceOptions field")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fewslice_blend.json"))
@@ -317,7 +352,7 @@ def main() -> None:
                 if tuple(sel) in done:  # both rules paint the same slices: one (deterministic) fine-tune
                     shutil.copy(cache / f"{done[tuple(sel)]}.npz", f)
                 elif not f.is_file():
-                    cache_case(f"{n}_{rule}", image, label, sel, args.start, options, cache, args.lean)
+                    cache_case(f"{n}_{rule}", image, label, sel, args.start, options, cache, args.lean, args.tta)
                 done[tuple(sel)] = f"{n}_{rule}"
     if args.report:
         print(report(cache, Path(args.json), args.name or cache.name))

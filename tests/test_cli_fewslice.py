@@ -49,7 +49,9 @@ def test_train_with_painted_labels_runs_the_fewslice_loop(painted_volume, tmp_pa
     # (the share chosen from the start model's Dice on the painted slices, recorded in run.json)
     share = run["start_blend"]["weight"]
     opts = FewSliceOptions()
-    assert opts.start_blend_untrusted <= share <= opts.start_blend and share > 0
+    assert min(opts.start_blend_stable, opts.start_blend_untrusted) <= share <= opts.start_blend and share > 0
+    change = run["start_blend"]["student_change"]  # settles the share: None with fewer than two checks
+    assert change is None or 0 <= change <= 1
     assert load_checkpoint(out / "last.pt")["start_blend"] == share
     assert 0 < run["start_blend"]["start_painted_dice"] <= 1
     again = tmp_path / "again.nii.gz"
@@ -77,6 +79,10 @@ def test_start_blend_zero_keeps_the_fine_tuned_network_alone(painted_volume, tmp
     err = capsys.readouterr().err
     assert "--start-blend-untrusted" in err and "must lie in [0, 1]; got -0.1" in err
     assert not (tmp_path / "bad2" / "run.json").exists()
+    assert main(["train", "--data", str(img), "--labels", str(painted_path), "--start-blend-stable", "2",
+                 "--quiet", "--out", str(tmp_path / "bad3")]) == 2
+    err = capsys.readouterr().err
+    assert "--start-blend-stable" in err and "must lie in [0, 1]; got 2" in err
 
 
 def test_preset_options_keep_the_data_set_path(painted_volume, tmp_path):

@@ -208,7 +208,7 @@ def test_fine_tune_checkpoint_segments_with_the_start_blend(tmp_path):
     start = _start_model(tmp_path / "start.pt")
     ph = make_phantom(3, shape=SHAPE)
     opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", start_blend=0.5,
-                              start_blend_untrusted=0.5)  # a fixed weight, however the start model scores
+                              start_blend_untrusted=0.5, start_blend_stable=0.5)  # a fixed weight, whatever happens
     job = fs.prepare(start, ph.image, _painted(ph.label, [1, 4]), opts)
     res = list(fs.run(job, out_dir=tmp_path / "run"))[-1]
     assert job.blend.weight == res.blend.weight == 0.5
@@ -239,9 +239,39 @@ def test_a_start_model_that_misses_the_painted_slices_keeps_the_untrusted_share(
     assert job.blend.painted_dice == score < opts.trust_low
     assert job.blend.weight == opts.start_blend_untrusted < opts.start_blend
     res = list(fs.run(job, out_dir=tmp_path / "run"))[-1]
-    assert res.blend == job.blend
+    assert res.blend == job.blend  # one check: the student's change is unknown, the share stays
     assert load_checkpoint(res.checkpoint)["start_blend"] == opts.start_blend_untrusted
     np.testing.assert_array_equal(Predictor.from_checkpoint(res.checkpoint).predict(job.image), res.labels)
+
+
+@pytest.mark.parametrize("stable_change", [1.0, 0.0])
+def test_the_share_settles_on_how_much_the_student_changed_at_its_last_check(tmp_path, stable_change):
+    """With two checks the loop measures the student's change on the unpainted slices (1 − mean Dice
+    of its two segmentations): below ``stable_change`` a poorly fitting start model keeps
+    ``start_blend_stable``, else ``start_blend_untrusted``; the shown labels, the result, the checkpoint
+    and ``m3hl predict`` all use that share."""
+    from napari_m3hl.inference.predictor import Predictor
+    from napari_m3hl.metrics.quality import mean_dice
+
+    start = _start_model(tmp_path / "start.pt")
+    ph = make_phantom(3, shape=SHAPE)
+    painted = _painted(ph.label, [1, 4])
+    opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", stable_change=stable_change)
+    job = fs.prepare(start, ph.image, painted, opts)
+    assert job.blend.painted_dice < opts.trust_low and job.blend.weight == opts.start_blend_untrusted
+    events = list(fs.run(job, out_dir=tmp_path / "run"))
+    checks = [e for e in events if isinstance(e, fs.Check)]
+    res = events[-1]
+    assert [c.iteration for c in checks] == [2, 4]
+    off = np.setdiff1d(np.arange(job.image.shape[0]), job.painted_slices)
+    change = 1.0 - mean_dice(checks[1].networks["student"][off], checks[0].networks["student"][off], 4)
+    assert checks[0].blend.student_change is None and checks[0].blend.weight == opts.start_blend_untrusted
+    assert res.blend.student_change == pytest.approx(change)
+    expected = opts.start_blend_stable if change < stable_change else opts.start_blend_untrusted
+    assert res.blend.weight == checks[1].blend.weight == expected
+    assert load_checkpoint(res.checkpoint)["start_blend"] == expected
+    np.testing.assert_array_equal(Predictor.from_checkpoint(res.checkpoint).predict(job.image), res.labels)
+    np.testing.assert_array_equal(checks[1].labels, res.labels)
 
 
 def test_no_blend_shows_the_fine_tuned_network_alone(tmp_path):

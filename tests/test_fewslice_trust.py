@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_m3hl.fewslice.trust import BlendChoice, choose_blend, start_share
+from napari_m3hl.fewslice.trust import BlendChoice, choose_blend, settle_blend, start_share
 
 NAMES = ("background", "RV", "Myo", "LV")
 
@@ -55,3 +55,17 @@ def test_describe_says_the_share_and_the_score():
     assert "85 Dice on your painted slices" in BlendChoice(0.3, 0.85).describe()
     assert "0.30 share" in BlendChoice(0.3, 0.85).describe()
     assert "alone" in BlendChoice(0.0, 0.85).describe()
+
+
+def test_settle_blend_lowers_a_poor_start_models_share_only_for_a_settled_student():
+    poor, mid, good = BlendChoice(0.55, 0.80), BlendChoice(0.575, 0.885), BlendChoice(0.6, 0.95)
+    args = (0.6, 0.55, 0.4, 0.04, 0.85, 0.92)  # trusted, untrusted, stable, stable_change, low, high
+    assert settle_blend(poor, 0.02, *args) == BlendChoice(0.4, 0.80, 0.02)  # settled: the stable share
+    assert settle_blend(poor, 0.06, *args) == BlendChoice(0.55, 0.80, 0.06)  # still moving: the untrusted one
+    assert settle_blend(poor, None, *args) == BlendChoice(0.55, 0.80, None)  # unknown (one check)
+    assert settle_blend(poor, float("nan"), *args).weight == 0.55
+    assert settle_blend(mid, 0.02, *args).weight == pytest.approx(0.5)  # linear between trust_low and trust_high
+    assert settle_blend(good, 0.02, *args).weight == 0.6  # a start model that fits keeps its share
+    assert settle_blend(BlendChoice(0.0, 0.80), 0.02, 0.0, 0.55, 0.4, 0.04, 0.85, 0.92).weight == 0.0  # no blend
+    assert settle_blend(BlendChoice(0.6, None), 0.02, *args) == BlendChoice(0.6, None, 0.02)  # nothing painted
+    assert "changed 2.0 %" in settle_blend(poor, 0.02, *args).describe()

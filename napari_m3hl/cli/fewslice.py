@@ -232,7 +232,7 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
                             {**{f"--data {p}": p for p in args.data or []}, **{f"--labels {p}": p for p in args.labels or []},
                              **{f"--unlabeled {p}": p for p in getattr(args, "unlabeled", None) or []}})
     given = {k: getattr(args, k, None) for k in ("iterations", "lr", "batch_size", "mode", "seed", "device",
-                                                "start_blend", "start_blend_untrusted", "clean")}
+                                                "start_blend", "start_blend_untrusted", "start_blend_stable", "clean")}
     options = fs.FewSliceOptions(**{k: v for k, v in given.items() if v is not None})
     job = fs.prepare_volumes(start, pairs, unlabeled, options, names)
     for item in inputs:
@@ -296,7 +296,8 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
         "seconds": round(time.perf_counter() - t0, 1), "iterations_done": result.iterations,
         "checkpoint": result.checkpoint and str(out / Path(result.checkpoint).name),
         "verdict": {"suspect": result.verdict.suspect, "message": result.verdict.message},
-        "start_blend": {"weight": result.blend.weight, "start_painted_dice": result.blend.painted_dice},
+        "start_blend": {"weight": result.blend.weight, "start_painted_dice": result.blend.painted_dice,
+                        "student_change": result.blend.student_change},
         "segmentation": first["segmentation"], "prediction": first["prediction"], "inputs": written,
     }
     checks.write_json(work / "run.json", manifest, "--out")
@@ -305,6 +306,8 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     for r in result.volumes:
         if r.verdict is not None:
             print(f"{r.name}: {r.verdict.message}" if len(result.volumes) > 1 else r.verdict.message, file=sys.stderr)
+    if result.blend != job.blend:  # the share settled after training (napari_m3hl.fewslice.trust.settle_blend)
+        print(result.blend.describe(), file=sys.stderr)
     for w in written:
         print(f"segmentation: {w['segmentation']} (painted slices as painted)  prediction: {w['prediction']}")
     return 0

@@ -89,7 +89,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-blend-untrusted", type=float, default=None, metavar="W",
                    help="few-slice loop (--labels): that weight when the start model segments the painted slices "
                         "poorly, i.e. the scan is unlike its training data (default: "
-                        "FewSliceOptions.start_blend_untrusted; equal to --start-blend for a fixed weight)")
+                        "FewSliceOptions.start_blend_untrusted; equal to --start-blend, with --start-blend-stable, "
+                        "for a fixed weight)")
+    p.add_argument("--start-blend-stable", type=float, default=None, metavar="W",
+                   help="few-slice loop (--labels): that weight when, besides, the fine-tuned network's segmentation "
+                        "of the unpainted slices changed by less than FewSliceOptions.stable_change at its last check "
+                        "(default: FewSliceOptions.start_blend_stable)")
     p.add_argument("--no-clean", dest="clean", action="store_const", const=False, default=None,
                    help="few-slice loop (--labels): keep every blob of the segmentation (default: each structure's "
                         "largest 3D connected component)")

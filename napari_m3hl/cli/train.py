@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.data = (args.data or ["phantom"])[0]
     args.labels = (args.labels or [None])[0]
     for flag, key in (("--start-blend", "start_blend"), ("--start-blend-untrusted", "start_blend_untrusted"),
-                      ("--no-clean", "clean")):
+                      ("--start-blend-stable", "start_blend_stable"), ("--no-clean", "clean")):
         if getattr(args, key, None) is not None:
             raise M3HLInputError(f"{flag} belongs to the few-slice loop (--data IMAGE --labels PAINTED, without "
                                  "--preset/--variant/--set/--val); this run trains with a preset's schedule")

@@ -43,8 +43,10 @@ strong start model the fine-tuned network alone was no better than the start
 on average and worse by more than a point on a third of the volumes, while
 the blend beat both and stayed within a point of the start everywhere.
 The start model's share is chosen per fine-tune from its Dice on the painted
-slices (:mod:`napari_m3hl.fewslice.trust`): a start model that fits the
-scan poorly keeps less of it.
+slices and, at each check, from how much the fine-tuned network's
+segmentation changed since the previous check
+(:mod:`napari_m3hl.fewslice.trust`): a start model that fits the scan poorly
+keeps less of it, least when the fine-tuned network has settled.
 
 The defaults of :class:`FewSliceOptions` follow ``benchmarks/fewslice.py``
 and ``benchmarks/fewslice_m3hl_step.py`` (docs/benchmarks.md, "Few-slice
@@ -52,7 +54,8 @@ fine-tuning on one volume" and "M³HL in the few-slice loop"): supervised on
 the painted slices, 75 iterations at lr 0.01 (as good as 100 over 3 seeds,
 in three quarters of the time), the student segmenting,
 blended with the start model at weight 0.6 (0.55 where it scores 85 or less
-on the painted slices, linear up to 92), min–max intensity scaling (as
+on the painted slices, 0.4 when the student also changed less than 4 % at
+its last check; linear up to 92), min–max intensity scaling (as
 the ACDC training data). The M³HL mode is the measured second: with the
 paper's step (Dice pooled inside each block region) the student collapsed in
 the first steps from a strong start, whatever the teacher; without that Dice
@@ -74,7 +77,7 @@ import numpy as np
 from napari_m3hl.config import TrainConfig
 from napari_m3hl.errors import M3HLInputError
 from napari_m3hl.fewslice.safeguard import Verdict, check_finetune
-from napari_m3hl.fewslice.trust import BlendChoice, choose_blend
+from napari_m3hl.fewslice.trust import BlendChoice, choose_blend, settle_blend
 from napari_m3hl.metrics.quality import mean_dice
 from napari_m3hl.labels import labeled_slices
 
@@ -127,9 +130,15 @@ class FewSliceOptions:
             or less on the painted slices (linear in between;
             :func:`napari_m3hl.fewslice.trust.choose_blend`); equal to
             ``start_blend`` for a fixed weight.
+        start_blend_stable: ``w`` for a start model scoring ``trust_low`` or less
+            when the fine-tuned student's segmentation of the unpainted slices
+            changed by less than ``stable_change`` (1 − Dice) since the previous
+            check (:func:`napari_m3hl.fewslice.trust.settle_blend`). For a fixed
+            weight set ``start_blend_untrusted`` and this to ``start_blend``.
+        stable_change: see ``start_blend_stable`` (0..1).
         trust_low, trust_high: the start model's mean Dice (0..1) over the painted
             classes on the painted slices between which ``w`` goes from
-            ``start_blend_untrusted`` to ``start_blend``.
+            ``start_blend_untrusted`` (or ``start_blend_stable``) to ``start_blend``.
         clean: keep each class's largest 3D connected component in the
             segmentations shown (the start model's and each check's), as
             :class:`napari_m3hl.inference.predictor.Predictor` does by default.
@@ -154,6 +163,8 @@ class FewSliceOptions:
     intensity: str = "minmax"
     start_blend: float = 0.6
     start_blend_untrusted: float = 0.55
+    start_blend_stable: float = 0.4
+    stable_change: float = 0.04
     trust_low: float = 0.85
     trust_high: float = 0.92
     clean: bool = True
@@ -172,9 +183,12 @@ class FewSliceOptions:
             extra += f", mixed images' Dice: {self.mix_dice}" + \
                 (f", painted slices unmixed at weight {self.sup_weight:g}" if self.sup_weight else "")
         if self.start_blend > 0:
-            share = f"{self.start_blend:g}" if self.start_blend_untrusted == self.start_blend else \
+            fixed = self.start_blend_untrusted == self.start_blend_stable == self.start_blend
+            share = f"{self.start_blend:g}" if fixed else \
                 (f"{self.start_blend_untrusted:g}–{self.start_blend:g} of its probabilities, as it scores "
-                 f"{100 * self.trust_low:g}–{100 * self.trust_high:g} Dice on the painted slices")
+                 f"{100 * self.trust_low:g}–{100 * self.trust_high:g} Dice on the painted slices; down to "
+                 f"{self.start_blend_stable:g} when the fine-tuned network's segmentation changes less than "
+                 f"{self.stable_change:g} (1 − Dice) between checks")
             net = f"{net} blended with the start model ({share})"
         return (f"{self.iterations} iterations at lr {self.lr:g}, batch {self.batch_size}, {self.mode}{extra}, "
                 f"segmenting with {net}" + ("" if self.clean else ", not cleaned"))
@@ -191,7 +205,8 @@ class Check:
     every volume of the job, in its order (``volumes[0] is labels``);
     ``instability``: 1 − mean Dice between the unpainted slices' segmentation now
     and at the previous check, averaged over the volumes (NaN at the first);
-    ``stopping``: early stop.
+    ``stopping``: early stop; ``blend``: the start model's share in ``labels``
+    (:func:`napari_m3hl.fewslice.trust.settle_blend`).
     """
 
     iteration: int
@@ -200,6 +215,7 @@ class Check:
     instability: float
     stopping: bool
     volumes: list[np.ndarray] = field(default_factory=list)
+    blend: BlendChoice = field(default_factory=lambda: BlendChoice(0.0, None))
 
 
 @dataclass
@@ -383,6 +399,12 @@ def _check_options(options: FewSliceOptions) -> None:
         raise M3HLInputError(f"start_blend_untrusted (--start-blend-untrusted) is the start model's share of the "
                              f"segmentation when it segments the painted slices poorly and must lie in [0, 1]; got "
                              f"{options.start_blend_untrusted}")
+    if not 0.0 <= options.start_blend_stable <= 1.0:
+        raise M3HLInputError(f"start_blend_stable (--start-blend-stable) is the start model's share of the "
+                             f"segmentation when it segments the painted slices poorly and the fine-tuned network "
+                             f"has settled; it must lie in [0, 1]; got {options.start_blend_stable}")
+    if not 0.0 <= options.stable_change <= 1.0:
+        raise M3HLInputError(f"stable_change is a share of the segmentation (0..1); got {options.stable_change}")
     if not 0.0 <= options.trust_low <= options.trust_high <= 1.0:
         raise M3HLInputError(f"trust_low and trust_high are Dice scores (0..1) with trust_low <= trust_high; got "
                              f"{options.trust_low} and {options.trust_high}")
@@ -513,6 +535,7 @@ class _Segmented:
     shown: list[np.ndarray]
     networks: list[dict[str, np.ndarray]]
     teacher_probs: list[np.ndarray]
+    blend: BlendChoice = field(default_factory=lambda: BlendChoice(0.0, None))
 
 
 def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None,
@@ -549,6 +572,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
     # a frozen teacher (decay 1, its BatchNorm statistics kept) segments alike at every check: once is enough
     frozen_teacher = cfg.ema_decay >= 1.0 and cfg.teacher_bn == "ema"
     teacher_seen: list[tuple[np.ndarray, np.ndarray]] = []  # (labels, probs) per volume, from the first check
+    previous_networks: list[dict[str, np.ndarray]] = []  # each volume's networks' labels at the previous check
 
     def segment(path: str) -> _Segmented:
         ckpt = load_checkpoint(path)
@@ -557,24 +581,36 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                                                        clean=opts.clean)
                       for which in ("teacher", "student") if which == "student" or not teacher_seen}
         out = _Segmented([], [], [])
+        probs_of: list[dict[str, np.ndarray]] = []
         for k, v in enumerate(job.volumes):
             nets: dict[str, np.ndarray] = {}
+            probs_k: dict[str, np.ndarray] = {}
             for which in ("teacher", "student"):
                 if which in predictors:
-                    predictor = predictors[which]
-                    lab, probs = predictor.predict(v.image, return_probs=True)
+                    lab, probs = predictors[which].predict(v.image, return_probs=True)
                     if which == "teacher" and frozen_teacher:
                         teacher_seen.append((lab, probs))
                 else:
-                    predictor = predictors["student"]  # cleans as the teacher's would: one `clean` setting
                     lab, probs = teacher_seen[k]
-                nets[which] = lab
+                nets[which], probs_k[which] = lab, probs
                 if which == "teacher":
                     out.teacher_probs.append(probs)
-                if which == opts.segment_with:
-                    out.shown.append(predictor.finish(blend_labels(v.base_probs, probs, job.blend.weight))
-                                     if job.blend.weight > 0 else lab)
             out.networks.append(nets)
+            probs_of.append(probs_k)
+        # the student's change since the previous check, on the labeled volumes' unpainted slices,
+        # settles the start model's share (napari_m3hl.fewslice.trust.settle_blend)
+        moves = [1.0 - mean_dice(nets["student"][u], before["student"][u], cfg.num_classes)
+                 for nets, before, u, v in zip(out.networks, previous_networks or [], unpainted, job.volumes)
+                 if u.size and v.painted is not None]
+        out.blend = settle_blend(job.blend, float(np.mean(moves)) if moves else None, opts.start_blend,
+                                 opts.start_blend_untrusted, opts.start_blend_stable, opts.stable_change,
+                                 opts.trust_low, opts.trust_high)
+        previous_networks[:] = out.networks
+        cleaner = predictors["student"]  # cleans as the teacher's would: one `clean` setting
+        for v, nets, probs_k in zip(job.volumes, out.networks, probs_of):
+            which = opts.segment_with
+            out.shown.append(cleaner.finish(blend_labels(v.base_probs, probs_k[which], out.blend.weight))
+                             if out.blend.weight > 0 else nets[which])
         return out
 
     def pseudo(iteration: int, s: _Segmented) -> PseudoLabels:
@@ -599,7 +635,8 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                 stopping = bool(opts.early_stop and e.kind == "last" and np.isfinite(instability)
                                 and instability < opts.stop_change)
                 prev = seg.shown
-                yield Check(e.iteration, seg.shown[0], seg.networks[0], instability, stopping, list(seg.shown))
+                yield Check(e.iteration, seg.shown[0], seg.networks[0], instability, stopping, list(seg.shown),
+                            seg.blend)
                 if m3hl:
                     yield pseudo(e.iteration, seg)
                 if stopping:
@@ -607,9 +644,9 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                     control.stop()
             if isinstance(e, ev.TrainFinished):
                 final_ckpt, iterations = e.checkpoint, e.iteration
-                if final_ckpt and (job.blend.weight > 0 or stopped_early):
-                    finish_checkpoint(final_ckpt, job.start if job.blend.weight > 0 else None, job.blend.weight,
-                                      stopped_early)
+                weight = seg.blend.weight if seg is not None else job.blend.weight
+                if final_ckpt and (weight > 0 or stopped_early):
+                    finish_checkpoint(final_ckpt, job.start if weight > 0 else None, weight, stopped_early)
             yield e
         results = []
         for v, shown, nets in zip(job.volumes, seg.shown, seg.networks):
@@ -618,7 +655,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
             results.append(VolumeResult(v.name, shown, nets[opts.segment_with], v.base, verdict))
         first = results[0]
         yield FewSliceResult(first.labels, first.base, first.verdict, None if tmp else final_ckpt, iterations,
-                             time.perf_counter() - t0, stopped_early, first.network, results, job.blend)
+                             time.perf_counter() - t0, stopped_early, first.network, results, seg.blend)
     finally:
         if tmp is not None:
             tmp.cleanup()

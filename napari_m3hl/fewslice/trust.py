@@ -16,10 +16,15 @@ shifts, and on phantoms (``benchmarks/fewslice_blend.py``, docs/benchmarks.md,
 start model scores 90 or more on the painted slices and a share of 0.6 is
 best; where it scores 85 or less (a contrast change, a rotation, the
 phantom) the fine-tuned network is usually far better than the start model
-and 0.6 gives away several points of what the fine-tune gained. The share
-for a poor start model is 0.55, not lower, because on one volume whose
-painted slices are neighbours the fine-tuned network was the worse one and
-lower shares ended up to 6 points below the start model.
+and 0.6 gives away several points of what the fine-tune gained. A fine-tuned network that generalises poorly from the painted slices keeps
+changing its segmentation of the unpainted ones from check to check, and
+there lower shares were dangerous (on one volume whose painted slices are
+neighbours, up to 9 points below the start model). So the share for a poor
+start model depends on that change, measured after training
+(:func:`settle_blend`): ``options.start_blend_stable`` (0.4) when the
+student's segmentation of the unpainted slices changed by less than
+``options.stable_change`` (1 − Dice, 0.04) between its last two checks,
+``options.start_blend_untrusted`` (0.55) otherwise.
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ class BlendChoice:
 
     weight: float
     painted_dice: float | None
+    #: 1 − mean Dice between the student's segmentations of the unpainted slices at its last two
+    #: checks (0..1), once :func:`settle_blend` has seen them; None before.
+    student_change: float | None = None
 
     def describe(self) -> str:
         """One sentence for the user: the share and why."""
@@ -47,8 +55,10 @@ class BlendChoice:
             return "The fine-tuned network segments alone (no start-model blend)."
         if self.painted_dice is None:
             return f"The start model keeps a {self.weight:.2f} share of the segmentation."
+        change = "" if self.student_change is None else \
+            f" (the fine-tuned network changed {100 * self.student_change:.1f} % of its segmentation at the last check)"
         return (f"The start model scores {100 * self.painted_dice:.0f} Dice on your painted slices, so it keeps a "
-                f"{self.weight:.2f} share of the segmentation.")
+                f"{self.weight:.2f} share of the segmentation{change}.")
 
 
 def start_share(dice: float | None, trusted: float, untrusted: float, low: float, high: float) -> float:
@@ -75,3 +85,20 @@ def choose_blend(base: Sequence[np.ndarray], painted: Sequence[np.ndarray | None
         return BlendChoice(0.0, dice)
     # a share below `trusted` for a poor start model, never above it
     return BlendChoice(start_share(dice, trusted, min(untrusted, trusted), low, high), dice)
+
+
+def settle_blend(choice: BlendChoice, student_change: float | None, trusted: float, untrusted: float,
+                 stable: float, stable_change: float, low: float, high: float) -> BlendChoice:
+    """The share once the student has trained: :func:`start_share` of
+    ``choice.painted_dice`` with ``stable`` as the share for a poor start model
+    when ``student_change`` (1 − Dice of the student's segmentations of the
+    unpainted slices at its last two checks, 0..1) is below ``stable_change``,
+    ``untrusted`` otherwise or when it is unknown (None, NaN: one check only).
+    ``choice`` unchanged in weight when it does not blend (weight 0) or has no
+    painted Dice; the share is never above ``trusted``."""
+    known = student_change is not None and bool(np.isfinite(student_change))
+    if choice.weight <= 0 or choice.painted_dice is None:
+        return BlendChoice(choice.weight, choice.painted_dice, student_change if known else None)
+    poor = stable if known and student_change < stable_change else untrusted
+    weight = start_share(choice.painted_dice, trusted, min(poor, trusted), low, high)
+    return BlendChoice(weight, choice.painted_dice, float(student_change) if known else None)
