@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             # the click to the segmentation written into its layer, and to the worker idle again
             "train_to_segmentation_s": round(written[0] - t_press, 2),
             "train_to_idle_s": round(t_end - t_press, 2),
-            # CPU seconds from the click to the segmentation: the GUI thread's (event loop, drawing),
+            # CPU seconds from the click to the worker idle: the GUI thread's (event loop, drawing),
             # this process's (GUI thread + worker's torch threads + any render threads) and the whole
             # machine's busy time (also the X server and everything else running)
             "cpu_s": {"gui_thread": round(cpu1[0] - cpu0[0], 2), "process": round(cpu1[1] - cpu0[1], 2),
@@ -330,7 +330,7 @@ def table(r: dict) -> str:
         row("Train → worker idle (clinical measures, slice suggestions done)",
             lambda x: f"{x['train_to_idle_s']} s" if "train_to_idle_s" in x else "-"),
         row("s / iteration (incl. previews)", lambda x: x["s_per_iteration"]),
-        row("CPU s click → segmentation: GUI thread / process / machine",
+        row("CPU s click → worker idle: GUI thread / process / machine",
             lambda x: " / ".join(str(x["cpu_s"][k]) for k in ("gui_thread", "process", "machine"))
             if "cpu_s" in x else "-"),
     ]

@@ -247,7 +247,10 @@ def cmd_train_fewslice(args: argparse.Namespace, bar) -> int:
     n_slices = sum(int(v.image.shape[0]) for v in job.volumes)
     print(f"few-slice fine-tune of {start.name} on {n_painted} painted slice(s) of {n_slices} in {len(job.volumes)} "
           f"volume(s) ({job.config.patch_size[0]}x{job.config.patch_size[1]} input, the model's own): "
-          f"{options.summary()}. {job.blend.describe()}", file=sys.stderr)
+          f"{options.summary()}. {job.blend.describe()}" +
+          (" It settles at each check on how much the fine-tuned network still changes."
+           if 0 < job.blend.weight < options.start_blend and options.start_blend_stable != options.start_blend_untrusted
+           else ""), file=sys.stderr)
     t0 = time.perf_counter()
     result = None
     try:

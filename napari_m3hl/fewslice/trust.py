@@ -16,7 +16,8 @@ shifts, and on phantoms (``benchmarks/fewslice_blend.py``, docs/benchmarks.md,
 start model scores 90 or more on the painted slices and a share of 0.6 is
 best; where it scores 85 or less (a contrast change, a rotation, the
 phantom) the fine-tuned network is usually far better than the start model
-and 0.6 gives away several points of what the fine-tune gained. A fine-tuned network that generalises poorly from the painted slices keeps
+and 0.6 gives away several points of what the fine-tune gained. A
+fine-tuned network that generalises poorly from the painted slices keeps
 changing its segmentation of the unpainted ones from check to check, and
 there lower shares were dangerous (on one volume whose painted slices are
 neighbours, up to 9 points below the start model). So the share for a poor
