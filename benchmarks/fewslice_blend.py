@@ -299,6 +299,34 @@ def shift_table(dirs: list[Path], unshifted: Path | None) -> tuple[str, dict]:
     return "\n".join(lines), out
 
 
+def mode_table(results: dict, supervised_key: str, m3hl_key: str) -> str:
+    """The supervised default against the M³HL mode, one line per row (shift and rule) the two
+    ``--table`` keys share, over the seeds both hold (the first ``k`` of each): mean Dice ×100 on the
+    unpainted slices of the start model, each network alone and each shown (the settled share,
+    cleaned, before the safeguard); the shown minus the start per volume over all seeds (range,
+    below the start, more than 1 below); the share used and the student's change at the last check
+    (medians)."""
+    sup, m3 = results[supervised_key]["rows"], results[m3hl_key]["rows"]
+    lines = ["| volumes (rule) | seeds | n | start | network alone: supervised / M³HL | **shown: supervised / M³HL** | "
+             "Δ range: supervised / M³HL | below start: supervised / M³HL | more than 1 below | share used (median) | "
+             "student's change (median) |", "|---|---:|---:|---:|---|---|---|---|---|---|---|"]
+    for row in [r for r in m3 if r in sup]:
+        a, b = sup[row], m3[row]
+        k = min(len(a["rule"]), len(b["rule"]))
+        arr = lambda r, key: np.array(r[key][:k])  # noqa: E731 (seeds × volumes)
+        start = arr(b, "start")
+        ds, dm = arr(a, "rule") - arr(a, "start"), arr(b, "rule") - start
+        seeds = lambda x: f"{x.mean():.2f}" + (f" ({x.mean(1).min():.2f}–{x.mean(1).max():.2f})" if k > 1 else "")  # noqa: E731
+        med = lambda r, key: np.median([x for x in np.ravel(r[key][:k]) if x is not None])  # noqa: E731
+        lines.append(f"| {row} | {k} | {start.shape[1]} | {start.mean():.1f} | {seeds(arr(a, 'alone'))} / "
+                     f"{seeds(arr(b, 'alone'))} | **{seeds(arr(a, 'rule'))} / {seeds(arr(b, 'rule'))}** | "
+                     f"{ds.min():+.1f} … {ds.max():+.1f} / {dm.min():+.1f} … {dm.max():+.1f} | "
+                     f"{(ds < 0).sum()} / {(dm < 0).sum()} | {(ds < -1).sum()} / {(dm < -1).sum()} | "
+                     f"{med(a, 'share'):.2f} / {med(b, 'share'):.2f} | "
+                     f"{100 * med(a, 'student_change'):.1f} % / {100 * med(b, 'student_change'):.1f} % |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", action="store_true", help="run the fine-tunes and cache probabilities")
@@ -317,6 +345,10 @@ def main() -> None:
                     help="cache folders (a shift or none, one seed each; same-named folders are seeds of one row): "
                          "the table of docs/benchmarks.md, 'How much of the start model to keep'")
     ap.add_argument("--unshifted", default=None, help="with --table: the unshifted folder of seed 1337")
+    ap.add_argument("--key", default="share_rule",
+                    help="with --table: the JSON key its rows go under (e.g. share_rule_m3hl_mode for --set mode=m3hl caches)")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("SUPERVISED_KEY", "M3HL_KEY"),
+                    help="print the supervised default against the M³HL mode from two --table keys of --json")
     ap.add_argument("--lean", action="store_true", help="cache the start model and the student only")
     ap.add_argument("--tta", action="store_true", help="also cache both under flip test-time augmentation")
     ap.add_argument("--threads", type=int, default=1)
@@ -326,11 +358,14 @@ def main() -> None:
                     help="with --report: runs of benchmarks/results/fewslice.json (other seeds, the default blend) "
                          "for the per-seed table")
     args = ap.parse_args()
+    if args.compare:
+        print(mode_table(json.loads(Path(args.json).read_text()), *args.compare))
+        return
     if args.table:
         text, rows = shift_table([Path(d) for d in args.table], Path(args.unshifted) if args.unshifted else None)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"runs": {}}
-        results["share_rule"] = {"rule": default_rule(), "rows": rows}
+        results[args.key] = {"rule": default_rule(), "rows": rows}
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(text)
         return
