@@ -21,6 +21,11 @@ docs/benchmarks.md:
   (BatchNorm statistics interpolated too);
 * ``+lcc``: largest 3D connected component per class kept.
 
+``--table`` scores cache folders (shifts, seeds) under the default's share rule
+into a JSON key (``--key``); ``--compare`` sets two such keys (the supervised
+default, the M³HL mode) side by side; ``--ensemble`` scores the start model
+with both modes' students, from pairs of caches of the same volumes and seed.
+
     python benchmarks/fewslice_blend.py --cache --cache-dir /tmp/fsx/def --start-blend 0
     python benchmarks/fewslice_blend.py --report --cache-dir /tmp/fsx/def
 """
@@ -299,6 +304,57 @@ def shift_table(dirs: list[Path], unshifted: Path | None) -> tuple[str, dict]:
     return "\n".join(lines), out
 
 
+def ensemble_case(sup: Path, m3hl: Path) -> dict[str, list[float]]:
+    """One volume fine-tuned twice (the supervised default's cache ``sup``, the M³HL mode's ``m3hl``,
+    same volume, rule and seed): Dice RV, Myo, LV on the unpainted slices, cleaned, of each mode's shown
+    segmentation (its settled share), the two students averaged, and the start model with both
+    students (equal thirds; or the supervised run's settled share for the start model and the rest
+    split evenly between the students). ``start`` for the Δ."""
+    a, b = np.load(sup), np.load(m3hl)
+    if not np.array_equal(a["painted"], b["painted"]):
+        raise SystemExit(f"{sup.name}: the two caches painted different slices")
+    ref, sel = a["label"], a["painted"]
+    off = np.setdiff1d(np.arange(ref.shape[0]), sel)
+    f = lambda z, k: z[k].astype(np.float32) / 255  # noqa: E731
+    last = lambda z: max((k for k in z.files if k.startswith("student@")), key=lambda k: int(k.split("@")[1]))  # noqa: E731
+    p0, ps, pm = f(a, "start"), f(a, last(a)), f(b, last(b))
+    (name,) = default_rule()
+    ws = score_case(sup, default_rule())[f"{name} weight"][0]
+    wm = score_case(m3hl, default_rule())[f"{name} weight"][0]
+    cands = {"start": p0, "supervised (shown)": ws * p0 + (1 - ws) * ps, "M³HL (shown)": wm * p0 + (1 - wm) * pm,
+             "the two students": (ps + pm) / 2, "start and both students, thirds": (p0 + ps + pm) / 3,
+             "start (supervised share) and both students": ws * p0 + (1 - ws) / 2 * (ps + pm)}
+    clean = lambda prob: largest_component_per_class(prob.argmax(0).astype(np.uint8)[None], 4)[0]  # noqa: E731
+    return {k: _score(clean(v), ref, off) for k, v in cands.items()}
+
+
+def ensemble_table(pairs: list[tuple[Path, Path]]) -> tuple[str, dict]:
+    """:func:`ensemble_case` over the cases both folders of each (supervised, M³HL) pair hold, one pair
+    per seed: per candidate the mean ×100 over the seeds (range of the seeds' means), Δ against the start
+    per (volume, seed): worst, below the start, more than 1 below."""
+    per_seed = []
+    for sup, m3 in pairs:
+        names = sorted({f.stem for f in sup.glob("*.npz")} & {f.stem for f in m3.glob("*.npz")})
+        per_seed.append({n: ensemble_case(sup / f"{n}.npz", m3 / f"{n}.npz") for n in names})
+    lines = ["| segmentation (rule) | seeds | n | mean (seeds' range) | worst Δ | below start | more than 1 below |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    out = {}
+    for rule in ("a", "b"):
+        sel = [{n: v for n, v in seed.items() if n.endswith(f"_{rule}")} for seed in per_seed]
+        sel = [x for x in sel if x]
+        if not sel:
+            continue
+        common = sorted(set.intersection(*(set(x) for x in sel)))
+        for k in next(iter(sel[0].values())):
+            x = np.array([[100 * np.mean(seed[n][k]) for n in common] for seed in sel])
+            d = x - np.array([[100 * np.mean(seed[n]["start"]) for n in common] for seed in sel])
+            spread = f" ({x.mean(1).min():.2f}–{x.mean(1).max():.2f})" if len(sel) > 1 else ""
+            lines.append(f"| {k} ({rule}) | {len(sel)} | {len(common)} | {x.mean():.2f}{spread} | {d.min():+.1f} | "
+                         f"{(d < 0).sum()} | {(d < -1).sum()} |")
+            out[f"{k} ({rule})"] = {"dice": x.tolist(), "cases": common}
+    return "\n".join(lines), out
+
+
 def mode_table(results: dict, supervised_key: str, m3hl_key: str) -> str:
     """The supervised default against the M³HL mode, one line per row (shift and rule) the two
     ``--table`` keys share, over the seeds both hold (the first ``k`` of each): mean Dice ×100 on the
@@ -349,6 +405,9 @@ def main() -> None:
                     help="with --table: the JSON key its rows go under (e.g. share_rule_m3hl_mode for --set mode=m3hl caches)")
     ap.add_argument("--compare", nargs=2, default=None, metavar=("SUPERVISED_KEY", "M3HL_KEY"),
                     help="print the supervised default against the M³HL mode from two --table keys of --json")
+    ap.add_argument("--ensemble", nargs="+", default=None, metavar="SUP_DIR=M3HL_DIR",
+                    help="score the start model with both modes' students, one supervised=M³HL cache pair per seed "
+                         "(JSON key ensemble)")
     ap.add_argument("--lean", action="store_true", help="cache the start model and the student only")
     ap.add_argument("--tta", action="store_true", help="also cache both under flip test-time augmentation")
     ap.add_argument("--threads", type=int, default=1)
@@ -358,6 +417,13 @@ def main() -> None:
                     help="with --report: runs of benchmarks/results/fewslice.json (other seeds, the default blend) "
                          "for the per-seed table")
     args = ap.parse_args()
+    if args.ensemble:
+        text, rows = ensemble_table([tuple(Path(x) for x in p.split("=", 1)) for p in args.ensemble])
+        results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"runs": {}}
+        results["ensemble"] = rows
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(text)
+        return
     if args.compare:
         print(mode_table(json.loads(Path(args.json).read_text()), *args.compare))
         return
