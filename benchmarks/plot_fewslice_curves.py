@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(RESULTS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "fewslice_curves.svg"))
     args = ap.parse_args(argv)
+    if Path(args.out).resolve() == Path(args.json).resolve():
+        raise SystemExit(f"--out {args.out} is the results file it reads; give another path for the SVG")
     runs = json.loads(Path(args.json).read_text())["runs"]
     missing = [n for g in GROUPS for n in (*g[3], *g[4]) if n not in runs]
     if missing:
