@@ -402,7 +402,8 @@ def main() -> None:
                          "the table of docs/benchmarks.md, 'How much of the start model to keep'")
     ap.add_argument("--unshifted", default=None, help="with --table: the unshifted folder of seed 1337")
     ap.add_argument("--key", default="share_rule",
-                    help="with --table: the JSON key its rows go under (e.g. share_rule_m3hl_mode for --set mode=m3hl caches)")
+                    help="with --table: the JSON key its rows go under (e.g. share_rule_m3hl_mode for --set mode=m3hl "
+                         "caches); rows the key already holds under the same share rule and not scored now stay")
     ap.add_argument("--compare", nargs=2, default=None, metavar=("SUPERVISED_KEY", "M3HL_KEY"),
                     help="print the supervised default against the M³HL mode from two --table keys of --json")
     ap.add_argument("--ensemble", nargs="+", default=None, metavar="SUP_DIR=M3HL_DIR",
@@ -431,6 +432,10 @@ def main() -> None:
         text, rows = shift_table([Path(d) for d in args.table], Path(args.unshifted) if args.unshifted else None)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"runs": {}}
+        kept = results.get(args.key, {})
+        # Under the same share rule the rows scored now replace theirs and the others stay.
+        if kept.get("rule") == json.loads(json.dumps(default_rule())):
+            rows = kept["rows"] | rows
         results[args.key] = {"rule": default_rule(), "rows": rows}
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(text)
