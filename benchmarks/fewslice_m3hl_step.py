@@ -11,8 +11,9 @@ prepared job (``cfg.KEY=VALUE``, e.g. ``cfg.use_hl=false``: no feature terms;
 terms) or ``near=K`` (diagnostic only: the unlabeled set cut to the slices at
 most K from a painted one, so each mixed image joins two neighbouring slices).
 ``--shift`` applies a deterministic scanner-like change to the image
-(``gamma``: intensity^1.8; ``bias``: a smooth 0.6–1.4 multiplicative field;
-``rot90``: a quarter turn in-plane; ``res``: 0.7× in-plane resampling).
+(``gamma``: intensity^1.8; ``bias``: a smooth 0.4–1.6 multiplicative field;
+``rot90``: a quarter turn in-plane; ``res``: 0.7× in-plane resampling of the
+image and of the label alike).
 
 Per check: the student alone, the teacher alone and the segmentation shown
 (blended with the start model) on the unpainted slices (mean 3D Dice of RV,
@@ -67,8 +68,14 @@ def apply_shift(image: np.ndarray, label: np.ndarray, shift: str) -> tuple[np.nd
 
         size = tuple(int(round(s * 0.7)) for s in x.shape[1:])
         xi = F.interpolate(torch.from_numpy(x)[:, None], size=size, mode="bilinear", align_corners=False)
-        li = F.interpolate(torch.from_numpy(label.astype(np.float32))[:, None], size=size, mode="nearest")
-        return xi[:, 0].numpy(), li[:, 0].numpy().astype(label.dtype)
+        # The label is resampled as the image is (each class's indicator bilinearly, then the most
+        # likely class), so it stays on the anatomy the resampled image shows. Torch's "nearest"
+        # picks source pixel floor(i / 0.7), up to 0.7 pixel off that grid: against such a label
+        # the ground truth itself, resampled, scored only 91-94 Dice on these volumes.
+        classes = int(label.max()) + 1
+        onehot = F.one_hot(torch.from_numpy(label.astype(np.int64)), classes).permute(0, 3, 1, 2).float()
+        li = F.interpolate(onehot, size=size, mode="bilinear", align_corners=False).argmax(1)
+        return xi[:, 0].numpy(), li.numpy().astype(label.dtype)
     raise ValueError(f"unknown shift {shift!r}")
 
 
