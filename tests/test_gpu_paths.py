@@ -251,7 +251,10 @@ def test_capturable_step_function_computes_the_eager_step(phantom):
         assert out["preview_images"].shape == (2, 48, 48)
     for a, b in zip(list(s1.parameters()) + list(t1.parameters()) + list(t1.buffers()),
                     list(s2.parameters()) + list(t2.parameters()) + list(t2.buffers())):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # The two paths sum in different orders (foreach SGD, fused EMA), and CPU kernels differ in
+        # float32 rounding by instruction set: after three steps a weight near zero may differ by a few
+        # 1e-6 (1.7e-6 on an AVX2-only CPU). A learning rate 10 % off moves some weights by 3e-4.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_components_in_fixed_rounds_equal_the_converged_ones():
