@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         written.clear()
         widget.run = None
         load_before = os.getloadavg()[0]
-        cpu0 = time.thread_time(), time.process_time(), machine_busy_s()
+        (busy0, idle0), threads0 = cpu_times_s(), thread_cpu_s()
+        cpu0 = time.thread_time(), time.process_time(), busy0
         t_press = time.perf_counter()
         QTest.mouseClick(widget.run_panel.train_btn, Qt.LeftButton)
         t_started = time.perf_counter()  # Train's click handler returned (overlay layers ready)
@@ -213,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
                    and lc.SEGMENTATION in viewer.layers and bool(written), 120 + args.iterations * 10)
         t_end = time.perf_counter()  # also the jobs the result starts (clinical measures, slice suggestions)
-        cpu1 = time.thread_time(), time.process_time(), machine_busy_s()
+        (busy1, idle1), threads1 = cpu_times_s(), thread_cpu_s()
+        cpu1 = time.thread_time(), time.process_time(), busy1
+        busiest = sorted(((c - threads0.get(tid, (n, 0.0))[1], n) for tid, (n, c) in threads1.items()), reverse=True)
         wait_until(app, lambda: False, 1.0)
         t_drawn = t_end + 0.5  # the segmentation layer's first draw comes in the turns after it is added
         fin = widget.run.finished
@@ -246,6 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
             # machine's busy time (also the X server and everything else running)
             "cpu_s": {"gui_thread": round(cpu1[0] - cpu0[0], 2), "process": round(cpu1[1] - cpu0[1], 2),
                       "machine": round(cpu1[2] - cpu0[2], 2)},
+            # the cores' idle share from the click to the worker idle: on an otherwise idle machine,
+            # time the training threads waited (each other, the GIL) rather than computed
+            "machine_idle_share": round((idle1 - idle0) / ((os.cpu_count() or 1) * (t_end - t_press)), 3),
+            # the busiest threads of this process in that window: (CPU s, thread name)
+            "busiest_threads_cpu_s": [(round(c, 2), n) for c, n in busiest[:6]],
             "s_per_iteration": (round((t_end - first_step[0]) / max(fin.iteration, 1), 3)
                                 if fin and first_step else None),
             "gui_handler_ms": {k: {"n": len(v), "max": round(max(v) * 1e3, 1),
@@ -285,14 +293,35 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def machine_busy_s() -> float:
-    """Seconds of CPU time the whole machine has spent busy (all cores, /proc/stat; NaN elsewhere)."""
+def cpu_times_s() -> tuple[float, float]:
+    """(busy, idle) seconds of all cores since boot (/proc/stat: idle counts iowait too; NaN elsewhere)."""
     try:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except OSError:
-        return float("nan")
+        return float("nan"), float("nan")
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - idle) / tick, idle / tick
+
+
+def thread_cpu_s() -> dict[str, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of this process by thread id, with its name
+    (/proc/self/task; empty elsewhere): the worker's torch threads, the GUI thread, Mesa's
+    llvmpipe render threads (software OpenGL under Xvfb)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        rest = stat[stat.rindex(")") + 2:].split()
+        out[tid] = (stat[stat.index("(") + 1:stat.rindex(")")], (int(rest[11]) + int(rest[12])) / tick)
+    return out
 
 
 def table(r: dict) -> str:
@@ -330,6 +359,10 @@ def table(r: dict) -> str:
         row("Train → worker idle (clinical measures, slice suggestions done)",
             lambda x: f"{x['train_to_idle_s']} s" if "train_to_idle_s" in x else "-"),
         row("s / iteration (incl. previews)", lambda x: x["s_per_iteration"]),
+        row("cores idle, click → worker idle", lambda x: f"{100 * x['machine_idle_share']:.0f} %"
+            if "machine_idle_share" in x else "-"),
+        row("busiest threads (CPU s)", lambda x: ", ".join(f"{n} {c}" for c, n in x["busiest_threads_cpu_s"][:4])
+            if "busiest_threads_cpu_s" in x else "-"),
         row("CPU s click → worker idle: GUI thread / process / machine",
             lambda x: " / ".join(str(x["cpu_s"][k]) for k in ("gui_thread", "process", "machine"))
             if "cpu_s" in x else "-"),
