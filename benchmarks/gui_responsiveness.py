@@ -22,6 +22,10 @@ would feel the viewer freeze). Measured:
   overlay, to the final segmentation written into its layer, and to the
   worker idle again (the jobs the result starts: clinical measures, slice
   suggestions).
+* from the click to the worker idle: CPU seconds of the GUI thread, the
+  process and the machine, the share of the cores left idle (``/proc/stat``)
+  and the busiest threads of the process (``/proc/self/task``: the worker's
+  torch threads, the GUI thread, Mesa's llvmpipe render threads).
 
 Writes ``benchmarks/results/gui_responsiveness.json`` and prints a markdown
 table.
