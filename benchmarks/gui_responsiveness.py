@@ -97,7 +97,7 @@ class Probe:
         }
 
 
-def wait_until(app, cond, timeout_s: float, check_ms: int = 20) -> bool:
+def wait_until(cond, timeout_s: float, check_ms: int = 20) -> bool:
     """Run Qt's event loop (as napari's own ``app.exec()`` does) until ``cond()`` or the timeout,
     checking every ``check_ms``. The GUI thread sleeps inside Qt between events and checks, as it
     does for a user, rather than taking the GIL hundreds of times a second in a Python loop of
@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     import napari
     import torch
-    from qtpy.QtWidgets import QApplication
 
     from napari_m3hl._napari.run import jobs as _jobs
     from napari_m3hl._napari.layers import control as lc
@@ -166,7 +165,6 @@ def main(argv: list[str] | None = None) -> dict:
     gc.callbacks.append(on_gc)
     viewer = napari.Viewer()
     viewer.window._qt_window.resize(1300, 900)
-    app = QApplication.instance()
     viewer.open_sample("napari-m3hl", "cardiac_phantom")  # File ▸ Open Sample
     _, widget = viewer.window.add_plugin_dock_widget("napari-m3hl", "Train M³HL")
     assert isinstance(widget, M3HLWidget)
@@ -178,13 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
                                "block_size": (args.patch // 4, args.patch // 4)}
     widget.st.preview_every_s = 5.0
     widget.st.mix_preview_every_s = 5.0
-    wait_until(app, lambda: False, 1.0)  # let the window settle
-    wait_until(app, lambda: not widget.runner.busy, 120)  # the warm-up job the widget starts when it opens
+    wait_until(lambda: False, 1.0)  # let the window settle
+    wait_until(lambda: not widget.runner.busy, 120)  # the warm-up job the widget starts when it opens
 
     probe = Probe(args.probe_ms)
     probe.start()
     t_idle = time.perf_counter()
-    wait_until(app, lambda: False, args.idle_s)
+    wait_until(lambda: False, args.idle_s)
     idle = probe.stats(t_idle, time.perf_counter())
 
     handler_s: dict[str, list[float]] = {}
@@ -224,13 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
         QTest.mouseClick(widget.run_panel.train_btn, Qt.LeftButton)
         t_started = time.perf_counter()  # Train's click handler returned (overlay layers ready)
         assert widget.run is not None, widget.last_error
-        wait_until(app, lambda: widget.run.finished is not None and not widget.runner.busy
+        wait_until(lambda: widget.run.finished is not None and not widget.runner.busy
                    and lc.SEGMENTATION in viewer.layers and bool(written), 120 + args.iterations * 10)
         t_end = time.perf_counter()  # also the jobs the result starts (clinical measures, slice suggestions)
         (busy1, idle1), threads1 = cpu_times_s(), thread_cpu_s()
         cpu1 = time.thread_time(), time.process_time(), busy1
         busiest = sorted(((c - threads0.get(tid, (n, 0.0))[1], n) for tid, (n, c) in threads1.items()), reverse=True)
-        wait_until(app, lambda: False, 1.0)
+        wait_until(lambda: False, 1.0)
         t_drawn = t_end + 0.5  # the segmentation layer's first draw comes in the turns after it is added
         fin = widget.run.finished
         r = {
@@ -263,9 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_s": {"gui_thread": round(cpu1[0] - cpu0[0], 2), "process": round(cpu1[1] - cpu0[1], 2),
                       "machine": round(cpu1[2] - cpu0[2], 2)},
             # the cores' idle share from the click to the worker idle: on an otherwise idle machine,
-            # time the training threads waited (each other, the GIL) rather than computed
+            # time in which waiting torch threads slept rather than spun (OpenMP's wait policy decides
+            # which; with OMP_WAIT_POLICY=ACTIVE it is near 0 at the same speed, docs/benchmarks.md)
             "machine_idle_share": round((idle1 - idle0) / ((os.cpu_count() or 1) * (t_end - t_press)), 3),
-            # the busiest threads of this process in that window: (CPU s, thread name)
+            # the busiest threads of this process in that window, among those alive at its end: (CPU s, name)
             "busiest_threads_cpu_s": [(round(c, 2), n) for c, n in busiest[:6]],
             "s_per_iteration": (round((t_end - first_step[0]) / max(fin.iteration, 1), 3)
                                 if fin and first_step else None),
