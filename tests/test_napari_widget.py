@@ -94,6 +94,36 @@ def test_new_labels_layer_matches_image(make_widget, qtbot):
 # ------------------------------------------------------------------ training
 
 
+def test_progress_is_drawn_at_most_once_per_interval_and_the_last_one_always(make_widget, qtbot):
+    """The worker's Progress events reach the bar, its text and the loss plot at
+    most once per ``progress_every_s``; the ones between wait for a timer or for
+    the next event of another kind, and the loss plot gets every point."""
+    viewer, w = make_widget()
+    view, panel = w.run_view, w.run_panel
+    panel.show_progress(0, 6)
+
+    def progress(i: int) -> ev.Progress:
+        return ev.Progress(i, 6, {"total": 1.0 / i}, 1e-3, 8.0, float(i), 6.0 - i)
+
+    view.progress_every_s = 60.0  # no timer fires within the test
+    for i in (1, 2, 3):
+        view.on_event(progress(i))
+    assert panel.progress.value() == 1 and "iteration 1/6" in panel.progress_label.text()
+    assert len(panel.loss_plot.series["total"]) == 1
+    view.on_event(_jobs.DataReady(2, 4, np.zeros((6, 8, 8), np.float32)))  # another kind: the waiting ones first
+    assert panel.progress.value() == 3 and "iteration 3/6" in panel.progress_label.text()
+    assert [p[0] for p in panel.loss_plot.series["total"]] == [1.0, 2.0, 3.0]
+
+    view.progress_every_s = 0.2  # the next comes sooner than that after the last drawing: the timer draws it
+    view.on_event(progress(4))
+    assert panel.progress.value() == 3
+    qtbot.waitUntil(lambda: panel.progress.value() == 4, timeout=WAIT_MS)
+    assert "iteration 4/6" in panel.progress_label.text() and len(panel.loss_plot.series["total"]) == 4
+    view.on_event(progress(5))
+    view.on_train_finished()  # the end of the run draws what waits
+    assert panel.progress.value() == 5 and len(panel.loss_plot.series["total"]) == 5
+
+
 def test_train_makes_overlays_in_place_and_keeps_user_labels(make_widget, qtbot, tmp_path, monkeypatch):
     viewer, w = make_widget()
     w.model_panel.start_combo.setCurrentIndex(0)  # the M³HL run (with the mix overlays)

@@ -1,7 +1,10 @@
 """The dock widget's view of a training run: the events a worker yields, drawn.
 
 :class:`RunView` (a helper of the Run panel, on the shared
-:class:`napari_m3hl._napari.panels.state.PanelState`) draws each event of the training worker in the GUI thread: progress and the loss plot,
+:class:`napari_m3hl._napari.panels.state.PanelState`) draws each event of the training worker in the GUI thread: progress and the loss plot
+(at most once per ``progress_every_s``: every repaint of the dock makes Qt
+compose the whole window with napari's OpenGL canvas, CPU time taken from
+training where rendering is software; the loss plot still gets every point),
 the preview overlay (updated in place, dropped when the layers changed since
 Train), the quality numbers beside the plot, the mix preview, the end of the
 run; few-slice events go to :class:`napari_m3hl._napari.run.finetune.FineTune`.
@@ -13,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Labels
+from qtpy.QtCore import QTimer
 
 from napari_m3hl.training import events as ev
 from napari_m3hl._napari.layers import control as lc
@@ -32,16 +36,36 @@ def _fmt_time(seconds: float) -> str:
 
 
 class RunView:
-    """Draws the training worker's events (GUI thread), on the shared state."""
+    """Draws the training worker's events (GUI thread), on the shared state.
 
-    def __init__(self, st: PanelState) -> None:
+    ``progress_every_s``: the least time between two drawings of the progress
+    bar, its text and the loss plot. A ``Progress`` that comes sooner waits
+    (with those before it) for a single-shot timer or for the next event of
+    another kind, whichever comes first, so the last one is always drawn and
+    the order of what is shown is the worker's.
+    """
+
+    def __init__(self, st: PanelState, progress_every_s: float = 1.0) -> None:
         self.st = st
+        self.progress_every_s = progress_every_s
+        self._pending: list[ev.Progress] = []
+        self._last_drawn = float("-inf")  # time.perf_counter() of the last progress drawing
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self.flush_progress)
 
     def on_event(self, e: Any) -> None:
         """Draw one event from the training worker (GUI thread)."""
         if isinstance(e, ev.Progress):
-            self._on_progress(e)
-        elif isinstance(e, ev.VolumePreview):
+            self._pending.append(e)
+            wait = self._last_drawn + self.progress_every_s - time.perf_counter()
+            if wait <= 0:
+                self.flush_progress()
+            elif not self._timer.isActive():
+                self._timer.start(max(1, int(wait * 1000)))
+            return
+        self.flush_progress()
+        if isinstance(e, ev.VolumePreview):
             self._on_volume_preview(e)
         elif isinstance(e, ev.MixPreview):
             self._on_mix_preview(e)
@@ -72,7 +96,20 @@ class RunView:
         else:
             self.st.fine_tune.fewslice_event(e)
 
+    def flush_progress(self) -> None:
+        """Draw the progress that waits (the last one's bar and text, every
+        point in the loss plot), if any."""
+        self._timer.stop()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for e in pending:
+            self.st.run_panel.loss_plot.add(e.iteration, e.losses)  # update() only: one repaint for all
+        self._on_progress(pending[-1])
+        self._last_drawn = time.perf_counter()
+
     def _on_progress(self, e: ev.Progress) -> None:
+        """The progress bar and its text for ``e`` (the loss plot is fed by :meth:`flush_progress`)."""
         fmt = None
         if not (self.st.runner.control and self.st.runner.control.stop_requested):
             fmt = "%v / %m" if not self.st.runner.paused else "paused at %v / %m"
@@ -82,7 +119,6 @@ class RunView:
             f"iteration {e.iteration}/{e.total_iterations} · {e.images_per_s:.1f} img/s · "
             f"elapsed {_fmt_time(e.elapsed_s)} · ETA {_fmt_time(e.eta_s)}\n{terms}"
         )
-        self.st.run_panel.loss_plot.add(e.iteration, e.losses)
 
     def current_token(self) -> tuple | None:
         """Token of the run's image/labels now; None when a layer was removed."""
@@ -171,13 +207,16 @@ class RunView:
             self.st.outputs.analyse_run(run.image, run.preview_frame if run.image.ndim == 4 else 0)
 
     def on_train_error(self, exc: BaseException) -> None:
+        self.flush_progress()
         run = self.st.run
         self.st.error(describe_error(exc, "Training", run.batch_size if run else None, self.st.runner.checkpoint))
         self.st.run_panel.progress.setFormat("failed at %v / %m")
 
     def on_train_aborted(self) -> None:
+        self.flush_progress()
         self.st.status(f"Training cancelled; last checkpoint: {self.st.runner.checkpoint or 'none'}")
 
     def on_train_finished(self) -> None:
+        self.flush_progress()
         self.st.set_running(False)
         self.st.update_buttons()
