@@ -94,6 +94,47 @@ def test_new_labels_layer_matches_image(make_widget, qtbot):
 # ------------------------------------------------------------------ training
 
 
+def test_helper_jobs_load_their_model_with_their_own_thread_count(monkeypatch):
+    """Predict, suggest and the end-of-run analysis load the model inside their
+    torch thread count too: a pool thread starts with one OpenMP thread per
+    core, and loading with them would leave that thread an OpenMP team that
+    slows the next Train (jobs.torch_threads)."""
+    import threading
+
+    seen: list[int] = []
+    real = _jobs.load_networks
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_jobs, "load_networks", spy)
+    model = ROOT / "models" / "acdc70_unet2d.pt"
+    volume = np.random.default_rng(0).random((2, 48, 48)).astype(np.float32)
+    errors: list[BaseException] = []
+
+    def pool_thread() -> None:  # as a fresh pool thread: one torch thread per core, at least 2 here
+        try:
+            torch.set_num_threads(2)
+            _jobs.analyse_job(model, volume, "entropy", "cpu", cpu_threads=1)
+            _jobs.run_analysis_job(model, [volume], 0, None, "student", "cpu", 8, cpu_threads=1)
+            gen = _jobs.predict_job(model, [volume], "student", "cpu", 8, cpu_threads=1)
+            while True:
+                try:
+                    next(gen)
+                except StopIteration:
+                    break
+            seen.append(torch.get_num_threads())  # restored afterwards
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=pool_thread)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert seen == [1, 1, 1, 2]
+
+
 def test_progress_is_drawn_at_most_once_per_interval_and_the_last_one_always(make_widget, qtbot):
     """The worker's Progress events reach the bar, its text and the loss plot at
     most once per ``progress_every_s``; the ones between wait for a timer or for

@@ -122,7 +122,17 @@ def fewslice_cpu_threads() -> int:
 
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``torch.set_num_threads(n)`` (None: unchanged), restored afterwards."""
+    """Run with ``torch.set_num_threads(n)`` (None: unchanged), restored afterwards.
+
+    A job's torch work, loading a model included, runs inside it: the thread
+    count is per thread (OpenMP's), a pool thread starts with one per core,
+    and the first parallel op a thread runs with more than one makes it an
+    OpenMP team that lives as long as the thread. While more such threads
+    exist than cores, libgomp cuts its spin-wait short in every team (it
+    "throttles"), and the training threads then sleep and wake between
+    torch's short parallel regions: a second few-slice Train on 2 cores ran
+    15 % slower with the cores 20 % idle (docs/benchmarks.md).
+    """
     import torch
 
     if not n:
@@ -252,7 +262,8 @@ def predict_job(
     """Worker generator: segment each ``(D, H, W)`` frame (``clean``: see
     :func:`load_networks`); yields (done, total), returns uint8 labels stacked
     like the input (3D for one frame, else 4D)."""
-    nets = load_networks(checkpoint, device, with_teacher=which == "teacher", clean=clean)
+    with torch_threads(cpu_threads):  # loading too: see torch_threads
+        nets = load_networks(checkpoint, device, with_teacher=which == "teacher", clean=clean)
     out = []
     for i, vol in enumerate(volumes):
         yield (i, len(volumes))
@@ -278,9 +289,8 @@ def analyse_job(
     by entropy where ``method`` asks for disagreement; ``analysis.method`` and
     ``analysis.network`` say what was scored.
     """
-    nets = load_networks(checkpoint, device)
-    with torch_threads(cpu_threads):
-        return _analyse(nets, volume, method, which)
+    with torch_threads(cpu_threads):  # loading too: see torch_threads
+        return _analyse(load_networks(checkpoint, device), volume, method, which)
 
 
 @dataclass
@@ -313,10 +323,10 @@ def run_analysis_job(
     every ``(D, H, W)`` frame with ``which`` (``clean``: see :func:`load_networks`)
     and, when ``method`` is given, score the slices of frame ``frame`` (whose
     segmentation then comes from the same forward passes)."""
-    nets = load_networks(checkpoint, device, with_teacher=method is not None or which == "teacher", clean=clean)
     out: list[np.ndarray] = []
     analysis = None
-    with torch_threads(cpu_threads):
+    with torch_threads(cpu_threads):  # loading too: see torch_threads
+        nets = load_networks(checkpoint, device, with_teacher=method is not None or which == "teacher", clean=clean)
         for i, vol in enumerate(volumes):
             if method is not None and i == frame:
                 analysis = _analyse(nets, vol, method, which)
