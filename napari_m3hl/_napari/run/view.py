@@ -50,7 +50,7 @@ class RunView:
         self.progress_every_s = progress_every_s
         self._pending: list[ev.Progress] = []
         self._last_drawn = float("-inf")  # time.perf_counter() of the last progress drawing
-        self._timer = QTimer()
+        self._timer = QTimer(st.run_panel.loss_plot)  # deleted with the panel: no drawing after it is gone
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self.flush_progress)
 
@@ -100,9 +100,9 @@ class RunView:
         """Draw the progress that waits (the last one's bar and text, every
         point in the loss plot), if any."""
         self._timer.stop()
-        if not self._pending:
-            return
         pending, self._pending = self._pending, []
+        if not pending or self.st.runner.closed:  # closed: the panel's controls are going
+            return
         for e in pending:
             self.st.run_panel.loss_plot.add(e.iteration, e.losses)  # update() only: one repaint for all
         self._on_progress(pending[-1])
