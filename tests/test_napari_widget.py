@@ -96,9 +96,9 @@ def test_new_labels_layer_matches_image(make_widget, qtbot):
 
 def test_helper_jobs_load_their_model_with_their_own_thread_count(monkeypatch):
     """Predict, suggest and the end-of-run analysis load the model inside their
-    torch thread count too: a pool thread starts with one OpenMP thread per
-    core, and loading with them would leave that thread an OpenMP team that
-    slows the next Train (jobs.torch_threads)."""
+    torch thread count too: a pool thread starts with the process's count
+    (every core by default), and loading with it would leave that thread an
+    OpenMP team that slows the next Train (jobs.torch_threads)."""
     import threading
 
     seen: list[int] = []
@@ -113,7 +113,7 @@ def test_helper_jobs_load_their_model_with_their_own_thread_count(monkeypatch):
     volume = np.random.default_rng(0).random((2, 48, 48)).astype(np.float32)
     errors: list[BaseException] = []
 
-    def pool_thread() -> None:  # as a fresh pool thread: one torch thread per core, at least 2 here
+    def pool_thread() -> None:  # as a pool thread started with 2 torch threads
         try:
             torch.set_num_threads(2)
             _jobs.analyse_job(model, volume, "entropy", "cpu", cpu_threads=1)
@@ -128,9 +128,11 @@ def test_helper_jobs_load_their_model_with_their_own_thread_count(monkeypatch):
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(exc)
 
+    before = torch.get_num_threads()  # torch's count is process-wide for threads started later: put it back
     t = threading.Thread(target=pool_thread)
     t.start()
     t.join()
+    torch.set_num_threads(before)
     assert not errors, errors
     assert seen == [1, 1, 1, 2]
 
@@ -155,9 +157,9 @@ def test_progress_is_drawn_at_most_once_per_interval_and_the_last_one_always(mak
     assert panel.progress.value() == 3 and "iteration 3/6" in panel.progress_label.text()
     assert [p[0] for p in panel.loss_plot.series["total"]] == [1.0, 2.0, 3.0]
 
-    view.progress_every_s = 0.2  # the next comes sooner than that after the last drawing: the timer draws it
-    view.on_event(progress(4))
-    assert panel.progress.value() == 3
+    view.on_event(progress(4))  # sooner than 60 s after the last drawing: it waits for the timer
+    assert panel.progress.value() == 3 and view._timer.isActive()
+    view._timer.start(10)  # the timer's turn comes now rather than in a minute
     qtbot.waitUntil(lambda: panel.progress.value() == 4, timeout=WAIT_MS)
     assert "iteration 4/6" in panel.progress_label.text() and len(panel.loss_plot.series["total"]) == 4
     view.on_event(progress(5))

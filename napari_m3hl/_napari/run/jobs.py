@@ -124,9 +124,9 @@ def fewslice_cpu_threads() -> int:
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run with ``torch.set_num_threads(n)`` (None: unchanged), restored afterwards.
 
-    A job's torch work, loading a model included, runs inside it: the thread
-    count is per thread (OpenMP's), a pool thread starts with one per core,
-    and the first parallel op a thread runs with more than one makes it an
+    A job's torch work, loading a model included, runs inside it: a pool
+    thread starts with the process's count (every core by default), and the
+    first parallel op a thread runs with more than one makes it an
     OpenMP team that lives as long as the thread. While more such threads
     exist than cores, libgomp cuts its spin-wait short in every team (it
     "throttles"), and the training threads then sleep and wake between
