@@ -22,8 +22,8 @@ docs/benchmarks.md:
 * ``+lcc``: largest 3D connected component per class kept.
 
 ``--table`` scores cache folders (shifts, seeds) under the default's share rule
-into a JSON key (``--key``); ``--compare`` sets two such keys (the supervised
-default, the M³HL mode) side by side; ``--ensemble`` scores the start model
+into a JSON key (``--key``); ``--compare`` sets two or more such keys (the
+supervised default, M³HL modes) side by side; ``--ensemble`` scores the start model
 with both modes' students, from pairs of caches of the same volumes and seed.
 
     python benchmarks/fewslice_blend.py --cache --cache-dir /tmp/fsx/def --start-blend 0
@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -355,31 +356,39 @@ def ensemble_table(pairs: list[tuple[Path, Path]]) -> tuple[str, dict]:
     return "\n".join(lines), out
 
 
-def mode_table(results: dict, supervised_key: str, m3hl_key: str) -> str:
-    """The supervised default against the M³HL mode, one line per row (shift and rule) the two
-    ``--table`` keys share, over the seeds both hold (the first ``k`` of each): mean Dice ×100 on the
-    unpainted slices of the start model, each network alone and each shown (the settled share,
+def mode_table(results: dict, keys: Sequence[str]) -> str:
+    """Two or more ``--table`` keys side by side (the first usually the supervised default, the
+    others M³HL modes), one line per row (shift and rule) every key holds, over the seeds all hold
+    (the first ``k`` of each) and the volumes all hold (matched by name): mean Dice ×100 on the
+    unpainted slices of the start model, each key's network alone and shown (the settled share,
     cleaned, before the safeguard); the shown minus the start per volume over all seeds (range,
     below the start, more than 1 below); the share used and the student's change at the last check
-    (medians)."""
-    sup, m3 = results[supervised_key]["rows"], results[m3hl_key]["rows"]
-    lines = ["| volumes (rule) | seeds | n | start | network alone: supervised / M³HL | **shown: supervised / M³HL** | "
-             "Δ range: supervised / M³HL | below start: supervised / M³HL | more than 1 below | share used (median) | "
-             "student's change (median) |", "|---|---:|---:|---:|---|---|---|---|---|---|---|"]
-    for row in [r for r in m3 if r in sup]:
-        a, b = sup[row], m3[row]
-        k = min(len(a["rule"]), len(b["rule"]))
-        arr = lambda r, key: np.array(r[key][:k])  # noqa: E731 (seeds × volumes)
-        start = arr(b, "start")
-        ds, dm = arr(a, "rule") - arr(a, "start"), arr(b, "rule") - start
+    (medians). Columns list the keys' values in the order given, separated by " / "."""
+    rows = [results[k]["rows"] for k in keys]
+    lines = [f"| volumes (rule) | seeds | n | start | network alone: {' / '.join(keys)} | **shown** | Δ range | "
+             "below start | more than 1 below | share used (median) | student's change (median) |",
+             "|---|---:|---:|---:|---|---|---|---|---|---|---|"]
+    for row in [r for r in rows[-1] if all(r in x for x in rows)]:
+        rs = [x[row] for x in rows]
+        k = min(len(r["rule"]) for r in rs)
+        cases = [c for c in rs[0]["cases"] if all(c in r["cases"] for r in rs)]
+        # seeds × volumes of one key, its volumes in the order of ``cases``
+        arr = lambda r, key: np.array(r[key][:k], dtype=float)[:, [r["cases"].index(c) for c in cases]]  # noqa: E731
+        start = arr(rs[0], "start")
+        deltas = [arr(r, "rule") - arr(r, "start") for r in rs]
         seeds = lambda x: f"{x.mean():.2f}" + (f" ({x.mean(1).min():.2f}–{x.mean(1).max():.2f})" if k > 1 else "")  # noqa: E731
-        med = lambda r, key: np.median([x for x in np.ravel(r[key][:k]) if x is not None])  # noqa: E731
-        lines.append(f"| {row} | {k} | {start.shape[1]} | {start.mean():.1f} | {seeds(arr(a, 'alone'))} / "
-                     f"{seeds(arr(b, 'alone'))} | **{seeds(arr(a, 'rule'))} / {seeds(arr(b, 'rule'))}** | "
-                     f"{ds.min():+.1f} … {ds.max():+.1f} / {dm.min():+.1f} … {dm.max():+.1f} | "
-                     f"{(ds < 0).sum()} / {(dm < 0).sum()} | {(ds < -1).sum()} / {(dm < -1).sum()} | "
-                     f"{med(a, 'share'):.2f} / {med(b, 'share'):.2f} | "
-                     f"{100 * med(a, 'student_change'):.1f} % / {100 * med(b, 'student_change'):.1f} % |")
+        med = lambda r, key: np.median([x for x in np.ravel(arr(r, key)) if np.isfinite(x)])  # noqa: E731
+        def cols(f) -> str:
+            return " / ".join(f(r, d) for r, d in zip(rs, deltas))
+
+        alone = cols(lambda r, d: seeds(arr(r, "alone")))
+        shown = cols(lambda r, d: seeds(arr(r, "rule")))
+        span = cols(lambda r, d: f"{d.min():+.1f} … {d.max():+.1f}")
+        below, below1 = cols(lambda r, d: str((d < 0).sum())), cols(lambda r, d: str((d < -1).sum()))
+        share = cols(lambda r, d: f"{med(r, 'share'):.2f}")
+        change = cols(lambda r, d: f"{100 * med(r, 'student_change'):.1f} %")
+        lines.append(f"| {row} | {k} | {len(cases)} | {start.mean():.1f} | {alone} | **{shown}** | {span} | {below} | "
+                     f"{below1} | {share} | {change} |")
     return "\n".join(lines)
 
 
@@ -404,8 +413,9 @@ def main() -> None:
     ap.add_argument("--key", default="share_rule",
                     help="with --table: the JSON key its rows go under (e.g. share_rule_m3hl_mode for --set mode=m3hl "
                          "caches); rows the key already holds under the same share rule and not scored now stay")
-    ap.add_argument("--compare", nargs=2, default=None, metavar=("SUPERVISED_KEY", "M3HL_KEY"),
-                    help="print the supervised default against the M³HL mode from two --table keys of --json")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="KEY",
+                    help="print two or more --table keys of --json side by side (the supervised default first, "
+                         "then M³HL modes)")
     ap.add_argument("--ensemble", nargs="+", default=None, metavar="SUP_DIR=M3HL_DIR",
                     help="score the start model with both modes' students, one supervised=M³HL cache pair per seed "
                          "(JSON key ensemble)")
@@ -426,7 +436,9 @@ def main() -> None:
         print(text)
         return
     if args.compare:
-        print(mode_table(json.loads(Path(args.json).read_text()), *args.compare))
+        if len(args.compare) < 2:
+            ap.error("--compare needs two or more --table keys")
+        print(mode_table(json.loads(Path(args.json).read_text()), args.compare))
         return
     if args.table:
         text, rows = shift_table([Path(d) for d in args.table], Path(args.unshifted) if args.unshifted else None)

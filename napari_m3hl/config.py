@@ -82,6 +82,8 @@ class TrainConfig:
     freeze: str = ""  # "encoder" (encoder weights) and/or "bn" (BatchNorm running stats) stay at their start values, e.g. "encoder,bn"
     # data
     image_interp: str = "bilinear"  # bilinear | nearest (reference code)
+    aug_scale: float = 0.0  # 2D: zoom log-uniform in [1/(1+s), 1+s] after the papers' augmentation (0 = off, the papers')
+    aug_gamma: float = 0.0  # 2D: intensity gamma log-uniform in [1/(1+g), 1+g] after it (0 = off, the papers')
     intensity: str = "percentile"  # how raw images (NIfTI, layers) are scaled to [0, 1] for this network: percentile | minmax
     # run
     seed: int = 1337

@@ -1,11 +1,13 @@
 """Tests for napari_m3hl.method.augment."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from napari_m3hl.method.augment import augment_2d, prepare_batch_2d, prepare_batch_3d, resize_2d
+from napari_m3hl.method.augment import augment_2d, augment_scale_gamma, prepare_batch_2d, prepare_batch_3d, resize_2d
 
 
 def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
@@ -147,3 +149,41 @@ def test_augment_on_cuda():
     out, out_lab = augment_2d(img.expand(4, 1, 32, 32).cuda(), lab.expand(4, 32, 32).cuda(), size=(16, 16),
                               generator=torch.Generator(device="cuda").manual_seed(0))
     assert out.is_cuda and out_lab.is_cuda and out.shape == (4, 1, 16, 16)
+
+
+def test_scale_gamma_off_returns_the_batch_and_draws_nothing():
+    img, lab = torch.rand(3, 1, 32, 32), torch.randint(0, 4, (3, 32, 32))
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    out_img, out_lab = augment_scale_gamma(img, lab, 0.0, 0.0, gen)
+    assert out_img is img and out_lab is lab
+    assert torch.equal(gen.get_state(), state)  # the papers' batches stay the same draw for draw
+
+
+def test_scale_zooms_a_centred_square_by_the_drawn_factor():
+    # a centred 16×16 square on 64×64; each sample's zoom is the generator's first draw mapped as documented
+    s, half = 64, 8
+    lab = torch.zeros(4, s, s, dtype=torch.long)
+    lab[:, s // 2 - half:s // 2 + half, s // 2 - half:s // 2 + half] = 2
+    img = (lab > 0).float()[:, None]
+    out_img, out_lab = augment_scale_gamma(img, lab, 0.5, 0.0, torch.Generator().manual_seed(3))
+    u = torch.rand(4, generator=torch.Generator().manual_seed(3))
+    zoom = torch.exp((u * 2 - 1) * math.log1p(0.5))
+    assert set(out_lab.unique().tolist()) <= {0, 2}
+    side = (out_lab == 2).sum(dim=(1, 2)).float().sqrt()  # side of the zoomed square in pixels
+    assert torch.allclose(side, 2 * half * zoom, atol=1.5)
+    assert torch.equal(out_img[:, 0] > 0.5, out_lab == 2)  # image and label moved together
+
+
+def test_gamma_keeps_the_order_of_intensities_and_the_labels():
+    img = torch.linspace(0, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    lab = torch.randint(0, 4, (2, 16, 16))
+    out_img, out_lab = augment_scale_gamma(img, lab, 0.0, 0.5, torch.Generator().manual_seed(1))
+    assert out_lab is lab
+    assert float(out_img.min()) >= 0.0 and float(out_img.max()) <= 1.0
+    for b in range(2):
+        flat = out_img[b].flatten()
+        assert bool((flat[1:] >= flat[:-1]).all())  # monotone: a contrast change, not a new image
+    u = torch.rand(2, generator=torch.Generator().manual_seed(1))
+    g = torch.exp((u * 2 - 1) * math.log1p(0.5))
+    assert torch.allclose(out_img, img ** g.reshape(2, 1, 1, 1), atol=1e-6)

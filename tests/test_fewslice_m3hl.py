@@ -37,6 +37,15 @@ def _painted(label: np.ndarray, slices) -> np.ndarray:
     return p
 
 
+def _taught(ckpt: dict, volume, config: TrainConfig) -> np.ndarray:
+    """The pseudo-labels the checkpoint's teacher teaches on ``volume``: its
+    segmentation made into pseudo-labels, nothing on the painted slices."""
+    _, probs = Predictor.from_checkpoint(ckpt, "teacher", "cpu").predict(volume.image, return_probs=True)
+    want = fs.teacher_pseudo_labels(probs, config.pseudo_lcc)
+    want[volume.painted_slices] = 0
+    return want
+
+
 def _job(tmp_path: Path, mode: str = "m3hl", **options) -> fs.FewSliceJob:
     """Two labeled volumes of different depths and one unlabeled volume."""
     a, b, c = (make_phantom(s, shape=(d, 64, 64)) for s, d in ((3, 6), (4, 5), (5, 4)))
@@ -66,9 +75,10 @@ def test_several_volumes_train_one_model_and_each_is_segmented(tmp_path):
 
 
 def test_a_frozen_teacher_teaches_the_start_models_pseudo_labels(tmp_path):
-    """ema_decay=1.0: the teacher stays the start model, so what it teaches is the
-    start model's prediction made into pseudo-labels (argmax, largest component)."""
-    job = _job(tmp_path, ema_decay=1.0)
+    """ema_decay=1.0 and no warm start: the teacher stays the start model, so what
+    it teaches is the start model's prediction made into pseudo-labels (argmax,
+    largest component)."""
+    job = _job(tmp_path, ema_decay=1.0, warm_frac=0.0)
     assert job.config.teacher_bn == "ema" and job.config.mode == "m3hl"
     out = list(fs.run(job, out_dir=tmp_path / "run"))
     events = [e for e in out if isinstance(e, fs.PseudoLabels)]
@@ -91,23 +101,67 @@ def test_a_frozen_teacher_teaches_the_start_models_pseudo_labels(tmp_path):
 
 
 def test_pseudo_labels_come_from_the_ema_teacher_of_that_iteration(tmp_path):
-    job = _job(tmp_path, ema_decay=0.99)
+    job = _job(tmp_path, ema_decay=0.99, warm_frac=0.0)
     run_dir = tmp_path / "run"
     seen = 0
     for e in fs.run(job, out_dir=run_dir):
         if isinstance(e, fs.PseudoLabels):  # last.pt on disk is this iteration's (the event precedes the next step)
             ckpt = load_checkpoint(run_dir / "last.pt")
             assert int(ckpt["iteration"]) == e.iteration
-            teacher = Predictor.from_checkpoint(ckpt, "teacher", "cpu")
             for v, labels in zip(job.volumes, e.labels):
-                _, probs = teacher.predict(v.image, return_probs=True)
-                want = fs.teacher_pseudo_labels(probs, job.config.pseudo_lcc)
-                want[v.painted_slices] = 0
-                np.testing.assert_array_equal(labels, want)
+                np.testing.assert_array_equal(labels, _taught(ckpt, v, job.config))
             assert any(not np.array_equal(t, s) for t, s in  # two different networks: the teacher's, not the student's
                        zip(ckpt["teacher"].values(), ckpt["student"].values()) if t.is_floating_point())
             seen += 1
     assert seen == 2
+
+
+def test_a_warm_start_teaches_the_warm_student_and_nothing_before(tmp_path):
+    """warm_frac=0.5 of 4 iterations, frozen teacher: the check at iteration 2
+    ends the supervised phase, where the teacher teaches nothing and no
+    pseudo-labels are shown; from then on the teacher is the student of
+    iteration 2, frozen, and its pseudo-labels are what the check at
+    iteration 4 shows. The start model is biased to segment everything as
+    class 2, so two steps at lr 0.1 (seeded) make a teacher that labels
+    otherwise: pseudo-labels still taken from the start model would show."""
+    torch.manual_seed(0)
+    net = build_network("unet2d", 1, 4)
+    with torch.no_grad():
+        net.out.bias[2] += 0.5
+    cfg = TrainConfig(patch_size=(32, 32), block_size=(8, 8), image_interp="nearest", batch_size=4, iterations=10)
+    start = save_checkpoint(tmp_path / "start.pt", make_payload(cfg, net))
+    a, b, c = (make_phantom(s, shape=(d, 64, 64)) for s, d in ((3, 6), (4, 5), (5, 4)))
+    opts = fs.FewSliceOptions(iterations=4, batch_size=4, check_every=2, device="cpu", mode="m3hl", ema_decay=1.0,
+                              warm_frac=0.5, lr=0.1)
+    job = fs.prepare_volumes(start, [(a.image, _painted(a.label, [1, 4])), (b.image, _painted(b.label, [2]))],
+                             [c.image], opts, names=["a", "b", "c"])
+    assert job.config.warm_iterations == 2
+    run_dir = tmp_path / "run"
+    student_at_warm, seen = None, []
+    for e in fs.run(job, out_dir=run_dir):
+        if isinstance(e, fs.Check) and e.iteration == 2:  # last.pt on disk is this iteration's
+            student_at_warm = load_checkpoint(run_dir / "last.pt")["student"]
+        if not isinstance(e, fs.PseudoLabels):
+            continue
+        seen.append(e.iteration)
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        assert int(ckpt["iteration"]) == e.iteration
+        for k, v in student_at_warm.items():  # the teacher: the student of iteration 2, kept
+            if v.is_floating_point():
+                torch.testing.assert_close(ckpt["teacher"][k], v, rtol=0, atol=0)
+        for v, labels in zip(job.volumes, e.labels):
+            np.testing.assert_array_equal(labels, _taught(ckpt, v, job.config))
+            from_start = fs.teacher_pseudo_labels(v.base_probs, job.config.pseudo_lcc)
+            from_start[v.painted_slices] = 0
+            assert not np.array_equal(labels, from_start)
+    assert seen == [4]
+
+
+def test_a_warm_start_is_a_share_of_the_iterations(tmp_path):
+    for bad in (1.0, -0.1):
+        with pytest.raises(M3HLInputError, match=rf"warm_frac .* \[0, 1\); got {bad}"):
+            _job(tmp_path, warm_frac=bad)
+    assert _job(tmp_path, mode="supervised", warm_frac=0.5).config.warm_iterations == 0  # nothing to warm up for
 
 
 def test_supervised_mode_teaches_no_pseudo_labels_and_mixes_nothing(tmp_path):

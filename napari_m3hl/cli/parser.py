@@ -81,7 +81,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["m3hl", "supervised"], default=None,
                    help="m3hl: the semi-supervised method; supervised: the labeled slices only. Few-slice loop "
                         "(--labels): default FewSliceOptions.mode; m3hl learns from the unpainted slices and --unlabeled "
-                        "images too (the start model as its teacher)")
+                        "images too (its teacher: the network of its first, supervised steps, FewSliceOptions.warm_frac)")
     p.add_argument("--start-blend", type=float, default=None, metavar="W",
                    help="few-slice loop (--labels): weight of the start model's probabilities in the segmentation "
                         "when it segments the painted slices well (default: FewSliceOptions.start_blend; 0 = the "

@@ -60,8 +60,11 @@ the ACDC training data). The M³HL mode is the measured second: with the
 paper's step (Dice pooled inside each block region) the student collapsed in
 the first steps from a strong start, whatever the teacher; without that Dice
 term and with the painted slices unmixed beside the mix it no longer
-collapses, but it stays close to its frozen teacher, the start model, so the
-blend with the start model gains less than after a supervised fine-tune.
+collapses, but with the start model as its teacher it stays close to it, so
+the blend with the start model gained less than after a supervised
+fine-tune, and it learned the start model's errors on scans it fits badly.
+Teaching it the supervised fine-tune's own pseudo-labels instead (the warm
+start) removed those failures and most of the gap, not all of it.
 """
 from __future__ import annotations
 
@@ -107,6 +110,11 @@ class FewSliceOptions:
             (averaged from the student's like its weights, starting from the start
             model's) or ``"copy"`` (the student's, as they are:
             :func:`napari_m3hl.method.teacher.ema_update`).
+        warm_frac: ``m3hl`` mode: the share of ``iterations`` (rounded) trained
+            supervised on the painted slices first; the teacher then restarts
+            as a copy of that fine-tuned student (frozen with ``ema_decay=1.0``)
+            and the M³HL step runs for the rest (0: the start model is the
+            teacher from the first step).
         sup_weight: ``m3hl`` mode: weight of CE + Dice of the painted slices
             unmixed, beside the mixed images' loss (0: the paper's step;
             :attr:`napari_m3hl.config.TrainConfig.sup_weight`).
@@ -119,6 +127,9 @@ class FewSliceOptions:
         stop_change: see ``early_stop``.
         intensity: ``"minmax"`` (the ACDC training data's scaling) or
             ``"percentile"`` (0.5–99.5 % clipped) scaling of the image to [0, 1].
+        aug_scale, aug_gamma: zoom and intensity gamma added to the papers'
+            augmentation of the training slices
+            (:func:`napari_m3hl.method.augment.augment_scale_gamma`; 0 = off).
         start_blend: weight ``w`` of the start model's class probabilities in the
             segmentation, ``w·p_start + (1 − w)·p_student``, when the start model
             segments the painted slices at ``trust_high`` Dice or better (0: the
@@ -155,12 +166,15 @@ class FewSliceOptions:
     segment_with: str = "student"
     ema_decay: float = 1.0
     teacher_bn: str = "ema"
+    warm_frac: float = 0.53
     sup_weight: float = 1.0
     mix_dice: str = "none"
     check_every: int = 25
     early_stop: bool = False
     stop_change: float = 0.005
     intensity: str = "minmax"
+    aug_scale: float = 0.0
+    aug_gamma: float = 0.0
     start_blend: float = 0.6
     start_blend_untrusted: float = 0.55
     start_blend_stable: float = 0.4
@@ -178,7 +192,10 @@ class FewSliceOptions:
             (f", frozen {self.freeze}" if self.freeze else "") + (", early stop" if self.early_stop else "")
         if self.mode == "m3hl":
             frozen = self.ema_decay >= 1.0 and self.teacher_bn == "ema"
-            extra += ", the start model as a frozen teacher" if frozen else \
+            warm = int(round(self.warm_frac * self.iterations))
+            first = f"supervised for {warm} iterations, then that network" if warm else "the start model"
+            extra += f", {first} as a frozen teacher" if frozen else \
+                (f", supervised for {warm} iterations first" if warm else "") + \
                 f", EMA teacher {self.ema_decay:g} (BatchNorm statistics: {self.teacher_bn})"
             extra += f", mixed images' Dice: {self.mix_dice}" + \
                 (f", painted slices unmixed at weight {self.sup_weight:g}" if self.sup_weight else "")
@@ -374,8 +391,10 @@ def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConf
         patch_size=patch, block_size=scaled_block(base, patch), image_interp=base.get("image_interp", "bilinear"),
         iterations=options.iterations, lr=options.lr, batch_size=options.batch_size, mode=options.mode,
         lr_schedule="constant", l2_to_start=options.l2_to_start, freeze=options.freeze,
-        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0, warm_frac=0.0, alpha_rampup=0, unsup_rampup=0,
+        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0,
+        warm_frac=options.warm_frac if options.mode == "m3hl" else 0.0, alpha_rampup=0, unsup_rampup=0,
         sup_weight=options.sup_weight, mix_dice=options.mix_dice,
+        aug_scale=options.aug_scale, aug_gamma=options.aug_gamma,
         intensity=options.intensity,  # recorded, so `m3hl predict` and the widget scale as the fine-tune did
         teacher_init="copy", teacher_mode="eval", teacher_bn=options.teacher_bn,
         pl_eval_every=0, val_every=0, checkpoint_every=options.check_every, seed=options.seed, device=options.device,
@@ -390,6 +409,9 @@ def _check_options(options: FewSliceOptions) -> None:
         raise M3HLInputError(f"mode must be 'supervised' or 'm3hl', got {options.mode!r}")
     if options.teacher_bn not in ("ema", "copy"):
         raise M3HLInputError(f"teacher_bn must be 'ema' or 'copy', got {options.teacher_bn!r}")
+    if not 0.0 <= options.warm_frac < 1.0:
+        raise M3HLInputError(f"warm_frac (the share of the iterations trained supervised before the M³HL step) must "
+                             f"lie in [0, 1); got {options.warm_frac}")
     if options.segment_with not in ("teacher", "student"):
         raise M3HLInputError(f"segment_with must be 'teacher' or 'student', got {options.segment_with!r}")
     if not 0.0 <= options.start_blend <= 1.0:
@@ -570,7 +592,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
     depth = max(int(v.image.shape[0]) for v in job.volumes)
 
     # a frozen teacher (decay 1, its BatchNorm statistics kept) segments alike at every check: once is enough
-    frozen_teacher = cfg.ema_decay >= 1.0 and cfg.teacher_bn == "ema"
+    frozen_teacher = cfg.ema_decay >= 1.0 and cfg.teacher_bn == "ema" and cfg.warm_iterations == 0
     teacher_seen: list[tuple[np.ndarray, np.ndarray]] = []  # (labels, probs) per volume, from the first check
     previous_networks: list[dict[str, np.ndarray]] = []  # each volume's networks' labels at the previous check
 
@@ -637,7 +659,7 @@ def run(job: FewSliceJob, out_dir: str | Path | None = None, control: Any = None
                 prev = seg.shown
                 yield Check(e.iteration, seg.shown[0], seg.networks[0], instability, stopping, list(seg.shown),
                             seg.blend)
-                if m3hl:
+                if m3hl and e.iteration > cfg.warm_iterations:  # pseudo-labels only once they are taught
                     yield pseudo(e.iteration, seg)
                 if stopping:
                     stopped_early = True

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["augment_2d", "augment_2d_batched", "draws_3d", "prepare_batch_2d", "prepare_batch_3d", "resize_2d"]
+__all__ = ["augment_2d", "augment_2d_batched", "augment_scale_gamma", "draws_3d", "prepare_batch_2d", "prepare_batch_3d",
+           "resize_2d"]
 
 Device = Union[str, torch.device]
 Sample = tuple[np.ndarray, Optional[np.ndarray]]
@@ -167,6 +168,44 @@ def augment_2d(
         dsel = sel.to(image.device)
         _store(sel, image[dsel], label[dsel] if label is not None else None)
     return out_img, out_lab
+
+
+def augment_scale_gamma(
+    image: torch.Tensor,
+    label: Optional[torch.Tensor],
+    scale: float = 0.0,
+    gamma: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-sample zoom about the image centre and gamma of the intensities, for
+    fine-tuning from very few slices (not in the papers' protocol; off at 0).
+
+    Args:
+        image: float ``(B, C, H, W)`` scaled to [0, 1]; label: integer ``(B, H, W)`` or None.
+        scale: zoom factors log-uniform in ``[1/(1+scale), 1+scale]`` (> 1 enlarges the
+            anatomy; zero padding outside; bilinear image, nearest label); 0: no zoom.
+        gamma: exponents log-uniform in ``[1/(1+gamma), 1+gamma]`` applied to the image
+            clipped to [0, 1]; 0: no gamma.
+        generator: draws scale then gamma (only those enabled), ``b`` each.
+
+    Returns ``(image, label)`` of the input shapes, on the input's device.
+    """
+    b, _, h, w = image.shape
+    if scale > 0:
+        span = math.log1p(scale)
+        zoom = torch.exp((_rand(b, generator) * 2.0 - 1.0) * span).to(torch.float32)
+        theta = torch.zeros(b, 2, 3, dtype=torch.float32)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom
+        grid = F.affine_grid(theta.to(image.device, non_blocking=True), [b, 1, h, w], align_corners=True)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        if label is not None:
+            lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+            label = lab[:, 0].round().to(label.dtype)
+    if gamma > 0:
+        span = math.log1p(gamma)
+        g = torch.exp((_rand(b, generator) * 2.0 - 1.0) * span).to(image.device, torch.float32)
+        image = image.clamp(0.0, 1.0) ** g.reshape(b, *([1] * (image.ndim - 1)))
+    return image, label
 
 
 @functools.lru_cache(maxsize=8)

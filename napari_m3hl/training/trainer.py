@@ -49,6 +49,7 @@ from napari_m3hl.method.step import (StepSetup, alpha_at, learning_rate, m3hl_lo
 from napari_m3hl.method.teacher import ema_decay_at, ema_update, init_teacher
 from napari_m3hl.method.mixing import block_masks
 from napari_m3hl.data.device import device_sets
+from napari_m3hl.method.augment import augment_scale_gamma
 from napari_m3hl.training.capture import (LCC_ROUNDS, GraphStep, ensure_momentum_buffers, graph_autocast,
                                           resolve_capture, step_function)
 
@@ -295,9 +296,14 @@ def train(
         """The augmented batch of labeled (image, label) or unlabeled (image, None) samples ``idx``."""
         if sets is not None:
             img, lab = sets[0 if labeled else 1].batch(idx, gen)
-            return (img.contiguous(memory_format=setup.memory_format) if config.ndim == 2 else img), lab
-        samples = [data.labeled[i] for i in idx] if labeled else [(unlabeled[i][0], None) for i in idx]
-        return _make_batch(samples, config, gen, device, setup.memory_format)
+        else:
+            samples = [data.labeled[i] for i in idx] if labeled else [(unlabeled[i][0], None) for i in idx]
+            img, lab = _make_batch(samples, config, gen, device)
+        if config.ndim == 2:
+            if config.aug_scale > 0 or config.aug_gamma > 0:
+                img, lab = augment_scale_gamma(img, lab, config.aug_scale, config.aug_gamma, gen)
+            img = img.contiguous(memory_format=setup.memory_format)
+        return img, lab
 
     capture, why = resolve_capture(config.capture, device, config.ndim, dist.enabled)
     if why:
