@@ -181,6 +181,9 @@ class TrainConfig:
                 raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warm_frac < 1.0:
             raise M3HLInputError(f"warm_frac must lie in [0, 1), got {self.warm_frac}")
+        if self.aug_scale < 0 or self.aug_gamma < 0:
+            raise M3HLInputError(f"aug_scale and aug_gamma are ranges (0 = off) and must be >= 0, got "
+                                 f"{self.aug_scale}, {self.aug_gamma}")
         if self.l2_to_start < 0 or not set(filter(None, self.freeze.split(","))) <= {"encoder", "bn"}:
             raise M3HLInputError(f"l2_to_start must be >= 0 and freeze a comma list of 'encoder', 'bn'; "
                                  f"got {self.l2_to_start}, {self.freeze!r}")

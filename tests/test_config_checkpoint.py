@@ -29,6 +29,8 @@ def test_bad_settings():
         load_preset("missing_preset")
     with pytest.raises(M3HLInputError, match="unknown training settings"):
         TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(M3HLInputError, match="aug_scale and aug_gamma .* >= 0, got -0.2, 0.0"):
+        TrainConfig(aug_scale=-0.2).validate()
 
 
 def test_checkpoint_roundtrip_weights_only(tmp_path):

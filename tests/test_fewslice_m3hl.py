@@ -162,6 +162,9 @@ def test_a_warm_start_is_a_share_of_the_iterations(tmp_path):
         with pytest.raises(M3HLInputError, match=rf"warm_frac .* \[0, 1\); got {bad}"):
             _job(tmp_path, warm_frac=bad)
     assert _job(tmp_path, mode="supervised", warm_frac=0.5).config.warm_iterations == 0  # nothing to warm up for
+    assert _job(tmp_path, warm_frac=0.9).config.warm_iterations == 3  # round(3.6) = 4 would leave no M³HL step
+    assert fs.FewSliceOptions(mode="m3hl", iterations=1).warm_iterations == 0
+    assert fs.FewSliceOptions(mode="m3hl").warm_iterations == 40  # the measured default: 40 of 75
 
 
 def test_supervised_mode_teaches_no_pseudo_labels_and_mixes_nothing(tmp_path):

@@ -110,11 +110,12 @@ class FewSliceOptions:
             (averaged from the student's like its weights, starting from the start
             model's) or ``"copy"`` (the student's, as they are:
             :func:`napari_m3hl.method.teacher.ema_update`).
-        warm_frac: ``m3hl`` mode: the share of ``iterations`` (rounded) trained
-            supervised on the painted slices first; the teacher then restarts
-            as a copy of that fine-tuned student (frozen with ``ema_decay=1.0``)
-            and the M³HL step runs for the rest (0: the start model is the
-            teacher from the first step).
+        warm_frac: ``m3hl`` mode: the share of ``iterations`` (rounded, at most
+            all but one: :attr:`warm_iterations`) trained supervised on the
+            painted slices first; the teacher then restarts as a copy of that
+            fine-tuned student (frozen with ``ema_decay=1.0``) and the M³HL step
+            runs for the rest (0: the start model is the teacher from the first
+            step).
         sup_weight: ``m3hl`` mode: weight of CE + Dice of the painted slices
             unmixed, beside the mixed images' loss (0: the paper's step;
             :attr:`napari_m3hl.config.TrainConfig.sup_weight`).
@@ -185,6 +186,15 @@ class FewSliceOptions:
     seed: int = 1337
     device: str = "auto"
 
+    @property
+    def warm_iterations(self) -> int:
+        """Supervised iterations before the M³HL step: ``warm_frac`` of
+        ``iterations``, rounded, leaving at least one M³HL step (0 in
+        supervised mode)."""
+        if self.mode != "m3hl":
+            return 0
+        return max(0, min(int(round(self.warm_frac * self.iterations)), self.iterations - 1))
+
     def summary(self) -> str:
         """One line of the settings, for help texts and logs."""
         net = "the EMA teacher" if self.segment_with == "teacher" else "the student"
@@ -192,7 +202,7 @@ class FewSliceOptions:
             (f", frozen {self.freeze}" if self.freeze else "") + (", early stop" if self.early_stop else "")
         if self.mode == "m3hl":
             frozen = self.ema_decay >= 1.0 and self.teacher_bn == "ema"
-            warm = int(round(self.warm_frac * self.iterations))
+            warm = self.warm_iterations
             first = f"supervised for {warm} iterations, then that network" if warm else "the start model"
             extra += f", {first} as a frozen teacher" if frozen else \
                 (f", supervised for {warm} iterations first" if warm else "") + \
@@ -391,8 +401,8 @@ def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConf
         patch_size=patch, block_size=scaled_block(base, patch), image_interp=base.get("image_interp", "bilinear"),
         iterations=options.iterations, lr=options.lr, batch_size=options.batch_size, mode=options.mode,
         lr_schedule="constant", l2_to_start=options.l2_to_start, freeze=options.freeze,
-        ema_decay=options.ema_decay, ema_warmup=False, warm_start=0,
-        warm_frac=options.warm_frac if options.mode == "m3hl" else 0.0, alpha_rampup=0, unsup_rampup=0,
+        ema_decay=options.ema_decay, ema_warmup=False, warm_start=options.warm_iterations, warm_frac=0.0,
+        alpha_rampup=0, unsup_rampup=0,
         sup_weight=options.sup_weight, mix_dice=options.mix_dice,
         aug_scale=options.aug_scale, aug_gamma=options.aug_gamma,
         intensity=options.intensity,  # recorded, so `m3hl predict` and the widget scale as the fine-tune did
