@@ -72,6 +72,7 @@ class TrainConfig:
     # recipe for short budgets (0 = off, the paper's recipe)
     warm_start: int = 0  # supervised-only iterations first; the teacher then restarts as a copy of the student
     warm_frac: float = 0.0  # the same as a fraction of `iterations` (used when warm_start is 0; the `fast` variant)
+    m3hl_lr_scale: float = 1.0  # after a warm start, the M³HL iterations' learning rate as a multiple of the schedule's
     alpha_rampup: int = 0  # α ramps linearly from 0 over this many M³HL iterations
     unsup_rampup: int = 0  # L_mix and L_HL ramp linearly from 0 over this many M³HL iterations, sup_weight's term at full weight (fine-tuning; 0 = off)
     # diagnostics
@@ -181,6 +182,9 @@ class TrainConfig:
                 raise M3HLInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warm_frac < 1.0:
             raise M3HLInputError(f"warm_frac must lie in [0, 1), got {self.warm_frac}")
+        if not self.m3hl_lr_scale > 0:
+            raise M3HLInputError(f"m3hl_lr_scale (the M³HL iterations' learning rate after a warm start, as a "
+                                 f"multiple of the schedule's) must be > 0, got {self.m3hl_lr_scale}")
         if self.aug_scale < 0 or self.aug_gamma < 0:
             raise M3HLInputError(f"aug_scale and aug_gamma are ranges (0 = off) and must be >= 0, got "
                                  f"{self.aug_scale}, {self.aug_gamma}")

@@ -31,6 +31,8 @@ def test_bad_settings():
         TrainConfig.from_dict({"bogus": 1})
     with pytest.raises(M3HLInputError, match="aug_scale and aug_gamma .* >= 0, got -0.2, 0.0"):
         TrainConfig(aug_scale=-0.2).validate()
+    with pytest.raises(M3HLInputError, match="m3hl_lr_scale .* must be > 0, got 0"):
+        TrainConfig(m3hl_lr_scale=0).validate()
 
 
 def test_checkpoint_roundtrip_weights_only(tmp_path):

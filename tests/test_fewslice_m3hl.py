@@ -165,6 +165,21 @@ def test_a_warm_start_is_a_share_of_the_iterations(tmp_path):
     assert _job(tmp_path, warm_frac=0.9).config.warm_iterations == 3  # round(3.6) = 4 would leave no M³HL step
     assert fs.FewSliceOptions(mode="m3hl", iterations=1).warm_iterations == 0
     assert fs.FewSliceOptions(mode="m3hl").warm_iterations == 40  # the measured default: 40 of 75
+    slow = fs.FewSliceOptions(mode="m3hl", m3hl_lr_scale=0.1)
+    assert "the M³HL iterations at 0.1× that learning rate" in slow.summary()
+    assert "×" not in fs.FewSliceOptions(mode="m3hl").summary()  # the default: the same rate, unsaid
+
+
+def test_the_m3hl_iterations_take_their_own_learning_rate(tmp_path):
+    """m3hl_lr_scale 0.1 after a 2-iteration warm start: the trainer reports lr
+    0.01 for the supervised steps and 0.001 for the M³HL ones."""
+    job = _job(tmp_path, warm_frac=0.5, m3hl_lr_scale=0.1, lr=0.01)
+    assert job.config.warm_iterations == 2 and job.config.m3hl_lr_scale == 0.1
+    lrs = {e.iteration: e.lr for e in fs.run(job, out_dir=tmp_path / "run") if isinstance(e, ev.Progress)}
+    assert {2, 4} <= set(lrs)
+    assert lrs == pytest.approx({i: 0.01 if i <= 2 else 0.001 for i in lrs})
+    with pytest.raises(M3HLInputError, match="m3hl_lr_scale .* must be > 0, got -1"):
+        _job(tmp_path, m3hl_lr_scale=-1)
 
 
 def test_supervised_mode_teaches_no_pseudo_labels_and_mixes_nothing(tmp_path):

@@ -98,6 +98,13 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 50) == 0.01
     assert learning_rate(cfg.replace(lr_schedule="poly"), 50) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert learning_rate(cfg.replace(lr_schedule="step", lr_step=10), 25) == pytest.approx(0.0001)
+    # after a warm start the M³HL iterations take m3hl_lr_scale of the schedule's rate, the warm ones all of it
+    warm = cfg.replace(mode="m3hl", warm_start=40, m3hl_lr_scale=0.3)
+    assert [learning_rate(warm, i) for i in (0, 39, 40, 99)] == pytest.approx([0.01, 0.01, 0.003, 0.003])
+    assert learning_rate(warm.replace(lr_schedule="poly"), 50) == pytest.approx(0.3 * 0.01 * 0.5 ** 0.9)
+    # no warm start (or supervised mode): the scale does not apply
+    assert learning_rate(warm.replace(warm_start=0), 50) == 0.01
+    assert learning_rate(warm.replace(mode="supervised"), 50) == 0.01
 
 
 def test_bad_input(tiny_data, tmp_path):

@@ -64,7 +64,10 @@ collapses, but with the start model as its teacher it stays close to it, so
 the blend with the start model gained less than after a supervised
 fine-tune, and it learned the start model's errors on scans it fits badly.
 Teaching it the supervised fine-tune's own pseudo-labels instead (the warm
-start) removed those failures and most of the gap, not all of it.
+start) removed those failures and most of the gap, not all of it. Its M³HL
+steps at a tenth of the learning rate (``m3hl_lr_scale``) gain on scans
+unlike the training data but leave some volumes more than a point below the
+start model, so the mode keeps the full rate.
 """
 from __future__ import annotations
 
@@ -116,6 +119,9 @@ class FewSliceOptions:
             fine-tuned student (frozen with ``ema_decay=1.0``) and the M³HL step
             runs for the rest (0: the start model is the teacher from the first
             step).
+        m3hl_lr_scale: ``m3hl`` mode after the warm start: the M³HL iterations'
+            learning rate as a multiple of ``lr`` (1: the same rate; 0.1
+            measured as the alternative, docs/benchmarks.md).
         sup_weight: ``m3hl`` mode: weight of CE + Dice of the painted slices
             unmixed, beside the mixed images' loss (0: the paper's step;
             :attr:`napari_m3hl.config.TrainConfig.sup_weight`).
@@ -176,6 +182,7 @@ class FewSliceOptions:
     intensity: str = "minmax"
     aug_scale: float = 0.0
     aug_gamma: float = 0.0
+    m3hl_lr_scale: float = 1.0
     start_blend: float = 0.6
     start_blend_untrusted: float = 0.55
     start_blend_stable: float = 0.4
@@ -207,6 +214,8 @@ class FewSliceOptions:
             extra += f", {first} as a frozen teacher" if frozen else \
                 (f", supervised for {warm} iterations first" if warm else "") + \
                 f", EMA teacher {self.ema_decay:g} (BatchNorm statistics: {self.teacher_bn})"
+            if warm and self.m3hl_lr_scale != 1.0:
+                extra += f", the M³HL iterations at {self.m3hl_lr_scale:g}× that learning rate"
             extra += f", mixed images' Dice: {self.mix_dice}" + \
                 (f", painted slices unmixed at weight {self.sup_weight:g}" if self.sup_weight else "")
         if self.start_blend > 0:
@@ -404,7 +413,7 @@ def fewslice_config(ckpt: dict[str, Any], options: FewSliceOptions) -> TrainConf
         ema_decay=options.ema_decay, ema_warmup=False, warm_start=options.warm_iterations, warm_frac=0.0,
         alpha_rampup=0, unsup_rampup=0,
         sup_weight=options.sup_weight, mix_dice=options.mix_dice,
-        aug_scale=options.aug_scale, aug_gamma=options.aug_gamma,
+        aug_scale=options.aug_scale, aug_gamma=options.aug_gamma, m3hl_lr_scale=options.m3hl_lr_scale,
         intensity=options.intensity,  # recorded, so `m3hl predict` and the widget scale as the fine-tune did
         teacher_init="copy", teacher_mode="eval", teacher_bn=options.teacher_bn,
         pl_eval_every=0, val_every=0, checkpoint_every=options.check_every, seed=options.seed, device=options.device,

@@ -59,12 +59,16 @@ def unsup_weight_at(config: TrainConfig, iteration: int) -> float:
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:
-    """Learning rate at 0-based ``iteration`` for the configured schedule."""
+    """Learning rate at 0-based ``iteration`` for the configured schedule; the
+    M³HL iterations after a warm start take ``m3hl_lr_scale`` times it."""
     if config.lr_schedule == "poly":
-        return config.lr * (1.0 - iteration / config.iterations) ** 0.9
-    if config.lr_schedule == "step":
-        return config.lr * 0.1 ** (iteration // config.lr_step)
-    return config.lr
+        lr = config.lr * (1.0 - iteration / config.iterations) ** 0.9
+    elif config.lr_schedule == "step":
+        lr = config.lr * 0.1 ** (iteration // config.lr_step)
+    else:
+        lr = config.lr
+    warm = config.warm_iterations
+    return lr * config.m3hl_lr_scale if warm > 0 and iteration >= warm else lr
 
 
 @dataclass
