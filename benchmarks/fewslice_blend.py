@@ -106,6 +106,26 @@ def _score(lab: np.ndarray, ref: np.ndarray, off: np.ndarray) -> list[float]:
     return [float(dice(lab[off] == c, ref[off] == c)) for c in (1, 2, 3)]
 
 
+def _clean(prob: np.ndarray) -> np.ndarray:
+    """The argmax of class probabilities (C, D, H, W), each class's largest 3D component kept."""
+    return largest_component_per_class(prob.argmax(0).astype(np.uint8)[None], 4)[0]
+
+
+def loop_view(p: dict[str, np.ndarray], ref: np.ndarray, sel: np.ndarray) -> tuple[float | None, float | None]:
+    """What the few-slice loop sees of one cached volume when it settles the share: the start model's
+    mean Dice (0..1) on the painted slices ``sel`` of ``ref`` (before training) and the student's
+    change, 1 − mean Dice between its cleaned segmentations of the unpainted slices at its last two
+    checks (after; None with one check). ``p``: the cache's probabilities (``start``, ``student@N``)."""
+    its = sorted(int(k.split("@")[1]) for k in p if k.startswith("student@"))
+    off = np.setdiff1d(np.arange(ref.shape[0]), sel)
+    painted = np.zeros_like(ref)
+    painted[sel] = ref[sel]
+    score = painted_dice(_clean(p["start"]), painted, ("bg", "RV", "Myo", "LV"))[0]
+    change = 1.0 - mean_dice(_clean(p[f"student@{its[-1]}"])[off], _clean(p[f"student@{its[-2]}"])[off], 4) \
+        if len(its) > 1 and off.size else None
+    return score, change
+
+
 def score_case(path: Path, rules: dict[str, tuple[float, ...]] | None = None) -> dict[str, list[float]]:
     """Per candidate segmentation: Dice RV, Myo, LV on the unpainted slices; under ``painted start``
     the start model's Dice on the painted slices (what the loop can see before it trains) and under
@@ -129,15 +149,7 @@ def score_case(path: Path, rules: dict[str, tuple[float, ...]] | None = None) ->
     cands.update({f"weights {a}": p[f"weights{a}"] for a in ALPHAS if f"weights{a}" in p})
     cands.update({f"blend {w:g}": w * p["start"] + (1 - w) * p[f"student@{last}"] for w in GRID})
     cands.update({f"blend 0.5 @{i}": 0.5 * p["start"] + 0.5 * p[f"student@{i}"] for i in its[:-1]})
-    # what the loop sees before it trains: the start model's (cleaned) segmentation on the painted slices
-    clean = lambda prob: largest_component_per_class(prob.argmax(0).astype(np.uint8)[None], 4)[0]  # noqa: E731
-    base = clean(p["start"])
-    painted = np.zeros_like(ref)
-    painted[sel] = ref[sel]
-    score = painted_dice(base, painted, ("bg", "RV", "Myo", "LV"))[0]
-    # and after: how much the student's segmentation of the unpainted slices moved at its last check
-    change = 1.0 - mean_dice(clean(p[f"student@{last}"])[off], clean(p[f"student@{its[-2]}"])[off], 4) \
-        if len(its) > 1 and off.size else None
+    score, change = loop_view(p, ref, sel)
     weights = {}
     for name, (trusted, untrusted, stable, stable_change, low, high) in (rules or {}).items():
         first = BlendChoice(start_share(score, trusted, min(untrusted, trusted), low, high), score)
@@ -325,8 +337,7 @@ def ensemble_case(sup: Path, m3hl: Path) -> dict[str, list[float]]:
     cands = {"start": p0, "supervised (shown)": ws * p0 + (1 - ws) * ps, "M³HL (shown)": wm * p0 + (1 - wm) * pm,
              "the two students": (ps + pm) / 2, "start and both students, thirds": (p0 + ps + pm) / 3,
              "start (supervised share) and both students": ws * p0 + (1 - ws) / 2 * (ps + pm)}
-    clean = lambda prob: largest_component_per_class(prob.argmax(0).astype(np.uint8)[None], 4)[0]  # noqa: E731
-    return {k: _score(clean(v), ref, off) for k, v in cands.items()}
+    return {k: _score(_clean(v), ref, off) for k, v in cands.items()}
 
 
 def ensemble_table(pairs: list[tuple[Path, Path]]) -> tuple[str, dict]:
