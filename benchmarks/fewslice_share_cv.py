@@ -180,9 +180,17 @@ def main() -> None:
     args = ap.parse_args()
     vols = []
     for d in map(Path, args.dirs):
-        for f in sorted(d.glob("*.npz")):
+        files = sorted(d.glob("*.npz")) if d.is_dir() else []
+        if not files:
+            ap.error(f"{d}: no cached volumes (*.npz) there; pass folders written by "
+                     "benchmarks/fewslice_blend.py --cache --cache-dir FOLDER")
+        for f in files:
+            if not re.match(r"(patient\d+|phantom\d+)_.*_[ab]$", f.stem):
+                ap.error(f"{f}: not a fewslice_blend.py cache (expected patientNNN_frameNN_a.npz or phantomNNN_a.npz)")
             vols.append(Volume(f, f"{d.name} ({f.stem.rsplit('_', 1)[1]})"))
         print(f"{d}: {len(vols)} volumes read", file=sys.stderr, flush=True)
+    if len({v.patient for v in vols}) < 2:
+        ap.error("the cross-validation splits the patients in two halves: pass caches of two patients or more")
     result = evaluate(vols, args.vary or list(GRID)) | {"dirs": args.dirs}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
